@@ -1,0 +1,162 @@
+//! Python-free optimizer kernels: stateless functions over slices plus a
+//! hyperparameter record, one file per optimizer family.
+//!
+//! Kernels are generic over the *storage* type of a buffer ([`Storage`]) and
+//! the *compute* type its arithmetic runs in ([`Real`]). Today float32 stores
+//! and computes in float32 and float64 in float64; bfloat16 storage with
+//! float32 math slots in as another `Storage` impl without touching the
+//! kernels.
+
+pub mod adam;
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+/// The arithmetic type a kernel computes in.
+///
+/// Every operation is correctly rounded IEEE arithmetic, so a kernel gives the
+/// same bits at every SIMD level and on every chunking of its input.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// Rounds a float64 scalar to this type (how torch turns a Python float
+    /// hyperparameter into the tensor's dtype).
+    fn from_f64(value: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// `self * a + b` with a single rounding.
+    fn mul_add(self, a: Self, b: Self) -> Self;
+    fn sqrt(self) -> Self;
+    fn abs(self) -> Self;
+    fn is_nan(self) -> bool;
+    /// `torch.maximum`: the larger value, NaN if either is NaN.
+    #[inline(always)]
+    fn max_propagate_nan(self, other: Self) -> Self {
+        if self.is_nan() || self > other {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+        }
+    };
+}
+
+impl_real!(f32);
+impl_real!(f64);
+
+/// How a buffer's elements are stored, and the type they are computed in.
+pub trait Storage: Copy + Send + Sync + 'static {
+    type Compute: Real;
+    fn load(self) -> Self::Compute;
+    fn store(value: Self::Compute) -> Self;
+}
+
+macro_rules! impl_identity_storage {
+    ($t:ty) => {
+        impl Storage for $t {
+            type Compute = $t;
+            #[inline(always)]
+            fn load(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn store(value: $t) -> $t {
+                value
+            }
+        }
+    };
+}
+
+impl_identity_storage!(f32);
+impl_identity_storage!(f64);
+
+/// `torch.lerp(start, end, weight)` as torch's vectorised CPU kernel computes
+/// it: `start + weight * (end - start)` for small weights and
+/// `end - (1 - weight) * (end - start)` otherwise, each with one fused
+/// multiply-add. The choice depends only on the scalar weight, so it is made
+/// once per call ([`Lerp::new`]), not per element.
+#[derive(Clone, Copy, Debug)]
+pub struct Lerp<C> {
+    coefficient: C,
+    from_start: bool,
+}
+
+impl<C: Real> Lerp<C> {
+    pub fn new(weight: f64) -> Self {
+        let weight = C::from_f64(weight);
+        let from_start = weight.abs() < C::from_f64(0.5);
+        Lerp {
+            coefficient: if from_start { weight } else { weight - C::ONE },
+            from_start,
+        }
+    }
+
+    #[inline(always)]
+    pub fn apply(self, start: C, end: C) -> C {
+        let base = if self.from_start { start } else { end };
+        self.coefficient.mul_add(end - start, base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_propagates_nan_like_torch_maximum() {
+        assert!(f32::NAN.max_propagate_nan(1.0).is_nan());
+        assert!(1.0f32.max_propagate_nan(f32::NAN).is_nan());
+        assert_eq!(2.0f32.max_propagate_nan(1.0), 2.0);
+        assert_eq!(1.0f64.max_propagate_nan(2.0), 2.0);
+    }
+
+    #[test]
+    fn lerp_uses_both_branches() {
+        let small = Lerp::<f64>::new(0.1);
+        assert_eq!(small.apply(1.0, 2.0), 1.1);
+        let large = Lerp::<f64>::new(0.75);
+        assert_eq!(large.apply(0.0, 4.0), 3.0);
+        assert_eq!(Lerp::<f32>::new(1.0).apply(3.0, 5.0), 5.0);
+    }
+}

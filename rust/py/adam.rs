@@ -1,0 +1,39 @@
+//! `adam_step`: Adam and AdamW over a gathered plan.
+
+use pyo3::prelude::*;
+
+use super::plan::GroupPlan;
+use crate::kernels::adam::{adam_step as step_group, AdamHyper};
+
+/// Steps every gathered parameter of `plan` once (Adam, or AdamW with
+/// `decoupled_weight_decay`). Scalars are torch's group hyperparameters.
+#[pyfunction]
+#[pyo3(signature = (plan, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize))]
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step(
+    py: Python<'_>,
+    plan: &Bound<'_, GroupPlan>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> PyResult<()> {
+    let hyper = AdamHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        decoupled_weight_decay,
+        amsgrad,
+        maximize,
+    };
+    plan.borrow_mut()
+        .run(py, hyper.num_states(), true, |group, level| {
+            step_group(group, &hyper, level);
+        })
+}

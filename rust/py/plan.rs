@@ -1,0 +1,492 @@
+//! Buffer plans: a parameter group turned into engine buffers.
+//!
+//! A cached plan ([`GroupPlan::new`]) is built once per group from the
+//! validated parameters and their optimizer state, and re-checked cheaply every
+//! step by [`GroupPlan::gather`]: same parameter objects in the same order, same
+//! data pointers, same state tensors, and a well-formed gradient per parameter.
+//! When anything changed, `gather` reports it and the Python side takes the
+//! slow path (which re-validates everything and rebuilds the plan). Nothing is
+//! written before every tensor of every group has been checked.
+//!
+//! A one-shot plan ([`GroupPlan::from_tensors`]) is what the slow path hands
+//! over: explicit tensors for one step, fully checked.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+
+use super::tensor::{Layout, TensorInfo};
+use crate::engine::{
+    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES,
+};
+use crate::simd::{self, SimdLevel};
+
+/// A parameter's state tensors as cached by the plan.
+struct EntryState {
+    dict: Py<PyDict>,
+    buffers: Vec<Py<PyAny>>,
+    addrs: [usize; MAX_STATES],
+    step: Option<(Py<PyAny>, StepCounter)>,
+}
+
+/// One parameter of a cached plan.
+struct Entry {
+    param: Py<PyAny>,
+    addr: usize,
+    len: usize,
+    dtype: DType,
+    dtype_obj: Py<PyAny>,
+    /// The parameter's strides when it is dense but not contiguous; its
+    /// gradient must then have exactly these strides.
+    dense_strides: Option<Py<PyTuple>>,
+    /// `None` until the parameter has been stepped once (state is lazy).
+    state: Option<EntryState>,
+}
+
+/// What [`GroupPlan::gather`] found for one parameter.
+enum Gathered<'py> {
+    /// Something changed since the plan was built: the slow path must look.
+    Changed,
+    /// No gradient this step: skip the parameter.
+    NoGrad,
+    /// Ready to step with this gradient.
+    Ready(TensorBuffers, Bound<'py, PyAny>),
+}
+
+/// Engine buffers of one parameter group (see the module docs).
+#[pyclass(module = "ferroptim._core")]
+pub struct GroupPlan {
+    /// The group's `params` list, for cached plans.
+    params: Option<Py<PyList>>,
+    state_keys: Vec<Py<PyString>>,
+    step_key: Option<Py<PyString>>,
+    entries: Vec<Entry>,
+    written: WrittenSet,
+    /// Buffers gathered for the next run, and what keeps them alive.
+    ready: Vec<TensorBuffers>,
+    keepalive: Vec<Py<PyAny>>,
+    /// Gradients gathered for the next run, per entry (`None`: no gradient).
+    gathered: bool,
+}
+
+fn not_plannable(message: String) -> PyErr {
+    PyValueError::new_err(message)
+}
+
+fn step_counter(info: &TensorInfo<'_>, what: &str) -> PyResult<StepCounter> {
+    if info.len != 1 {
+        return Err(not_plannable(format!(
+            "{what} has {} elements, not 1",
+            info.len
+        )));
+    }
+    Ok(StepCounter {
+        addr: info.addr,
+        dtype: info.dtype,
+    })
+}
+
+/// Checks that `other` can be stepped element by element with `param`.
+fn check_companion(param: &TensorInfo<'_>, other: &TensorInfo<'_>, what: &str) -> PyResult<()> {
+    if other.dtype != param.dtype {
+        return Err(not_plannable(format!(
+            "{what} is {} but its parameter is {}",
+            other.dtype.name(),
+            param.dtype.name()
+        )));
+    }
+    if other.len != param.len {
+        return Err(not_plannable(format!(
+            "{what} has {} elements but its parameter has {}",
+            other.len, param.len
+        )));
+    }
+    let same_layout = match param.layout {
+        Layout::Contiguous => other.layout == Layout::Contiguous,
+        Layout::Dense => other.layout != Layout::Strided && other.strides()?.eq(param.strides()?)?,
+        Layout::Strided => false,
+    };
+    if !same_layout {
+        return Err(not_plannable(format!(
+            "{what} is not laid out in memory like its parameter"
+        )));
+    }
+    Ok(())
+}
+
+impl GroupPlan {
+    fn empty(state_keys: Vec<Py<PyString>>, step_key: Option<Py<PyString>>) -> GroupPlan {
+        GroupPlan {
+            params: None,
+            state_keys,
+            step_key,
+            entries: Vec::new(),
+            written: WrittenSet::default(),
+            ready: Vec::new(),
+            keepalive: Vec::new(),
+            gathered: false,
+        }
+    }
+
+    /// An empty, gathered plan (drives the panic-conversion test).
+    pub fn from_tensors_unchecked_empty() -> GroupPlan {
+        let mut plan = GroupPlan::empty(Vec::new(), None);
+        plan.gathered = true;
+        plan
+    }
+
+    fn clear_gathered(&mut self) {
+        self.ready.clear();
+        self.keepalive.clear();
+        self.gathered = false;
+    }
+
+    /// Runs `step` on the gathered buffers with the GIL released, then forgets
+    /// them. A panic becomes a `RuntimeError`.
+    pub fn run<R: Send>(
+        &mut self,
+        py: Python<'_>,
+        num_states: usize,
+        needs_step: bool,
+        step: impl FnOnce(&mut Group<'_>, SimdLevel) -> R + Send,
+    ) -> PyResult<R> {
+        if !self.gathered {
+            return Err(PyRuntimeError::new_err(
+                "ferroptim internal error: plan run without gathered buffers",
+            ));
+        }
+        let tensors = std::mem::take(&mut self.ready);
+        let keepalive = std::mem::take(&mut self.keepalive);
+        self.gathered = false;
+        if let Some(t) = tensors
+            .iter()
+            .find(|t| t.num_states != num_states || (needs_step && t.step.is_none()))
+        {
+            return Err(PyRuntimeError::new_err(format!(
+                "ferroptim internal error: plan has {} state buffers per parameter, the kernel needs {num_states}",
+                t.num_states
+            )));
+        }
+        // SAFETY: every address was read from a live CPU tensor of the recorded
+        // dtype and length (TensorInfo::inspect), and those tensors are kept
+        // alive by `self.entries` and `keepalive` until this function returns.
+        // Overlaps were refused by `check_buffers` (one-shot plans) or by
+        // `WrittenSet` plus the per-gradient check in `gather` (cached plans).
+        let mut group = unsafe { Group::new_prechecked(tensors) };
+        let level = simd::active_level();
+        let result = py.detach(|| catch_unwind(AssertUnwindSafe(|| step(&mut group, level))));
+        drop(group);
+        drop(keepalive);
+        result.map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            PyRuntimeError::new_err(format!("ferroptim internal error (Rust panic): {message}"))
+        })
+    }
+
+    fn inspect_state<'py>(
+        &self,
+        py: Python<'py>,
+        param: &TensorInfo<'py>,
+        dict: &Bound<'py, PyDict>,
+        index: usize,
+    ) -> PyResult<Option<EntryState>> {
+        if dict.is_empty() {
+            return Ok(None);
+        }
+        let mut buffers = Vec::with_capacity(self.state_keys.len());
+        let mut addrs = [0usize; MAX_STATES];
+        for (slot, key) in addrs.iter_mut().zip(&self.state_keys) {
+            let key = key.bind(py);
+            let what = format!("state {key:?} of parameter {index}");
+            let tensor = dict
+                .get_item(key)?
+                .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
+            let info = TensorInfo::inspect(&tensor, &what)?;
+            check_companion(param, &info, &what)?;
+            *slot = info.addr;
+            buffers.push(tensor.unbind());
+        }
+        let step = match &self.step_key {
+            None => None,
+            Some(key) => {
+                let what = format!("step of parameter {index}");
+                let tensor = dict
+                    .get_item(key.bind(py))?
+                    .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
+                let counter = step_counter(&TensorInfo::inspect(&tensor, &what)?, &what)?;
+                Some((tensor.unbind(), counter))
+            }
+        };
+        Ok(Some(EntryState {
+            dict: dict.clone().unbind(),
+            buffers,
+            addrs,
+            step,
+        }))
+    }
+
+    /// Checks one entry for this step.
+    fn gather_entry<'py>(
+        &self,
+        py: Python<'py>,
+        entry: &Entry,
+        param: &Bound<'py, PyAny>,
+    ) -> PyResult<Gathered<'py>> {
+        if !param.is(&entry.param) {
+            return Ok(Gathered::Changed);
+        }
+        let addr: usize = param.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        if addr != entry.addr {
+            return Ok(Gathered::Changed);
+        }
+        let grad = param.getattr(intern!(py, "grad"))?;
+        if grad.is_none() {
+            return Ok(Gathered::NoGrad);
+        }
+        let Some(state) = &entry.state else {
+            return Ok(Gathered::Changed); // first gradient: the state must be created
+        };
+        let dict = state.dict.bind(py);
+        for (key, buffer) in self.state_keys.iter().zip(&state.buffers) {
+            match dict.get_item(key.bind(py))? {
+                Some(current) if current.is(buffer) => {}
+                _ => return Ok(Gathered::Changed),
+            }
+        }
+        if let (Some(key), Some((step, _))) = (&self.step_key, &state.step) {
+            match dict.get_item(key.bind(py))? {
+                Some(current) if current.is(step) => {}
+                _ => return Ok(Gathered::Changed),
+            }
+        }
+        // torch's `.grad` setter already guarantees dtype, device and shape, but
+        // `grad.data = ...` bypasses it, and a wrong guess here would read out
+        // of bounds: check what the engine relies on.
+        if !grad.getattr(intern!(py, "dtype"))?.is(&entry.dtype_obj)
+            || !grad.getattr(intern!(py, "is_cpu"))?.is_truthy()?
+        {
+            return Ok(Gathered::Changed);
+        }
+        let layout_ok = match &entry.dense_strides {
+            None => grad
+                .call_method0(intern!(py, "is_contiguous"))?
+                .is_truthy()?,
+            Some(strides) => grad
+                .call_method0(intern!(py, "stride"))?
+                .eq(strides.bind(py))?,
+        };
+        if !layout_ok {
+            return Ok(Gathered::Changed);
+        }
+        let len: usize = grad.call_method0(intern!(py, "numel"))?.extract()?;
+        let grad_addr: usize = grad.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        let bytes = entry.len * entry.dtype.size();
+        if len != entry.len
+            || grad_addr == 0
+            || grad_addr % entry.dtype.size() != 0
+            || self.written.overlaps(grad_addr, grad_addr + bytes)
+        {
+            return Ok(Gathered::Changed);
+        }
+        let buffers = TensorBuffers {
+            dtype: entry.dtype,
+            len: entry.len,
+            param: entry.addr,
+            grad: grad_addr,
+            states: state.addrs,
+            num_states: self.state_keys.len(),
+            step: state.step.as_ref().map(|(_, counter)| *counter),
+        };
+        Ok(Gathered::Ready(buffers, grad))
+    }
+}
+
+#[pymethods]
+impl GroupPlan {
+    /// A cached plan for a group's `params` list. `states[i]` is the state
+    /// dict of `params[i]` (empty until its first step). Raises `ValueError`
+    /// if the group cannot be planned (the caller then keeps the slow path).
+    #[new]
+    #[pyo3(signature = (params, states, state_keys, step_key))]
+    fn new(
+        py: Python<'_>,
+        params: &Bound<'_, PyList>,
+        states: Vec<Bound<'_, PyDict>>,
+        state_keys: Vec<Bound<'_, PyString>>,
+        step_key: Option<Bound<'_, PyString>>,
+    ) -> PyResult<GroupPlan> {
+        if states.len() != params.len() {
+            return Err(PyValueError::new_err(
+                "one state dict per parameter expected",
+            ));
+        }
+        if state_keys.len() > MAX_STATES {
+            return Err(PyValueError::new_err(
+                "too many state buffers per parameter",
+            ));
+        }
+        let mut plan = GroupPlan::empty(
+            state_keys.into_iter().map(Bound::unbind).collect(),
+            step_key.map(Bound::unbind),
+        );
+        let mut written = Vec::with_capacity(params.len());
+        for (index, (param, dict)) in params.iter().zip(&states).enumerate() {
+            let what = format!("parameter {index}");
+            let info = TensorInfo::inspect(&param, &what)?;
+            let dense_strides = match info.layout {
+                Layout::Contiguous => None,
+                Layout::Dense => Some(info.strides()?.unbind()),
+                Layout::Strided => {
+                    return Err(not_plannable(format!(
+                        "{what} has gaps or overlaps in memory"
+                    )))
+                }
+            };
+            let state = plan.inspect_state(py, &info, dict, index)?;
+            let (addrs, num_states) = state
+                .as_ref()
+                .map_or(([0; MAX_STATES], 0), |s| (s.addrs, plan.state_keys.len()));
+            written.push(TensorBuffers {
+                dtype: info.dtype,
+                len: info.len,
+                param: info.addr,
+                grad: info.addr, // not part of the written set
+                states: addrs,
+                num_states,
+                step: None,
+            });
+            plan.entries.push(Entry {
+                param: param.clone().unbind(),
+                addr: info.addr,
+                len: info.len,
+                dtype: info.dtype,
+                dtype_obj: info.dtype_obj.unbind(),
+                dense_strides,
+                state,
+            });
+        }
+        plan.written = WrittenSet::new(&written).map_err(|e| not_plannable(e.to_string()))?;
+        plan.params = Some(params.clone().unbind());
+        Ok(plan)
+    }
+
+    /// A one-shot plan over explicit tensors (already validated and laid out
+    /// by the caller; re-checked here): `states[k][i]` is state buffer `k` of
+    /// parameter `i`, `steps[i]` its step counter.
+    #[staticmethod]
+    #[pyo3(signature = (params, grads, states, steps))]
+    fn from_tensors(
+        params: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        states: Vec<Vec<Bound<'_, PyAny>>>,
+        steps: Vec<Option<Bound<'_, PyAny>>>,
+    ) -> PyResult<GroupPlan> {
+        let n = params.len();
+        if grads.len() != n || steps.len() != n || states.iter().any(|s| s.len() != n) {
+            return Err(PyValueError::new_err(
+                "params, grads, steps and every state list must have the same length",
+            ));
+        }
+        if states.len() > MAX_STATES {
+            return Err(PyValueError::new_err(
+                "too many state buffers per parameter",
+            ));
+        }
+        let mut plan = GroupPlan::empty(Vec::new(), None);
+        for i in 0..n {
+            let info = TensorInfo::inspect(&params[i], &format!("parameter {i}"))?;
+            if info.layout == Layout::Strided {
+                return Err(not_plannable(format!(
+                    "parameter {i} has gaps or overlaps in memory"
+                )));
+            }
+            let grad = TensorInfo::inspect(&grads[i], &format!("gradient of parameter {i}"))?;
+            check_companion(&info, &grad, &format!("gradient of parameter {i}"))?;
+            let mut addrs = [0usize; MAX_STATES];
+            for (k, (slot, list)) in addrs.iter_mut().zip(&states).enumerate() {
+                let what = format!("state {k} of parameter {i}");
+                let state = TensorInfo::inspect(&list[i], &what)?;
+                check_companion(&info, &state, &what)?;
+                *slot = state.addr;
+                plan.keepalive.push(list[i].clone().unbind());
+            }
+            let step = match &steps[i] {
+                None => None,
+                Some(tensor) => {
+                    let what = format!("step of parameter {i}");
+                    let counter = step_counter(&TensorInfo::inspect(tensor, &what)?, &what)?;
+                    plan.keepalive.push(tensor.clone().unbind());
+                    Some(counter)
+                }
+            };
+            plan.keepalive.push(params[i].clone().unbind());
+            plan.keepalive.push(grads[i].clone().unbind());
+            plan.ready.push(TensorBuffers {
+                dtype: info.dtype,
+                len: info.len,
+                param: info.addr,
+                grad: grad.addr,
+                states: addrs,
+                num_states: states.len(),
+                step,
+            });
+        }
+        check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        plan.gathered = true;
+        Ok(plan)
+    }
+
+    /// Re-checks the cached plan against the group as it is now and gathers
+    /// this step's gradients. `False`: something changed (or a parameter got
+    /// its first gradient); nothing was gathered and the caller takes the slow
+    /// path.
+    fn gather(&mut self, py: Python<'_>) -> PyResult<bool> {
+        self.clear_gathered();
+        let Some(params) = &self.params else {
+            return Ok(false);
+        };
+        let params = params.bind(py).clone();
+        if params.len() != self.entries.len() {
+            return Ok(false);
+        }
+        let mut ready = Vec::with_capacity(self.entries.len());
+        let mut keepalive = Vec::with_capacity(self.entries.len());
+        for (entry, param) in self.entries.iter().zip(params.iter()) {
+            match self.gather_entry(py, entry, &param)? {
+                Gathered::Changed => return Ok(false),
+                Gathered::NoGrad => {}
+                Gathered::Ready(buffers, grad) => {
+                    ready.push(buffers);
+                    keepalive.push(grad.unbind());
+                }
+            }
+        }
+        self.ready = ready;
+        self.keepalive = keepalive;
+        self.gathered = true;
+        Ok(true)
+    }
+
+    /// Forgets gathered gradients without running (after another group failed).
+    fn release(&mut self) {
+        self.clear_gathered();
+    }
+
+    /// Number of parameters gathered for the next run.
+    #[getter]
+    fn num_ready(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Number of parameters in the plan.
+    fn __len__(&self) -> usize {
+        self.entries.len().max(self.ready.len())
+    }
+}

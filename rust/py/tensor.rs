@@ -1,0 +1,125 @@
+//! Reading what the engine needs from a torch tensor: address, length, dtype,
+//! layout. Everything goes through torch's public Python API (`data_ptr()`,
+//! `numel()`, `dtype`, `is_cpu`, `stride()`), as safetensors' torch glue does.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
+
+use crate::engine::{is_dense, DType};
+
+/// torch's dtype objects, fetched once.
+pub struct TorchDtypes {
+    pub float32: Py<PyAny>,
+    pub float64: Py<PyAny>,
+    pub tensor_type: Py<PyAny>,
+}
+
+static TORCH: PyOnceLock<TorchDtypes> = PyOnceLock::new();
+
+pub fn torch(py: Python<'_>) -> PyResult<&TorchDtypes> {
+    TORCH.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        Ok(TorchDtypes {
+            float32: torch.getattr("float32")?.unbind(),
+            float64: torch.getattr("float64")?.unbind(),
+            tensor_type: torch.getattr("Tensor")?.unbind(),
+        })
+    })
+}
+
+/// The engine dtype for a torch dtype object, if the engine handles it.
+pub fn engine_dtype(py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<DType>> {
+    let torch = torch(py)?;
+    Ok(if dtype.is(&torch.float32) {
+        Some(DType::F32)
+    } else if dtype.is(&torch.float64) {
+        Some(DType::F64)
+    } else {
+        None
+    })
+}
+
+/// How a tensor's elements sit in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row-major contiguous.
+    Contiguous,
+    /// Every element exactly once in `numel` consecutive slots, in some other
+    /// dimension order (a transposed or channels-last tensor).
+    Dense,
+    /// Gaps or overlaps: cannot be stepped in place as one run of memory.
+    Strided,
+}
+
+/// What the engine needs to know about one tensor.
+pub struct TensorInfo<'py> {
+    pub tensor: Bound<'py, PyAny>,
+    pub addr: usize,
+    pub len: usize,
+    pub dtype: DType,
+    pub dtype_obj: Bound<'py, PyAny>,
+    pub layout: Layout,
+}
+
+impl<'py> TensorInfo<'py> {
+    /// Inspects a CPU float32/float64 strided tensor; any other tensor is a
+    /// `ValueError` naming `what`.
+    pub fn inspect(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
+        let py = tensor.py();
+        if !tensor.is_instance(torch(py)?.tensor_type.bind(py))? {
+            return Err(PyValueError::new_err(format!(
+                "{what} is not a torch.Tensor"
+            )));
+        }
+        if !tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+            return Err(PyValueError::new_err(format!("{what} is not on the CPU")));
+        }
+        if tensor.getattr(intern!(py, "is_sparse"))?.is_truthy()? {
+            return Err(PyValueError::new_err(format!("{what} is sparse")));
+        }
+        let dtype_obj = tensor.getattr(intern!(py, "dtype"))?;
+        let dtype = engine_dtype(py, &dtype_obj)?.ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{what} has dtype {dtype_obj}, not float32 or float64"
+            ))
+        })?;
+        let len: usize = tensor.call_method0(intern!(py, "numel"))?.extract()?;
+        let addr: usize = tensor.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        let layout = layout_of(tensor)?;
+        Ok(TensorInfo {
+            tensor: tensor.clone(),
+            addr,
+            len,
+            dtype,
+            dtype_obj,
+            layout,
+        })
+    }
+
+    pub fn strides(&self) -> PyResult<Bound<'py, PyTuple>> {
+        Ok(self
+            .tensor
+            .call_method0(intern!(self.tensor.py(), "stride"))?
+            .cast_into::<PyTuple>()?)
+    }
+}
+
+fn layout_of(tensor: &Bound<'_, PyAny>) -> PyResult<Layout> {
+    let py = tensor.py();
+    if tensor
+        .call_method0(intern!(py, "is_contiguous"))?
+        .is_truthy()?
+    {
+        return Ok(Layout::Contiguous);
+    }
+    let shape: Vec<usize> = tensor.getattr(intern!(py, "shape"))?.extract()?;
+    let strides: Vec<isize> = tensor.call_method0(intern!(py, "stride"))?.extract()?;
+    Ok(if is_dense(&shape, &strides) {
+        Layout::Dense
+    } else {
+        Layout::Strided
+    })
+}
