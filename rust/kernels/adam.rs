@@ -253,7 +253,7 @@ fn consts_for<C: Real>(
     if group.tensors().iter().all(|t| t.dtype != dtype) {
         return Vec::new();
     }
-    steps.iter().map(|&step| AdamConsts::new(h, step)).collect()
+    super::per_step(steps, |step| AdamConsts::new(h, step))
 }
 
 fn run<const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(

@@ -139,6 +139,24 @@ impl<C: Real> Lerp<C> {
     }
 }
 
+/// Per-tensor constants from per-tensor step counts. Tensors of a group
+/// usually share one step count, so each distinct run of equal counts is
+/// computed once (the `pow` calls behind bias corrections are not free at a
+/// thousand tensors per step).
+pub fn per_step<T: Copy>(steps: &[f64], mut make: impl FnMut(f64) -> T) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(steps.len());
+    let mut previous: Option<(f64, T)> = None;
+    for &step in steps {
+        let value = match previous {
+            Some((s, value)) if s == step => value,
+            _ => make(step),
+        };
+        previous = Some((step, value));
+        out.push(value);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +167,17 @@ mod tests {
         assert!(1.0f32.max_propagate_nan(f32::NAN).is_nan());
         assert_eq!(2.0f32.max_propagate_nan(1.0), 2.0);
         assert_eq!(1.0f64.max_propagate_nan(2.0), 2.0);
+    }
+
+    #[test]
+    fn per_step_computes_each_run_once() {
+        let mut calls = 0;
+        let out = per_step(&[1.0, 1.0, 2.0, 2.0, 1.0], |s| {
+            calls += 1;
+            s * 10.0
+        });
+        assert_eq!(out, vec![10.0, 10.0, 20.0, 20.0, 10.0]);
+        assert_eq!(calls, 3);
     }
 
     #[test]

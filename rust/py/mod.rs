@@ -78,6 +78,7 @@ fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<plan::GroupPlan>()?;
+    m.add_class::<plan::StateSnapshot>()?;
     m.add_function(wrap_pyfunction!(adam::adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;

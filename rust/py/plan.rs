@@ -46,6 +46,37 @@ struct Entry {
     state: Option<EntryState>,
 }
 
+/// The optimizer's `state` mapping as it was when plans were built: a cheap
+/// way to notice `opt.state[p] = {...}`, `del opt.state[p]`, `opt.state.clear()`
+/// and the like, without hashing every parameter each step.
+#[pyclass(module = "ferroptim._core")]
+pub struct StateSnapshot {
+    items: Vec<(Py<PyAny>, Py<PyAny>)>,
+}
+
+#[pymethods]
+impl StateSnapshot {
+    #[new]
+    fn new(state: &Bound<'_, PyDict>) -> StateSnapshot {
+        StateSnapshot {
+            items: state
+                .iter()
+                .map(|(key, value)| (key.unbind(), value.unbind()))
+                .collect(),
+        }
+    }
+
+    /// Whether `state` holds the same keys mapped to the same objects, in the
+    /// same order.
+    fn matches(&self, state: &Bound<'_, PyDict>) -> bool {
+        state.len() == self.items.len()
+            && state
+                .iter()
+                .zip(&self.items)
+                .all(|((key, value), (k, v))| key.is(k) && value.is(v))
+    }
+}
+
 /// What [`GroupPlan::gather`] found for one parameter.
 enum Gathered<'py> {
     /// Something changed since the plan was built: the slow path must look.
@@ -459,7 +490,12 @@ impl GroupPlan {
         let mut ready = Vec::with_capacity(self.entries.len());
         let mut keepalive = Vec::with_capacity(self.entries.len());
         for (entry, param) in self.entries.iter().zip(params.iter()) {
-            match self.gather_entry(py, entry, &param)? {
+            // An exception (a sparse gradient has no `is_contiguous`, say) is
+            // a change too: the slow path reports it the way torch does.
+            match self
+                .gather_entry(py, entry, &param)
+                .unwrap_or(Gathered::Changed)
+            {
                 Gathered::Changed => return Ok(false),
                 Gathered::NoGrad => {}
                 Gathered::Ready(buffers, grad) => {

@@ -1,0 +1,103 @@
+"""Adam and AdamW: torch.optim's classes with the CPU step in Rust."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import adam as torch_adam
+
+from ferroptim import _core
+from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+
+__all__ = ["Adam", "AdamW"]
+
+
+class _AdamFamily(RustStepMixin):
+    """Adam's state, gathering and kernels; shared by :class:`Adam` and :class:`AdamW`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # GradScaler must unscale grads itself; in-kernel unscaling is not wired yet.
+        self._step_supports_amp_scaling = False
+
+    def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
+        g = Gathered(keys=self._ferro_state_keys(group))
+        exp_avgs: list[torch.Tensor] = []
+        exp_avg_sqs: list[torch.Tensor] = []
+        max_exp_avg_sqs: list[torch.Tensor] = []
+        g.has_complex = self._init_group(  # type: ignore[attr-defined]
+            group, g.params, g.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, g.steps
+        )
+        g.states = [exp_avgs, exp_avg_sqs]
+        if group["amsgrad"]:
+            g.states.append(max_exp_avg_sqs)
+        return g
+
+    def _ferro_rust_step(self, plan: _core.GroupPlan, group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        _core.adam_step(
+            plan,
+            lr=scalar(group["lr"]),
+            beta1=scalar(beta1),
+            beta2=scalar(beta2),
+            eps=scalar(group["eps"]),
+            weight_decay=scalar(group["weight_decay"]),
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+        )
+
+    def _ferro_torch_step(
+        self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        states = gathered.states
+        torch_adam.adam(
+            gathered.params,
+            gathered.grads,
+            states[0],
+            states[1],
+            states[2] if group["amsgrad"] else [],
+            gathered.steps,
+            foreach=foreach,
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            fused=fused,
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            has_complex=gathered.has_complex,
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class Adam(_AdamFamily, torch.optim.Adam):
+    """Drop-in :class:`torch.optim.Adam` whose CPU step runs in Rust.
+
+    Same signature, defaults, param_group keys and ``state_dict`` format as
+    ``torch.optim.Adam``; results match its for-loop implementation. CPU
+    float32/float64 (and complex) parameters step in Rust; parameters on other
+    devices, in other dtypes, or with ``differentiable=True`` step through
+    torch's own implementation (fused where torch has it). ``foreach``,
+    ``fused`` and ``capturable`` are accepted and honoured on that path.
+    """
+
+
+class AdamW(_AdamFamily, torch.optim.AdamW):
+    """Drop-in :class:`torch.optim.AdamW` whose CPU step runs in Rust.
+
+    See :class:`Adam`; the only difference is decoupled weight decay
+    (``param *= 1 - lr * weight_decay``), default ``weight_decay=1e-2``.
+    """
