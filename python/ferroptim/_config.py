@@ -15,9 +15,7 @@ _BACKENDS = ("auto", "torch")
 def _backend_from_env() -> str:
     value = os.environ.get(BACKEND_ENV_VAR, "").strip().lower() or "auto"
     if value not in _BACKENDS:
-        raise ValueError(
-            f"{BACKEND_ENV_VAR}={value!r}: expected one of {', '.join(_BACKENDS)}"
-        )
+        raise ValueError(f"{BACKEND_ENV_VAR}={value!r}: expected one of {', '.join(_BACKENDS)}")
     return value
 
 

@@ -94,7 +94,8 @@ def _is_dense(tensor: Tensor) -> bool:
         return True
     expected = 1
     for size, stride in sorted(
-        ((s, st) for s, st in zip(tensor.shape, tensor.stride()) if s != 1), key=lambda d: d[1]
+        ((s, st) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1),
+        key=lambda d: d[1],
     ):
         if stride != expected:
             return False
@@ -228,7 +229,9 @@ class RustStepMixin:
                 other.append(p)
         return rust, other
 
-    def _torch_implementation(self, group: dict[str, Any], params: list[Tensor]) -> tuple[bool, bool]:
+    def _torch_implementation(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[bool, bool]:
         """(foreach, fused) for torch's implementation: the user's choice if made, else
         torch's fused kernels where they exist, else foreach, else the for-loop."""
         if group.get("differentiable", False):
@@ -273,20 +276,21 @@ class RustStepMixin:
         implied_fused = fused and not group.get("fused")
         # torch creates state for fused kernels on the param's device; ask for
         # that when we choose fused for the user.
-        init_group = {**group, "params": params, "fused": True} if implied_fused else {
-            **group,
-            "params": params,
-        }
+        init_group = {**group, "params": params}
+        if implied_fused:
+            init_group["fused"] = True
         gathered = self._ferro_gather(init_group)
         if implied_fused and not all(
             s.dtype == torch.float32 and s.device == p.device
-            for s, p in zip(gathered.steps, gathered.params)
+            for s, p in zip(gathered.steps, gathered.params, strict=True)
         ):
             # State made earlier for another implementation: foreach takes any step tensor.
             foreach, fused = _foreach_supported(gathered.params), False
         return lambda: self._ferro_torch_step(gathered, group, foreach=foreach, fused=fused)
 
-    def _prepare_rust(self, gathered: Gathered) -> tuple[_core.GroupPlan, list[tuple[Tensor, Tensor]]]:
+    def _prepare_rust(
+        self, gathered: Gathered
+    ) -> tuple[_core.GroupPlan, list[tuple[Tensor, Tensor]]]:
         """Lays the gathered tensors out for the kernel: one run of memory per tensor,
         the same layout for a param, its grad and its states."""
         keys = gathered.keys
@@ -322,7 +326,7 @@ class RustStepMixin:
                 written_storages.add(gathered.states[k][i].untyped_storage().data_ptr())
 
         grads: list[Tensor] = []
-        for work, grad in zip(work_params, gathered.grads):
+        for work, grad in zip(work_params, gathered.grads, strict=True):
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if grad.untyped_storage().data_ptr() in written_storages:

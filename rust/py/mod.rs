@@ -6,7 +6,7 @@ mod adam;
 mod plan;
 mod tensor;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::{parallel, simd};
@@ -72,7 +72,6 @@ fn set_num_threads(threads: i64) -> PyResult<()> {
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
     let mut plan = plan::GroupPlan::from_tensors_unchecked_empty();
     plan.run(py, 0, false, |_, _| panic!("deliberate test panic"))
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,0 +1,56 @@
+"""Type stub for ferroptim's Rust extension (rust/py/). Internal: use the public API."""
+
+from collections.abc import Sequence
+
+import torch
+
+__version__: str
+
+class GroupPlan:
+    """A parameter group as engine buffers (rust/py/plan.rs)."""
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        states: Sequence[dict[str, object]],
+        state_keys: Sequence[str],
+        step_key: str | None,
+    ) -> None: ...
+    @staticmethod
+    def from_tensors(
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        states: Sequence[Sequence[torch.Tensor]],
+        steps: Sequence[torch.Tensor | None],
+    ) -> GroupPlan: ...
+    def gather(self) -> bool: ...
+    def release(self) -> None: ...
+    @property
+    def num_ready(self) -> int: ...
+    def __len__(self) -> int: ...
+
+class StateSnapshot:
+    """The optimizer's ``state`` mapping as plans saw it."""
+
+    def __init__(self, state: dict[object, object]) -> None: ...
+    def matches(self, state: dict[object, object]) -> bool: ...
+
+def adam_step(
+    plan: GroupPlan,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    amsgrad: bool,
+    maximize: bool,
+) -> None: ...
+def simd_level() -> str: ...
+def set_simd_level(level: str | None) -> str: ...
+def supported_simd_levels() -> list[str]: ...
+def environment_errors() -> list[str]: ...
+def get_num_threads() -> int: ...
+def set_num_threads(threads: int) -> None: ...
+def _panic_for_tests() -> None: ...
