@@ -8,6 +8,7 @@
 //! kernels.
 
 pub mod adam;
+pub mod probe;
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 

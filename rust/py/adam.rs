@@ -37,3 +37,13 @@ pub fn adam_step(
             step_group(group, &hyper, level);
         })
 }
+
+/// Bandwidth probe: Adam's memory traffic (read param, grad, two states; write
+/// param and both states) without its arithmetic, on the same engine. For
+/// benchmarks: it measures the streaming floor a step cannot beat.
+#[pyfunction]
+pub fn stream_probe(py: Python<'_>, plan: &Bound<'_, GroupPlan>) -> PyResult<()> {
+    plan.borrow_mut().run(py, 2, false, |group, level| {
+        crate::kernels::probe::stream_probe(group, level);
+    })
+}

@@ -79,6 +79,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::GroupPlan>()?;
     m.add_class::<plan::StateSnapshot>()?;
     m.add_function(wrap_pyfunction!(adam::adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(adam::stream_probe, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;
