@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use _core::engine::{DType, Group, StepCounter, TensorBuffers, MAX_STATES};
 use _core::kernels::adam::{adam_step, AdamHyper};
+use _core::kernels::probe::stream_probe;
 use _core::parallel::set_num_threads;
 use _core::simd::SimdLevel;
 
@@ -98,10 +99,13 @@ fn main() {
                     },
                     reps,
                 );
+                let probe = median_seconds(|| stream_probe(&group(&mut tensors), level), reps);
                 println!(
-                    "{name:>12} threads={threads} {level:>7}: {:>9.1} us  {:>6.1} GB/s",
+                    "{name:>12} threads={threads} {level:>7}: adam {:>9.1} us {:>6.1} GB/s | probe {:>9.1} us {:>6.1} GB/s",
                     seconds * 1e6,
-                    28.0 * elements as f64 / seconds / 1e9
+                    28.0 * elements as f64 / seconds / 1e9,
+                    probe * 1e6,
+                    28.0 * elements as f64 / probe / 1e9,
                 );
             }
         }

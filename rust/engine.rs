@@ -91,6 +91,10 @@ impl StepCounter {
     }
 }
 
+/// `TensorBuffers::grad` of a group that has no separate gradient buffer
+/// (gradient clipping writes the gradients themselves, as the `param` buffer).
+pub const NO_GRAD: usize = 0;
+
 /// Addresses of one parameter's buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorBuffers {
@@ -245,7 +249,7 @@ pub struct ChunkSlices<'g> {
 }
 
 /// Typed slices over one segment: the parameter and states are writable, the
-/// gradient read-only. Unused state slots are empty.
+/// gradient read-only. Unused state slots (and a [`NO_GRAD`] gradient) are empty.
 pub struct Slices<'s, T> {
     pub param: &'s mut [T],
     pub grad: &'s [T],
@@ -292,9 +296,13 @@ impl<'g> ChunkSlices<'g> {
         for (slot, &addr) in states.iter_mut().zip(self.tensor.states()) {
             *slot = at(addr);
         }
+        let grad: &'g [T] = match self.tensor.grad {
+            NO_GRAD => &[],
+            addr => at(addr),
+        };
         Slices {
             param: at(self.tensor.param),
-            grad: at(self.tensor.grad),
+            grad,
             states,
         }
     }
@@ -349,7 +357,9 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
             Ok(())
         };
         add(t.param, true, "param")?;
-        add(t.grad, false, "grad")?;
+        if t.grad != NO_GRAD {
+            add(t.grad, false, "grad")?;
+        }
         for (k, &addr) in t.states().iter().enumerate() {
             add(addr, true, STATE_NAMES[k])?;
         }
@@ -554,7 +564,8 @@ mod tests {
         // SAFETY: the constructor must refuse before touching memory.
         let misaligned = unsafe { Group::new(vec![t]) };
         assert!(matches!(misaligned, Err(EngineError::Misaligned { .. })));
-        t.grad = 0;
+        t.grad = NO_GRAD; // allowed: a group without gradient buffers
+        t.param = 0;
         // SAFETY: as above.
         let null = unsafe { Group::new(vec![t]) };
         assert!(matches!(null, Err(EngineError::Null { .. })));

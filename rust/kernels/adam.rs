@@ -7,6 +7,7 @@
 //! rounds them:
 //!
 //! ```text
+//! grad = grad * grad_scale                    (clip_grad_norm_'s grad.mul_(coef); 1.0 otherwise)
 //! g = -grad if maximize else grad
 //! AdamW:  p = p * (1 - lr*wd)                 param.mul_(1 - lr * weight_decay)
 //! Adam:   g = p*wd + g   (fused)              grad.add(param, alpha=weight_decay)
@@ -19,9 +20,9 @@
 //!
 //! One pass over memory: read p, g, m, v (vmax); write p, m, v (vmax).
 
-use super::{Lerp, Real, Storage};
-use crate::engine::{DType, Group};
-use crate::simd::{dispatch, SimdLevel, SimdTask};
+use super::{consts_for, run_segments, Lerp, Real, SegmentKernel, Storage};
+use crate::engine::{Group, Slices};
+use crate::simd::SimdLevel;
 
 /// Hyperparameters of one parameter group, as torch keeps them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,6 +36,9 @@ pub struct AdamHyper {
     pub decoupled_weight_decay: bool,
     pub amsgrad: bool,
     pub maximize: bool,
+    /// Multiplies every gradient as it is read (the clipping coefficient of
+    /// `max_grad_norm`); 1.0 leaves gradients as they are, exactly.
+    pub grad_scale: f64,
 }
 
 impl Default for AdamHyper {
@@ -48,6 +52,7 @@ impl Default for AdamHyper {
             decoupled_weight_decay: false,
             amsgrad: false,
             maximize: false,
+            grad_scale: 1.0,
         }
     }
 }
@@ -81,6 +86,7 @@ impl AdamHyper {
 /// The constants of one tensor's update, rounded to its compute type.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamConsts<C> {
+    grad_scale: C,
     lerp: Lerp<C>,
     beta2: C,
     one_minus_beta2: C,
@@ -107,6 +113,7 @@ impl<C: Real> AdamConsts<C> {
             h.weight_decay
         };
         AdamConsts {
+            grad_scale: C::from_f64(h.grad_scale),
             lerp: Lerp::new(1.0 - h.beta1),
             beta2: C::from_f64(h.beta2),
             one_minus_beta2: C::from_f64(1.0 - h.beta2),
@@ -137,6 +144,7 @@ fn element<C: Real, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
     max_exp_avg_sq: C,
 ) -> (C, C, C, C) {
     let mut p = param;
+    let grad = grad * k.grad_scale;
     let mut g = if MAXIMIZE { -grad } else { grad };
     if WD == WD_DECOUPLED {
         p = p * k.weight_decay;
@@ -201,19 +209,27 @@ pub fn adam_update<S: Storage, const AMSGRAD: bool, const MAXIMIZE: bool, const 
     }
 }
 
-/// [`adam_update`] as a [`SimdTask`], so it compiles once per SIMD level.
-struct AdamTask<'a, 'k, S: Storage, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8> {
-    slices: AdamSlices<'a, S>,
-    consts: &'k AdamConsts<S::Compute>,
+/// Adam over a group's segments, one constant set per tensor.
+struct AdamKernel<C, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8> {
+    consts: Vec<AdamConsts<C>>,
 }
 
-impl<S: Storage, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8> SimdTask
-    for AdamTask<'_, '_, S, AMSGRAD, MAXIMIZE, WD>
+impl<T, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8> SegmentKernel<T>
+    for AdamKernel<T, AMSGRAD, MAXIMIZE, WD>
+where
+    T: Storage<Compute = T> + Real,
 {
-    type Output = ();
     #[inline(always)]
-    fn run(self) {
-        adam_update::<S, AMSGRAD, MAXIMIZE, WD>(self.slices, self.consts)
+    fn apply(&self, tensor: usize, s: Slices<'_, T>) {
+        let [exp_avg, exp_avg_sq, max_exp_avg_sq] = s.states;
+        let slices = AdamSlices {
+            param: s.param,
+            grad: s.grad,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq,
+        };
+        adam_update::<T, AMSGRAD, MAXIMIZE, WD>(slices, &self.consts[tensor]);
     }
 }
 
@@ -229,93 +245,45 @@ pub fn adam_step(group: &mut Group<'_>, h: &AdamHyper, level: SimdLevel) -> Vec<
         assert!(t.step.is_some(), "Adam needs a step counter per parameter");
     }
     let steps = group.increment_steps();
-    let consts32: Vec<AdamConsts<f32>> = consts_for(group, h, &steps, DType::F32);
-    let consts64: Vec<AdamConsts<f64>> = consts_for(group, h, &steps, DType::F64);
+    let group = &*group;
     crate::const_bool!(h.amsgrad, AMSGRAD, {
         crate::const_bool!(h.maximize, MAXIMIZE, {
             match h.weight_decay_mode() {
-                WD_NONE => run::<AMSGRAD, MAXIMIZE, WD_NONE>(group, &consts32, &consts64, level),
-                WD_L2 => run::<AMSGRAD, MAXIMIZE, WD_L2>(group, &consts32, &consts64, level),
-                _ => run::<AMSGRAD, MAXIMIZE, WD_DECOUPLED>(group, &consts32, &consts64, level),
+                WD_NONE => run::<AMSGRAD, MAXIMIZE, WD_NONE>(group, h, &steps, level),
+                WD_L2 => run::<AMSGRAD, MAXIMIZE, WD_L2>(group, h, &steps, level),
+                _ => run::<AMSGRAD, MAXIMIZE, WD_DECOUPLED>(group, h, &steps, level),
             }
         })
     });
     steps
 }
 
-/// Per-tensor constants for the tensors of one dtype (indexed by tensor).
-fn consts_for<C: Real>(
+fn run<const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
     group: &Group<'_>,
     h: &AdamHyper,
     steps: &[f64],
-    dtype: DType,
-) -> Vec<AdamConsts<C>> {
-    if group.tensors().iter().all(|t| t.dtype != dtype) {
-        return Vec::new();
-    }
-    super::per_step(steps, |step| AdamConsts::new(h, step))
-}
-
-fn run<const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
-    group: &Group<'_>,
-    consts32: &[AdamConsts<f32>],
-    consts64: &[AdamConsts<f64>],
     level: SimdLevel,
 ) {
-    group.for_each_chunk(|segments| {
-        for segment in segments {
-            let index = segment.tensor_index();
-            match segment.dtype() {
-                DType::F32 => {
-                    update::<f32, AMSGRAD, MAXIMIZE, WD>(segment, &consts32[index], level)
-                }
-                DType::F64 => {
-                    update::<f64, AMSGRAD, MAXIMIZE, WD>(segment, &consts64[index], level)
-                }
-            }
-        }
-    });
-}
-
-#[inline]
-fn update<T, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
-    segment: crate::engine::ChunkSlices<'_>,
-    consts: &AdamConsts<T>,
-    level: SimdLevel,
-) where
-    T: crate::engine::Element + Storage<Compute = T> + Real,
-{
-    let s = segment.slices::<T>();
-    let [exp_avg, exp_avg_sq, max_exp_avg_sq] = s.states;
-    let task = AdamTask::<T, AMSGRAD, MAXIMIZE, WD> {
-        slices: AdamSlices {
-            param: s.param,
-            grad: s.grad,
-            exp_avg,
-            exp_avg_sq,
-            max_exp_avg_sq,
-        },
-        consts,
+    let k32 = AdamKernel::<f32, AMSGRAD, MAXIMIZE, WD> {
+        consts: consts_for::<f32, _>(group, steps, |step| AdamConsts::new(h, step)),
     };
-    dispatch(level, task);
+    let k64 = AdamKernel::<f64, AMSGRAD, MAXIMIZE, WD> {
+        consts: consts_for::<f64, _>(group, steps, |step| AdamConsts::new(h, step)),
+    };
+    run_segments(group, level, &k32, &k64);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{StepCounter, TensorBuffers, MAX_STATES};
+    use crate::kernels::testing::{
+        assert_bitwise_everywhere, assert_close, buffers, group_of, set_grads,
+    };
 
     /// A straightforward transcription of torch's `_single_tensor_adam`
     /// (non-capturable branch) in float64, one operation per line.
-    fn reference_step(
-        h: &AdamHyper,
-        step: f64,
-        p: &mut [f64],
-        g: &[f64],
-        m: &mut [f64],
-        v: &mut [f64],
-        vmax: &mut [f64],
-    ) {
+    fn reference_step(h: &AdamHyper, step: f64, p: &mut [f64], g: &[f64], s: &mut [Vec<f64>]) {
+        let [m, v, vmax] = s else { unreachable!() };
         for i in 0..p.len() {
             let mut grad = if h.maximize { -g[i] } else { g[i] };
             if h.weight_decay != 0.0 {
@@ -341,56 +309,6 @@ mod tests {
         }
     }
 
-    struct Buffers<T> {
-        p: Vec<T>,
-        g: Vec<T>,
-        states: Vec<Vec<T>>,
-        step: T,
-    }
-
-    fn random(n: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn group_of<'a, T: crate::engine::Element>(
-        bufs: &'a mut [Buffers<T>],
-        dtype: DType,
-    ) -> Group<'a> {
-        let tensors = bufs
-            .iter_mut()
-            .map(|b| {
-                let mut states = [0; MAX_STATES];
-                for (slot, s) in states.iter_mut().zip(b.states.iter_mut()) {
-                    *slot = s.as_mut_ptr() as usize;
-                }
-                TensorBuffers {
-                    dtype,
-                    len: b.p.len(),
-                    param: b.p.as_mut_ptr() as usize,
-                    grad: b.g.as_ptr() as usize,
-                    states,
-                    num_states: b.states.len(),
-                    step: Some(StepCounter {
-                        addr: &mut b.step as *mut T as usize,
-                        dtype,
-                    }),
-                }
-            })
-            .collect();
-        // SAFETY: every address points into a Vec (or field) borrowed mutably for 'a.
-        unsafe { Group::new(tensors) }.unwrap()
-    }
-
     fn all_hypers() -> Vec<AdamHyper> {
         let mut out = Vec::new();
         for amsgrad in [false, true] {
@@ -414,108 +332,53 @@ mod tests {
     fn float64_matches_the_transcribed_reference() {
         let lens = [1, 15, 17, 1000, 70_001];
         for h in all_hypers() {
-            let mut ours: Vec<Buffers<f64>> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| Buffers {
-                    p: random(n, i as u64),
-                    g: vec![0.0; n],
-                    states: vec![vec![0.0; n]; h.num_states()],
-                    step: 0.0,
-                })
-                .collect();
-            // (param, exp_avg, exp_avg_sq, max_exp_avg_sq) per tensor.
-            let mut reference: Vec<[Vec<f64>; 4]> = ours
-                .iter()
-                .map(|b| {
-                    [
-                        b.p.clone(),
-                        vec![0.0; b.p.len()],
-                        vec![0.0; b.p.len()],
-                        vec![0.0; b.p.len()],
-                    ]
-                })
-                .collect();
+            let mut ours = buffers::<f64>(&lens, h.num_states(), 0.0);
+            let mut reference = buffers::<f64>(&lens, 3, 0.0);
             for step in 1..=20 {
-                for (i, b) in ours.iter_mut().enumerate() {
-                    b.g = random(b.p.len(), 1000 + step * 7 + i as u64);
-                }
-                let mut group = group_of(&mut ours, DType::F64);
-                let steps = adam_step(&mut group, &h, SimdLevel::detect());
+                set_grads(&mut ours, step);
+                set_grads(&mut reference, step);
+                let steps = adam_step(&mut group_of(&mut ours, true), &h, SimdLevel::detect());
                 assert!(steps.iter().all(|&s| s == step as f64));
-                for (b, r) in ours.iter().zip(reference.iter_mut()) {
-                    let [p, m, v, vmax] = r;
-                    reference_step(&h, step as f64, p, &b.g, m, v, vmax);
+                for r in reference.iter_mut() {
+                    reference_step(&h, step as f64, &mut r.p, &r.g, &mut r.states);
                 }
             }
             for (b, r) in ours.iter().zip(reference.iter()) {
-                for (x, y) in b.p.iter().zip(r[0].iter()) {
-                    assert!(
-                        (x - y).abs() <= 1e-13 * (1.0 + y.abs()),
-                        "{h:?}: {x} vs {y}"
-                    );
-                }
+                assert_close(&b.p, &r.p, 1e-13, &format!("{h:?}"));
             }
         }
-    }
-
-    fn run_f32(h: &AdamHyper, lens: &[usize], level: SimdLevel, steps: u64) -> Vec<Buffers<f32>> {
-        let mut bufs: Vec<Buffers<f32>> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| Buffers {
-                p: random(n, i as u64).into_iter().map(|x| x as f32).collect(),
-                g: vec![0.0; n],
-                states: vec![vec![0.0; n]; h.num_states()],
-                step: 0.0,
-            })
-            .collect();
-        for step in 1..=steps {
-            for (i, b) in bufs.iter_mut().enumerate() {
-                b.g = random(b.p.len(), step * 31 + i as u64)
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect();
-            }
-            let mut group = group_of(&mut bufs, DType::F32);
-            adam_step(&mut group, h, level);
-        }
-        bufs
     }
 
     #[test]
-    fn every_simd_level_gives_identical_bits() {
-        let lens = [3, 64, 100, 4099, 65_600];
+    fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
-            let want = run_f32(&h, &lens, SimdLevel::Scalar, 5);
-            for level in SimdLevel::supported() {
-                let got = run_f32(&h, &lens, level, 5);
-                for (a, b) in got.iter().zip(want.iter()) {
-                    assert_eq!(a.p, b.p, "{level} param differs for {h:?}");
-                    assert_eq!(a.states, b.states, "{level} state differs for {h:?}");
-                }
-            }
+            assert_bitwise_everywhere(h.num_states(), 0.0, &|group, level| {
+                adam_step(group, &h, level);
+            });
         }
     }
 
     #[test]
-    fn thread_count_does_not_change_bits() {
-        let lens = [100_000, 3, 200_000, 64 * 1024 + 5];
+    fn grad_scale_equals_prescaled_grads() {
         let h = AdamHyper {
-            weight_decay: 0.01,
-            decoupled_weight_decay: true,
-            amsgrad: true,
+            grad_scale: 0.25,
             ..AdamHyper::default()
         };
-        crate::parallel::set_num_threads(1).unwrap();
-        let single = run_f32(&h, &lens, SimdLevel::detect(), 3);
-        crate::parallel::set_num_threads(4).unwrap();
-        let multi = run_f32(&h, &lens, SimdLevel::detect(), 3);
-        crate::parallel::set_num_threads(2).unwrap();
-        for (a, b) in single.iter().zip(multi.iter()) {
-            assert_eq!(a.p, b.p);
-            assert_eq!(a.states, b.states);
+        let mut scaled = buffers::<f32>(&[1000], 2, 0.0);
+        let mut prescaled = buffers::<f32>(&[1000], 2, 0.0);
+        for step in 1..=5 {
+            set_grads(&mut scaled, step);
+            set_grads(&mut prescaled, step);
+            prescaled[0].g.iter_mut().for_each(|g| *g *= 0.25);
+            adam_step(&mut group_of(&mut scaled, true), &h, SimdLevel::detect());
+            let plain = AdamHyper::default();
+            adam_step(
+                &mut group_of(&mut prescaled, true),
+                &plain,
+                SimdLevel::detect(),
+            );
         }
+        assert_eq!(scaled[0].p, prescaled[0].p);
     }
 
     #[test]
@@ -524,14 +387,9 @@ mod tests {
             amsgrad: true,
             ..AdamHyper::default()
         };
-        let mut bufs = vec![Buffers {
-            p: vec![1.0f64; 4],
-            g: vec![f64::NAN, 1.0, 1.0, 1.0],
-            states: vec![vec![0.0; 4]; 3],
-            step: 0.0,
-        }];
-        let mut group = group_of(&mut bufs, DType::F64);
-        adam_step(&mut group, &h, SimdLevel::detect());
+        let mut bufs = buffers::<f64>(&[4], 3, 0.0);
+        bufs[0].g = vec![f64::NAN, 1.0, 1.0, 1.0];
+        adam_step(&mut group_of(&mut bufs, true), &h, SimdLevel::detect());
         assert!(bufs[0].states[2][0].is_nan());
         assert!(bufs[0].p[0].is_nan());
         assert!(bufs[0].p[1].is_finite());

@@ -7,10 +7,19 @@
 //! float32 math slots in as another `Storage` impl without touching the
 //! kernels.
 
+pub mod adagrad;
 pub mod adam;
+pub mod clip;
 pub mod probe;
+pub mod rmsprop;
+pub mod sgd;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use crate::engine::{DType, Element, Group, Slices};
+use crate::simd::{dispatch, SimdLevel, SimdTask};
 
 /// The arithmetic type a kernel computes in.
 ///
@@ -156,6 +165,142 @@ pub fn per_step<T: Copy>(steps: &[f64], mut make: impl FnMut(f64) -> T) -> Vec<T
         out.push(value);
     }
     out
+}
+
+/// An element-wise update of one tensor's segment, for one storage type.
+///
+/// Implementations put `#[inline(always)]` on `apply` so that the body is
+/// compiled inside the SIMD-level function [`run_segments`] dispatches to.
+pub trait SegmentKernel<T>: Sync {
+    /// Updates elements of tensor `tensor` (its index in the group).
+    fn apply(&self, tensor: usize, slices: Slices<'_, T>);
+}
+
+/// A reduction over one tensor's segment (gradient norms).
+pub trait SegmentReducer<T>: Sync {
+    /// Partial result for the segment, in float64.
+    fn reduce(&self, tensor: usize, slices: Slices<'_, T>) -> f64;
+}
+
+struct ApplyTask<'s, 'k, T, K> {
+    tensor: usize,
+    slices: Slices<'s, T>,
+    kernel: &'k K,
+}
+
+impl<T, K: SegmentKernel<T>> SimdTask for ApplyTask<'_, '_, T, K> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        self.kernel.apply(self.tensor, self.slices)
+    }
+}
+
+struct ReduceTask<'s, 'k, T, K> {
+    tensor: usize,
+    slices: Slices<'s, T>,
+    kernel: &'k K,
+}
+
+impl<T, K: SegmentReducer<T>> SimdTask for ReduceTask<'_, '_, T, K> {
+    type Output = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        self.kernel.reduce(self.tensor, self.slices)
+    }
+}
+
+/// Runs an element-wise kernel over every segment of a group: `f32` tensors
+/// through `k32`, `f64` tensors through `k64`, at SIMD level `level`.
+pub fn run_segments<K32, K64>(group: &Group<'_>, level: SimdLevel, k32: &K32, k64: &K64)
+where
+    K32: SegmentKernel<f32>,
+    K64: SegmentKernel<f64>,
+{
+    group.for_each_chunk(|segments| {
+        for segment in segments {
+            let tensor = segment.tensor_index();
+            match segment.dtype() {
+                DType::F32 => dispatch(
+                    level,
+                    ApplyTask {
+                        tensor,
+                        slices: segment.slices(),
+                        kernel: k32,
+                    },
+                ),
+                DType::F64 => dispatch(
+                    level,
+                    ApplyTask {
+                        tensor,
+                        slices: segment.slices(),
+                        kernel: k64,
+                    },
+                ),
+            }
+        }
+    });
+}
+
+/// Runs a reduction over every segment of a group and combines the partial
+/// results per tensor with `combine`, in chunk order: the same order for any
+/// thread count, so the result is deterministic.
+pub fn reduce_segments<K32, K64>(
+    group: &Group<'_>,
+    level: SimdLevel,
+    k32: &K32,
+    k64: &K64,
+    identity: f64,
+    combine: impl Fn(f64, f64) -> f64,
+) -> Vec<f64>
+where
+    K32: SegmentReducer<f32>,
+    K64: SegmentReducer<f64>,
+{
+    let partials: Vec<Vec<(usize, f64)>> = group.for_each_chunk(|segments| {
+        segments
+            .map(|segment| {
+                let tensor = segment.tensor_index();
+                let partial = match segment.dtype() {
+                    DType::F32 => dispatch(
+                        level,
+                        ReduceTask {
+                            tensor,
+                            slices: segment.slices(),
+                            kernel: k32,
+                        },
+                    ),
+                    DType::F64 => dispatch(
+                        level,
+                        ReduceTask {
+                            tensor,
+                            slices: segment.slices(),
+                            kernel: k64,
+                        },
+                    ),
+                };
+                (tensor, partial)
+            })
+            .collect()
+    });
+    let mut totals = vec![identity; group.len()];
+    for (tensor, partial) in partials.into_iter().flatten() {
+        totals[tensor] = combine(totals[tensor], partial);
+    }
+    totals
+}
+
+/// Per-tensor constants for the tensors of one element type, or nothing when
+/// the group has no tensor of that type.
+pub fn consts_for<T: Element, C: Copy>(
+    group: &Group<'_>,
+    steps: &[f64],
+    make: impl FnMut(f64) -> C,
+) -> Vec<C> {
+    if group.tensors().iter().all(|t| t.dtype != T::DTYPE) {
+        return Vec::new();
+    }
+    per_step(steps, make)
 }
 
 #[cfg(test)]

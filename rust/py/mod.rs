@@ -2,7 +2,8 @@
 //! entry point per optimizer family. Kernels live in `crate::kernels` and know
 //! nothing of Python.
 
-mod adam;
+mod clip;
+mod optimizers;
 mod plan;
 mod tensor;
 
@@ -71,15 +72,24 @@ fn set_num_threads(threads: i64) -> PyResult<()> {
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
     let mut plan = plan::GroupPlan::from_tensors_unchecked_empty();
-    plan.run(py, 0, false, |_, _| panic!("deliberate test panic"))
+    plan.run(py, None, false, true, |_, _| {
+        panic!("deliberate test panic")
+    })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<plan::GroupPlan>()?;
     m.add_class::<plan::StateSnapshot>()?;
-    m.add_function(wrap_pyfunction!(adam::adam_step, m)?)?;
-    m.add_function(wrap_pyfunction!(adam::stream_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers::adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers::sgd_step, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers::rmsprop_step, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers::adagrad_step, m)?)?;
+    m.add_function(wrap_pyfunction!(optimizers::stream_probe, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::grad_norms, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::total_norm, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::scale_grads, m)?)?;
+    m.add_function(wrap_pyfunction!(clip::clamp_grads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(supported_simd_levels, m)?)?;

@@ -20,7 +20,7 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
-    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES,
+    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES, NO_GRAD,
 };
 use crate::simd::{self, SimdLevel};
 
@@ -175,13 +175,17 @@ impl GroupPlan {
         self.gathered = false;
     }
 
-    /// Runs `step` on the gathered buffers with the GIL released, then forgets
-    /// them. A panic becomes a `RuntimeError`.
+    /// Runs `step` on the gathered buffers with the GIL released. With
+    /// `consume`, the buffers (and the gradients they keep alive) are
+    /// forgotten afterwards; otherwise they stay gathered for another pass
+    /// (a norm before the update). `num_states`: what the kernel needs per
+    /// tensor (`None`: any). A panic becomes a `RuntimeError`.
     pub fn run<R: Send>(
         &mut self,
         py: Python<'_>,
-        num_states: usize,
+        num_states: Option<usize>,
         needs_step: bool,
+        consume: bool,
         step: impl FnOnce(&mut Group<'_>, SimdLevel) -> R + Send,
     ) -> PyResult<R> {
         if !self.gathered {
@@ -189,18 +193,23 @@ impl GroupPlan {
                 "ferroptim internal error: plan run without gathered buffers",
             ));
         }
-        let tensors = std::mem::take(&mut self.ready);
-        let keepalive = std::mem::take(&mut self.keepalive);
-        self.gathered = false;
-        if let Some(t) = tensors
-            .iter()
-            .find(|t| t.num_states != num_states || (needs_step && t.step.is_none()))
-        {
+        if let Some(t) = self.ready.iter().find(|t| {
+            num_states.is_some_and(|n| t.num_states != n) || (needs_step && t.step.is_none())
+        }) {
             return Err(PyRuntimeError::new_err(format!(
-                "ferroptim internal error: plan has {} state buffers per parameter, the kernel needs {num_states}",
+                "ferroptim internal error: plan has {} state buffers per parameter, the kernel needs {num_states:?}",
                 t.num_states
             )));
         }
+        let (tensors, keepalive) = if consume {
+            self.gathered = false;
+            (
+                std::mem::take(&mut self.ready),
+                std::mem::take(&mut self.keepalive),
+            )
+        } else {
+            (self.ready.clone(), Vec::new())
+        };
         // SAFETY: every address was read from a live CPU tensor of the recorded
         // dtype and length (TensorInfo::inspect), and those tensors are kept
         // alive by `self.entries` and `keepalive` until this function returns.
@@ -228,8 +237,9 @@ impl GroupPlan {
         dict: &Bound<'py, PyDict>,
         index: usize,
     ) -> PyResult<Option<EntryState>> {
-        if dict.is_empty() {
-            return Ok(None);
+        let needs_state = !self.state_keys.is_empty() || self.step_key.is_some();
+        if dict.is_empty() && needs_state {
+            return Ok(None); // lazily created on the parameter's first step
         }
         let mut buffers = Vec::with_capacity(self.state_keys.len());
         let mut addrs = [0usize; MAX_STATES];
@@ -316,10 +326,11 @@ impl GroupPlan {
         if !layout_ok {
             return Ok(Gathered::Changed);
         }
-        let len: usize = grad.call_method0(intern!(py, "numel"))?.extract()?;
-        let grad_addr: usize = grad.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        // With the dtype checked, the byte count pins the element count.
         let bytes = entry.len * entry.dtype.size();
-        if len != entry.len
+        let grad_bytes: usize = grad.getattr(intern!(py, "nbytes"))?.extract()?;
+        let grad_addr: usize = grad.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        if grad_bytes != bytes
             || grad_addr == 0
             || grad_addr % entry.dtype.size() != 0
             || self.written.overlaps(grad_addr, grad_addr + bytes)
@@ -468,6 +479,35 @@ impl GroupPlan {
                 num_states: states.len(),
                 step,
             });
+        }
+        check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        plan.gathered = true;
+        Ok(plan)
+    }
+
+    /// A one-shot plan over gradients alone, for clipping: each gradient is
+    /// the written buffer. Gradients must be distinct CPU float32/float64
+    /// tensors, each one run of memory.
+    #[staticmethod]
+    fn from_grads(grads: Vec<Bound<'_, PyAny>>) -> PyResult<GroupPlan> {
+        let mut plan = GroupPlan::empty(Vec::new(), None);
+        for (i, grad) in grads.iter().enumerate() {
+            let info = TensorInfo::inspect(grad, &format!("gradient {i}"))?;
+            if info.layout == Layout::Strided {
+                return Err(not_plannable(format!(
+                    "gradient {i} has gaps or overlaps in memory"
+                )));
+            }
+            plan.ready.push(TensorBuffers {
+                dtype: info.dtype,
+                len: info.len,
+                param: info.addr,
+                grad: NO_GRAD,
+                states: [0; MAX_STATES],
+                num_states: 0,
+                step: None,
+            });
+            plan.keepalive.push(grad.clone().unbind());
         }
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
         plan.gathered = true;

@@ -1,0 +1,63 @@
+//! Gradient norms and clipping over plans.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use super::plan::GroupPlan;
+use crate::kernels::clip::{self, GradSource, NormType};
+
+/// Per-tensor gradient norms of every plan, in order, each rounded to its
+/// tensor's dtype. Plans stay gathered (the update pass follows).
+/// `grads_only`: the plans were built by `GroupPlan.from_grads`.
+#[pyfunction]
+#[pyo3(signature = (plans, norm_type, grads_only))]
+pub fn grad_norms(
+    py: Python<'_>,
+    plans: Vec<Bound<'_, GroupPlan>>,
+    norm_type: f64,
+    grads_only: bool,
+) -> PyResult<Vec<f64>> {
+    if norm_type.is_nan() {
+        return Err(PyValueError::new_err("norm_type must not be NaN"));
+    }
+    let kind = NormType::new(norm_type);
+    let source = if grads_only {
+        GradSource::Param
+    } else {
+        GradSource::Grad
+    };
+    let mut norms = Vec::new();
+    for plan in plans {
+        norms.extend(
+            plan.borrow_mut()
+                .run(py, None, false, false, |group, level| {
+                    clip::tensor_norms(group, kind, source, level)
+                })?,
+        );
+    }
+    Ok(norms)
+}
+
+/// torch's `vector_norm(stack(norms), norm_type)`, in float64.
+#[pyfunction]
+pub fn total_norm(norms: Vec<f64>, norm_type: f64) -> f64 {
+    clip::total_norm(&norms, NormType::new(norm_type))
+}
+
+/// Multiplies every gradient of a `from_grads` plan by `factor`, then forgets the plan.
+#[pyfunction]
+pub fn scale_grads(py: Python<'_>, plan: &Bound<'_, GroupPlan>, factor: f64) -> PyResult<()> {
+    plan.borrow_mut()
+        .run(py, Some(0), false, true, |group, level| {
+            clip::scale(group, factor, level)
+        })
+}
+
+/// Clamps every gradient of a `from_grads` plan to `[-clip, clip]`, then forgets the plan.
+#[pyfunction]
+pub fn clamp_grads(py: Python<'_>, plan: &Bound<'_, GroupPlan>, clip: f64) -> PyResult<()> {
+    plan.borrow_mut()
+        .run(py, Some(0), false, true, |group, level| {
+            clip::clamp(group, clip, level)
+        })
+}

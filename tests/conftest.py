@@ -1,0 +1,579 @@
+"""Shared machinery for ferroptim's tests.
+
+* :data:`FAMILIES` — a registry of optimizer families: the ferroptim class, its
+  torch.optim counterpart, the constructor flags to sweep and the state buffers
+  to compare. Adding SGD / RMSprop / Adagrad later means adding an entry here;
+  the parity, SIMD, threading and backend tests pick it up from
+  :func:`flag_cases`.
+* :class:`ParamSpec` / :func:`standard_layout` — parameter sets (shapes, param
+  layouts, grad layouts, groups with their own hyperparameters) built
+  identically, as many times as needed, from a seed.
+* :func:`run_pair` / :func:`run_steps` — N steps of one or two optimizers on
+  independent copies of the same parameters, fed identical gradients (some of
+  them ``None`` on some steps).
+* :func:`assert_same_trajectory` — params *and* every state tensor compared.
+* An autouse fixture restores ferroptim's thread count, SIMD level and backend
+  after every test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+
+def _import_ferroptim() -> Any:
+    # Another engineer may be reinstalling the package while tests run: retry briefly.
+    last: Exception | None = None
+    for _ in range(30):
+        try:
+            return importlib.import_module("ferroptim")
+        except ImportError as exc:  # pragma: no cover - only during a reinstall
+            last = exc
+            time.sleep(1.0)
+    raise last  # type: ignore[misc]
+
+
+ferroptim = _import_ferroptim()
+
+# ----------------------------------------------------------------------------------------
+# Tolerances (DESIGN.md, contract 2)
+# ----------------------------------------------------------------------------------------
+
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
+    torch.complex64: {"rtol": 1e-5, "atol": 1e-6},
+    torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+    torch.complex128: {"rtol": 1e-12, "atol": 1e-12},
+    # torch's for-loop in bf16/fp16 rounds after every op, its fused kernel computes in
+    # float32: a few ulps of the 8-bit (bf16) / 11-bit (fp16) mantissa apart.
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+}
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return TOLERANCES[dtype]
+
+
+# ----------------------------------------------------------------------------------------
+# Optimizer families
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """A ferroptim optimizer and the torch.optim class it must match."""
+
+    name: str
+    ferro: type
+    torch: type
+    #: Constructor kwargs that define this family (e.g. Adam's decoupled_weight_decay).
+    fixed: dict[str, Any] = field(default_factory=dict)
+    #: Flag grid swept by the parity tests: kwarg name -> values.
+    grid: dict[str, Sequence[Any]] = field(default_factory=dict)
+    #: ``state_keys(group)``: the state buffers every stepped param must have.
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]] = lambda group: ()
+    #: Hyperparameter overrides for the second param group of the standard layout.
+    second_group: dict[str, Any] = field(default_factory=dict)
+    #: Kwargs that force torch's single-tensor (for-loop) reference implementation.
+    reference_kwargs: dict[str, Any] = field(default_factory=lambda: {"foreach": False})
+
+    def make_ferro(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return self.ferro(params, **{**self.fixed, **kwargs})
+
+    def make_torch(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return self.torch(params, **{**self.fixed, **self.reference_kwargs, **kwargs})
+
+
+def _adam_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    return (*keys, "max_exp_avg_sq") if group["amsgrad"] else keys
+
+
+_ADAM_GRID: dict[str, Sequence[Any]] = {
+    "amsgrad": (False, True),
+    "maximize": (False, True),
+    "weight_decay": (0.0, 0.05),
+}
+_ADAM_SECOND_GROUP = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6}
+
+FAMILIES: dict[str, Family] = {
+    "Adam": Family(
+        "Adam",
+        ferroptim.Adam,
+        torch.optim.Adam,
+        grid=_ADAM_GRID,
+        state_keys=_adam_state_keys,
+        second_group=_ADAM_SECOND_GROUP,
+    ),
+    "Adam-decoupled": Family(
+        "Adam-decoupled",
+        ferroptim.Adam,
+        torch.optim.Adam,
+        fixed={"decoupled_weight_decay": True},
+        grid=_ADAM_GRID,
+        state_keys=_adam_state_keys,
+        second_group=_ADAM_SECOND_GROUP,
+    ),
+    "AdamW": Family(
+        "AdamW",
+        ferroptim.AdamW,
+        torch.optim.AdamW,
+        grid=_ADAM_GRID,
+        state_keys=_adam_state_keys,
+        second_group=_ADAM_SECOND_GROUP,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FlagCase:
+    family: Family
+    kwargs: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        parts = [self.family.name]
+        for key, value in self.kwargs.items():
+            if isinstance(value, bool):
+                if value:
+                    parts.append(key)
+            else:
+                parts.append(f"{key}={value}")
+        return "-".join(parts)
+
+
+def flag_cases(families: Sequence[str] | None = None) -> list[FlagCase]:
+    """Every combination of every family's flag grid."""
+    cases = []
+    for name in families or FAMILIES:
+        family = FAMILIES[name]
+        keys = list(family.grid)
+        for values in itertools.product(*(family.grid[k] for k in keys)):
+            cases.append(FlagCase(family, dict(zip(keys, values, strict=True))))
+    return cases
+
+
+def flag_params(families: Sequence[str] | None = None) -> list[Any]:
+    """``flag_cases`` as ``pytest.param`` objects with readable ids."""
+    return [pytest.param(c, id=c.id) for c in flag_cases(families)]
+
+
+def some_flag_params() -> list[Any]:
+    """A small, representative subset of the flag grid (for the costlier sweeps)."""
+    picked = []
+    for case in flag_cases():
+        k = case.kwargs
+        everything = k["amsgrad"] and k["maximize"] and k["weight_decay"]
+        plain = not (k["amsgrad"] or k["maximize"] or k["weight_decay"])
+        if everything or (plain and case.family.name == "Adam"):
+            picked.append(pytest.param(case, id=case.id))
+    return picked
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter sets
+# ----------------------------------------------------------------------------------------
+
+#: Grad layouts: how a freshly drawn (contiguous) gradient is laid out in memory.
+GRAD_LAYOUTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "contiguous": lambda g: g.clone(),
+    # A row-major-transposed copy: dense, but with strides unlike a contiguous param's.
+    "transposed": lambda g: g.transpose(0, -1).contiguous().transpose(0, -1),
+    # Dimension order reversed entirely (3-d and up).
+    "permuted": lambda g: g.permute(*reversed(range(g.dim()))).contiguous().permute(
+        *reversed(range(g.dim()))
+    ),
+    # Every other element of a buffer twice as long: gaps in memory.
+    "strided": lambda g: torch.zeros(
+        (*g.shape[:-1], 2 * g.shape[-1]), dtype=g.dtype
+    )[..., ::2].copy_(g),
+    # Channels-last (4-d).
+    "channels_last": lambda g: g.contiguous(memory_format=torch.channels_last),
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: shape, memory layout, gradient layout.
+
+    layouts: ``contiguous``; ``transposed`` (an ``nn.Parameter`` wrapping ``base.t()``:
+    dense, non-contiguous); ``channels_last`` (4-d); ``slice`` (``base[:, ::2]``: gaps in
+    memory).
+    """
+
+    shape: tuple[int, ...]
+    layout: str = "contiguous"
+    grad_layout: str = "contiguous"
+
+    @property
+    def id(self) -> str:
+        shape = "x".join(map(str, self.shape))
+        return f"{shape}:{self.layout}:{self.grad_layout}"
+
+    def make(self, gen: torch.Generator, dtype: torch.dtype) -> torch.nn.Parameter:
+        if self.layout == "contiguous":
+            data = torch.randn(self.shape, generator=gen, dtype=dtype)
+        elif self.layout == "transposed":
+            if len(self.shape) != 2:
+                raise ValueError("transposed params are 2-d")
+            data = torch.randn(tuple(reversed(self.shape)), generator=gen, dtype=dtype).t()
+        elif self.layout == "channels_last":
+            data = torch.randn(self.shape, generator=gen, dtype=dtype).contiguous(
+                memory_format=torch.channels_last
+            )
+        elif self.layout == "slice":
+            wide = (*self.shape[:-1], 2 * self.shape[-1])
+            data = torch.randn(wide, generator=gen, dtype=dtype)[..., ::2]
+        else:
+            raise ValueError(self.layout)
+        param = torch.nn.Parameter(data)
+        assert param.stride() == data.stride()
+        return param
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    params: tuple[ParamSpec, ...]
+    #: Hyperparameters of this group (on top of the optimizer's kwargs).
+    hyper: dict[str, Any] = field(default_factory=dict)
+
+
+def standard_layout(family: Family, kwargs: dict[str, Any], *, large: bool = True) -> list[GroupSpec]:
+    """The parity workhorse: ragged SIMD tails, every param/grad layout, two groups with
+    different hyperparameters, and (``large``) a >64K-element tensor so the work is split
+    into parallel chunks."""
+    group0 = (
+        ParamSpec((4099,)),
+        ParamSpec((33, 65), grad_layout="transposed"),
+        ParamSpec((7,)),
+        ParamSpec((1,)),
+        ParamSpec((3, 5, 17), grad_layout="permuted"),
+        ParamSpec((24, 40), layout="transposed"),  # grad contiguous: strides differ
+        ParamSpec((5, 9), layout="transposed", grad_layout="transposed"),  # same strides
+    )
+    group1 = [
+        ParamSpec((8, 3, 5, 5), layout="channels_last"),  # grad contiguous (NCHW)
+        ParamSpec((4, 3, 3, 3), layout="channels_last", grad_layout="channels_last"),
+        ParamSpec((20, 17), layout="slice"),
+        ParamSpec((19, 13), grad_layout="strided"),
+        ParamSpec((2, 3), grad_layout="transposed"),
+    ]
+    if large:
+        group1.append(ParamSpec((263, 271)))  # 71273 elements: > 64K
+    hyper = dict(family.second_group)
+    wd = kwargs.get("weight_decay", 0.0)
+    if wd:
+        hyper["weight_decay"] = 2 * wd
+    return [GroupSpec(group0), GroupSpec(tuple(group1), hyper)]
+
+
+def small_layout() -> list[GroupSpec]:
+    return [
+        GroupSpec(
+            (
+                ParamSpec((37,)),
+                ParamSpec((6, 11), grad_layout="transposed"),
+                ParamSpec((1,)),
+                ParamSpec((9, 4), layout="transposed"),
+            )
+        )
+    ]
+
+
+def threaded_layout() -> list[GroupSpec]:
+    """Enough elements for many parallel chunks, with ragged tensor boundaries."""
+    return [
+        GroupSpec(
+            (
+                ParamSpec((200_003,)),
+                ParamSpec((65_537,)),
+                ParamSpec((7,)),
+                ParamSpec((301, 333), grad_layout="transposed"),
+                ParamSpec((140, 150), layout="transposed"),
+            )
+        ),
+        GroupSpec((ParamSpec((131_071,)), ParamSpec((3,))), {"lr": 2e-3}),
+    ]
+
+
+@dataclass
+class ParamSet:
+    """Built parameters: ``groups[i]`` lists group i's params, ``specs`` mirrors it."""
+
+    specs: list[GroupSpec]
+    groups: list[list[torch.nn.Parameter]]
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g]
+
+    @property
+    def param_specs(self) -> list[ParamSpec]:
+        return [s for g in self.specs for s in g.params]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [
+            {"params": list(ps), **spec.hyper}
+            for ps, spec in zip(self.groups, self.specs, strict=True)
+        ]
+
+
+def build(specs: list[GroupSpec], dtype: torch.dtype, seed: int = 0) -> ParamSet:
+    gen = torch.Generator().manual_seed(seed)
+    groups = [[s.make(gen, dtype) for s in g.params] for g in specs]
+    return ParamSet(specs, groups)
+
+
+# ----------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------
+
+
+class GradStream:
+    """Identical gradients for every copy of a ParamSet, step after step.
+
+    Each step, each param gets ``None`` with probability ``none_prob``, else a fresh
+    gradient with a per-param random scale (so ``eps`` matters for some elements), in
+    the param spec's grad layout. Draws come from a seeded generator.
+    """
+
+    def __init__(self, specs: list[ParamSpec], dtype: torch.dtype, seed: int = 1,
+                 none_prob: float = 0.15) -> None:
+        self.specs = specs
+        self.dtype = dtype
+        self.gen = torch.Generator().manual_seed(seed)
+        self.none_prob = none_prob
+
+    def draw(self, step: int) -> list[torch.Tensor | None]:
+        grads: list[torch.Tensor | None] = []
+        for spec in self.specs:
+            u = torch.rand(2, generator=self.gen, dtype=torch.float64)
+            # The first step gives every param a grad only half the time, so some
+            # state is created late; later steps drop grads at none_prob.
+            if float(u[0]) < (0.5 if step == 0 else self.none_prob):
+                grads.append(None)
+                continue
+            scale = 10.0 ** (4.0 * float(u[1]) - 3.0)  # 1e-3 .. 10
+            raw = torch.randn(spec.shape, generator=self.gen, dtype=torch.float64) * scale
+            if self.dtype.is_complex:
+                imag = torch.randn(spec.shape, generator=self.gen, dtype=torch.float64)
+                raw = torch.complex(raw, imag * scale)
+            grads.append(raw.to(self.dtype))
+        return grads
+
+
+def assign_grads(params: Sequence[torch.Tensor], specs: Sequence[ParamSpec],
+                 grads: Sequence[torch.Tensor | None]) -> None:
+    for p, spec, g in zip(params, specs, grads, strict=True):
+        p.grad = None if g is None else GRAD_LAYOUTS[spec.grad_layout](g)
+        if g is not None:
+            assert p.grad.shape == p.shape
+
+
+# ----------------------------------------------------------------------------------------
+# Running optimizers
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    opt: torch.optim.Optimizer
+    pset: ParamSet
+
+
+def run_steps(
+    make_opt: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    specs: list[GroupSpec],
+    dtype: torch.dtype,
+    steps: int,
+    *,
+    seed: int = 0,
+    grad_seed: int = 1,
+    none_prob: float = 0.15,
+    check_grads_untouched: bool = False,
+) -> Run:
+    """Builds a ParamSet, an optimizer over it, and steps it ``steps`` times."""
+    pset = build(specs, dtype, seed)
+    opt = make_opt(pset.param_groups())
+    stream = GradStream(pset.param_specs, dtype, grad_seed, none_prob)
+    for step in range(steps):
+        grads = stream.draw(step)
+        assign_grads(pset.params, pset.param_specs, grads)
+        before = [None if p.grad is None else p.grad.clone() for p in pset.params]
+        opt.step()
+        if check_grads_untouched:
+            for p, g in zip(pset.params, before, strict=True):
+                if g is not None:
+                    assert torch.equal(p.grad, g), "the step wrote to a gradient"
+    return Run(opt, pset)
+
+
+def run_pair(
+    family: Family,
+    kwargs: dict[str, Any],
+    specs: list[GroupSpec],
+    dtype: torch.dtype,
+    steps: int,
+    *,
+    ferro_kwargs: dict[str, Any] | None = None,
+    torch_kwargs: dict[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> tuple[Run, Run]:
+    """``steps`` steps of ferroptim and of torch's for-loop reference, on identical params
+    and identical grads. Returns (ferro, torch)."""
+    ferro = run_steps(
+        lambda groups: family.make_ferro(groups, **kwargs, **(ferro_kwargs or {})),
+        specs, dtype, steps, **run_kwargs,
+    )
+    ref = run_steps(
+        lambda groups: family.make_torch(groups, **kwargs, **(torch_kwargs or {})),
+        specs, dtype, steps, **{k: v for k, v in run_kwargs.items()
+                                if k != "check_grads_untouched"},
+    )
+    return ferro, ref
+
+
+# ----------------------------------------------------------------------------------------
+# Comparisons
+# ----------------------------------------------------------------------------------------
+
+
+def _state_of(run: Run, index: int) -> dict[str, Any]:
+    return run.opt.state.get(run.pset.params[index], {})
+
+
+def assert_same_trajectory(
+    a: Run,
+    b: Run,
+    *,
+    exact: bool = False,
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+    **tolerance: float,
+) -> None:
+    """Params and every state tensor of ``a`` match ``b`` (bitwise if ``exact``)."""
+    assert len(a.pset.params) == len(b.pset.params)
+    for i, (pa, pb) in enumerate(zip(a.pset.params, b.pset.params, strict=True)):
+        what = f"param {i} ({a.pset.param_specs[i].id})"
+        assert pa.shape == pb.shape and pa.dtype == pb.dtype, what
+        assert pa.stride() == pb.stride(), f"{what}: the step changed the param's layout"
+        _compare(pa.detach(), pb.detach(), what, exact, tolerance)
+        sa, sb = _state_of(a, i), _state_of(b, i)
+        assert set(sa) == set(sb), f"{what}: state keys {sorted(sa)} != {sorted(sb)}"
+        if state_keys is not None and sb:
+            group = next(g for g in b.opt.param_groups if any(p is pb for p in g["params"]))
+            assert set(state_keys(group)) <= set(sa), f"{what}: missing state"
+        for key in sb:
+            va, vb = sa[key], sb[key]
+            if isinstance(vb, torch.Tensor):
+                assert isinstance(va, torch.Tensor), f"{what}: state[{key!r}] not a tensor"
+                assert va.dtype == vb.dtype, f"{what}: state[{key!r}] dtype"
+                assert va.shape == vb.shape, f"{what}: state[{key!r}] shape"
+                if key == "step":
+                    assert float(va) == float(vb), f"{what}: step {float(va)} != {float(vb)}"
+                else:
+                    _compare(va, vb, f"{what} state[{key!r}]", exact, tolerance)
+            else:
+                assert va == vb, f"{what}: state[{key!r}]"
+
+
+def _compare(x: torch.Tensor, y: torch.Tensor, what: str, exact: bool,
+             tolerance: dict[str, float]) -> None:
+    if exact:
+        if not torch.equal(x, y):
+            diff = (x - y).abs().max().item()
+            raise AssertionError(f"{what}: not bitwise identical (max abs diff {diff:g})")
+    else:
+        torch.testing.assert_close(x, y, **(tolerance or tol(y.dtype)), msg=lambda m: f"{what}: {m}")
+
+
+def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """Deep copy of params and optimizer state, to check a failing step wrote nothing."""
+    return {
+        "params": [p.detach().clone() for p in params],
+        "state": {
+            i: {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in opt.state.get(p, {}).items()}
+            for i, p in enumerate(params)
+        },
+    }
+
+
+def assert_unchanged(before: dict[str, Any], opt: torch.optim.Optimizer,
+                     params: Sequence[torch.Tensor]) -> None:
+    after = snapshot(opt, params)
+    for i, (x, y) in enumerate(zip(before["params"], after["params"], strict=True)):
+        assert torch.equal(x, y), f"param {i} was written by a failing step"
+    for i in before["state"]:
+        sb, sa = before["state"][i], after["state"][i]
+        # State created lazily by the failing call is allowed only if it is pristine.
+        for key in sb:
+            assert key in sa, f"state {key!r} of param {i} disappeared"
+            vb, va = sb[key], sa[key]
+            if isinstance(vb, torch.Tensor):
+                assert torch.equal(vb, va), f"state {key!r} of param {i} was written"
+        if not sb:
+            for key, value in sa.items():
+                if isinstance(value, torch.Tensor):
+                    assert not value.count_nonzero(), (
+                        f"state {key!r} of param {i} was created and written by a failing step"
+                    )
+
+
+def structure(obj: Any) -> Any:
+    """The shape of a (state-dict-like) object: tensors by dtype/shape/device, containers
+    recursively, everything else by value."""
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", obj.dtype, tuple(obj.shape), obj.device.type)
+    if isinstance(obj, dict):
+        return {k: structure(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(structure(v) for v in obj)
+    if isinstance(obj, float) and math.isnan(obj):
+        return "nan"
+    return obj
+
+
+def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_tensors(v, f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from iter_tensors(v, f"{path}/{i}")
+
+
+# ----------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def restore_ferroptim_config() -> Iterator[None]:
+    """Every test starts and ends with ferroptim's default threads / SIMD / backend."""
+    threads = ferroptim.get_num_threads()
+    ferroptim.set_simd_level(None)
+    ferroptim.set_backend("auto")
+    yield
+    ferroptim.set_num_threads(threads)
+    ferroptim.set_simd_level(None)
+    ferroptim.set_backend("auto")
+
+
+@pytest.fixture
+def simd_levels() -> list[str]:
+    levels = ferroptim.supported_simd_levels()
+    assert levels, "no SIMD level reported"
+    assert "scalar" in levels, "the scalar reference level must always be available"
+    return levels
