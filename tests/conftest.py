@@ -53,10 +53,11 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.complex64: {"rtol": 1e-5, "atol": 1e-6},
     torch.float64: {"rtol": 1e-12, "atol": 1e-12},
     torch.complex128: {"rtol": 1e-12, "atol": 1e-12},
-    # torch's for-loop in bf16/fp16 rounds after every op, its fused kernel computes in
-    # float32: a few ulps of the 8-bit (bf16) / 11-bit (fp16) mantissa apart.
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
-    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+    # torch's for-loop in bf16/fp16 rounds after every op (in bf16, ``v * 0.999`` often
+    # rounds back to ``v``), its fused kernel computes in float32: after hundreds of steps
+    # they are a few ulps of the 8-bit (bf16) / 11-bit (fp16) mantissa apart.
+    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
 }
 
 

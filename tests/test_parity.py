@@ -91,7 +91,9 @@ def test_mixed_float32_float64_groups(dtype):
 @pytest.mark.parametrize(
     "hyper",
     [
-        pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),
+        pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),  # float32 tensor
+        pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
+        pytest.param({"lr": torch.tensor([1e-2])}, id="1-element-tensor-lr"),
         pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
         pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
         pytest.param({"lr": 0.0}, id="lr-zero"),
@@ -291,8 +293,8 @@ def test_group_mixing_rust_and_torch_routed_params(family, low):
     """float32 params (Rust) and bf16/fp16 params (torch) in one group both step right."""
     family = FAMILIES[family]
     # fp16's for-loop reference underflows eps=1e-8 to 0 (and then divides 0 by 0): use an
-    # eps both float16 and bfloat16 represent.
-    kwargs = {"lr": 1e-3, "eps": 1e-4, "weight_decay": 0.01, "amsgrad": True}
+    # eps float16 represents comfortably.
+    kwargs = {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True}
 
     def make(factory):
         gen = torch.Generator().manual_seed(0)
@@ -312,6 +314,15 @@ def test_group_mixing_rust_and_torch_routed_params(family, low):
 
     fp, fo = make(lambda g: family.make_ferro(g, **kwargs))
     tp, to = make(lambda g: family.make_torch(g, **kwargs))
+    # The low-precision params went through one of torch's own implementations, exactly.
+    candidates = [
+        make(lambda g, impl=impl: family.torch(g, **{**family.fixed, **kwargs, **impl}))[0]
+        for impl in ({"foreach": False}, {"foreach": True}, {"fused": True})
+    ]
+    for i in (1, 3):
+        assert any(torch.equal(fp[i].detach(), c[i].detach()) for c in candidates), (
+            f"param {i} ({low}) matches none of torch's implementations bitwise"
+        )
     for x, y in zip(fp, tp, strict=True):
         assert x.dtype == y.dtype
         torch.testing.assert_close(x.detach(), y.detach(), **tol(y.dtype))

@@ -23,6 +23,8 @@ class GroupPlan:
         states: Sequence[Sequence[torch.Tensor]],
         steps: Sequence[torch.Tensor | None],
     ) -> GroupPlan: ...
+    @staticmethod
+    def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...
     def gather(self) -> bool: ...
     def release(self) -> None: ...
     @property
@@ -37,7 +39,6 @@ class StateSnapshot:
 
 def adam_step(
     plan: GroupPlan,
-    *,
     lr: float,
     beta1: float,
     beta2: float,
@@ -46,7 +47,45 @@ def adam_step(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
+    grad_scale: float,
 ) -> None: ...
+def sgd_step(
+    plan: GroupPlan,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float,
+) -> None: ...
+def rmsprop_step(
+    plan: GroupPlan,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: float,
+) -> None: ...
+def adagrad_step(
+    plan: GroupPlan,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: float,
+) -> None: ...
+def grad_norms(
+    plans: Sequence[GroupPlan], norm_type: float, grads_only: bool
+) -> tuple[list[float], bool]: ...
+def total_norm(norms: Sequence[float], norm_type: float) -> float: ...
+def scale_grads(plan: GroupPlan, factor: float) -> None: ...
+def clamp_grads(plan: GroupPlan, clip: float) -> None: ...
 def stream_probe(plan: GroupPlan) -> None: ...
 def simd_level() -> str: ...
 def set_simd_level(level: str | None) -> str: ...

@@ -10,9 +10,11 @@ own) and mixes in :class:`RustStepMixin`, which replaces ``step``:
    slow path: torch's own ``_init_group`` gathers the tensors (creating state
    lazily and raising torch's errors), parameters are routed to Rust (CPU
    float32/float64, complex as real views) or to torch (other devices and
-   dtypes, ``differentiable=True``, or the backend forced to ``torch``), odd
-   layouts are staged, and a plan is cached for the next step.
-2. **Run** every prepared group: one call into Rust per group (the GIL is
+   dtypes, sparse grads, ``differentiable=True``, or the backend forced to
+   ``torch``), odd layouts are staged, and a plan is cached for the next step.
+2. **Clip** (``max_grad_norm``): one pass over every gathered gradient
+   computes the global norm; the coefficient is applied inside the update.
+3. **Run** every prepared group: one call into Rust per group (the GIL is
    released inside), then torch's implementation for whatever was routed there.
 
 So an error in any group leaves every tensor as it was.
@@ -35,6 +37,7 @@ from torch.utils._foreach_utils import (
 )
 
 from ferroptim import _config, _core
+from ferroptim._norms import clip_coefficient, tensor_norm, total_norm
 
 _RUST_DTYPES = (torch.float32, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -48,34 +51,54 @@ def scalar(value: float | Tensor) -> float:
 
 @dataclass
 class Gathered:
-    """Tensors of one group's params that have a grad, as torch's ``_init_group`` lists them.
+    """Tensors of a group's params that have a grad, as torch's ``_init_group`` lists them.
 
-    ``states[k][i]`` is state buffer ``keys[k]`` of ``params[i]``.
+    ``states[k][i]`` is state buffer ``keys[k]`` of ``params[i]``; it is ``None``
+    when torch creates that buffer during the step (SGD's momentum buffer).
     """
 
     keys: tuple[str, ...]
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
-    states: list[list[Tensor]] = field(default_factory=list)
+    states: list[list[Any]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     has_complex: bool = False
+    has_sparse_grad: bool = False
 
 
 class _Job:
-    """One prepared group: ``run`` steps it, ``cancel`` forgets it."""
+    """One prepared group: its Rust plans and torch-routed grads (for the global
+    norm), ``run`` to step it, ``cancel`` to forget it."""
 
-    __slots__ = ("_cancel", "_run")
+    __slots__ = ("_cancel", "_run", "plans", "torch_grads")
 
-    def __init__(self, run: Callable[[], None], cancel: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        plans: list[_core.GroupPlan],
+        torch_grads: list[Tensor],
+        run: Callable[[float], None],
+    ) -> None:
+        self.plans = plans
+        self.torch_grads = torch_grads
         self._run = run
-        self._cancel = cancel
 
-    def run(self) -> None:
-        self._run()
+    def run(self, grad_scale: float) -> None:
+        self._run(grad_scale)
 
     def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel()
+        for plan in self.plans:
+            plan.release()
+
+
+@dataclass
+class _RustWork:
+    """A group's Rust-routed tensors, ready to run: one-shot plans (``fresh``: their
+    lazily created buffers are new), staged copies of params that are not one run
+    of memory (written back after the step), and buffers to add to the state."""
+
+    plans: list[tuple[_core.GroupPlan, bool]] = field(default_factory=list)
+    staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    created: list[tuple[dict[str, Any], str, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,10 +118,8 @@ def _is_dense(tensor: Tensor) -> bool:
     if tensor.is_contiguous():
         return True
     expected = 1
-    for size, stride in sorted(
-        ((s, st) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1),
-        key=lambda d: d[1],
-    ):
+    dims = ((s, st) for s, st in zip(tensor.shape, tensor.stride(), strict=True) if s != 1)
+    for size, stride in sorted(dims, key=lambda d: d[1]):
         if stride != expected:
             return False
         expected *= size
@@ -110,6 +131,15 @@ def _laid_out_like(tensor: Tensor, like: Tensor) -> Tensor:
     if _same_layout(tensor, like):
         return tensor
     return torch.empty_like(like).copy_(tensor)
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
+def _foreach_supported(params: list[Tensor]) -> bool:
+    devices = _get_foreach_kernels_supported_devices()
+    return all(p.device.type in devices for p in params)
 
 
 def _hooked(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,18 +170,36 @@ def _hooked(step: Callable[..., Any]) -> Callable[..., Any]:
 class RustStepMixin:
     """Steps CPU float tensors in Rust, everything else through torch (see module docs).
 
-    Subclasses describe their optimizer family with the hooks below.
+    Subclasses describe their optimizer family with the ``_ferro_*`` hooks.
     """
 
     #: Name of the per-parameter step counter in the state, or None.
     _ferro_step_key: ClassVar[str | None] = "step"
     #: Whether torch has a fused implementation of this optimizer.
     _ferro_has_fused: ClassVar[bool] = True
+    #: Whether torch supports sparse gradients for this optimizer (they take its path).
+    _ferro_sparse_to_torch: ClassVar[bool] = False
 
     # torch.optim.Optimizer provides these.
     param_groups: list[dict[str, Any]]
     state: Any
     defaults: dict[str, Any]
+
+    #: Clip the global L2 norm of all gradients to this inside ``step`` (None: off).
+    max_grad_norm: float | None
+    #: Global gradient norm seen by the last ``step`` when ``max_grad_norm`` is set.
+    last_grad_norm: Tensor | None
+
+    def _ferro_init(self, max_grad_norm: float | None) -> None:
+        """Call at the end of ``__init__``."""
+        if max_grad_norm is not None:
+            max_grad_norm = float(max_grad_norm)
+            if not max_grad_norm > 0.0:
+                raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm = None
+        # GradScaler must unscale grads itself; in-kernel unscaling is not wired yet.
+        self._step_supports_amp_scaling = False
 
     # -- hooks for each optimizer family ----------------------------------------------
 
@@ -163,8 +211,13 @@ class RustStepMixin:
         """torch's ``_init_group`` for ``group["params"]``: create missing state, list tensors."""
         raise NotImplementedError
 
-    def _ferro_rust_step(self, plan: _core.GroupPlan, group: dict[str, Any]) -> None:
-        """Run the Rust kernel on a gathered plan with the group's hyperparameters."""
+    def _ferro_rust_step(
+        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+    ) -> None:
+        """Run the Rust kernel on a gathered plan with the group's hyperparameters.
+
+        ``fresh``: the plan's lazily created buffers are new and must be written first.
+        """
         raise NotImplementedError
 
     def _ferro_torch_step(
@@ -195,38 +248,41 @@ class RustStepMixin:
         slow = False
         try:
             for group in self.param_groups:
-                cached = plans.get(id(group))
-                if (
-                    cached is not None
-                    and cached.group is group
-                    and cached.params is group["params"]
-                    and cached.key == self._ferro_plan_key(group)
-                    and cached.plan.gather()
-                ):
-                    jobs.append(self._fast_job(cached.plan, group))
-                else:
+                job = self._fast_job(group, plans)
+                if job is None:
                     slow = True
-                    jobs.append(self._prepare_slow(group, plans))
+                    job = self._prepare_slow(group, plans)
+                jobs.append(job)
+            grad_scale = 1.0 if self.max_grad_norm is None else self._clip_scale(jobs)
         except BaseException:
             for job in jobs:
                 job.cancel()
             raise
+        for job in jobs:
+            job.run(grad_scale)
         if slow:
             live = {id(g) for g in self.param_groups}
             for key in [k for k in plans if k not in live]:
                 del plans[key]
             self.__dict__["_ferro_snapshot"] = _core.StateSnapshot(self.state)
-        for job in jobs:
-            job.run()
         return loss
 
     step = _hooked(step)  # type: ignore[assignment]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["max_grad_norm"] = self.max_grad_norm
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here too: every cached pointer may be stale.
         self.__dict__.pop("_ferro_plans", None)
         self.__dict__.pop("_ferro_snapshot", None)
+        max_grad_norm = state.pop("max_grad_norm", self.__dict__.get("max_grad_norm"))
         super().__setstate__(state)  # type: ignore[misc]
+        self.max_grad_norm = max_grad_norm
+        self.__dict__.setdefault("last_grad_norm", None)
+        self._step_supports_amp_scaling = False
 
     # -- internals ----------------------------------------------------------------------
 
@@ -237,20 +293,51 @@ class RustStepMixin:
             _config.get_backend(),
         )
 
-    def _fast_job(self, plan: _core.GroupPlan, group: dict[str, Any]) -> _Job:
-        return _Job(lambda: self._ferro_rust_step(plan, group), plan.release)
+    def _fast_job(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> _Job | None:
+        cached = plans.get(id(group))
+        if (
+            cached is None
+            or cached.group is not group
+            or cached.params is not group["params"]
+            or cached.key != self._ferro_plan_key(group)
+            or not cached.plan.gather()
+        ):
+            return None
+        plan = cached.plan
+        return _Job(
+            [plan], [], lambda grad_scale: self._ferro_rust_step(plan, group, grad_scale, False)
+        )
+
+    def _clip_scale(self, jobs: list[_Job]) -> float:
+        """Global L2 norm of every gradient about to be used; returns the clip coefficient."""
+        assert self.max_grad_norm is not None
+        rust_plans = [plan for job in jobs for plan in job.plans]
+        values, float64 = _core.grad_norms(rust_plans, 2.0, False) if rust_plans else ([], False)
+        others = [tensor_norm(g, 2.0) for job in jobs for g in job.torch_grads]
+        norm = total_norm(values, float64, others, 2.0)
+        self.last_grad_norm = norm
+        coefficient = clip_coefficient(self.max_grad_norm, norm)
+        for job in jobs:
+            for grad in job.torch_grads:
+                grad.mul_(coefficient.to(grad.device))  # torch's path: as clip_grad_norm_ does
+        return float(coefficient)
 
     def _route(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Splits the group's params into (Rust, torch) by device, dtype and settings."""
+        """Splits the group's params into (Rust, torch) by device, dtype, grad and settings."""
         if group.get("differentiable", False) or _config.get_backend() == "torch":
             return [], list(group["params"])
         rust: list[Tensor] = []
         other: list[Tensor] = []
         for p in group["params"]:
-            if p.device.type == "cpu" and (p.dtype in _RUST_DTYPES or p.dtype in _COMPLEX_DTYPES):
+            grad = p.grad
+            if (
+                p.device.type == "cpu"
+                and (p.dtype in _RUST_DTYPES or p.dtype in _COMPLEX_DTYPES)
+                and not (self._ferro_sparse_to_torch and grad is not None and grad.is_sparse)
+            ):
                 rust.append(p)
             else:
-                if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+                if grad is not None and not (p.is_floating_point() or p.is_complex()):
                     raise RuntimeError(
                         f"{type(self).__name__}: a parameter of dtype {p.dtype} has a gradient; "
                         "only floating-point and complex parameters can be optimized"
@@ -259,11 +346,11 @@ class RustStepMixin:
         return rust, other
 
     def _torch_implementation(
-        self, group: dict[str, Any], params: list[Tensor]
+        self, group: dict[str, Any], params: list[Tensor], has_sparse_grad: bool
     ) -> tuple[bool, bool]:
         """(foreach, fused) for torch's implementation: the user's choice if made, else
         torch's fused kernels where they exist, else foreach, else the for-loop."""
-        if group.get("differentiable", False):
+        if group.get("differentiable", False) or has_sparse_grad:
             return False, False
         fused, foreach = group.get("fused"), group.get("foreach")
         if fused:
@@ -281,27 +368,35 @@ class RustStepMixin:
         differentiable = group.get("differentiable", False)
         with torch.set_grad_enabled(differentiable):
             rust_params, torch_params = self._route(group)
-            rust = self._ferro_gather({**group, "params": rust_params}) if rust_params else None
-            torch_job = self._prepare_torch(group, torch_params) if torch_params else None
-            rust_job = self._prepare_rust(rust) if rust is not None and rust.params else None
-        self._cache_plan(group, plans)
+            gathered = self._ferro_gather({**group, "params": rust_params}) if rust_params else None
+            torch_run, torch_grads = (
+                self._prepare_torch(group, torch_params) if torch_params else (None, [])
+            )
+            rust = None
+            if gathered is not None and gathered.params:
+                rust = self._prepare_rust(gathered)
 
-        def run() -> None:
-            if rust_job is not None:
-                plan, staged = rust_job
-                self._ferro_rust_step(plan, group)
+        def run(grad_scale: float) -> None:
+            if rust is not None:
+                for state, key, buffer in rust.created:
+                    state[key] = buffer  # lazily created buffers join the state now
+                for plan, fresh in rust.plans:
+                    self._ferro_rust_step(plan, group, grad_scale, fresh)
                 with torch.no_grad():
-                    for original, work in staged:
+                    for original, work in rust.staged:
                         original.copy_(work)
-            if torch_job is not None:
+            if torch_run is not None:
                 with torch.set_grad_enabled(differentiable):
-                    torch_job()
+                    torch_run()
+            self._cache_plan(group, plans)
 
-        cancel = rust_job[0].release if rust_job is not None else None
-        return _Job(run, cancel)
+        return _Job([plan for plan, _ in rust.plans] if rust else [], torch_grads, run)
 
-    def _prepare_torch(self, group: dict[str, Any], params: list[Tensor]) -> Callable[[], None]:
-        foreach, fused = self._torch_implementation(group, params)
+    def _prepare_torch(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> tuple[Callable[[], None], list[Tensor]]:
+        has_sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
+        foreach, fused = self._torch_implementation(group, params, has_sparse)
         implied_fused = fused and not group.get("fused")
         # torch creates state for fused kernels on the param's device; ask for
         # that when we choose fused for the user.
@@ -315,63 +410,78 @@ class RustStepMixin:
         ):
             # State made earlier for another implementation: foreach takes any step tensor.
             foreach, fused = _foreach_supported(gathered.params), False
-        return lambda: self._ferro_torch_step(gathered, group, foreach=foreach, fused=fused)
 
-    def _prepare_rust(
-        self, gathered: Gathered
-    ) -> tuple[_core.GroupPlan, list[tuple[Tensor, Tensor]]]:
-        """Lays the gathered tensors out for the kernel: one run of memory per tensor,
-        the same layout for a param, its grad and its states."""
+        def run() -> None:
+            self._ferro_torch_step(gathered, group, foreach=foreach, fused=fused)
+
+        return run, list(gathered.grads)
+
+    def _prepare_rust(self, gathered: Gathered) -> _RustWork:
+        """Lays the gathered tensors out for the kernel — one run of memory per tensor,
+        the same layout for a param, its grad and its states — and builds one-shot
+        plans: one for params whose lazily created buffers are new (``fresh``), one
+        for the rest."""
         keys = gathered.keys
+        step_key = self._ferro_step_key
+        name = type(self).__name__
         written_storages = set()
-        work_params: list[Tensor] = []
-        staged: list[tuple[Tensor, Tensor]] = []
+        works: list[Tensor] = []
+        work_out = _RustWork()
+        staged = work_out.staged
+        created = work_out.created
+        fresh_flags: list[bool] = []
         for i, p in enumerate(gathered.params):
             work = p if _is_dense(p) else p.contiguous()
             if work is not p:
                 staged.append((p, work))
             state = self.state[p]
+            fresh = False
             for k, key in enumerate(keys):
                 buffer = gathered.states[k][i]
+                if buffer is None:
+                    buffer = gathered.states[k][i] = torch.empty_like(work)
+                    created.append((state, key, buffer))
+                    fresh = True
+                    continue
                 if buffer.dtype != p.dtype or buffer.shape != p.shape:
                     raise RuntimeError(
-                        f"{type(self).__name__}: state {key!r} of a parameter of shape "
-                        f"{tuple(p.shape)} and dtype {p.dtype} has shape {tuple(buffer.shape)} "
-                        f"and dtype {buffer.dtype}"
+                        f"{name}: state {key!r} of a parameter of shape {tuple(p.shape)} and "
+                        f"dtype {p.dtype} has shape {tuple(buffer.shape)} and dtype {buffer.dtype}"
                     )
                 if buffer.device != p.device or not _same_layout(buffer, work):
                     # Our own state: re-lay it out once, for good.
                     buffer = torch.empty_like(work).copy_(buffer)
                     state[key] = gathered.states[k][i] = buffer
-            step_key = self._ferro_step_key
             if step_key is not None:
                 step = gathered.steps[i]
                 if step.device.type != "cpu" or step.dtype not in _RUST_DTYPES or step.numel() != 1:
                     step = torch.tensor(float(step), dtype=_get_scalar_dtype())
                     state[step_key] = gathered.steps[i] = step
-            work_params.append(work)
+            works.append(work)
+            fresh_flags.append(fresh)
             written_storages.add(work.untyped_storage().data_ptr())
             for k in range(len(keys)):
                 written_storages.add(gathered.states[k][i].untyped_storage().data_ptr())
 
         grads: list[Tensor] = []
-        for work, grad in zip(work_params, gathered.grads, strict=True):
+        for work, grad in zip(works, gathered.grads, strict=True):
             if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                raise RuntimeError(f"{name} does not support sparse gradients")
             if grad.untyped_storage().data_ptr() in written_storages:
                 grad = grad.clone()  # a grad sharing memory with what we write
             grads.append(_laid_out_like(grad, work))
 
-        def real(tensors: list[Tensor]) -> list[Tensor]:
-            return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-
-        plan = _core.GroupPlan.from_tensors(
-            real(work_params),
-            real(grads),
-            [real(s) for s in gathered.states],
-            list(gathered.steps) if self._ferro_step_key is not None else [None] * len(grads),
-        )
-        return plan, staged
+        for fresh in (False, True):
+            index = [i for i, f in enumerate(fresh_flags) if f == fresh]
+            if index:
+                plan = _core.GroupPlan.from_tensors(
+                    _real([works[i] for i in index]),
+                    _real([grads[i] for i in index]),
+                    [_real([states[i] for i in index]) for states in gathered.states],
+                    [gathered.steps[i] if step_key is not None else None for i in index],
+                )
+                work_out.plans.append((plan, fresh))
+        return work_out
 
     def _cache_plan(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> None:
         """Builds the plan the next step re-checks instead of taking the slow path."""
@@ -392,8 +502,3 @@ class RustStepMixin:
         except ValueError:
             return  # not plannable (odd layout, foreign state): the slow path stays correct
         plans[id(group)] = _CachedPlan(group, params, key, plan)
-
-
-def _foreach_supported(params: list[Tensor]) -> bool:
-    devices = _get_foreach_kernels_supported_devices()
-    return all(p.device.type in devices for p in params)

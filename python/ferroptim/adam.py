@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim import adam as torch_adam
+from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
 from ferroptim._optimizer import Gathered, RustStepMixin, scalar
@@ -16,11 +18,6 @@ __all__ = ["Adam", "AdamW"]
 class _AdamFamily(RustStepMixin):
     """Adam's state, gathering and kernels; shared by :class:`Adam` and :class:`AdamW`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # GradScaler must unscale grads itself; in-kernel unscaling is not wired yet.
-        self._step_supports_amp_scaling = False
-
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -28,9 +25,9 @@ class _AdamFamily(RustStepMixin):
 
     def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
         g = Gathered(keys=self._ferro_state_keys(group))
-        exp_avgs: list[torch.Tensor] = []
-        exp_avg_sqs: list[torch.Tensor] = []
-        max_exp_avg_sqs: list[torch.Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
         g.has_complex = self._init_group(  # type: ignore[attr-defined]
             group, g.params, g.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, g.steps
         )
@@ -39,18 +36,21 @@ class _AdamFamily(RustStepMixin):
             g.states.append(max_exp_avg_sqs)
         return g
 
-    def _ferro_rust_step(self, plan: _core.GroupPlan, group: dict[str, Any]) -> None:
+    def _ferro_rust_step(
+        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+    ) -> None:
         beta1, beta2 = group["betas"]
         _core.adam_step(
             plan,
-            lr=scalar(group["lr"]),
-            beta1=scalar(beta1),
-            beta2=scalar(beta2),
-            eps=scalar(group["eps"]),
-            weight_decay=scalar(group["weight_decay"]),
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
+            scalar(group["lr"]),
+            scalar(beta1),
+            scalar(beta2),
+            scalar(group["eps"]),
+            scalar(group["weight_decay"]),
+            group["decoupled_weight_decay"],
+            group["amsgrad"],
+            group["maximize"],
+            grad_scale,
         )
 
     def _ferro_torch_step(
@@ -92,7 +92,43 @@ class Adam(_AdamFamily, torch.optim.Adam):
     devices, in other dtypes, or with ``differentiable=True`` step through
     torch's own implementation (fused where torch has it). ``foreach``,
     ``fused`` and ``capturable`` are accepted and honoured on that path.
+
+    Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients
+    inside the step (see :mod:`ferroptim.clip`).
     """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self._ferro_init(max_grad_norm)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -101,3 +137,34 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
     See :class:`Adam`; the only difference is decoupled weight decay
     (``param *= 1 - lr * weight_decay``), default ``weight_decay=1e-2``.
     """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self._ferro_init(max_grad_norm)

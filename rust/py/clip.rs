@@ -4,10 +4,12 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::plan::GroupPlan;
+use crate::engine::DType;
 use crate::kernels::clip::{self, GradSource, NormType};
 
 /// Per-tensor gradient norms of every plan, in order, each rounded to its
-/// tensor's dtype. Plans stay gathered (the update pass follows).
+/// tensor's dtype, and whether any tensor is float64 (torch would stack the
+/// norms as float64 then). Plans stay gathered (the update pass follows).
 /// `grads_only`: the plans were built by `GroupPlan.from_grads`.
 #[pyfunction]
 #[pyo3(signature = (plans, norm_type, grads_only))]
@@ -16,7 +18,7 @@ pub fn grad_norms(
     plans: Vec<Bound<'_, GroupPlan>>,
     norm_type: f64,
     grads_only: bool,
-) -> PyResult<Vec<f64>> {
+) -> PyResult<(Vec<f64>, bool)> {
     if norm_type.is_nan() {
         return Err(PyValueError::new_err("norm_type must not be NaN"));
     }
@@ -27,15 +29,18 @@ pub fn grad_norms(
         GradSource::Grad
     };
     let mut norms = Vec::new();
+    let mut has_float64 = false;
     for plan in plans {
-        norms.extend(
-            plan.borrow_mut()
-                .run(py, None, false, false, |group, level| {
-                    clip::tensor_norms(group, kind, source, level)
-                })?,
-        );
+        let (values, float64) = plan
+            .borrow_mut()
+            .run(py, None, false, false, |group, level| {
+                let float64 = group.tensors().iter().any(|t| t.dtype == DType::F64);
+                (clip::tensor_norms(group, kind, source, level), float64)
+            })?;
+        norms.extend(values);
+        has_float64 |= float64;
     }
-    Ok(norms)
+    Ok((norms, has_float64))
 }
 
 /// torch's `vector_norm(stack(norms), norm_type)`, in float64.

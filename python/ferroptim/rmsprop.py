@@ -1,0 +1,123 @@
+"""RMSprop: torch.optim's class with the CPU step in Rust."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import rmsprop as torch_rmsprop
+from torch.optim.optimizer import ParamsT
+
+from ferroptim import _core
+from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(RustStepMixin, torch.optim.RMSprop):
+    """Drop-in :class:`torch.optim.RMSprop` whose CPU step runs in Rust.
+
+    Same signature, defaults, param_group keys and ``state_dict`` format
+    (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``); results match
+    torch's for-loop implementation, centered and momentum variants included.
+    torch has no fused RMSprop: other devices use its foreach implementation.
+
+    Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients
+    inside the step (see :mod:`ferroptim.clip`).
+    """
+
+    _ferro_has_fused = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            alpha,
+            eps,
+            weight_decay,
+            momentum,
+            centered,
+            capturable,
+            foreach,
+            maximize,
+            differentiable,
+        )
+        self._ferro_init(max_grad_norm)
+
+    def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("square_avg",)
+        if group["momentum"] > 0:
+            keys += ("momentum_buffer",)
+        if group["centered"]:
+            keys += ("grad_avg",)
+        return keys
+
+    def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
+        g = Gathered(keys=self._ferro_state_keys(group))
+        square_avgs: list[Tensor] = []
+        buffers: list[Tensor] = []
+        grad_avgs: list[Tensor] = []
+        g.has_complex = self._init_group(
+            group, g.params, g.grads, square_avgs, buffers, grad_avgs, g.steps
+        )
+        g.states = [square_avgs]
+        if group["momentum"] > 0:
+            g.states.append(buffers)
+        if group["centered"]:
+            g.states.append(grad_avgs)
+        return g
+
+    def _ferro_rust_step(
+        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+    ) -> None:
+        _core.rmsprop_step(
+            plan,
+            scalar(group["lr"]),
+            scalar(group["alpha"]),
+            scalar(group["eps"]),
+            scalar(group["weight_decay"]),
+            scalar(group["momentum"]),
+            group["centered"],
+            group["maximize"],
+            grad_scale,
+        )
+
+    def _ferro_torch_step(
+        self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
+    ) -> None:
+        by_key = dict(zip(gathered.keys, gathered.states, strict=True))
+        torch_rmsprop.rmsprop(
+            gathered.params,
+            gathered.grads,
+            by_key["square_avg"],
+            by_key.get("grad_avg", []),
+            by_key.get("momentum_buffer", []),
+            gathered.steps,
+            foreach=foreach,
+            maximize=group["maximize"],
+            differentiable=group["differentiable"],
+            capturable=group["capturable"],
+            has_complex=gathered.has_complex,
+            lr=group["lr"],
+            alpha=group["alpha"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            centered=group["centered"],
+        )

@@ -1,0 +1,798 @@
+"""Drop-in behaviour (DESIGN.md contract 1): groups, closures, hooks, schedulers,
+state_dict format, checkpoints both ways, serialisation, and the Rust side's cached
+pointers honouring every way a user can swap tensors under the optimizer."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    FAMILIES,
+    assert_unchanged,
+    ferroptim,
+    iter_tensors,
+    snapshot,
+    structure,
+    tol,
+)
+from torch.optim import lr_scheduler
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+F32 = tol(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers: a ferroptim optimizer and torch's reference, driven in lockstep
+# ----------------------------------------------------------------------------------------
+
+
+SHAPES = ((300,), (17, 9), (5,), (4, 3, 2))
+
+
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float32,
+                shapes: tuple[tuple[int, ...], ...] = SHAPES) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in shapes
+    ]
+
+
+class Twin:
+    """The same parameters and the same operations on a ferroptim optimizer (``f``) and on
+    torch's for-loop reference (``t``)."""
+
+    def __init__(
+        self,
+        family: str = "AdamW",
+        groups: Callable[[list[torch.nn.Parameter]], Any] | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        shapes: tuple[tuple[int, ...], ...] = SHAPES,
+        **kwargs: Any,
+    ) -> None:
+        self.family = FAMILIES[family]
+        self.fp = make_params(seed, dtype, shapes)
+        self.tp = make_params(seed, dtype, shapes)
+        groups = groups or (lambda ps: ps)
+        self.f = self.family.make_ferro(groups(self.fp), **kwargs)
+        self.t = self.family.make_torch(groups(self.tp), **kwargs)
+        self.gen = torch.Generator().manual_seed(seed + 100)
+
+    def grads(self, skip: tuple[int, ...] = ()) -> None:
+        for i, (a, b) in enumerate(zip(self.fp, self.tp, strict=True)):
+            if i in skip:
+                a.grad = b.grad = None
+                continue
+            g = torch.randn(a.shape, generator=self.gen, dtype=a.dtype)
+            a.grad, b.grad = g.clone(), g.clone()
+
+    def step(self, n: int = 1, skip: tuple[int, ...] = ()) -> None:
+        for _ in range(n):
+            self.grads(skip)
+            self.f.step()
+            self.t.step()
+
+    def both(self, fn: Callable[[torch.optim.Optimizer, list[torch.nn.Parameter]], Any]) -> None:
+        fn(self.f, self.fp)
+        fn(self.t, self.tp)
+
+    def check(self, **tolerance: float) -> None:
+        tolerance = tolerance or tol(self.fp[0].dtype)
+        for i, (a, b) in enumerate(zip(self.fp, self.tp, strict=True)):
+            torch.testing.assert_close(a.detach(), b.detach(), **tolerance,
+                                       msg=lambda m, i=i: f"param {i}: {m}")
+            sa, sb = self.f.state.get(a, {}), self.t.state.get(b, {})
+            assert set(sa) == set(sb), f"param {i}: state keys {set(sa)} != {set(sb)}"
+            for key, vb in sb.items():
+                va = sa[key]
+                if key == "step":
+                    assert float(va) == float(vb), f"param {i}: step"
+                else:
+                    torch.testing.assert_close(va, vb, **tolerance,
+                                               msg=lambda m, i=i, k=key: f"param {i} {k}: {m}")
+
+
+def hyper(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group hyperparameters, minus ``foreach`` (the reference forces its for-loop) and
+    live ``params`` (state dicts' param indices are kept)."""
+    assert all("foreach" in g for g in groups)
+    return [
+        {k: v for k, v in g.items()
+         if k != "foreach" and not (k == "params" and v and isinstance(v[0], torch.Tensor))}
+        for g in groups
+    ]
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+        torch.nn.Linear(32, 4),
+    )
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen))
+            for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------
+# Groups, zero_grad, closures, hooks, isinstance
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["Adam", "Adam-decoupled", "AdamW"])
+def test_param_groups_with_their_own_hyperparameters(family):
+    def groups(ps):
+        return [
+            {"params": ps[:2]},
+            {"params": [ps[2]], "lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4,
+             "weight_decay": 0.3, "amsgrad": True},
+            {"params": [ps[3]], "lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+        ]
+
+    twin = Twin(family, groups, lr=1e-2, weight_decay=0.02)
+    assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
+    twin.step(100)
+    twin.check()
+    assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
+    assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
+
+
+def test_add_param_group_mid_training():
+    twin = Twin("Adam", lambda ps: ps[:2], lr=1e-2)
+    twin.step(20, skip=(2, 3))
+    twin.both(lambda opt, ps: opt.add_param_group({"params": [ps[2]], "lr": 0.1, "amsgrad": True}))
+    twin.step(20, skip=(3,))
+    twin.both(lambda opt, ps: opt.add_param_group({"params": ps[3:], "betas": (0.7, 0.95)}))
+    twin.step(20)
+    twin.check()
+    assert len(twin.f.param_groups) == 3
+    assert twin.f.param_groups[1]["amsgrad"] is True
+
+
+def test_hyperparameter_changes_mid_training_are_honoured():
+    twin = Twin("Adam", lr=1e-2)
+    changes = [
+        ("lr", 0.05), ("betas", (0.5, 0.9)), ("eps", 1e-3), ("weight_decay", 0.1),
+        ("maximize", True), ("decoupled_weight_decay", True), ("maximize", False),
+        ("lr", torch.tensor(3e-3)),
+    ]
+    twin.step(5)
+    for key, value in changes:
+        def change(opt, _ps, key=key, value=value):
+            opt.param_groups[0][key] = value
+        twin.both(change)
+        twin.step(5)
+    twin.check()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    twin = Twin("AdamW", lr=1e-2)
+    twin.step(3)
+    twin.f.zero_grad(set_to_none=set_to_none)
+    twin.t.zero_grad(set_to_none=set_to_none)
+    for p in twin.fp:
+        if set_to_none:
+            assert p.grad is None
+        else:
+            assert p.grad is not None and not p.grad.count_nonzero()
+    twin.f.step()  # no grads / zero grads: torch's semantics (skip / decay) either way
+    twin.t.step()
+    twin.check()
+    twin.step(3)
+    twin.check()
+
+
+def test_zero_grad_default_sets_to_none():
+    twin = Twin("Adam")
+    twin.step(1)
+    twin.f.zero_grad()
+    assert all(p.grad is None for p in twin.fp)
+
+
+def test_closure_returns_the_loss_and_runs_with_grad_enabled():
+    model = mlp()
+    opt = ferroptim.AdamW(model.parameters(), lr=1e-2)
+    x, y = batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert calls == [True]
+    assert isinstance(loss, torch.Tensor)
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(mlp()(x), y).item())
+    assert opt.step() is None
+
+
+def test_closure_training_matches_torch():
+    losses = {}
+    for name, cls in (("ferro", ferroptim.Adam), ("torch", torch.optim.Adam)):
+        model = mlp()
+        opt = cls(model.parameters(), lr=1e-2, amsgrad=True)
+        out = []
+        for x, y in batches(30):
+            def closure(x=x, y=y, model=model, opt=opt):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            out.append(opt.step(closure).item())
+        losses[name] = out
+    assert losses["ferro"] == pytest.approx(losses["torch"], rel=1e-5, abs=1e-6)
+
+
+def test_step_hooks_fire():
+    params = make_params()
+    opt = ferroptim.Adam(params, lr=1e-2)
+    events = []
+
+    def pre(o, args, kwargs):
+        assert o is opt
+        events.append(("pre", params[0].detach().clone()))
+
+    def post(o, args, kwargs):
+        assert o is opt
+        events.append(("post", params[0].detach().clone()))
+
+    h1 = opt.register_step_pre_hook(pre)
+    h2 = opt.register_step_post_hook(post)
+    g1 = register_optimizer_step_pre_hook(
+        lambda o, a, k: events.append(("global-pre", None)))
+    g2 = register_optimizer_step_post_hook(
+        lambda o, a, k: events.append(("global-post", None)))
+    try:
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    finally:
+        g1.remove()
+        g2.remove()
+    assert [e[0] for e in events] == ["global-pre", "pre", "post", "global-post"]
+    before, after = events[1][1], events[2][1]
+    assert not torch.equal(before, after), "the post hook must see the stepped params"
+    h1.remove()
+    h2.remove()
+    events.clear()
+    opt.step()
+    assert events == []
+
+
+def test_state_dict_and_load_state_dict_hooks_fire():
+    params = make_params()
+    opt = ferroptim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    events = []
+
+    opt.register_state_dict_pre_hook(lambda o: events.append("sd-pre"))
+
+    def sd_post(o, sd):
+        events.append("sd-post")
+        sd["extra"] = 42
+        return sd
+
+    opt.register_state_dict_post_hook(sd_post)
+
+    def load_pre(o, sd):
+        events.append("load-pre")
+        sd = dict(sd)
+        sd.pop("extra")
+        return sd
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: events.append("load-post"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 42
+    opt.load_state_dict(sd)
+    assert events == ["sd-pre", "sd-post", "load-pre", "load-post"]
+    opt.step()  # still steps after the hooked load
+
+
+def test_isinstance():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(ferroptim.Adam(p), torch.optim.Optimizer)
+    assert isinstance(ferroptim.Adam(p), torch.optim.Adam)
+    assert isinstance(ferroptim.AdamW(p), torch.optim.Optimizer)
+    assert isinstance(ferroptim.AdamW(p), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+def test_constructor_defaults_match_torch(family):
+    family = FAMILIES[family]
+    f = family.ferro([torch.nn.Parameter(torch.zeros(3))])
+    t = family.torch([torch.nn.Parameter(torch.zeros(3))])
+    assert f.defaults == t.defaults
+    assert {k: v for k, v in f.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in t.param_groups[0].items() if k != "params"
+    }
+
+
+def test_named_parameters():
+    model_f, model_t = mlp(), mlp()
+    opt_f = ferroptim.AdamW(model_f.named_parameters(), lr=1e-2)
+    opt_t = torch.optim.AdamW(model_t.named_parameters(), lr=1e-2, foreach=False)
+    for x, y in batches(10):
+        for model, opt in ((model_f, opt_f), (model_t, opt_t)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    sd_f, sd_t = opt_f.state_dict(), opt_t.state_dict()
+    assert hyper(sd_f["param_groups"]) == hyper(sd_t["param_groups"])
+    assert sd_f["param_groups"][0]["param_names"] == [n for n, _ in model_f.named_parameters()]
+    for a, b in zip(model_f.parameters(), model_t.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **F32)
+
+
+def test_mlp_training_matches_torch():
+    results = {}
+    for name, cls in (("ferro", ferroptim.AdamW), ("torch", torch.optim.AdamW)):
+        model = mlp()
+        kwargs = {} if cls is ferroptim.AdamW else {"foreach": False}
+        opt = cls(model.parameters(), lr=3e-3, weight_decay=0.05, amsgrad=True, **kwargs)
+        losses = []
+        for x, y in batches(150):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        results[name] = (losses, [p.detach() for p in model.parameters()])
+    (lf, pf), (lt, pt) = results["ferro"], results["torch"]
+    assert lf == pytest.approx(lt, rel=1e-5, abs=1e-6)
+    assert lf[-1] < lf[0], "training should make progress"
+    for a, b in zip(pf, pt, strict=True):
+        torch.testing.assert_close(a, b, **F32)
+
+
+def test_grad_scaler_matches_torch():
+    results = {}
+    for name, cls in (("ferro", ferroptim.Adam), ("torch", torch.optim.Adam)):
+        model = mlp()
+        opt = cls(model.parameters(), lr=1e-2) if name == "ferro" else cls(
+            model.parameters(), lr=1e-2, foreach=False)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
+        for i, (x, y) in enumerate(batches(30)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            if i == 7:  # an overflow: the scaler must skip this step
+                next(model.parameters()).grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        results[name] = ([p.detach() for p in model.parameters()], scaler.get_scale(), opt)
+    (pf, sf, of), (pt, st, ot) = results["ferro"], results["torch"]
+    assert sf == st
+    for a, b in zip(pf, pt, strict=True):
+        torch.testing.assert_close(a, b, **F32)
+    steps = {float(s["step"]) for s in of.state.values()}
+    assert steps == {float(s["step"]) for s in ot.state.values()} == {29.0}
+
+
+# ----------------------------------------------------------------------------------------
+# Schedulers
+# ----------------------------------------------------------------------------------------
+
+
+def _seq(opt):
+    return lr_scheduler.SequentialLR(
+        opt,
+        [lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
+         lr_scheduler.ExponentialLR(opt, gamma=0.95)],
+        milestones=[5],
+    )
+
+
+def _chained(opt):
+    return lr_scheduler.ChainedScheduler(
+        [lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=10),
+         lr_scheduler.ExponentialLR(opt, gamma=0.97)]
+    )
+
+
+SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
+    "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=7, gamma=0.5),
+    "MultiStepLR": lambda o: lr_scheduler.MultiStepLR(o, milestones=[5, 15, 30], gamma=0.3),
+    "ExponentialLR": lambda o: lr_scheduler.ExponentialLR(o, gamma=0.95),
+    "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=1e-4),
+    "CosineAnnealingWarmRestarts": lambda o: lr_scheduler.CosineAnnealingWarmRestarts(
+        o, T_0=8, T_mult=2, eta_min=1e-5),
+    "CyclicLR": lambda o: lr_scheduler.CyclicLR(
+        o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, cycle_momentum=False),
+    "CyclicLR-betas": lambda o: lr_scheduler.CyclicLR(
+        o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, mode="triangular2",
+        cycle_momentum=True, base_momentum=0.8, max_momentum=0.95),
+    "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=5e-2, total_steps=60),
+    "OneCycleLR-linear": lambda o: lr_scheduler.OneCycleLR(
+        o, max_lr=[5e-2, 1e-2], total_steps=60, anneal_strategy="linear", three_phase=True),
+    "LinearLR": lambda o: lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=20),
+    "ConstantLR": lambda o: lr_scheduler.ConstantLR(o, factor=0.3, total_iters=15),
+    "PolynomialLR": lambda o: lr_scheduler.PolynomialLR(o, total_iters=40, power=2.0),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda e: 1.0 / (1 + e)),
+    "MultiplicativeLR": lambda o: lr_scheduler.MultiplicativeLR(o, lambda e: 0.97),
+    "SequentialLR": _seq,
+    "ChainedScheduler": _chained,
+    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=2),
+}
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_lr_scheduler_trajectory_matches_torch(name, family):
+    family = FAMILIES[family]
+    runs = {}
+    for side, factory in (("ferro", family.make_ferro), ("torch", family.make_torch)):
+        model = mlp()
+        params = list(model.parameters())
+        opt = factory(
+            [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3}], lr=1e-2,
+        )
+        sched = SCHEDULERS[name](opt)
+        trajectory, losses = [], []
+        for x, y in batches(60):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            if isinstance(sched, lr_scheduler.ReduceLROnPlateau):
+                sched.step(loss.item() + 10.0)  # never improves: the lr must drop
+            else:
+                sched.step()
+            trajectory.append([(g["lr"], tuple(g["betas"])) for g in opt.param_groups])
+            losses.append(loss.item())
+        runs[side] = (trajectory, losses, params, sched.state_dict())
+    (tf, lf, pf, sf), (tt, lt, pt, st) = runs["ferro"], runs["torch"]
+    assert tf == tt
+    assert len({t[0][0] for t in tf}) > 1, "the scheduler should have changed the lr"
+    if name.startswith(("OneCycle", "CyclicLR-betas")):
+        assert len({t[0][1] for t in tf}) > 1, "the scheduler should have cycled beta1"
+    # Losses go through a float32 network: differences of ~1e-7 in the params show as
+    # ~1e-5 in the loss after 60 steps.
+    assert lf == pytest.approx(lt, rel=1e-4, abs=1e-6)
+    for a, b in zip(pf, pt, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **F32)
+    assert sf.keys() == st.keys()
+    assert sf.get("_last_lr") == st.get("_last_lr")
+
+
+# ----------------------------------------------------------------------------------------
+# state_dict format, checkpoints, serialisation
+# ----------------------------------------------------------------------------------------
+
+
+def _trained_twin(family: str = "AdamW") -> Twin:
+    twin = Twin(
+        family,
+        lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "amsgrad": True}],
+        lr=1e-2,
+    )
+    twin.step(1, skip=(1, 2, 3))
+    twin.step(9, skip=(3,))  # param 3 never gets a grad: no state
+    return twin
+
+
+@pytest.mark.parametrize("family", ["Adam", "Adam-decoupled", "AdamW"])
+def test_state_dict_has_torchs_exact_format(family):
+    twin = _trained_twin(family)
+    sf, st = twin.f.state_dict(), twin.t.state_dict()
+    assert set(sf) == set(st) == {"state", "param_groups"}
+    assert hyper(sf["param_groups"]) == hyper(st["param_groups"])
+    assert structure({**sf, "param_groups": hyper(sf["param_groups"])}) == structure(
+        {**st, "param_groups": hyper(st["param_groups"])}
+    )
+    assert sorted(sf["state"]) == sorted(st["state"]) == [0, 1, 2]
+    for index, state in sf["state"].items():
+        assert list(state) == list(st["state"][index]), "same keys, same order"
+        step = state["step"]
+        assert isinstance(step, torch.Tensor) and step.dim() == 0
+        assert step.dtype == st["state"][index]["step"].dtype and step.is_floating_point()
+        for key, value in state.items():
+            if key != "step":
+                assert value.is_contiguous() == st["state"][index][key].is_contiguous()
+                torch.testing.assert_close(value, st["state"][index][key], **F32)
+    assert float(sf["state"][0]["step"]) == 10.0
+    assert float(sf["state"][1]["step"]) == 9.0
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("direction", ["torch-to-ferro", "ferro-to-torch"])
+def test_checkpoint_interchange(direction, family):
+    """A checkpoint from one implementation loads into the other and training continues to
+    the same numbers as continuing with the original."""
+    family = FAMILIES[family]
+
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "amsgrad": True}]
+
+    first, second = ((family.make_torch, family.make_ferro) if direction == "torch-to-ferro"
+                     else (family.make_ferro, family.make_torch))
+    params = make_params()
+    opt = first(groups(params), lr=1e-2, weight_decay=0.03)
+    gen = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(40)]
+
+    def train(opt, params, steps):
+        for gs in steps:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    train(opt, params, grads[:20])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+
+    resumed = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
+    opt2 = second(groups(resumed), lr=0.5, weight_decay=0.5)  # overwritten by the load
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    train(opt2, resumed, grads[20:])
+    train(opt, params, grads[20:])
+    for a, b in zip(resumed, params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **F32)
+    for i in range(len(params)):
+        for key, value in opt.state[params[i]].items():
+            torch.testing.assert_close(opt2.state[resumed[i]][key], value, **F32)
+
+
+def test_save_load_weights_only_round_trip():
+    twin = _trained_twin()
+    buffer = io.BytesIO()
+    torch.save(twin.f.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert structure(loaded) == structure(twin.f.state_dict())
+    for (path, a), (_, b) in zip(_tensors(loaded), _tensors(twin.f.state_dict()), strict=True):
+        assert torch.equal(a, b), path
+    # Continue from the loaded state on a fresh optimizer and on the original: same numbers.
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in twin.fp]
+    opt = ferroptim.AdamW(
+        [{"params": fresh[:2]}, {"params": fresh[2:], "lr": 3e-3, "amsgrad": True}], lr=1e-2)
+    opt.load_state_dict(loaded)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        for p, q in zip(fresh, twin.fp, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.f.step()
+    for p, q in zip(fresh, twin.fp, strict=True):
+        assert torch.equal(p, q)
+
+
+def _tensors(obj):
+    return list(iter_tensors(obj))
+
+
+def test_deepcopy():
+    twin = _trained_twin()
+    originals = [p.detach().clone() for p in twin.fp]
+    params_copy, opt_copy = copy.deepcopy((twin.fp, twin.f))
+    assert type(opt_copy) is type(twin.f)
+    assert all(a is not b for a, b in zip(params_copy, twin.fp, strict=True))
+    assert opt_copy.param_groups[0]["params"][0] is params_copy[0]
+    # Step only the copy: the original's tensors must not move.
+    gen = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=gen) for p in twin.fp] for _ in range(10)]
+    for gs in grads:
+        for p, g in zip(params_copy, gs, strict=True):
+            p.grad = g.clone()
+        opt_copy.step()
+    for p, o in zip(twin.fp, originals, strict=True):
+        assert torch.equal(p.detach(), o)
+    # The original, stepped the same way, reaches the same numbers (and matches torch).
+    for gs in grads:
+        for p, q, g in zip(twin.fp, twin.tp, gs, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        twin.f.step()
+        twin.t.step()
+    for a, b in zip(params_copy, twin.fp, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    twin.check()
+
+
+def test_pickle():
+    twin = _trained_twin()
+    params2, opt2 = pickle.loads(pickle.dumps((twin.fp, twin.f)))
+    assert isinstance(opt2, ferroptim.AdamW)
+    assert opt2.state_dict()["param_groups"] == twin.f.state_dict()["param_groups"]
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(10):
+        for p, q in zip(params2, twin.fp, strict=True):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        opt2.step()
+        twin.f.step()
+    for a, b in zip(params2, twin.fp, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+
+
+# ----------------------------------------------------------------------------------------
+# The Rust side caches pointers: every way of swapping tensors must be honoured
+# ----------------------------------------------------------------------------------------
+
+
+def test_load_state_dict_mid_training():
+    twin = Twin("AdamW", lr=1e-2, amsgrad=True)
+    twin.step(5)
+    saved_f, saved_t = copy.deepcopy(twin.f.state_dict()), copy.deepcopy(twin.t.state_dict())
+    twin.step(5)
+    twin.f.load_state_dict(saved_f)  # back to the step-5 moments, keep the step-10 params
+    twin.t.load_state_dict(saved_t)
+    twin.step(5)
+    twin.check()
+    assert float(twin.f.state[twin.fp[0]]["step"]) == 10.0
+
+
+def test_load_state_dict_from_another_optimizer_mid_training():
+    twin = Twin("Adam", lr=1e-2)
+    other = Twin("Adam", seed=4, lr=5e-2, weight_decay=0.1)
+    other.step(7)
+    twin.step(3)
+    # load_state_dict keeps (does not copy) state tensors of the right dtype and device:
+    # give each optimizer its own copy.
+    twin.f.load_state_dict(copy.deepcopy(other.t.state_dict()))
+    twin.t.load_state_dict(copy.deepcopy(other.t.state_dict()))
+    twin.step(5)
+    twin.check()
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"])
+def test_reassigning_a_state_tensor(key):
+    twin = Twin("Adam", lr=1e-2, amsgrad=True)
+    twin.step(3)
+
+    def reassign(opt, ps):
+        state = opt.state[ps[1]]
+        if key == "step":
+            state[key] = torch.tensor(100.0)
+        else:
+            state[key] = torch.full_like(state[key], 0.25)
+
+    twin.both(reassign)
+    twin.step(3)
+    twin.check()
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"])
+def test_swapping_a_state_tensors_data(key):
+    """``state[key].data = ...`` keeps the tensor object but moves its memory."""
+    twin = Twin("Adam", lr=1e-2, amsgrad=True)
+    twin.step(3)
+    keep_alive = []  # the old storage stays allocated: a stale pointer is visible, not fatal
+
+    def swap(opt, ps):
+        state = opt.state[ps[1]]
+        keep_alive.append(state[key].data)
+        state[key].data = (torch.tensor(100.0) if key == "step"
+                           else torch.full_like(state[key], 0.25))
+
+    twin.both(swap)
+    stale = [t.clone() for t in keep_alive]
+    twin.step(3)
+    twin.check()
+    assert torch.equal(keep_alive[0], stale[0]), "the step wrote to the old, swapped-out memory"
+
+
+def test_clearing_state_of_a_param():
+    twin = Twin("AdamW", lr=1e-2)
+    twin.step(3)
+    twin.both(lambda opt, ps: opt.state.pop(ps[0]))
+    twin.step(3)
+    twin.check()
+    twin.both(lambda opt, ps: opt.state.clear())
+    twin.step(3)
+    twin.check()
+
+
+def test_in_place_state_edit():
+    twin = Twin("AdamW", lr=1e-2)
+    twin.step(3)
+    twin.both(lambda opt, ps: opt.state[ps[0]]["exp_avg"].mul_(-2.0))
+    twin.step(3)
+    twin.check()
+
+
+@pytest.mark.parametrize("how", ["new-tensor", "new-dtype-f64", "transposed-view", "reshaped-view"])
+def test_param_data_replaced(how):
+    """``p.data = ...``: fresh memory, or the same memory seen through a new layout."""
+    # A square param, so a transposed view keeps the shape (and the state still fits).
+    twin = Twin("Adam", shapes=((300,), (6, 6), (5,)), lr=1e-2)
+    twin.step(3)
+
+    def replace(opt, ps):
+        p = ps[1]
+        if how == "new-tensor":
+            p.data = torch.linspace(-1, 1, 36).reshape(6, 6)
+        elif how == "new-dtype-f64":
+            p.data = p.data.double()
+            for key in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][key] = opt.state[p][key].double()
+        elif how == "transposed-view":
+            p.data = p.data.t()  # same storage, same data_ptr, different strides
+        else:
+            p.data = p.data.view(36).view(6, 6)  # same memory, same layout
+
+    twin.both(replace)
+    twin.step(3)
+    twin.check(**F32)
+
+
+def test_replacing_group_params():
+    twin = Twin("AdamW", lr=1e-2)
+    twin.step(3)
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("params", [ps[3], ps[0], ps[2]]))
+    twin.step(3)
+    twin.check()
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("params", list(ps)))
+    twin.step(3)
+    twin.check()
+
+
+def test_mutating_group_params_in_place():
+    twin = Twin("AdamW", lr=1e-2)
+    twin.step(3)
+    twin.both(lambda opt, ps: opt.param_groups[0]["params"].reverse())
+    twin.step(2)
+    twin.both(lambda opt, ps: opt.param_groups[0]["params"].pop())
+    twin.step(2)
+    twin.both(lambda opt, ps: opt.param_groups[0]["params"].__setitem__(0, ps[3]))
+    twin.step(2)
+    twin.check()
+
+
+def test_toggling_amsgrad_off():
+    twin = Twin("Adam", lr=1e-2, amsgrad=True)
+    twin.step(4)
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", False))
+    twin.step(4)
+    twin.check()
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", True))
+    twin.step(4)  # the max buffers kept from before are used again, as torch does
+    twin.check()
+
+
+def test_toggling_amsgrad_on_raises_like_torch_and_writes_nothing():
+    twin = Twin("Adam", lr=1e-2)
+    twin.step(3)
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", True))
+    twin.grads()
+    before = snapshot(twin.f, twin.fp)
+    with pytest.raises(KeyError) as torch_error:
+        twin.t.step()
+    with pytest.raises(type(torch_error.value), match="max_exp_avg_sq"):
+        twin.f.step()
+    assert_unchanged(before, twin.f, twin.fp)
+
+
+def test_grads_toggling_between_none_and_layouts():
+    twin = Twin("Adam", lr=1e-2)
+    for step in range(12):
+        twin.grads(skip=(step % 4,))
+        if step % 3 == 0:  # alternate contiguous and transposed grads on the 2-d param
+            for ps in (twin.fp, twin.tp):
+                if ps[1].grad is not None:
+                    ps[1].grad = ps[1].grad.t().contiguous().t()
+        twin.f.step()
+        twin.t.step()
+    twin.check()
