@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use _core::engine::{DType, Group, StepCounter, TensorBuffers, MAX_STATES};
 use _core::kernels::adam::{adam_step, AdamHyper};
+use _core::kernels::clip::{tensor_norms, GradSource, NormType};
 use _core::kernels::probe::stream_probe;
 use _core::parallel::set_num_threads;
 use _core::simd::SimdLevel;
@@ -98,6 +99,17 @@ fn main() {
                         adam_step(&mut g, &hyper, level);
                     },
                     reps,
+                );
+                let norm = median_seconds(
+                    || {
+                        tensor_norms(&group(&mut tensors), NormType::Two, GradSource::Grad, level);
+                    },
+                    reps,
+                );
+                println!(
+                    "{name:>12} threads={threads} {level:>7}: l2 norm {:>9.1} us {:>6.1} GB/s",
+                    norm * 1e6,
+                    4.0 * elements as f64 / norm / 1e9,
                 );
                 let probe = median_seconds(|| stream_probe(&group(&mut tensors), level), reps);
                 println!(

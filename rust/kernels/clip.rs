@@ -71,17 +71,6 @@ impl NormType {
         }
     }
 
-    /// One element's contribution to the accumulator.
-    #[inline(always)]
-    fn term(self, x: f64) -> f64 {
-        match self {
-            NormType::Two => x * x,
-            NormType::One | NormType::Inf | NormType::NegInf => x.abs(),
-            NormType::Zero => f64::from(u8::from(x != 0.0)),
-            NormType::P(p) => x.abs().powf(p),
-        }
-    }
-
     /// The norm from a finished accumulator.
     pub fn finish(self, acc: f64) -> f64 {
         match self {
@@ -103,42 +92,158 @@ impl NormType {
 
 const LANES: usize = 16;
 
-/// Reduces `values` into 16 lanes with `term`/`combine`, then folds the lanes
-/// pairwise in a fixed order.
+/// One norm's per-element term and accumulator combination, as a type so each
+/// norm gets its own straight, vectorisable loop.
+trait Fold: Copy {
+    const IDENTITY: f64;
+    fn term(self, x: f64) -> f64;
+    fn combine(self, a: f64, b: f64) -> f64;
+}
+
+#[derive(Clone, Copy)]
+struct SumOfSquares;
+#[derive(Clone, Copy)]
+struct SumOfAbs;
+#[derive(Clone, Copy)]
+struct MaxAbs;
+#[derive(Clone, Copy)]
+struct MinAbs;
+#[derive(Clone, Copy)]
+struct CountNonzero;
+#[derive(Clone, Copy)]
+struct SumOfPowers(f64);
+
+impl Fold for SumOfSquares {
+    const IDENTITY: f64 = 0.0;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        x * x
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+
+impl Fold for SumOfAbs {
+    const IDENTITY: f64 = 0.0;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        x.abs()
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+
+impl Fold for MaxAbs {
+    const IDENTITY: f64 = 0.0;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        x.abs()
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        a.max_propagate_nan(b)
+    }
+}
+
+impl Fold for MinAbs {
+    const IDENTITY: f64 = f64::INFINITY;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        x.abs()
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        NormType::NegInf.combine(a, b)
+    }
+}
+
+impl Fold for CountNonzero {
+    const IDENTITY: f64 = 0.0;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        if x != 0.0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+
+impl Fold for SumOfPowers {
+    const IDENTITY: f64 = 0.0;
+    #[inline(always)]
+    fn term(self, x: f64) -> f64 {
+        x.abs().powf(self.0)
+    }
+    #[inline(always)]
+    fn combine(self, a: f64, b: f64) -> f64 {
+        a + b
+    }
+}
+
+/// Reduces `values` into 16 lanes (element `i` into lane `i % 16`), then folds
+/// the lanes pairwise in a fixed order.
 #[inline(always)]
-fn reduce_lanes<S: Storage>(kind: NormType, values: &[S]) -> f64
+fn reduce_lanes<F: Fold, S: Storage>(fold: F, values: &[S]) -> f64
 where
     S::Compute: Real,
 {
-    let mut lanes = [kind.identity(); LANES];
-    let blocks = values.chunks_exact(LANES);
-    let tail = blocks.remainder();
-    macro_rules! fold {
-        ($combine:expr) => {{
-            for block in blocks {
-                for (lane, value) in lanes.iter_mut().zip(block) {
-                    *lane = $combine(*lane, kind.term(value.load().to_f64()));
-                }
-            }
-            for (lane, value) in lanes.iter_mut().zip(tail) {
-                *lane = $combine(*lane, kind.term(value.load().to_f64()));
-            }
-        }};
-    }
-    // Separate loops per kind keep each one a straight vectorisable fold.
-    match kind {
-        NormType::Inf => fold!(|a: f64, b: f64| a.max_propagate_nan(b)),
-        NormType::NegInf => fold!(|a: f64, b: f64| kind.combine(a, b)),
-        _ => fold!(|a: f64, b: f64| a + b),
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] = kind.combine(lanes[i], lanes[i + width]);
+    let (blocks, tail) = values.as_chunks::<LANES>();
+    let mut lanes = [F::IDENTITY; LANES];
+    for block in blocks {
+        for lane in 0..LANES {
+            lanes[lane] = fold.combine(lanes[lane], fold.term(block[lane].load().to_f64()));
         }
     }
-    lanes[0]
+    // The tail gets its own lanes: indexing `lanes` by a run-time length would
+    // keep the main accumulators in memory instead of registers.
+    let mut tail_lanes = [F::IDENTITY; LANES];
+    for (lane, value) in tail_lanes.iter_mut().zip(tail) {
+        *lane = fold.combine(*lane, fold.term(value.load().to_f64()));
+    }
+    for lane in 0..LANES {
+        lanes[lane] = fold.combine(lanes[lane], tail_lanes[lane]);
+    }
+    fold_lanes(fold, lanes)
+}
+
+/// Folds the 16 lanes pairwise in a fixed order (constant indices only, so the
+/// accumulators stay in registers).
+#[inline(always)]
+fn fold_lanes<F: Fold>(fold: F, mut lanes: [f64; LANES]) -> f64 {
+    for i in 0..8 {
+        lanes[i] = fold.combine(lanes[i], lanes[i + 8]);
+    }
+    for i in 0..4 {
+        lanes[i] = fold.combine(lanes[i], lanes[i + 4]);
+    }
+    for i in 0..2 {
+        lanes[i] = fold.combine(lanes[i], lanes[i + 2]);
+    }
+    fold.combine(lanes[0], lanes[1])
+}
+
+#[inline(always)]
+fn reduce_kind<S: Storage>(kind: NormType, values: &[S]) -> f64
+where
+    S::Compute: Real,
+{
+    match kind {
+        NormType::Two => reduce_lanes(SumOfSquares, values),
+        NormType::One => reduce_lanes(SumOfAbs, values),
+        NormType::Inf => reduce_lanes(MaxAbs, values),
+        NormType::NegInf => reduce_lanes(MinAbs, values),
+        NormType::Zero => reduce_lanes(CountNonzero, values),
+        NormType::P(p) => reduce_lanes(SumOfPowers(p), values),
+    }
 }
 
 /// Which buffer of a group holds the gradients to reduce.
@@ -162,8 +267,8 @@ where
     #[inline(always)]
     fn reduce(&self, _tensor: usize, s: Slices<'_, T>) -> f64 {
         match self.source {
-            GradSource::Grad => reduce_lanes(self.kind, s.grad),
-            GradSource::Param => reduce_lanes(self.kind, &*s.param),
+            GradSource::Grad => reduce_kind(self.kind, s.grad),
+            GradSource::Param => reduce_kind(self.kind, &*s.param),
         }
     }
 }

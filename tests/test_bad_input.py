@@ -1,0 +1,431 @@
+"""Bad input gets torch's error and loses nothing (DESIGN.md contract 5).
+
+Every failing step is checked against a snapshot: no param and no state tensor may have
+been written, in any group, before the error is raised."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import FAMILIES, assert_unchanged, ferroptim, snapshot, tol
+
+FAMILY_IDS = ["Adam", "Adam-decoupled", "AdamW"]
+
+
+def params(seed: int = 0, shapes=((50,), (6, 4), (3,))) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def set_grads(ps, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def torch_outcome(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Construction
+# ----------------------------------------------------------------------------------------
+
+BAD_HYPERPARAMETERS = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
+    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="beta1-negative"),
+    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
+    pytest.param({"betas": (0.9, 1.5)}, "beta parameter at index 1", id="beta2-above-one"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+    pytest.param({"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "words"), BAD_HYPERPARAMETERS)
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_invalid_hyperparameters_raise_torchs_error(family, kwargs, words):
+    family = FAMILIES[family]
+    ps = params()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(Exception, match=words) as torch_error:
+        family.torch(ps, **{**family.fixed, **kwargs})
+    with pytest.raises(type(torch_error.value), match=words) as ferro_error:
+        family.ferro(ps, **{**family.fixed, **kwargs})
+    assert type(ferro_error.value) is type(torch_error.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps, strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_empty_parameter_list(family):
+    family = FAMILIES[family]
+    with pytest.raises(ValueError, match="empty parameter list"):
+        family.torch([], **family.fixed)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        family.ferro([], **family.fixed)
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_duplicate_params_across_groups(family):
+    family = FAMILIES[family]
+    a, b = params()[:2]
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        family.ferro([{"params": [a, b]}, {"params": [b]}], **family.fixed)
+    opt = family.ferro([{"params": [a]}], **family.fixed)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [a]})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_duplicate_params_within_a_group(family):
+    """torch warns and steps the param twice; ferroptim must do the same, or refuse with
+    an error before writing anything."""
+    family = FAMILIES[family]
+
+    def run(factory):
+        ps = params()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = factory([ps[0], ps[1], ps[0]], lr=0.1)
+        set_grads(ps, 1)
+        before = snapshot(opt, ps)
+        error = torch_outcome(opt.step)
+        return ps, opt, before, error
+
+    tps, topt, _, terror = run(family.make_torch)
+    assert terror is None
+    fps, fopt, before, ferror = run(family.make_ferro)
+    if ferror is not None:
+        assert isinstance(ferror, (RuntimeError, ValueError))
+        assert_unchanged(before, fopt, fps)
+    else:
+        for a, b in zip(fps, tps, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+        assert float(fopt.state[fps[0]]["step"]) == float(topt.state[tps[0]]["step"])
+
+
+# ----------------------------------------------------------------------------------------
+# Sparse, integer and complex params
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm_steps", [0, 3], ids=["first-step", "after-warmup"])
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_sparse_grad_in_second_group(family, warm_steps):
+    family = FAMILIES[family]
+
+    def make(factory):
+        ps = params(shapes=((50,), (6, 4), (3,), (7, 2), (5,)))
+        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1,
+                      amsgrad=True)
+        return ps, opt
+
+    fps, fopt = make(family.make_ferro)
+    tps, topt = make(family.make_torch)
+    for step in range(warm_steps):
+        for ps, opt in ((fps, fopt), (tps, topt)):
+            set_grads(ps, step)
+            opt.step()
+    set_grads(fps, 100)
+    fps[3].grad = fps[3].grad.to_sparse()
+    before = snapshot(fopt, fps)
+    with pytest.raises(RuntimeError, match="sparse"):
+        fopt.step()
+    assert_unchanged(before, fopt, fps)
+    # torch raises the same error type (on a throwaway copy: torch itself has stepped the
+    # first group by the time it raises).
+    xps, xopt = make(family.make_torch)
+    set_grads(xps, 100)
+    xps[3].grad = xps[3].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        xopt.step()
+    # Nothing was lost: fix the grad and carry on, as torch does without the failed step.
+    for ps, opt in ((fps, fopt), (tps, topt)):
+        set_grads(ps, 100)
+        opt.step()
+        set_grads(ps, 101)
+        opt.step()
+    for a, b in zip(fps, tps, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+    for a, b in zip(fps, tps, strict=True):
+        assert float(fopt.state[a]["step"]) == float(topt.state[b]["step"])
+
+
+@pytest.mark.parametrize("int_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_param_with_a_grad_raises(int_dtype):
+    ps = params()
+    bad = torch.zeros(4, dtype=int_dtype)
+    opt = ferroptim.Adam([{"params": ps}, {"params": [bad]}], lr=0.1)
+    set_grads(ps, 0)
+    opt.step()
+    set_grads(ps, 1)
+    bad.grad = torch.ones(4, dtype=int_dtype)
+    before = snapshot(opt, [*ps, bad])
+    with pytest.raises(RuntimeError, match=str(int_dtype).split(".")[-1]):
+        opt.step()
+    assert_unchanged(before, opt, [*ps, bad])
+    # torch refuses too (its kernels have no integer implementation).
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        t = torch.zeros(4, dtype=int_dtype)
+        t.grad = torch.ones(4, dtype=int_dtype)
+        torch.optim.Adam([t], foreach=False).step()
+
+
+def test_integer_param_without_grad_is_ignored():
+    ps = params()
+    counter = torch.zeros(4, dtype=torch.int64)
+    opt = ferroptim.AdamW([*ps, counter], lr=0.1)
+    ref_ps = params()
+    ref = torch.optim.AdamW([*ref_ps, torch.zeros(4, dtype=torch.int64)], lr=0.1, foreach=False)
+    for step in range(5):
+        set_grads(ps, step)
+        set_grads(ref_ps, step)
+        opt.step()
+        ref.step()
+    assert not counter.count_nonzero()
+    for a, b in zip(ps, ref_ps, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_complex_params_step_correctly(family, dtype):
+    family = FAMILIES[family]
+
+    def run(factory):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(17, 3, generator=gen, dtype=dtype))
+        q = torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype.to_real()))
+        opt = factory([p, q], lr=0.05, weight_decay=0.1, amsgrad=True)
+        for _ in range(20):
+            p.grad = torch.randn(17, 3, generator=gen, dtype=dtype)
+            q.grad = torch.randn(5, generator=gen, dtype=dtype.to_real())
+            opt.step()
+        return p, q, opt
+
+    fp, fq, fopt = run(family.make_ferro)
+    tp, tq, topt = run(family.make_torch)
+    for a, b in ((fp, tp), (fq, tq)):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(b.dtype))
+        assert set(fopt.state[a]) == set(topt.state[b])
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert fopt.state[a][key].dtype == b.dtype
+            torch.testing.assert_close(fopt.state[a][key], topt.state[b][key], **tol(b.dtype))
+
+
+# ----------------------------------------------------------------------------------------
+# load_state_dict mismatches
+# ----------------------------------------------------------------------------------------
+
+
+def _trained(family, groups_of):
+    ps = params()
+    opt = family.make_ferro(groups_of(ps), lr=0.1)
+    set_grads(ps, 0)
+    opt.step()
+    return ps, opt
+
+
+LOAD_MISMATCHES = [
+    pytest.param(lambda ps: [{"params": ps[:1]}, {"params": ps[1:]}], "number of parameter groups",
+                 id="wrong-number-of-groups"),
+    pytest.param(lambda ps: [{"params": ps[:2]}], "size", id="wrong-number-of-params"),
+]
+
+
+@pytest.mark.parametrize(("other_groups", "words"), LOAD_MISMATCHES)
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+def test_load_state_dict_mismatch(family, other_groups, words):
+    family = FAMILIES[family]
+    ps, opt = _trained(family, lambda ps: ps)
+    _, other = _trained(family, other_groups)
+    topt = family.make_torch(params(), lr=0.1)
+    with pytest.raises(ValueError, match=words):
+        topt.load_state_dict(other.state_dict())
+    before = snapshot(opt, ps)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                                   for g in opt.param_groups])
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(other.state_dict())
+    assert_unchanged(before, opt, ps)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == (
+        groups_before
+    )
+    # It keeps stepping correctly.
+    ref_ps = params()
+    ref = family.make_torch(ref_ps, lr=0.1)
+    set_grads(ref_ps, 0)
+    ref.step()
+    for step in (1, 2):
+        set_grads(ps, step)
+        set_grads(ref_ps, step)
+        opt.step()
+        ref.step()
+    for a, b in zip(ps, ref_ps, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        pytest.param(lambda s: s.__setitem__("exp_avg", torch.zeros(5)), id="state-wrong-shape"),
+        pytest.param(lambda s: s.__setitem__("exp_avg_sq", torch.zeros(6, 5)),
+                     id="state-transposed-shape"),
+        pytest.param(lambda s: s.__setitem__("exp_avg", s["exp_avg"].double()),
+                     id="state-wrong-dtype"),
+        pytest.param(lambda s: s.pop("exp_avg_sq"), id="state-missing-key"),
+    ],
+)
+def test_corrupt_state_raises_and_writes_nothing(corrupt):
+    ps = params()
+    opt = ferroptim.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    tps = params()
+    topt = torch.optim.Adam([{"params": tps[:1]}, {"params": tps[1:]}], lr=0.1, foreach=False)
+    for step in range(3):
+        set_grads(ps, step)
+        set_grads(tps, step)
+        opt.step()
+        topt.step()
+    corrupt(opt.state[ps[1]])
+    corrupt(topt.state[tps[1]])
+    set_grads(ps, 9)
+    set_grads(tps, 9)
+    torch_error = torch_outcome(topt.step)
+    assert torch_error is not None
+    before = snapshot(opt, ps)
+    with pytest.raises(type(torch_error)):
+        opt.step()
+    assert_unchanged(before, opt, ps)
+
+
+# ----------------------------------------------------------------------------------------
+# Grads that bypass torch's checks
+# ----------------------------------------------------------------------------------------
+
+BAD_GRADS = [
+    pytest.param(lambda p: torch.zeros(3), id="fewer-elements"),
+    pytest.param(lambda p: torch.ones(p.numel() + 5), id="more-elements"),
+    pytest.param(lambda p: torch.ones(p.shape[1], p.shape[0]), id="same-numel-transposed-shape"),
+    pytest.param(lambda p: torch.ones(p.numel()), id="same-numel-flat"),
+    pytest.param(lambda p: torch.ones(*p.shape, 1), id="same-numel-extra-dim"),
+    pytest.param(lambda p: torch.ones(p.shape[1]), id="broadcastable-row"),
+    pytest.param(lambda p: torch.ones(p.shape, dtype=torch.float64), id="float64"),
+    pytest.param(lambda p: torch.ones(p.shape, dtype=torch.float16), id="float16"),
+    pytest.param(lambda p: torch.ones(p.shape, dtype=torch.int32), id="int32"),
+    pytest.param(lambda p: torch.ones(p.shape, dtype=torch.complex64), id="complex64"),
+]
+
+
+@pytest.mark.parametrize("warm_steps", [0, 2], ids=["first-step", "cached-plan"])
+@pytest.mark.parametrize("bad_grad", BAD_GRADS)
+def test_grad_set_through_data_bypass(bad_grad, warm_steps):
+    """``p.grad.data = ...`` skips torch's shape/dtype checks. ferroptim must raise torch's
+    error (torch raises) or give torch's result, never corrupt memory or step silently."""
+
+    def run(factory):
+        ps = params()
+        opt = factory([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+        for step in range(warm_steps):
+            set_grads(ps, step)
+            opt.step()
+        set_grads(ps, 50)
+        ps[1].grad.data = bad_grad(ps[1])  # the (6, 4) param, after a good group
+        before = snapshot(opt, ps)
+        return ps, opt, before, torch_outcome(opt.step)
+
+    tps, topt, _, terror = run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k))
+    fps, fopt, before, ferror = run(lambda g, **k: ferroptim.Adam(g, **k))
+    if terror is not None:
+        assert ferror is not None, (
+            f"torch raises {type(terror).__name__}({terror}); ferroptim stepped silently"
+        )
+        assert isinstance(ferror, type(terror)), (
+            f"torch raises {type(terror).__name__}, ferroptim {type(ferror).__name__}: {ferror}"
+        )
+        assert_unchanged(before, fopt, fps)
+    elif ferror is not None:
+        assert isinstance(ferror, (RuntimeError, ValueError)), ferror
+        assert_unchanged(before, fopt, fps)
+    else:
+        for a, b in zip(fps, tps, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"weight_decay": 0.1}, {"maximize": True, "amsgrad": True}],
+    ids=["plain", "weight-decay", "maximize-amsgrad"],
+)
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_grad_aliasing_its_own_param(family, flags):
+    family = FAMILIES[family]
+
+    def run(factory):
+        ps = params()
+        opt = factory(ps, lr=0.05, **flags)
+        for step in range(6):
+            set_grads(ps, step)
+            ps[1].grad = ps[1].detach()  # the grad IS the param's memory
+            if step % 2:
+                ps[0].grad = ps[0].detach()[:]  # a view of it
+            opt.step()
+        return ps, opt
+
+    fps, fopt = run(family.make_ferro)
+    tps, topt = run(family.make_torch)
+    for a, b in zip(fps, tps, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+        for key in topt.state[b]:
+            torch.testing.assert_close(fopt.state[a][key], topt.state[b][key],
+                                       **tol(torch.float32))
+
+
+def test_grad_aliasing_a_state_buffer():
+    def run(factory):
+        ps = params()
+        opt = factory(ps, lr=0.05, amsgrad=True)
+        for step in range(5):
+            set_grads(ps, step)
+            if step >= 2:
+                ps[1].grad = opt.state[ps[1]]["exp_avg_sq"]
+            opt.step()
+        return ps
+
+    for a, b in zip(run(ferroptim.Adam), run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k)),
+                    strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Rust panics
+# ----------------------------------------------------------------------------------------
+
+
+def test_rust_panic_becomes_runtime_error():
+    with pytest.raises(RuntimeError, match="panic"):
+        ferroptim._core._panic_for_tests()
+    # ... and the process (and the pool) keep working afterwards.
+    ferroptim.set_num_threads(2)
+    p = torch.nn.Parameter(torch.ones(100_000))
+    q = torch.nn.Parameter(torch.ones(100_000))
+    opt = ferroptim.Adam([p], lr=0.1)
+    ref = torch.optim.Adam([q], lr=0.1, foreach=False)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="panic"):
+            ferroptim._core._panic_for_tests()
+        p.grad = torch.ones(100_000)
+        q.grad = torch.ones(100_000)
+        opt.step()
+        ref.step()
+    assert torch.equal(p.detach(), q.detach())
