@@ -339,7 +339,7 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
                     what,
                 });
             }
-            if addr % t.dtype.size() != 0 {
+            if !addr.is_multiple_of(t.dtype.size()) {
                 return Err(EngineError::Misaligned {
                     tensor: index,
                     what,

@@ -167,7 +167,7 @@ pub struct ChunkPlan {
 
 impl ChunkPlan {
     pub fn new(lens: &[usize], chunk: usize, align: usize) -> ChunkPlan {
-        assert!(chunk >= align && align > 0 && chunk % align == 0);
+        assert!(chunk >= align && align > 0 && chunk.is_multiple_of(align));
         let mut segments = Vec::with_capacity(lens.len() + 1);
         let mut starts = vec![0];
         let mut filled = 0;

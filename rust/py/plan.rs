@@ -332,7 +332,7 @@ impl GroupPlan {
         let grad_addr: usize = grad.call_method0(intern!(py, "data_ptr"))?.extract()?;
         if grad_bytes != bytes
             || grad_addr == 0
-            || grad_addr % entry.dtype.size() != 0
+            || !grad_addr.is_multiple_of(entry.dtype.size())
             || self.written.overlaps(grad_addr, grad_addr + bytes)
         {
             return Ok(Gathered::Changed);
