@@ -48,7 +48,9 @@ BAD_HYPERPARAMETERS = [
     pytest.param({"betas": (0.9, 1.5)}, "beta parameter at index 1", id="beta2-above-one"),
     pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
     pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-    pytest.param({"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"),
+    pytest.param(
+        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+    ),
 ]
 
 
@@ -127,8 +129,7 @@ def test_sparse_grad_in_second_group(family, warm_steps):
 
     def make(factory):
         ps = params(shapes=((50,), (6, 4), (3,), (7, 2), (5,)))
-        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1,
-                      amsgrad=True)
+        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, amsgrad=True)
         return ps, opt
 
     fps, fopt = make(family.make_ferro)
@@ -238,8 +239,11 @@ def _trained(family, groups_of):
 
 
 LOAD_MISMATCHES = [
-    pytest.param(lambda ps: [{"params": ps[:1]}, {"params": ps[1:]}], "number of parameter groups",
-                 id="wrong-number-of-groups"),
+    pytest.param(
+        lambda ps: [{"params": ps[:1]}, {"params": ps[1:]}],
+        "number of parameter groups",
+        id="wrong-number-of-groups",
+    ),
     pytest.param(lambda ps: [{"params": ps[:2]}], "size", id="wrong-number-of-params"),
 ]
 
@@ -254,8 +258,9 @@ def test_load_state_dict_mismatch(family, other_groups, words):
     with pytest.raises(ValueError, match=words):
         topt.load_state_dict(other.state_dict())
     before = snapshot(opt, ps)
-    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                   for g in opt.param_groups])
+    groups_before = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    )
     with pytest.raises(ValueError, match=words):
         opt.load_state_dict(other.state_dict())
     assert_unchanged(before, opt, ps)
@@ -280,10 +285,12 @@ def test_load_state_dict_mismatch(family, other_groups, words):
     "corrupt",
     [
         pytest.param(lambda s: s.__setitem__("exp_avg", torch.zeros(5)), id="state-wrong-shape"),
-        pytest.param(lambda s: s.__setitem__("exp_avg_sq", torch.zeros(6, 5)),
-                     id="state-transposed-shape"),
-        pytest.param(lambda s: s.__setitem__("exp_avg", s["exp_avg"].double()),
-                     id="state-wrong-dtype"),
+        pytest.param(
+            lambda s: s.__setitem__("exp_avg_sq", torch.zeros(6, 5)), id="state-transposed-shape"
+        ),
+        pytest.param(
+            lambda s: s.__setitem__("exp_avg", s["exp_avg"].double()), id="state-wrong-dtype"
+        ),
         pytest.param(lambda s: s.pop("exp_avg_sq"), id="state-missing-key"),
     ],
 )
@@ -344,7 +351,7 @@ def test_grad_set_through_data_bypass(bad_grad, warm_steps):
         before = snapshot(opt, ps)
         return ps, opt, before, torch_outcome(opt.step)
 
-    tps, topt, _, terror = run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k))
+    tps, _, _, terror = run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k))
     fps, fopt, before, ferror = run(lambda g, **k: ferroptim.Adam(g, **k))
     if terror is not None:
         assert ferror is not None, (
@@ -387,8 +394,7 @@ def test_grad_aliasing_its_own_param(family, flags):
     for a, b in zip(fps, tps, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
         for key in topt.state[b]:
-            torch.testing.assert_close(fopt.state[a][key], topt.state[b][key],
-                                       **tol(torch.float32))
+            torch.testing.assert_close(fopt.state[a][key], topt.state[b][key], **tol(torch.float32))
 
 
 def test_grad_aliasing_a_state_buffer():
@@ -402,8 +408,11 @@ def test_grad_aliasing_a_state_buffer():
             opt.step()
         return ps
 
-    for a, b in zip(run(ferroptim.Adam), run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k)),
-                    strict=True):
+    for a, b in zip(
+        run(ferroptim.Adam),
+        run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k)),
+        strict=True,
+    ):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
 
 

@@ -99,9 +99,18 @@ def test_set_backend_rejects_unknown(bad):
 
 
 def test_public_api():
-    for name in ("Adam", "AdamW", "get_backend", "get_num_threads", "set_backend",
-                 "set_num_threads", "set_simd_level", "simd_level", "supported_simd_levels",
-                 "__version__"):
+    for name in (
+        "Adam",
+        "AdamW",
+        "get_backend",
+        "get_num_threads",
+        "set_backend",
+        "set_num_threads",
+        "set_simd_level",
+        "simd_level",
+        "supported_simd_levels",
+        "__version__",
+    ):
         assert name in ferroptim.__all__
         assert hasattr(ferroptim, name)
     assert isinstance(ferroptim.__version__, str) and ferroptim.__version__
@@ -154,23 +163,27 @@ def test_invalid_environment_fails_import(var, value):
 @pytest.mark.parametrize(
     ("env", "checks"),
     [
-        ({"FERROPTIM_SIMD": "scalar"},
-         "assert ferroptim.simd_level() == 'scalar'\n"
-         "assert ferroptim.set_simd_level(None) == 'scalar', 'None returns to the env level'"),
+        (
+            {"FERROPTIM_SIMD": "scalar"},
+            "assert ferroptim.simd_level() == 'scalar'\n"
+            "assert ferroptim.set_simd_level(None) == 'scalar', 'None returns to the env level'",
+        ),
         ({"FERROPTIM_NUM_THREADS": "1"}, "assert ferroptim.get_num_threads() == 1"),
         ({"FERROPTIM_NUM_THREADS": "3"}, "assert ferroptim.get_num_threads() == 3"),
         ({"FERROPTIM_BACKEND": "torch"}, "assert ferroptim.get_backend() == 'torch'"),
         ({"FERROPTIM_BACKEND": "auto"}, "assert ferroptim.get_backend() == 'auto'"),
-        ({"FERROPTIM_SIMD": "", "FERROPTIM_NUM_THREADS": "", "FERROPTIM_BACKEND": ""},
-         "assert ferroptim.get_backend() == 'auto'\n"
-         "assert ferroptim.simd_level() == ferroptim.supported_simd_levels()[0]"),
+        (
+            {"FERROPTIM_SIMD": "", "FERROPTIM_NUM_THREADS": "", "FERROPTIM_BACKEND": ""},
+            "assert ferroptim.get_backend() == 'auto'\n"
+            "assert ferroptim.simd_level() == ferroptim.supported_simd_levels()[0]",
+        ),
     ],
     ids=["simd-scalar", "threads-1", "threads-3", "backend-torch", "backend-auto", "empty"],
 )
 def test_valid_environment_takes_effect(env, checks):
     code = f"""
         import torch, ferroptim
-        {checks.replace(chr(10), chr(10) + ' ' * 8)}
+        {checks.replace(chr(10), chr(10) + " " * 8)}
         # ... and a step works under these settings, and matches torch.
         p = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
         q = torch.nn.Parameter(torch.linspace(-1, 1, 70001))

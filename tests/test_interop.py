@@ -38,12 +38,11 @@ F32 = tol(torch.float32)
 SHAPES = ((300,), (17, 9), (5,), (4, 3, 2))
 
 
-def make_params(seed: int = 0, dtype: torch.dtype = torch.float32,
-                shapes: tuple[tuple[int, ...], ...] = SHAPES) -> list[torch.nn.Parameter]:
+def make_params(
+    seed: int = 0, dtype: torch.dtype = torch.float32, shapes: tuple[tuple[int, ...], ...] = SHAPES
+) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in shapes
-    ]
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in shapes]
 
 
 class Twin:
@@ -88,8 +87,9 @@ class Twin:
     def check(self, **tolerance: float) -> None:
         tolerance = tolerance or tol(self.fp[0].dtype)
         for i, (a, b) in enumerate(zip(self.fp, self.tp, strict=True)):
-            torch.testing.assert_close(a.detach(), b.detach(), **tolerance,
-                                       msg=lambda m, i=i: f"param {i}: {m}")
+            torch.testing.assert_close(
+                a.detach(), b.detach(), **tolerance, msg=lambda m, i=i: f"param {i}: {m}"
+            )
             sa, sb = self.f.state.get(a, {}), self.t.state.get(b, {})
             assert set(sa) == set(sb), f"param {i}: state keys {set(sa)} != {set(sb)}"
             for key, vb in sb.items():
@@ -97,8 +97,9 @@ class Twin:
                 if key == "step":
                     assert float(va) == float(vb), f"param {i}: step"
                 else:
-                    torch.testing.assert_close(va, vb, **tolerance,
-                                               msg=lambda m, i=i, k=key: f"param {i} {k}: {m}")
+                    torch.testing.assert_close(
+                        va, vb, **tolerance, msg=lambda m, i=i, k=key: f"param {i} {k}: {m}"
+                    )
 
 
 def hyper(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -106,8 +107,11 @@ def hyper(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     live ``params`` (state dicts' param indices are kept)."""
     assert all("foreach" in g for g in groups)
     return [
-        {k: v for k, v in g.items()
-         if k != "foreach" and not (k == "params" and v and isinstance(v[0], torch.Tensor))}
+        {
+            k: v
+            for k, v in g.items()
+            if k != "foreach" and not (k == "params" and v and isinstance(v[0], torch.Tensor))
+        }
         for g in groups
     ]
 
@@ -117,15 +121,19 @@ def mlp(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(
         # Smooth activations: a ReLU sitting within 1e-8 of its kink could flip on a
         # last-bit difference and turn rounding noise into a visibly different trajectory.
-        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(),
+        torch.nn.Linear(8, 32),
+        torch.nn.Tanh(),
+        torch.nn.Linear(32, 32),
+        torch.nn.Tanh(),
         torch.nn.Linear(32, 4),
     )
 
 
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)) for _ in range(n)
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,8 +146,14 @@ def test_param_groups_with_their_own_hyperparameters(family):
     def groups(ps):
         return [
             {"params": ps[:2]},
-            {"params": [ps[2]], "lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4,
-             "weight_decay": 0.3, "amsgrad": True},
+            {
+                "params": [ps[2]],
+                "lr": 0.05,
+                "betas": (0.5, 0.9),
+                "eps": 1e-4,
+                "weight_decay": 0.3,
+                "amsgrad": True,
+            },
             {"params": [ps[3]], "lr": 1e-4, "maximize": True, "weight_decay": 0.0},
         ]
 
@@ -166,14 +180,21 @@ def test_add_param_group_mid_training():
 def test_hyperparameter_changes_mid_training_are_honoured():
     twin = Twin("Adam", lr=1e-2)
     changes = [
-        ("lr", 0.05), ("betas", (0.5, 0.9)), ("eps", 1e-3), ("weight_decay", 0.1),
-        ("maximize", True), ("decoupled_weight_decay", True), ("maximize", False),
+        ("lr", 0.05),
+        ("betas", (0.5, 0.9)),
+        ("eps", 1e-3),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("decoupled_weight_decay", True),
+        ("maximize", False),
         ("lr", torch.tensor(3e-3)),
     ]
     twin.step(5)
     for key, value in changes:
+
         def change(opt, _ps, key=key, value=value):
             opt.param_groups[0][key] = value
+
         twin.both(change)
         twin.step(5)
     twin.check()
@@ -232,11 +253,13 @@ def test_closure_training_matches_torch():
         opt = cls(model.parameters(), lr=1e-2, amsgrad=True)
         out = []
         for x, y in batches(30):
+
             def closure(x=x, y=y, model=model, opt=opt):
                 opt.zero_grad()
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 loss.backward()
                 return loss
+
             out.append(opt.step(closure).item())
         losses[name] = out
     assert losses["ferro"] == pytest.approx(losses["torch"], rel=1e-5, abs=1e-6)
@@ -257,10 +280,8 @@ def test_step_hooks_fire():
 
     h1 = opt.register_step_pre_hook(pre)
     h2 = opt.register_step_post_hook(post)
-    g1 = register_optimizer_step_pre_hook(
-        lambda o, a, k: events.append(("global-pre", None)))
-    g2 = register_optimizer_step_post_hook(
-        lambda o, a, k: events.append(("global-post", None)))
+    g1 = register_optimizer_step_pre_hook(lambda o, a, k: events.append(("global-pre", None)))
+    g2 = register_optimizer_step_post_hook(lambda o, a, k: events.append(("global-post", None)))
     try:
         for p in params:
             p.grad = torch.ones_like(p)
@@ -370,8 +391,11 @@ def test_grad_scaler_matches_torch():
     results = {}
     for name, cls in (("ferro", ferroptim.Adam), ("torch", torch.optim.Adam)):
         model = mlp()
-        opt = cls(model.parameters(), lr=1e-2) if name == "ferro" else cls(
-            model.parameters(), lr=1e-2, foreach=False)
+        opt = (
+            cls(model.parameters(), lr=1e-2)
+            if name == "ferro"
+            else cls(model.parameters(), lr=1e-2, foreach=False)
+        )
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
         for i, (x, y) in enumerate(batches(30)):
             opt.zero_grad()
@@ -398,16 +422,20 @@ def test_grad_scaler_matches_torch():
 def _seq(opt):
     return lr_scheduler.SequentialLR(
         opt,
-        [lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
-         lr_scheduler.ExponentialLR(opt, gamma=0.95)],
+        [
+            lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=5),
+            lr_scheduler.ExponentialLR(opt, gamma=0.95),
+        ],
         milestones=[5],
     )
 
 
 def _chained(opt):
     return lr_scheduler.ChainedScheduler(
-        [lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=10),
-         lr_scheduler.ExponentialLR(opt, gamma=0.97)]
+        [
+            lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=10),
+            lr_scheduler.ExponentialLR(opt, gamma=0.97),
+        ]
     )
 
 
@@ -417,15 +445,25 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "ExponentialLR": lambda o: lr_scheduler.ExponentialLR(o, gamma=0.95),
     "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=1e-4),
     "CosineAnnealingWarmRestarts": lambda o: lr_scheduler.CosineAnnealingWarmRestarts(
-        o, T_0=8, T_mult=2, eta_min=1e-5),
+        o, T_0=8, T_mult=2, eta_min=1e-5
+    ),
     "CyclicLR": lambda o: lr_scheduler.CyclicLR(
-        o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, cycle_momentum=False),
+        o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, cycle_momentum=False
+    ),
     "CyclicLR-betas": lambda o: lr_scheduler.CyclicLR(
-        o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, mode="triangular2",
-        cycle_momentum=True, base_momentum=0.8, max_momentum=0.95),
+        o,
+        base_lr=1e-3,
+        max_lr=5e-2,
+        step_size_up=6,
+        mode="triangular2",
+        cycle_momentum=True,
+        base_momentum=0.8,
+        max_momentum=0.95,
+    ),
     "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=5e-2, total_steps=60),
     "OneCycleLR-linear": lambda o: lr_scheduler.OneCycleLR(
-        o, max_lr=[5e-2, 1e-2], total_steps=60, anneal_strategy="linear", three_phase=True),
+        o, max_lr=[5e-2, 1e-2], total_steps=60, anneal_strategy="linear", three_phase=True
+    ),
     "LinearLR": lambda o: lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=20),
     "ConstantLR": lambda o: lr_scheduler.ConstantLR(o, factor=0.3, total_iters=15),
     "PolynomialLR": lambda o: lr_scheduler.PolynomialLR(o, total_iters=40, power=2.0),
@@ -446,7 +484,8 @@ def test_lr_scheduler_trajectory_matches_torch(name, family):
         model = mlp()
         params = list(model.parameters())
         opt = factory(
-            [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3}], lr=1e-2,
+            [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3}],
+            lr=1e-2,
         )
         sched = SCHEDULERS[name](opt)
         trajectory, losses = [], []
@@ -525,8 +564,11 @@ def test_checkpoint_interchange(direction, family):
     def groups(ps):
         return [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "amsgrad": True}]
 
-    first, second = ((family.make_torch, family.make_ferro) if direction == "torch-to-ferro"
-                     else (family.make_ferro, family.make_torch))
+    first, second = (
+        (family.make_torch, family.make_ferro)
+        if direction == "torch-to-ferro"
+        else (family.make_ferro, family.make_torch)
+    )
     params = make_params()
     opt = first(groups(params), lr=1e-2, weight_decay=0.03)
     gen = torch.Generator().manual_seed(7)
@@ -569,7 +611,8 @@ def test_save_load_weights_only_round_trip():
     # Continue from the loaded state on a fresh optimizer and on the original: same numbers.
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in twin.fp]
     opt = ferroptim.AdamW(
-        [{"params": fresh[:2]}, {"params": fresh[2:], "lr": 3e-3, "amsgrad": True}], lr=1e-2)
+        [{"params": fresh[:2]}, {"params": fresh[2:], "lr": 3e-3, "amsgrad": True}], lr=1e-2
+    )
     opt.load_state_dict(loaded)
     gen = torch.Generator().manual_seed(3)
     for _ in range(10):
@@ -686,8 +729,9 @@ def test_swapping_a_state_tensors_data(key):
     def swap(opt, ps):
         state = opt.state[ps[1]]
         keep_alive.append(state[key].data)
-        state[key].data = (torch.tensor(100.0) if key == "step"
-                           else torch.full_like(state[key], 0.25))
+        state[key].data = (
+            torch.tensor(100.0) if key == "step" else torch.full_like(state[key], 0.25)
+        )
 
     twin.both(swap)
     stale = [t.clone() for t in keep_alive]

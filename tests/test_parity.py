@@ -7,6 +7,8 @@ their own hyperparameters, a tensor large enough to be split into parallel chunk
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import (
@@ -28,7 +30,10 @@ from conftest import (
 
 STEPS = 200
 REAL_DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
-COMPLEX_DTYPES = [pytest.param(torch.complex64, id="c64"), pytest.param(torch.complex128, id="c128")]
+COMPLEX_DTYPES = [
+    pytest.param(torch.complex64, id="c64"),
+    pytest.param(torch.complex128, id="c128"),
+]
 
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
@@ -81,11 +86,12 @@ def test_mixed_float32_float64_groups(dtype):
 
     fp, fo = make(lambda g: family.make_ferro(g, lr=1e-2, amsgrad=True))
     tp, to = make(lambda g: family.make_torch(g, lr=1e-2, amsgrad=True))
-    for x, y, ox, oy in zip(fp, tp, [fo] * 3, [to] * 3, strict=True):
+    for x, y in zip(fp, tp, strict=True):
         torch.testing.assert_close(x.detach(), y.detach(), **tol(y.dtype))
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            torch.testing.assert_close(ox.state[x][key], oy.state[y][key], **tol(y.dtype))
-        assert float(ox.state[x]["step"]) == float(oy.state[y]["step"]) == STEPS
+            assert fo.state[x][key].dtype == y.dtype
+            torch.testing.assert_close(fo.state[x][key], to.state[y][key], **tol(y.dtype))
+        assert float(fo.state[x]["step"]) == float(to.state[y]["step"]) == STEPS
 
 
 @pytest.mark.parametrize(
@@ -155,13 +161,19 @@ def test_thread_counts_are_bitwise_identical(case, dtype):
         assert ferroptim.get_num_threads() == threads
         runs[threads] = run_steps(
             lambda groups: case.family.make_ferro(groups, **kwargs),
-            threaded_layout(), dtype, steps, none_prob=0.1,
+            threaded_layout(),
+            dtype,
+            steps,
+            none_prob=0.1,
         )
     assert_same_trajectory(runs[2], runs[1], exact=True)
     assert_same_trajectory(runs[3], runs[1], exact=True)
     ref = run_steps(
         lambda groups: case.family.make_torch(groups, **kwargs),
-        threaded_layout(), dtype, steps, none_prob=0.1,
+        threaded_layout(),
+        dtype,
+        steps,
+        none_prob=0.1,
     )
     assert_same_trajectory(runs[2], ref, **tol(dtype))
 
@@ -193,7 +205,7 @@ def test_single_tensor_chunking_is_bitwise_identical_to_small_tensors():
 
 
 def itertools_pairwise(xs):
-    return list(zip(xs[:-1], xs[1:], strict=True))
+    return list(itertools.pairwise(xs))
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,7 +249,11 @@ def test_forced_torch_backend_matches_reference(case, impl, dtype):
     ferroptim.set_backend("torch")
     assert ferroptim.get_backend() == "torch"
     ferro, ref = run_pair(
-        case.family, {"lr": 1e-2, **case.kwargs}, _matching_layout(), dtype, STEPS,
+        case.family,
+        {"lr": 1e-2, **case.kwargs},
+        _matching_layout(),
+        dtype,
+        STEPS,
         ferro_kwargs=impl,
     )
     assert_same_trajectory(ferro, ref, state_keys=case.family.state_keys, **tol(dtype))
@@ -376,3 +392,20 @@ def test_differentiable_matches_torch(family, flags):
         q.grad = torch.randn(4, 6, generator=ggen, dtype=torch.float64)
         ref.step()
     torch.testing.assert_close(fp, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+def test_default_dtype_float64(family):
+    """With float64 as the default dtype torch keeps ``step`` as a float64 tensor."""
+    family = FAMILIES[family]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ferro, ref = run_pair(
+            family, {"lr": 1e-2, "amsgrad": True}, small_layout(), torch.float64, STEPS
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    assert_same_trajectory(ferro, ref, **tol(torch.float64))
+    step = ferro.opt.state[ferro.pset.params[0]]["step"]
+    assert step.dtype == torch.float64

@@ -48,6 +48,7 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     grad_scale: float,
+    lr_is_f32: bool,
 ) -> None: ...
 def sgd_step(
     plan: GroupPlan,
@@ -79,6 +80,7 @@ def adagrad_step(
     eps: float,
     maximize: bool,
     grad_scale: float,
+    lr_is_f32: bool,
 ) -> None: ...
 def grad_norms(
     plans: Sequence[GroupPlan], norm_type: float, grads_only: bool

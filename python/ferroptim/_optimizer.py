@@ -49,6 +49,12 @@ def scalar(value: float | Tensor) -> float:
     return value if type(value) is float else float(value)
 
 
+def lr_is_f32(lr: float | Tensor) -> bool:
+    """Whether ``lr`` is a float32 tensor: torch then derives per-step scalars from it
+    (``lr / bias_correction1``, ...) in float32 tensor arithmetic."""
+    return isinstance(lr, Tensor) and lr.dtype == torch.float32
+
+
 @dataclass
 class Gathered:
     """Tensors of a group's params that have a grad, as torch's ``_init_group`` lists them.
@@ -374,7 +380,7 @@ class RustStepMixin:
             )
             rust = None
             if gathered is not None and gathered.params:
-                rust = self._prepare_rust(gathered)
+                rust = self._prepare_rust(gathered, group)
 
         def run(grad_scale: float) -> None:
             if rust is not None:
@@ -410,13 +416,27 @@ class RustStepMixin:
         ):
             # State made earlier for another implementation: foreach takes any step tensor.
             foreach, fused = _foreach_supported(gathered.params), False
+        if fused:
+            # torch's fused kernels walk a grad in its param's memory order: a grad laid
+            # out differently would be mis-stepped, so hand them one laid out alike.
+            gathered.grads = [
+                g if g.is_sparse else _laid_out_like(g, p)
+                for g, p in zip(gathered.grads, gathered.params, strict=True)
+            ]
 
         def run() -> None:
             self._ferro_torch_step(gathered, group, foreach=foreach, fused=fused)
 
         return run, list(gathered.grads)
 
-    def _prepare_rust(self, gathered: Gathered) -> _RustWork:
+    def _ferro_aliased_grad(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        """The gradient values torch's for-loop reads when ``grad`` shares memory with a
+        buffer the step writes (``p.grad = p.detach()``, say). torch's in-place updates
+        of the param come after it has read the gradient, except where a family says
+        otherwise (AdamW decays the param first)."""
+        return grad.clone()
+
+    def _prepare_rust(self, gathered: Gathered, group: dict[str, Any]) -> _RustWork:
         """Lays the gathered tensors out for the kernel — one run of memory per tensor,
         the same layout for a param, its grad and its states — and builds one-shot
         plans: one for params whose lazily created buffers are new (``fresh``), one
@@ -430,6 +450,11 @@ class RustStepMixin:
         staged = work_out.staged
         created = work_out.created
         fresh_flags: list[bool] = []
+        if len({id(p) for p in gathered.params}) != len(gathered.params):
+            raise ValueError(
+                f"{name}: a parameter appears more than once in a param group; "
+                "list each parameter once"
+            )
         for i, p in enumerate(gathered.params):
             work = p if _is_dense(p) else p.contiguous()
             if work is not p:
@@ -464,23 +489,36 @@ class RustStepMixin:
                 written_storages.add(gathered.states[k][i].untyped_storage().data_ptr())
 
         grads: list[Tensor] = []
-        for work, grad in zip(works, gathered.grads, strict=True):
+        for p, work, grad in zip(gathered.params, works, gathered.grads, strict=True):
             if grad.is_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients")
+            if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+                # torch's setter rules this out; `p.grad.data = ...` does not.
+                raise RuntimeError(
+                    f"{name}: a gradient of shape {tuple(grad.shape)}, dtype {grad.dtype} on "
+                    f"{grad.device} does not match its parameter (shape {tuple(p.shape)}, "
+                    f"dtype {p.dtype} on {p.device})"
+                )
             if grad.untyped_storage().data_ptr() in written_storages:
-                grad = grad.clone()  # a grad sharing memory with what we write
+                # The gradient shares memory with a buffer the step writes: read
+                # what torch's in-place sequence would have read.
+                grad = self._ferro_aliased_grad(p, grad, group)
             grads.append(_laid_out_like(grad, work))
 
         for fresh in (False, True):
             index = [i for i, f in enumerate(fresh_flags) if f == fresh]
-            if index:
+            if not index:
+                continue
+            try:
                 plan = _core.GroupPlan.from_tensors(
                     _real([works[i] for i in index]),
                     _real([grads[i] for i in index]),
                     [_real([states[i] for i in index]) for states in gathered.states],
                     [gathered.steps[i] if step_key is not None else None for i in index],
                 )
-                work_out.plans.append((plan, fresh))
+            except ValueError as error:
+                raise RuntimeError(f"{name}: {error}") from error
+            work_out.plans.append((plan, fresh))
         return work_out
 
     def _cache_plan(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> None:

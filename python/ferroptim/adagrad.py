@@ -10,7 +10,7 @@ from torch.optim import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+from ferroptim._optimizer import Gathered, RustStepMixin, lr_is_f32, scalar
 
 __all__ = ["Adagrad"]
 
@@ -79,6 +79,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             scalar(group["eps"]),
             group["maximize"],
             grad_scale,
+            lr_is_f32(group["lr"]),
         )
 
     def _ferro_torch_step(

@@ -10,7 +10,7 @@ from torch.optim import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+from ferroptim._optimizer import Gathered, RustStepMixin, lr_is_f32, scalar
 
 __all__ = ["Adam", "AdamW"]
 
@@ -36,6 +36,13 @@ class _AdamFamily(RustStepMixin):
             g.states.append(max_exp_avg_sqs)
         return g
 
+    def _ferro_aliased_grad(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        # torch's AdamW decays the param before reading the (un-negated) grad.
+        decays_first = group["decoupled_weight_decay"] and group["weight_decay"] != 0
+        if decays_first and not group["maximize"] and grad.data_ptr() == param.data_ptr():
+            return grad.mul(1 - scalar(group["lr"]) * scalar(group["weight_decay"]))
+        return grad.clone()
+
     def _ferro_rust_step(
         self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
     ) -> None:
@@ -51,6 +58,7 @@ class _AdamFamily(RustStepMixin):
             group["amsgrad"],
             group["maximize"],
             grad_scale,
+            lr_is_f32(group["lr"]),
         )
 
     def _ferro_torch_step(

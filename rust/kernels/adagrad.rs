@@ -28,6 +28,8 @@ pub struct AdagradHyper {
     pub maximize: bool,
     /// Multiplies every gradient as it is read (clipping); 1.0 is exact identity.
     pub grad_scale: f64,
+    /// `lr` is a float32 tensor: torch then computes `clr` in float32.
+    pub lr_is_f32: bool,
 }
 
 impl Default for AdagradHyper {
@@ -39,6 +41,7 @@ impl Default for AdagradHyper {
             eps: 1e-10,
             maximize: false,
             grad_scale: 1.0,
+            lr_is_f32: false,
         }
     }
 }
@@ -53,7 +56,12 @@ struct AdagradConsts<C> {
 
 impl<C: Real> AdagradConsts<C> {
     fn new(h: &AdagradHyper, step: f64) -> Self {
-        let clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
+        let decay = 1.0 + (step - 1.0) * h.lr_decay;
+        let clr = if h.lr_is_f32 {
+            f64::from(h.lr as f32 / decay as f32)
+        } else {
+            h.lr / decay
+        };
         AdagradConsts {
             grad_scale: C::from_f64(h.grad_scale),
             weight_decay: C::from_f64(h.weight_decay),

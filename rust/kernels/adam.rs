@@ -39,6 +39,9 @@ pub struct AdamHyper {
     /// Multiplies every gradient as it is read (the clipping coefficient of
     /// `max_grad_norm`); 1.0 leaves gradients as they are, exactly.
     pub grad_scale: f64,
+    /// `lr` is a float32 tensor: torch then computes `lr / bc1` and
+    /// `1 - lr * wd` in float32 tensor arithmetic.
+    pub lr_is_f32: bool,
 }
 
 impl Default for AdamHyper {
@@ -53,6 +56,7 @@ impl Default for AdamHyper {
             amsgrad: false,
             maximize: false,
             grad_scale: 1.0,
+            lr_is_f32: false,
         }
     }
 }
@@ -103,11 +107,17 @@ impl<C: Real> AdamConsts<C> {
     pub fn new(h: &AdamHyper, step: f64) -> Self {
         let bias_correction1 = 1.0 - h.beta1.powf(step);
         let bias_correction2 = 1.0 - h.beta2.powf(step);
-        let step_size = h.lr / bias_correction1;
+        let step_size = if h.lr_is_f32 {
+            f64::from(h.lr as f32 / bias_correction1 as f32)
+        } else {
+            h.lr / bias_correction1
+        };
         // Python's `bias_correction2 ** 0.5` is libm's pow, which LLVM would
         // otherwise rewrite to sqrt for a literal 0.5.
         let bias_correction2_sqrt = bias_correction2.powf(std::hint::black_box(0.5));
-        let weight_decay = if h.decoupled_weight_decay {
+        let weight_decay = if h.decoupled_weight_decay && h.lr_is_f32 {
+            f64::from(1.0 - h.lr as f32 * h.weight_decay as f32)
+        } else if h.decoupled_weight_decay {
             1.0 - h.lr * h.weight_decay
         } else {
             h.weight_decay

@@ -13,7 +13,7 @@ use crate::kernels::sgd::{sgd_step as sgd_kernel, SgdHyper};
 
 /// Adam, or AdamW with `decoupled_weight_decay`.
 #[pyfunction]
-#[pyo3(signature = (plan, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale))]
+#[pyo3(signature = (plan, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale, lr_is_f32))]
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
     py: Python<'_>,
@@ -27,6 +27,7 @@ pub fn adam_step(
     amsgrad: bool,
     maximize: bool,
     grad_scale: f64,
+    lr_is_f32: bool,
 ) -> PyResult<()> {
     let hyper = AdamHyper {
         lr,
@@ -38,6 +39,7 @@ pub fn adam_step(
         amsgrad,
         maximize,
         grad_scale,
+        lr_is_f32,
     };
     plan.borrow_mut()
         .run(py, Some(hyper.num_states()), true, true, |group, level| {
@@ -110,7 +112,7 @@ pub fn rmsprop_step(
 
 /// Adagrad (dense gradients).
 #[pyfunction]
-#[pyo3(signature = (plan, lr, lr_decay, weight_decay, eps, maximize, grad_scale))]
+#[pyo3(signature = (plan, lr, lr_decay, weight_decay, eps, maximize, grad_scale, lr_is_f32))]
 #[allow(clippy::too_many_arguments)]
 pub fn adagrad_step(
     py: Python<'_>,
@@ -121,6 +123,7 @@ pub fn adagrad_step(
     eps: f64,
     maximize: bool,
     grad_scale: f64,
+    lr_is_f32: bool,
 ) -> PyResult<()> {
     let hyper = AdagradHyper {
         lr,
@@ -129,6 +132,7 @@ pub fn adagrad_step(
         eps,
         maximize,
         grad_scale,
+        lr_is_f32,
     };
     plan.borrow_mut()
         .run(py, Some(1), true, true, |group, level| {

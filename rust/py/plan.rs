@@ -39,9 +39,10 @@ struct Entry {
     len: usize,
     dtype: DType,
     dtype_obj: Py<PyAny>,
-    /// The parameter's strides when it is dense but not contiguous; its
-    /// gradient must then have exactly these strides.
-    dense_strides: Option<Py<PyTuple>>,
+    /// The parameter's strides: it must keep them (`p.data = p.data.t()` keeps
+    /// the pointer but not the layout), and its gradient must have them too
+    /// (which, for one run of memory, also pins the gradient's shape).
+    strides: Py<PyTuple>,
     /// `None` until the parameter has been stepped once (state is lazy).
     state: Option<EntryState>,
 }
@@ -101,6 +102,12 @@ pub struct GroupPlan {
     keepalive: Vec<Py<PyAny>>,
     /// Gradients gathered for the next run, per entry (`None`: no gradient).
     gathered: bool,
+}
+
+fn data_ptr(tensor: &Bound<'_, PyAny>) -> PyResult<usize> {
+    tensor
+        .call_method0(intern!(tensor.py(), "data_ptr"))?
+        .extract()
 }
 
 fn not_plannable(message: String) -> PyErr {
@@ -280,11 +287,11 @@ impl GroupPlan {
         entry: &Entry,
         param: &Bound<'py, PyAny>,
     ) -> PyResult<Gathered<'py>> {
-        if !param.is(&entry.param) {
-            return Ok(Gathered::Changed);
-        }
-        let addr: usize = param.call_method0(intern!(py, "data_ptr"))?.extract()?;
-        if addr != entry.addr {
+        let strides = entry.strides.bind(py);
+        if !param.is(&entry.param)
+            || data_ptr(param)? != entry.addr
+            || !param.call_method0(intern!(py, "stride"))?.eq(strides)?
+        {
             return Ok(Gathered::Changed);
         }
         let grad = param.getattr(intern!(py, "grad"))?;
@@ -294,42 +301,34 @@ impl GroupPlan {
         let Some(state) = &entry.state else {
             return Ok(Gathered::Changed); // first gradient: the state must be created
         };
+        // The same state tensors, still over the same memory (`t.data = ...`
+        // keeps the object but not the buffer).
         let dict = state.dict.bind(py);
-        for (key, buffer) in self.state_keys.iter().zip(&state.buffers) {
+        for ((key, buffer), &addr) in self.state_keys.iter().zip(&state.buffers).zip(&state.addrs) {
             match dict.get_item(key.bind(py))? {
-                Some(current) if current.is(buffer) => {}
+                Some(current) if current.is(buffer) && data_ptr(&current)? == addr => {}
                 _ => return Ok(Gathered::Changed),
             }
         }
-        if let (Some(key), Some((step, _))) = (&self.step_key, &state.step) {
+        if let (Some(key), Some((step, counter))) = (&self.step_key, &state.step) {
             match dict.get_item(key.bind(py))? {
-                Some(current) if current.is(step) => {}
+                Some(current) if current.is(step) && data_ptr(&current)? == counter.addr => {}
                 _ => return Ok(Gathered::Changed),
             }
         }
-        // torch's `.grad` setter already guarantees dtype, device and shape, but
+        // torch's `.grad` setter guarantees dtype, device and shape, but
         // `grad.data = ...` bypasses it, and a wrong guess here would read out
-        // of bounds: check what the engine relies on.
+        // of bounds: check everything the engine relies on.
         if !grad.getattr(intern!(py, "dtype"))?.is(&entry.dtype_obj)
             || !grad.getattr(intern!(py, "is_cpu"))?.is_truthy()?
+            || !grad.call_method0(intern!(py, "stride"))?.eq(strides)?
         {
-            return Ok(Gathered::Changed);
-        }
-        let layout_ok = match &entry.dense_strides {
-            None => grad
-                .call_method0(intern!(py, "is_contiguous"))?
-                .is_truthy()?,
-            Some(strides) => grad
-                .call_method0(intern!(py, "stride"))?
-                .eq(strides.bind(py))?,
-        };
-        if !layout_ok {
             return Ok(Gathered::Changed);
         }
         // With the dtype checked, the byte count pins the element count.
         let bytes = entry.len * entry.dtype.size();
         let grad_bytes: usize = grad.getattr(intern!(py, "nbytes"))?.extract()?;
-        let grad_addr: usize = grad.call_method0(intern!(py, "data_ptr"))?.extract()?;
+        let grad_addr = data_ptr(&grad)?;
         if grad_bytes != bytes
             || grad_addr == 0
             || !grad_addr.is_multiple_of(entry.dtype.size())
@@ -382,15 +381,12 @@ impl GroupPlan {
         for (index, (param, dict)) in params.iter().zip(&states).enumerate() {
             let what = format!("parameter {index}");
             let info = TensorInfo::inspect(&param, &what)?;
-            let dense_strides = match info.layout {
-                Layout::Contiguous => None,
-                Layout::Dense => Some(info.strides()?.unbind()),
-                Layout::Strided => {
-                    return Err(not_plannable(format!(
-                        "{what} has gaps or overlaps in memory"
-                    )))
-                }
-            };
+            if info.layout == Layout::Strided {
+                return Err(not_plannable(format!(
+                    "{what} has gaps or overlaps in memory"
+                )));
+            }
+            let strides = info.strides()?.unbind();
             let state = plan.inspect_state(py, &info, dict, index)?;
             let (addrs, num_states) = state
                 .as_ref()
@@ -410,7 +406,7 @@ impl GroupPlan {
                 len: info.len,
                 dtype: info.dtype,
                 dtype_obj: info.dtype_obj.unbind(),
-                dense_strides,
+                strides,
                 state,
             });
         }
