@@ -3,6 +3,7 @@
 //! nothing of Python.
 
 mod clip;
+mod hot;
 mod optimizers;
 mod plan;
 mod tensor;

@@ -14,10 +14,12 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
-use pyo3::intern;
+use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
+use super::hot::{Hot, Ref};
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
     check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES, NO_GRAD,
@@ -79,13 +81,13 @@ impl StateSnapshot {
 }
 
 /// What [`GroupPlan::gather`] found for one parameter.
-enum Gathered<'py> {
+enum Gathered {
     /// Something changed since the plan was built: the slow path must look.
     Changed,
     /// No gradient this step: skip the parameter.
     NoGrad,
     /// Ready to step with this gradient.
-    Ready(TensorBuffers, Bound<'py, PyAny>),
+    Ready(TensorBuffers, Ref),
 }
 
 /// Engine buffers of one parameter group (see the module docs).
@@ -100,14 +102,28 @@ pub struct GroupPlan {
     /// Buffers gathered for the next run, and what keeps them alive.
     ready: Vec<TensorBuffers>,
     keepalive: Vec<Py<PyAny>>,
-    /// Gradients gathered for the next run, per entry (`None`: no gradient).
+    /// The tensors the next run writes in place (parameters, or gradients
+    /// when clipping): their autograd version counters are bumped afterwards,
+    /// as torch's own in-place updates would.
+    written_tensors: Vec<Py<PyAny>>,
+    /// Whether `ready` holds buffers for a run.
     gathered: bool,
 }
 
-fn data_ptr(tensor: &Bound<'_, PyAny>) -> PyResult<usize> {
-    tensor
-        .call_method0(intern!(tensor.py(), "data_ptr"))?
-        .extract()
+/// `torch.autograd.graph.increment_version(tensors)`: records that the
+/// tensors were modified in place, so autograd refuses a graph that saved them
+/// before the step, exactly as after torch's own in-place update.
+fn bump_versions(py: Python<'_>, tensors: Vec<Py<PyAny>>) -> PyResult<()> {
+    static INCREMENT_VERSION: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let increment = INCREMENT_VERSION.get_or_try_init(py, || {
+        Ok::<_, PyErr>(
+            py.import("torch.autograd.graph")?
+                .getattr("increment_version")?
+                .unbind(),
+        )
+    })?;
+    increment.call1(py, (PyList::new(py, tensors)?,))?;
+    Ok(())
 }
 
 fn not_plannable(message: String) -> PyErr {
@@ -165,6 +181,7 @@ impl GroupPlan {
             written: WrittenSet::default(),
             ready: Vec::new(),
             keepalive: Vec::new(),
+            written_tensors: Vec::new(),
             gathered: false,
         }
     }
@@ -179,6 +196,7 @@ impl GroupPlan {
     fn clear_gathered(&mut self) {
         self.ready.clear();
         self.keepalive.clear();
+        self.written_tensors.clear();
         self.gathered = false;
     }
 
@@ -208,14 +226,15 @@ impl GroupPlan {
                 t.num_states
             )));
         }
-        let (tensors, keepalive) = if consume {
+        let (tensors, keepalive, written) = if consume {
             self.gathered = false;
             (
                 std::mem::take(&mut self.ready),
                 std::mem::take(&mut self.keepalive),
+                std::mem::take(&mut self.written_tensors),
             )
         } else {
-            (self.ready.clone(), Vec::new())
+            (self.ready.clone(), Vec::new(), Vec::new())
         };
         // SAFETY: every address was read from a live CPU tensor of the recorded
         // dtype and length (TensorInfo::inspect), and those tensors are kept
@@ -227,6 +246,9 @@ impl GroupPlan {
         let result = py.detach(|| catch_unwind(AssertUnwindSafe(|| step(&mut group, level))));
         drop(group);
         drop(keepalive);
+        if !written.is_empty() {
+            bump_versions(py, written)?;
+        }
         result.map_err(|panic| {
             let message = panic
                 .downcast_ref::<&str>()
@@ -280,61 +302,62 @@ impl GroupPlan {
         }))
     }
 
-    /// Checks one entry for this step.
-    fn gather_entry<'py>(
+    /// Checks one entry for this step (see `Gathered`); `None` means
+    /// something could not even be asked, which is a change too.
+    fn gather_entry(
         &self,
-        py: Python<'py>,
+        hot: &Hot<'_>,
         entry: &Entry,
-        param: &Bound<'py, PyAny>,
-    ) -> PyResult<Gathered<'py>> {
-        let strides = entry.strides.bind(py);
-        if !param.is(&entry.param)
-            || data_ptr(param)? != entry.addr
-            || !param.call_method0(intern!(py, "stride"))?.eq(strides)?
+        param: *mut ffi::PyObject,
+    ) -> Option<Gathered> {
+        let strides = entry.strides.as_ptr();
+        if param != entry.param.as_ptr()
+            || hot.data_ptr(param)? != entry.addr
+            || !hot.has_strides(param, strides)?
         {
-            return Ok(Gathered::Changed);
+            return Some(Gathered::Changed);
         }
-        let grad = param.getattr(intern!(py, "grad"))?;
+        let grad = hot.grad(param)?;
         if grad.is_none() {
-            return Ok(Gathered::NoGrad);
+            return Some(Gathered::NoGrad);
         }
         let Some(state) = &entry.state else {
-            return Ok(Gathered::Changed); // first gradient: the state must be created
+            return Some(Gathered::Changed); // first gradient: the state must be created
         };
         // The same state tensors, still over the same memory (`t.data = ...`
         // keeps the object but not the buffer).
-        let dict = state.dict.bind(py);
+        let dict = state.dict.as_ptr();
         for ((key, buffer), &addr) in self.state_keys.iter().zip(&state.buffers).zip(&state.addrs) {
-            match dict.get_item(key.bind(py))? {
-                Some(current) if current.is(buffer) && data_ptr(&current)? == addr => {}
-                _ => return Ok(Gathered::Changed),
+            let current = hot.dict_get(dict, key.as_ptr());
+            if current != buffer.as_ptr() || hot.data_ptr(current)? != addr {
+                return Some(Gathered::Changed);
             }
         }
         if let (Some(key), Some((step, counter))) = (&self.step_key, &state.step) {
-            match dict.get_item(key.bind(py))? {
-                Some(current) if current.is(step) && data_ptr(&current)? == counter.addr => {}
-                _ => return Ok(Gathered::Changed),
+            let current = hot.dict_get(dict, key.as_ptr());
+            if current != step.as_ptr() || hot.data_ptr(current)? != counter.addr {
+                return Some(Gathered::Changed);
             }
         }
         // torch's `.grad` setter guarantees dtype, device and shape, but
         // `grad.data = ...` bypasses it, and a wrong guess here would read out
-        // of bounds: check everything the engine relies on.
-        if !grad.getattr(intern!(py, "dtype"))?.is(&entry.dtype_obj)
-            || !grad.getattr(intern!(py, "is_cpu"))?.is_truthy()?
-            || !grad.call_method0(intern!(py, "stride"))?.eq(strides)?
-        {
-            return Ok(Gathered::Changed);
-        }
-        // With the dtype checked, the byte count pins the element count.
+        // of bounds: check everything the engine relies on. The strides pin
+        // the layout and (with the byte count) the shape.
         let bytes = entry.len * entry.dtype.size();
-        let grad_bytes: usize = grad.getattr(intern!(py, "nbytes"))?.extract()?;
-        let grad_addr = data_ptr(&grad)?;
-        if grad_bytes != bytes
-            || grad_addr == 0
+        let g = grad.as_ptr();
+        if !hot.has_dtype(g, entry.dtype_obj.as_ptr())?
+            || !hot.is_cpu(g)?
+            || !hot.has_strides(g, strides)?
+            || hot.nbytes(g)? != bytes
+        {
+            return Some(Gathered::Changed);
+        }
+        let grad_addr = hot.data_ptr(g)?;
+        if grad_addr == 0
             || !grad_addr.is_multiple_of(entry.dtype.size())
             || self.written.overlaps(grad_addr, grad_addr + bytes)
         {
-            return Ok(Gathered::Changed);
+            return Some(Gathered::Changed);
         }
         let buffers = TensorBuffers {
             dtype: entry.dtype,
@@ -345,7 +368,7 @@ impl GroupPlan {
             num_states: self.state_keys.len(),
             step: state.step.as_ref().map(|(_, counter)| *counter),
         };
-        Ok(Gathered::Ready(buffers, grad))
+        Some(Gathered::Ready(buffers, grad))
     }
 }
 
@@ -464,7 +487,7 @@ impl GroupPlan {
                     Some(counter)
                 }
             };
-            plan.keepalive.push(params[i].clone().unbind());
+            plan.written_tensors.push(params[i].clone().unbind());
             plan.keepalive.push(grads[i].clone().unbind());
             plan.ready.push(TensorBuffers {
                 dtype: info.dtype,
@@ -503,7 +526,7 @@ impl GroupPlan {
                 num_states: 0,
                 step: None,
             });
-            plan.keepalive.push(grad.clone().unbind());
+            plan.written_tensors.push(grad.clone().unbind());
         }
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
         plan.gathered = true;
@@ -523,25 +546,24 @@ impl GroupPlan {
         if params.len() != self.entries.len() {
             return Ok(false);
         }
+        let hot = Hot::new(py);
         let mut ready = Vec::with_capacity(self.entries.len());
-        let mut keepalive = Vec::with_capacity(self.entries.len());
+        let mut keepalive = Vec::with_capacity(2 * self.entries.len());
+        let mut written = Vec::with_capacity(self.entries.len());
         for (entry, param) in self.entries.iter().zip(params.iter()) {
-            // An exception (a sparse gradient has no `is_contiguous`, say) is
-            // a change too: the slow path reports it the way torch does.
-            match self
-                .gather_entry(py, entry, &param)
-                .unwrap_or(Gathered::Changed)
-            {
-                Gathered::Changed => return Ok(false),
-                Gathered::NoGrad => {}
-                Gathered::Ready(buffers, grad) => {
+            match self.gather_entry(&hot, entry, param.as_ptr()) {
+                None | Some(Gathered::Changed) => return Ok(false),
+                Some(Gathered::NoGrad) => {}
+                Some(Gathered::Ready(buffers, grad)) => {
                     ready.push(buffers);
-                    keepalive.push(grad.unbind());
+                    keepalive.push(grad.into_py(py));
+                    written.push(entry.param.clone_ref(py));
                 }
             }
         }
         self.ready = ready;
         self.keepalive = keepalive;
+        self.written_tensors = written;
         self.gathered = true;
         Ok(true)
     }
