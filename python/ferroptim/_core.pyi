@@ -47,7 +47,8 @@ def adam_step(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
-    grad_scale: float,
+    unscale: float,
+    clip: float,
     lr_is_f32: bool,
 ) -> None: ...
 def sgd_step(
@@ -59,7 +60,8 @@ def sgd_step(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
-    grad_scale: float,
+    unscale: float,
+    clip: float,
 ) -> None: ...
 def rmsprop_step(
     plan: GroupPlan,
@@ -70,7 +72,8 @@ def rmsprop_step(
     momentum: float,
     centered: bool,
     maximize: bool,
-    grad_scale: float,
+    unscale: float,
+    clip: float,
 ) -> None: ...
 def adagrad_step(
     plan: GroupPlan,
@@ -79,12 +82,14 @@ def adagrad_step(
     weight_decay: float,
     eps: float,
     maximize: bool,
-    grad_scale: float,
+    unscale: float,
+    clip: float,
     lr_is_f32: bool,
 ) -> None: ...
 def grad_norms(
-    plans: Sequence[GroupPlan], norm_type: float, grads_only: bool
+    plans: Sequence[GroupPlan], norm_type: float, grads_only: bool, unscale: float = 1.0
 ) -> tuple[list[float], bool]: ...
+def grads_finite(plans: Sequence[GroupPlan], grads_only: bool) -> bool: ...
 def total_norm(norms: Sequence[float], norm_type: float) -> float: ...
 def scale_grads(plan: GroupPlan, factor: float) -> None: ...
 def clamp_grads(plan: GroupPlan, clip: float) -> None: ...

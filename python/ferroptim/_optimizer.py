@@ -23,6 +23,7 @@ So an error in any group leaves every tensor as it was.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -70,30 +71,52 @@ class Gathered:
     steps: list[Tensor] = field(default_factory=list)
     has_complex: bool = False
     has_sparse_grad: bool = False
+    #: GradScaler's scale and inf flag, for torch's fused kernels.
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
 
 
 class _Job:
     """One prepared group: its Rust plans and torch-routed grads (for the global
-    norm), ``run`` to step it, ``cancel`` to forget it."""
+    norm and the finiteness check), ``run`` to step it, ``cancel`` to forget it."""
 
-    __slots__ = ("_cancel", "_run", "plans", "torch_grads")
+    __slots__ = ("_run", "new_state", "plans", "torch_grads")
 
     def __init__(
         self,
         plans: list[_core.GroupPlan],
         torch_grads: list[Tensor],
-        run: Callable[[float], None],
+        run: Callable[[_GradFactors], None],
+        new_state: list[Tensor] | None = None,
     ) -> None:
         self.plans = plans
         self.torch_grads = torch_grads
         self._run = run
+        #: Params whose (lazily created) state this preparation made.
+        self.new_state = new_state or []
 
-    def run(self, grad_scale: float) -> None:
-        self._run(grad_scale)
+    def run(self, factors: _GradFactors) -> None:
+        self._run(factors)
 
     def cancel(self) -> None:
         for plan in self.plans:
             plan.release()
+
+
+@dataclass(frozen=True)
+class _GradFactors:
+    """What each gradient is multiplied by as the step reads it: GradScaler's inverse
+    scale (``unscale_tensor`` for torch's path), then the clip coefficient."""
+
+    unscale: float = 1.0
+    clip: float = 1.0
+    unscale_tensor: Tensor | None = None
+    clip_tensor: Tensor | None = None
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+_NO_FACTORS = _GradFactors()
 
 
 @dataclass
@@ -195,17 +218,28 @@ class RustStepMixin:
     max_grad_norm: float | None
     #: Global gradient norm seen by the last ``step`` when ``max_grad_norm`` is set.
     last_grad_norm: Tensor | None
+    #: Skip steps whose gradients hold an inf or nan (``"warn"``: and warn).
+    skip_nonfinite: bool | str
+    #: Steps skipped because of non-finite gradients (with ``skip_nonfinite``).
+    skipped_steps: int
 
-    def _ferro_init(self, max_grad_norm: float | None) -> None:
+    def _ferro_init(self, max_grad_norm: float | None, skip_nonfinite: bool | str = False) -> None:
         """Call at the end of ``__init__``."""
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
             if not max_grad_norm > 0.0:
                 raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if skip_nonfinite not in (False, True, "warn"):
+            raise ValueError(
+                f"skip_nonfinite must be False, True or 'warn', got {skip_nonfinite!r}"
+            )
         self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
         self.last_grad_norm = None
-        # GradScaler must unscale grads itself; in-kernel unscaling is not wired yet.
-        self._step_supports_amp_scaling = False
+        # GradScaler hands us `grad_scale` and `found_inf`: grads are unscaled as the
+        # kernel reads them and a step with inf/nan grads is skipped.
+        self._step_supports_amp_scaling = True
 
     # -- hooks for each optimizer family ----------------------------------------------
 
@@ -218,9 +252,15 @@ class RustStepMixin:
         raise NotImplementedError
 
     def _ferro_rust_step(
-        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+        self,
+        plan: _core.GroupPlan,
+        group: dict[str, Any],
+        unscale: float,
+        clip: float,
+        fresh: bool,
     ) -> None:
-        """Run the Rust kernel on a gathered plan with the group's hyperparameters.
+        """Run the Rust kernel on a gathered plan with the group's hyperparameters;
+        every gradient is multiplied by ``unscale`` then ``clip`` as it is read.
 
         ``fresh``: the plan's lazily created buffers are new and must be written first.
         """
@@ -245,6 +285,11 @@ class RustStepMixin:
             with torch.enable_grad():
                 loss = closure()
 
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler
+        if found_inf is not None and found_inf.item():
+            return loss  # the scaler saw inf/nan: skip the step, as torch does
+        grad_scale = getattr(self, "grad_scale", None)
+
         plans: dict[int, _CachedPlan] | None = self.__dict__.get("_ferro_plans")
         snapshot = self.__dict__.get("_ferro_snapshot")
         if plans is None or snapshot is None or not snapshot.matches(self.state):
@@ -259,14 +304,17 @@ class RustStepMixin:
                     slow = True
                     job = self._prepare_slow(group, plans)
                 jobs.append(job)
-            grad_scale = 1.0 if self.max_grad_norm is None else self._clip_scale(jobs)
+            factors = self._grad_factors(jobs, grad_scale, found_inf)
         except BaseException:
-            for job in jobs:
-                job.cancel()
+            self._cancel(jobs, undo_state=False)
             raise
-        for job in jobs:
-            job.run(grad_scale)
-        if slow:
+        if factors is None:  # non-finite gradients with skip_nonfinite
+            self._cancel(jobs, undo_state=True)
+            self._count_skip()
+        else:
+            for job in jobs:
+                job.run(factors)
+        if slow or factors is None:
             live = {id(g) for g in self.param_groups}
             for key in [k for k in plans if k not in live]:
                 del plans[key]
@@ -275,20 +323,39 @@ class RustStepMixin:
 
     step = _hooked(step)  # type: ignore[assignment]
 
+    _FERRO_SETTINGS = ("max_grad_norm", "skip_nonfinite", "skipped_steps")
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
-        state["max_grad_norm"] = self.max_grad_norm
+        for name in self._FERRO_SETTINGS:
+            state[name] = self.__dict__.get(name)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # load_state_dict ends here too: every cached pointer may be stale.
         self.__dict__.pop("_ferro_plans", None)
         self.__dict__.pop("_ferro_snapshot", None)
-        max_grad_norm = state.pop("max_grad_norm", self.__dict__.get("max_grad_norm"))
+        settings = {name: state.pop(name, self.__dict__.get(name)) for name in self._FERRO_SETTINGS}
         super().__setstate__(state)  # type: ignore[misc]
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = settings["max_grad_norm"]
+        self.skip_nonfinite = settings["skip_nonfinite"] or False
+        self.skipped_steps = settings["skipped_steps"] or 0
         self.__dict__.setdefault("last_grad_norm", None)
-        self._step_supports_amp_scaling = False
+        self._step_supports_amp_scaling = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``; with ``skip_nonfinite`` it also records ``skipped_steps``
+        (torch's ``load_state_dict`` ignores the extra key)."""
+        state_dict = super().state_dict()  # type: ignore[misc]
+        if self.skip_nonfinite:
+            state_dict["skipped_steps"] = self.skipped_steps
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        skipped = state_dict.get("skipped_steps")
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        if skipped is not None:
+            self.skipped_steps = int(skipped)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -311,22 +378,70 @@ class RustStepMixin:
             return None
         plan = cached.plan
         return _Job(
-            [plan], [], lambda grad_scale: self._ferro_rust_step(plan, group, grad_scale, False)
+            [plan],
+            [],
+            lambda factors: self._ferro_rust_step(
+                plan, group, factors.unscale, factors.clip, False
+            ),
         )
 
-    def _clip_scale(self, jobs: list[_Job]) -> float:
-        """Global L2 norm of every gradient about to be used; returns the clip coefficient."""
-        assert self.max_grad_norm is not None
+    def _grad_factors(
+        self, jobs: list[_Job], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> _GradFactors | None:
+        """GradScaler's unscale and the clip coefficient for this step (one parallel
+        pass over every gradient computes the global norm); None when
+        ``skip_nonfinite`` finds an inf or nan gradient."""
+        if grad_scale is None and self.max_grad_norm is None and not self.skip_nonfinite:
+            return _NO_FACTORS
+        unscale_tensor = None
+        unscale = 1.0
+        if grad_scale is not None:
+            # torch's GradScaler.unscale_: inv_scale = scale.double().reciprocal().float()
+            unscale_tensor = grad_scale.double().reciprocal().float()
+            unscale = float(unscale_tensor)
         rust_plans = [plan for job in jobs for plan in job.plans]
-        values, float64 = _core.grad_norms(rust_plans, 2.0, False) if rust_plans else ([], False)
-        others = [tensor_norm(g, 2.0) for job in jobs for g in job.torch_grads]
-        norm = total_norm(values, float64, others, 2.0)
-        self.last_grad_norm = norm
-        coefficient = clip_coefficient(self.max_grad_norm, norm)
+        torch_grads = [g for job in jobs for g in job.torch_grads]
+        clip = 1.0
+        clip_tensor = None
+        finite = True
+        if self.max_grad_norm is not None:
+            values, float64 = (
+                _core.grad_norms(rust_plans, 2.0, False, unscale) if rust_plans else ([], False)
+            )
+            others = [tensor_norm(g, 2.0) for g in torch_grads]
+            if unscale_tensor is not None:
+                others = [n * unscale_tensor.to(n.device) for n in others]
+            norm = total_norm(values, float64, others, 2.0)
+            self.last_grad_norm = norm
+            clip_tensor = clip_coefficient(self.max_grad_norm, norm)
+            clip = float(clip_tensor)
+            finite = bool(torch.isfinite(norm))
+        if self.skip_nonfinite and (self.max_grad_norm is None or not finite):
+            # (a clipped norm can overflow with finite float64 grads: ask again)
+            finite = (not rust_plans or _core.grads_finite(rust_plans, False)) and all(
+                bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all())
+                for g in torch_grads
+            )
+            if not finite:
+                return None
+        return _GradFactors(unscale, clip, unscale_tensor, clip_tensor, grad_scale, found_inf)
+
+    def _cancel(self, jobs: list[_Job], *, undo_state: bool) -> None:
         for job in jobs:
-            for grad in job.torch_grads:
-                grad.mul_(coefficient.to(grad.device))  # torch's path: as clip_grad_norm_ does
-        return float(coefficient)
+            job.cancel()
+            if undo_state:
+                for p in job.new_state:  # a skipped step leaves no trace
+                    self.state.pop(p, None)
+
+    def _count_skip(self) -> None:
+        self.skipped_steps += 1
+        if self.skip_nonfinite == "warn":
+            warnings.warn(
+                f"{type(self).__name__}: skipped a step with non-finite gradients (inf or "
+                f"nan); {self.skipped_steps} step(s) skipped so far",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _route(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """Splits the group's params into (Rust, torch) by device, dtype, grad and settings."""
@@ -372,6 +487,7 @@ class RustStepMixin:
 
     def _prepare_slow(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> _Job:
         differentiable = group.get("differentiable", False)
+        new_state = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
         with torch.set_grad_enabled(differentiable):
             rust_params, torch_params = self._route(group)
             gathered = self._ferro_gather({**group, "params": rust_params}) if rust_params else None
@@ -382,25 +498,26 @@ class RustStepMixin:
             if gathered is not None and gathered.params:
                 rust = self._prepare_rust(gathered, group)
 
-        def run(grad_scale: float) -> None:
+        def run(factors: _GradFactors) -> None:
             if rust is not None:
                 for state, key, buffer in rust.created:
                     state[key] = buffer  # lazily created buffers join the state now
                 for plan, fresh in rust.plans:
-                    self._ferro_rust_step(plan, group, grad_scale, fresh)
+                    self._ferro_rust_step(plan, group, factors.unscale, factors.clip, fresh)
                 with torch.no_grad():
                     for original, work in rust.staged:
                         original.copy_(work)
             if torch_run is not None:
                 with torch.set_grad_enabled(differentiable):
-                    torch_run()
+                    torch_run(factors)
             self._cache_plan(group, plans)
 
-        return _Job([plan for plan, _ in rust.plans] if rust else [], torch_grads, run)
+        plans_ = [plan for plan, _ in rust.plans] if rust else []
+        return _Job(plans_, torch_grads, run, new_state)
 
     def _prepare_torch(
         self, group: dict[str, Any], params: list[Tensor]
-    ) -> tuple[Callable[[], None], list[Tensor]]:
+    ) -> tuple[Callable[[_GradFactors], None], list[Tensor]]:
         has_sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
         foreach, fused = self._torch_implementation(group, params, has_sparse)
         implied_fused = fused and not group.get("fused")
@@ -424,7 +541,17 @@ class RustStepMixin:
                 for g, p in zip(gathered.grads, gathered.params, strict=True)
             ]
 
-        def run() -> None:
+        def run(factors: _GradFactors) -> None:
+            dense = [g for g in gathered.grads if not g.is_sparse]
+            if factors.unscale_tensor is not None and not fused and dense:
+                # What GradScaler.unscale_ would have done (torch's fused kernels take
+                # grad_scale themselves).
+                torch._foreach_mul_(dense, factors.unscale_tensor.to(dense[0].device))
+            if factors.clip_tensor is not None:
+                for g in gathered.grads:  # as clip_grad_norm_ does
+                    g.mul_(factors.clip_tensor.to(g.device))
+            if fused:
+                gathered.grad_scale, gathered.found_inf = factors.grad_scale, factors.found_inf
             self._ferro_torch_step(gathered, group, foreach=foreach, fused=fused)
 
         return run, list(gathered.grads)

@@ -43,6 +43,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -56,7 +57,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm)
+        self._ferro_init(max_grad_norm, skip_nonfinite)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
@@ -69,7 +70,12 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         return g
 
     def _ferro_rust_step(
-        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+        self,
+        plan: _core.GroupPlan,
+        group: dict[str, Any],
+        unscale: float,
+        clip: float,
+        fresh: bool,
     ) -> None:
         _core.adagrad_step(
             plan,
@@ -78,7 +84,8 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             scalar(group["weight_decay"]),
             scalar(group["eps"]),
             group["maximize"],
-            grad_scale,
+            unscale,
+            clip,
             lr_is_f32(group["lr"]),
         )
 
@@ -91,8 +98,8 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             gathered.states[0],
             gathered.steps,
             fused=fused,
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
+            grad_scale=gathered.grad_scale,
+            found_inf=gathered.found_inf,
             has_sparse_grad=gathered.has_sparse_grad,
             foreach=foreach,
             differentiable=group["differentiable"],

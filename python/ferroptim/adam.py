@@ -44,7 +44,12 @@ class _AdamFamily(RustStepMixin):
         return grad.clone()
 
     def _ferro_rust_step(
-        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+        self,
+        plan: _core.GroupPlan,
+        group: dict[str, Any],
+        unscale: float,
+        clip: float,
+        fresh: bool,
     ) -> None:
         beta1, beta2 = group["betas"]
         _core.adam_step(
@@ -57,7 +62,8 @@ class _AdamFamily(RustStepMixin):
             group["decoupled_weight_decay"],
             group["amsgrad"],
             group["maximize"],
-            grad_scale,
+            unscale,
+            clip,
             lr_is_f32(group["lr"]),
         )
 
@@ -77,8 +83,8 @@ class _AdamFamily(RustStepMixin):
             capturable=group["capturable"],
             differentiable=group["differentiable"],
             fused=fused,
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
+            grad_scale=gathered.grad_scale,
+            found_inf=gathered.found_inf,
             has_complex=gathered.has_complex,
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=group["amsgrad"],
@@ -121,6 +127,7 @@ class Adam(_AdamFamily, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -136,7 +143,7 @@ class Adam(_AdamFamily, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._ferro_init(max_grad_norm)
+        self._ferro_init(max_grad_norm, skip_nonfinite)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -161,6 +168,7 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -175,4 +183,4 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm)
+        self._ferro_init(max_grad_norm, skip_nonfinite)

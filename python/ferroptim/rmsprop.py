@@ -44,6 +44,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         differentiable: bool = False,
         *,
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -58,7 +59,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._ferro_init(max_grad_norm)
+        self._ferro_init(max_grad_norm, skip_nonfinite)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys: tuple[str, ...] = ("square_avg",)
@@ -84,7 +85,12 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         return g
 
     def _ferro_rust_step(
-        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+        self,
+        plan: _core.GroupPlan,
+        group: dict[str, Any],
+        unscale: float,
+        clip: float,
+        fresh: bool,
     ) -> None:
         _core.rmsprop_step(
             plan,
@@ -95,7 +101,8 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             scalar(group["momentum"]),
             group["centered"],
             group["maximize"],
-            grad_scale,
+            unscale,
+            clip,
         )
 
     def _ferro_torch_step(

@@ -46,6 +46,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        skip_nonfinite: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -59,7 +60,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm)
+        self._ferro_init(max_grad_norm, skip_nonfinite)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -72,7 +73,12 @@ class SGD(RustStepMixin, torch.optim.SGD):
         return g
 
     def _ferro_rust_step(
-        self, plan: _core.GroupPlan, group: dict[str, Any], grad_scale: float, fresh: bool
+        self,
+        plan: _core.GroupPlan,
+        group: dict[str, Any],
+        unscale: float,
+        clip: float,
+        fresh: bool,
     ) -> None:
         _core.sgd_step(
             plan,
@@ -83,7 +89,8 @@ class SGD(RustStepMixin, torch.optim.SGD):
             group["nesterov"],
             group["maximize"],
             fresh,
-            grad_scale,
+            unscale,
+            clip,
         )
 
     def _ferro_torch_step(
@@ -97,8 +104,8 @@ class SGD(RustStepMixin, torch.optim.SGD):
             has_sparse_grad=gathered.has_sparse_grad,
             foreach=foreach,
             fused=fused,
-            grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None),
+            grad_scale=gathered.grad_scale,
+            found_inf=gathered.found_inf,
             weight_decay=group["weight_decay"],
             momentum=group["momentum"],
             lr=group["lr"],

@@ -3,7 +3,7 @@
 //! Reference: `torch/optim/adagrad.py::_single_tensor_adagrad`, per element:
 //!
 //! ```text
-//! grad = grad * grad_scale                      (clipping coefficient; 1.0 otherwise)
+//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
 //! g = -grad if maximize else grad
 //! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
 //! clr = lr / (1 + (step - 1) * lr_decay)        (float64, per tensor)
@@ -14,7 +14,7 @@
 //!
 //! Sparse gradients take torch's own path (see the Python layer).
 
-use super::{consts_for, run_segments, Real, SegmentKernel, Storage};
+use super::{consts_for, run_segments, GradScale, GradScaleOf, Real, SegmentKernel, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
 
@@ -26,8 +26,8 @@ pub struct AdagradHyper {
     pub weight_decay: f64,
     pub eps: f64,
     pub maximize: bool,
-    /// Multiplies every gradient as it is read (clipping); 1.0 is exact identity.
-    pub grad_scale: f64,
+    /// Unscaling and clipping applied to every gradient as it is read.
+    pub grad_scale: GradScale,
     /// `lr` is a float32 tensor: torch then computes `clr` in float32.
     pub lr_is_f32: bool,
 }
@@ -40,7 +40,7 @@ impl Default for AdagradHyper {
             weight_decay: 0.0,
             eps: 1e-10,
             maximize: false,
-            grad_scale: 1.0,
+            grad_scale: GradScale::default(),
             lr_is_f32: false,
         }
     }
@@ -48,7 +48,7 @@ impl Default for AdagradHyper {
 
 #[derive(Clone, Copy, Debug)]
 struct AdagradConsts<C> {
-    grad_scale: C,
+    grad_scale: GradScaleOf<C>,
     weight_decay: C,
     eps: C,
     neg_clr: C,
@@ -63,7 +63,7 @@ impl<C: Real> AdagradConsts<C> {
             h.lr / decay
         };
         AdagradConsts {
-            grad_scale: C::from_f64(h.grad_scale),
+            grad_scale: GradScaleOf::new(&h.grad_scale),
             weight_decay: C::from_f64(h.weight_decay),
             eps: C::from_f64(h.eps),
             neg_clr: C::from_f64(-clr),
@@ -89,7 +89,7 @@ where
         let sum = &mut sum[..n];
         for i in 0..n {
             let p = param[i];
-            let grad = grad[i] * k.grad_scale;
+            let grad = k.grad_scale.apply(grad[i]);
             let mut g = if MAXIMIZE { -grad } else { grad };
             if WD {
                 g = p.mul_add(k.weight_decay, g);

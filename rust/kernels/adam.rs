@@ -7,7 +7,7 @@
 //! rounds them:
 //!
 //! ```text
-//! grad = grad * grad_scale                    (clip_grad_norm_'s grad.mul_(coef); 1.0 otherwise)
+//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
 //! g = -grad if maximize else grad
 //! AdamW:  p = p * (1 - lr*wd)                 param.mul_(1 - lr * weight_decay)
 //! Adam:   g = p*wd + g   (fused)              grad.add(param, alpha=weight_decay)
@@ -20,7 +20,7 @@
 //!
 //! One pass over memory: read p, g, m, v (vmax); write p, m, v (vmax).
 
-use super::{consts_for, run_segments, Lerp, Real, SegmentKernel, Storage};
+use super::{consts_for, run_segments, GradScale, GradScaleOf, Lerp, Real, SegmentKernel, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
 
@@ -36,9 +36,8 @@ pub struct AdamHyper {
     pub decoupled_weight_decay: bool,
     pub amsgrad: bool,
     pub maximize: bool,
-    /// Multiplies every gradient as it is read (the clipping coefficient of
-    /// `max_grad_norm`); 1.0 leaves gradients as they are, exactly.
-    pub grad_scale: f64,
+    /// Unscaling and clipping applied to every gradient as it is read.
+    pub grad_scale: GradScale,
     /// `lr` is a float32 tensor: torch then computes `lr / bc1` and
     /// `1 - lr * wd` in float32 tensor arithmetic.
     pub lr_is_f32: bool,
@@ -55,7 +54,7 @@ impl Default for AdamHyper {
             decoupled_weight_decay: false,
             amsgrad: false,
             maximize: false,
-            grad_scale: 1.0,
+            grad_scale: GradScale::default(),
             lr_is_f32: false,
         }
     }
@@ -90,7 +89,7 @@ impl AdamHyper {
 /// The constants of one tensor's update, rounded to its compute type.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamConsts<C> {
-    grad_scale: C,
+    grad_scale: GradScaleOf<C>,
     lerp: Lerp<C>,
     beta2: C,
     one_minus_beta2: C,
@@ -123,7 +122,7 @@ impl<C: Real> AdamConsts<C> {
             h.weight_decay
         };
         AdamConsts {
-            grad_scale: C::from_f64(h.grad_scale),
+            grad_scale: GradScaleOf::new(&h.grad_scale),
             lerp: Lerp::new(1.0 - h.beta1),
             beta2: C::from_f64(h.beta2),
             one_minus_beta2: C::from_f64(1.0 - h.beta2),
@@ -154,7 +153,7 @@ fn element<C: Real, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
     max_exp_avg_sq: C,
 ) -> (C, C, C, C) {
     let mut p = param;
-    let grad = grad * k.grad_scale;
+    let grad = k.grad_scale.apply(grad);
     let mut g = if MAXIMIZE { -grad } else { grad };
     if WD == WD_DECOUPLED {
         p = p * k.weight_decay;
@@ -371,7 +370,10 @@ mod tests {
     #[test]
     fn grad_scale_equals_prescaled_grads() {
         let h = AdamHyper {
-            grad_scale: 0.25,
+            grad_scale: GradScale {
+                unscale: 0.5,
+                clip: 0.5,
+            },
             ..AdamHyper::default()
         };
         let mut scaled = buffers::<f32>(&[1000], 2, 0.0);

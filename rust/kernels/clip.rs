@@ -192,7 +192,7 @@ impl Fold for SumOfPowers {
 /// Reduces `values` into 16 lanes (element `i` into lane `i % 16`), then folds
 /// the lanes pairwise in a fixed order.
 #[inline(always)]
-fn reduce_lanes<F: Fold, S: Storage>(fold: F, values: &[S]) -> f64
+fn reduce_lanes<F: Fold, S: Storage>(fold: F, values: &[S], scale: S::Compute) -> f64
 where
     S::Compute: Real,
 {
@@ -200,14 +200,17 @@ where
     let mut lanes = [F::IDENTITY; LANES];
     for block in blocks {
         for lane in 0..LANES {
-            lanes[lane] = fold.combine(lanes[lane], fold.term(block[lane].load().to_f64()));
+            lanes[lane] = fold.combine(
+                lanes[lane],
+                fold.term((block[lane].load() * scale).to_f64()),
+            );
         }
     }
     // The tail gets its own lanes: indexing `lanes` by a run-time length would
     // keep the main accumulators in memory instead of registers.
     let mut tail_lanes = [F::IDENTITY; LANES];
     for (lane, value) in tail_lanes.iter_mut().zip(tail) {
-        *lane = fold.combine(*lane, fold.term(value.load().to_f64()));
+        *lane = fold.combine(*lane, fold.term((value.load() * scale).to_f64()));
     }
     for lane in 0..LANES {
         lanes[lane] = fold.combine(lanes[lane], tail_lanes[lane]);
@@ -232,17 +235,17 @@ fn fold_lanes<F: Fold>(fold: F, mut lanes: [f64; LANES]) -> f64 {
 }
 
 #[inline(always)]
-fn reduce_kind<S: Storage>(kind: NormType, values: &[S]) -> f64
+fn reduce_kind<S: Storage>(kind: NormType, values: &[S], scale: S::Compute) -> f64
 where
     S::Compute: Real,
 {
     match kind {
-        NormType::Two => reduce_lanes(SumOfSquares, values),
-        NormType::One => reduce_lanes(SumOfAbs, values),
-        NormType::Inf => reduce_lanes(MaxAbs, values),
-        NormType::NegInf => reduce_lanes(MinAbs, values),
-        NormType::Zero => reduce_lanes(CountNonzero, values),
-        NormType::P(p) => reduce_lanes(SumOfPowers(p), values),
+        NormType::Two => reduce_lanes(SumOfSquares, values, scale),
+        NormType::One => reduce_lanes(SumOfAbs, values, scale),
+        NormType::Inf => reduce_lanes(MaxAbs, values, scale),
+        NormType::NegInf => reduce_lanes(MinAbs, values, scale),
+        NormType::Zero => reduce_lanes(CountNonzero, values, scale),
+        NormType::P(p) => reduce_lanes(SumOfPowers(p), values, scale),
     }
 }
 
@@ -258,6 +261,9 @@ pub enum GradSource {
 struct NormReducer {
     kind: NormType,
     source: GradSource,
+    /// Multiplies each value first (GradScaler's inverse scale), rounded as
+    /// torch's in-place unscale rounds it.
+    unscale: f64,
 }
 
 impl<T> SegmentReducer<T> for NormReducer
@@ -266,9 +272,10 @@ where
 {
     #[inline(always)]
     fn reduce(&self, _tensor: usize, s: Slices<'_, T>) -> f64 {
+        let scale = T::from_f64(self.unscale);
         match self.source {
-            GradSource::Grad => reduce_kind(self.kind, s.grad),
-            GradSource::Param => reduce_kind(self.kind, &*s.param),
+            GradSource::Grad => reduce_kind(self.kind, s.grad, scale),
+            GradSource::Param => reduce_kind(self.kind, &*s.param, scale),
         }
     }
 }
@@ -279,9 +286,14 @@ pub fn tensor_norms(
     group: &Group<'_>,
     kind: NormType,
     source: GradSource,
+    unscale: f64,
     level: SimdLevel,
 ) -> Vec<f64> {
-    let reducer = NormReducer { kind, source };
+    let reducer = NormReducer {
+        kind,
+        source,
+        unscale,
+    };
     let accumulators =
         reduce_segments(group, level, &reducer, &reducer, kind.identity(), |a, b| {
             kind.combine(a, b)
@@ -426,6 +438,7 @@ mod tests {
                 &grad_group(&mut g),
                 kind,
                 GradSource::Param,
+                1.0,
                 SimdLevel::detect(),
             );
             for (norm, values) in norms.iter().zip(&copies) {
@@ -454,12 +467,14 @@ mod tests {
                 &grad_group(&mut g),
                 kind,
                 GradSource::Param,
+                1.0,
                 SimdLevel::Scalar,
             );
             for level in SimdLevel::supported() {
                 for threads in [1, 2, 3] {
                     set_num_threads(threads).unwrap();
-                    let got = tensor_norms(&grad_group(&mut g), kind, GradSource::Param, level);
+                    let got =
+                        tensor_norms(&grad_group(&mut g), kind, GradSource::Param, 1.0, level);
                     assert_eq!(got, want, "p={p} {level} {threads} threads");
                 }
             }
@@ -474,6 +489,7 @@ mod tests {
             &grad_group(&mut g),
             NormType::Inf,
             GradSource::Param,
+            1.0,
             SimdLevel::detect(),
         );
         assert!(norms[0].is_nan());
@@ -482,6 +498,7 @@ mod tests {
             &grad_group(&mut g),
             NormType::Two,
             GradSource::Param,
+            1.0,
             SimdLevel::detect(),
         );
         assert!(two[0].is_nan() && two[1].is_infinite());

@@ -149,6 +149,46 @@ impl<C: Real> Lerp<C> {
     }
 }
 
+/// How a kernel transforms each gradient as it reads it: GradScaler's unscale
+/// (`grad * inv_scale`) then clipping's `grad * clip_coef`, each rounded to the
+/// gradient's dtype as torch's in-place multiplications round them. A factor
+/// of 1.0 leaves the gradient exactly as it is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradScale {
+    pub unscale: f64,
+    pub clip: f64,
+}
+
+impl Default for GradScale {
+    fn default() -> Self {
+        GradScale {
+            unscale: 1.0,
+            clip: 1.0,
+        }
+    }
+}
+
+/// [`GradScale`] rounded to a compute type.
+#[derive(Clone, Copy, Debug)]
+pub struct GradScaleOf<C> {
+    unscale: C,
+    clip: C,
+}
+
+impl<C: Real> GradScaleOf<C> {
+    pub fn new(scale: &GradScale) -> Self {
+        GradScaleOf {
+            unscale: C::from_f64(scale.unscale),
+            clip: C::from_f64(scale.clip),
+        }
+    }
+
+    #[inline(always)]
+    pub fn apply(self, grad: C) -> C {
+        grad * self.unscale * self.clip
+    }
+}
+
 /// Per-tensor constants from per-tensor step counts. Tensors of a group
 /// usually share one step count, so each distinct run of equal counts is
 /// computed once (the `pow` calls behind bias corrections are not free at a

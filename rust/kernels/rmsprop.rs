@@ -3,7 +3,7 @@
 //! Reference: `torch/optim/rmsprop.py::_single_tensor_rmsprop`, per element:
 //!
 //! ```text
-//! grad = grad * grad_scale                      (clipping coefficient; 1.0 otherwise)
+//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
 //! g = -grad if maximize else grad
 //! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
 //! sq = sq*alpha + ((1 - alpha)*g)*g             square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
@@ -19,7 +19,7 @@
 //! State buffers, in order: square_avg, momentum_buffer (momentum > 0),
 //! grad_avg (centered).
 
-use super::{run_segments, Lerp, Real, SegmentKernel, Storage};
+use super::{run_segments, GradScale, GradScaleOf, Lerp, Real, SegmentKernel, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
 
@@ -33,8 +33,8 @@ pub struct RmspropHyper {
     pub momentum: f64,
     pub centered: bool,
     pub maximize: bool,
-    /// Multiplies every gradient as it is read (clipping); 1.0 is exact identity.
-    pub grad_scale: f64,
+    /// Unscaling and clipping applied to every gradient as it is read.
+    pub grad_scale: GradScale,
 }
 
 impl Default for RmspropHyper {
@@ -47,7 +47,7 @@ impl Default for RmspropHyper {
             momentum: 0.0,
             centered: false,
             maximize: false,
-            grad_scale: 1.0,
+            grad_scale: GradScale::default(),
         }
     }
 }
@@ -60,7 +60,7 @@ impl RmspropHyper {
 
 #[derive(Clone, Copy, Debug)]
 struct RmspropConsts<C> {
-    grad_scale: C,
+    grad_scale: GradScaleOf<C>,
     weight_decay: C,
     alpha: C,
     one_minus_alpha: C,
@@ -73,7 +73,7 @@ struct RmspropConsts<C> {
 impl<C: Real> RmspropConsts<C> {
     fn new(h: &RmspropHyper) -> Self {
         RmspropConsts {
-            grad_scale: C::from_f64(h.grad_scale),
+            grad_scale: GradScaleOf::new(&h.grad_scale),
             weight_decay: C::from_f64(h.weight_decay),
             alpha: C::from_f64(h.alpha),
             one_minus_alpha: C::from_f64(1.0 - h.alpha),
@@ -117,7 +117,7 @@ where
         };
         for i in 0..n {
             let p = param[i];
-            let grad = grad[i] * k.grad_scale;
+            let grad = k.grad_scale.apply(grad[i]);
             let mut g = if MAXIMIZE { -grad } else { grad };
             if WD {
                 g = p.mul_add(k.weight_decay, g);

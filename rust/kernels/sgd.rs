@@ -3,7 +3,7 @@
 //! Reference: `torch/optim/sgd.py::_single_tensor_sgd`, per element:
 //!
 //! ```text
-//! grad = grad * grad_scale                      (clipping coefficient; 1.0 otherwise)
+//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
 //! g = -grad if maximize else grad
 //! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
 //! momentum:
@@ -17,7 +17,7 @@
 //! layer allocates it and runs that step with `first_step`, which writes the
 //! buffer instead of reading it.
 
-use super::{run_segments, Real, SegmentKernel, Storage};
+use super::{run_segments, GradScale, GradScaleOf, Real, SegmentKernel, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
 
@@ -30,8 +30,8 @@ pub struct SgdHyper {
     pub weight_decay: f64,
     pub nesterov: bool,
     pub maximize: bool,
-    /// Multiplies every gradient as it is read (clipping); 1.0 is exact identity.
-    pub grad_scale: f64,
+    /// Unscaling and clipping applied to every gradient as it is read.
+    pub grad_scale: GradScale,
 }
 
 impl Default for SgdHyper {
@@ -43,7 +43,7 @@ impl Default for SgdHyper {
             weight_decay: 0.0,
             nesterov: false,
             maximize: false,
-            grad_scale: 1.0,
+            grad_scale: GradScale::default(),
         }
     }
 }
@@ -57,7 +57,7 @@ impl SgdHyper {
 
 #[derive(Clone, Copy, Debug)]
 struct SgdConsts<C> {
-    grad_scale: C,
+    grad_scale: GradScaleOf<C>,
     weight_decay: C,
     momentum: C,
     one_minus_dampening: C,
@@ -67,7 +67,7 @@ struct SgdConsts<C> {
 impl<C: Real> SgdConsts<C> {
     fn new(h: &SgdHyper) -> Self {
         SgdConsts {
-            grad_scale: C::from_f64(h.grad_scale),
+            grad_scale: GradScaleOf::new(&h.grad_scale),
             weight_decay: C::from_f64(h.weight_decay),
             momentum: C::from_f64(h.momentum),
             one_minus_dampening: C::from_f64(1.0 - h.dampening),
@@ -106,7 +106,7 @@ where
         let grad = &s.grad[..n];
         let [buffer, _, _] = s.states;
         let element = |p: T, grad: T, buf: T| -> (T, T) {
-            let grad = grad * k.grad_scale;
+            let grad = k.grad_scale.apply(grad);
             let mut g = if MAXIMIZE { -grad } else { grad };
             if WD {
                 g = p.mul_add(k.weight_decay, g);
@@ -232,7 +232,7 @@ mod tests {
                         weight_decay,
                         nesterov,
                         maximize,
-                        grad_scale: 1.0,
+                        grad_scale: GradScale::default(),
                     });
                 }
             }

@@ -11,13 +11,15 @@ use crate::kernels::clip::{self, GradSource, NormType};
 /// tensor's dtype, and whether any tensor is float64 (torch would stack the
 /// norms as float64 then). Plans stay gathered (the update pass follows).
 /// `grads_only`: the plans were built by `GroupPlan.from_grads`.
+/// `unscale` multiplies every gradient first (GradScaler's inverse scale).
 #[pyfunction]
-#[pyo3(signature = (plans, norm_type, grads_only))]
+#[pyo3(signature = (plans, norm_type, grads_only, unscale = 1.0))]
 pub fn grad_norms(
     py: Python<'_>,
     plans: Vec<Bound<'_, GroupPlan>>,
     norm_type: f64,
     grads_only: bool,
+    unscale: f64,
 ) -> PyResult<(Vec<f64>, bool)> {
     if norm_type.is_nan() {
         return Err(PyValueError::new_err("norm_type must not be NaN"));
@@ -35,7 +37,10 @@ pub fn grad_norms(
             .borrow_mut()
             .run(py, None, false, false, |group, level| {
                 let float64 = group.tensors().iter().any(|t| t.dtype == DType::F64);
-                (clip::tensor_norms(group, kind, source, level), float64)
+                (
+                    clip::tensor_norms(group, kind, source, unscale, level),
+                    float64,
+                )
             })?;
         norms.extend(values);
         has_float64 |= float64;
@@ -65,4 +70,17 @@ pub fn clamp_grads(py: Python<'_>, plan: &Bound<'_, GroupPlan>, clip: f64) -> Py
         .run(py, Some(0), false, true, |group, level| {
             clip::clamp(group, clip, level)
         })
+}
+
+/// Whether every gathered gradient of every plan is finite (no inf, no NaN):
+/// one parallel read of the gradients. Plans stay gathered.
+#[pyfunction]
+#[pyo3(signature = (plans, grads_only))]
+pub fn grads_finite(
+    py: Python<'_>,
+    plans: Vec<Bound<'_, GroupPlan>>,
+    grads_only: bool,
+) -> PyResult<bool> {
+    let (norms, _) = grad_norms(py, plans, f64::INFINITY, grads_only, 1.0)?;
+    Ok(norms.iter().all(|n| n.is_finite()))
 }

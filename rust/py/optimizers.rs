@@ -1,6 +1,7 @@
 //! One entry point per optimizer family: run its kernel over a gathered plan.
-//! Scalars are the group's hyperparameters as torch keeps them; `grad_scale`
-//! is the clipping coefficient of `max_grad_norm` (1.0: no clipping).
+//! Scalars are the group's hyperparameters as torch keeps them; every
+//! gradient is multiplied by `unscale` (GradScaler's inverse scale) and then
+//! by `clip` (the `max_grad_norm` coefficient) as it is read (1.0: off).
 
 use pyo3::prelude::*;
 
@@ -10,10 +11,11 @@ use crate::kernels::adam::{adam_step as adam_kernel, AdamHyper};
 use crate::kernels::probe;
 use crate::kernels::rmsprop::{rmsprop_step as rmsprop_kernel, RmspropHyper};
 use crate::kernels::sgd::{sgd_step as sgd_kernel, SgdHyper};
+use crate::kernels::GradScale;
 
 /// Adam, or AdamW with `decoupled_weight_decay`.
 #[pyfunction]
-#[pyo3(signature = (plan, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, grad_scale, lr_is_f32))]
+#[pyo3(signature = (plan, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, unscale, clip, lr_is_f32))]
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
     py: Python<'_>,
@@ -26,7 +28,8 @@ pub fn adam_step(
     decoupled_weight_decay: bool,
     amsgrad: bool,
     maximize: bool,
-    grad_scale: f64,
+    unscale: f64,
+    clip: f64,
     lr_is_f32: bool,
 ) -> PyResult<()> {
     let hyper = AdamHyper {
@@ -38,7 +41,7 @@ pub fn adam_step(
         decoupled_weight_decay,
         amsgrad,
         maximize,
-        grad_scale,
+        grad_scale: GradScale { unscale, clip },
         lr_is_f32,
     };
     plan.borrow_mut()
@@ -49,7 +52,7 @@ pub fn adam_step(
 
 /// SGD; `first_step`: the momentum buffers are new and get written, not read.
 #[pyfunction]
-#[pyo3(signature = (plan, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale))]
+#[pyo3(signature = (plan, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, unscale, clip))]
 #[allow(clippy::too_many_arguments)]
 pub fn sgd_step(
     py: Python<'_>,
@@ -61,7 +64,8 @@ pub fn sgd_step(
     nesterov: bool,
     maximize: bool,
     first_step: bool,
-    grad_scale: f64,
+    unscale: f64,
+    clip: f64,
 ) -> PyResult<()> {
     let hyper = SgdHyper {
         lr,
@@ -70,7 +74,7 @@ pub fn sgd_step(
         weight_decay,
         nesterov,
         maximize,
-        grad_scale,
+        grad_scale: GradScale { unscale, clip },
     };
     plan.borrow_mut()
         .run(py, Some(hyper.num_states()), false, true, |group, level| {
@@ -80,7 +84,7 @@ pub fn sgd_step(
 
 /// RMSprop; state buffers in the order square_avg, momentum_buffer, grad_avg.
 #[pyfunction]
-#[pyo3(signature = (plan, lr, alpha, eps, weight_decay, momentum, centered, maximize, grad_scale))]
+#[pyo3(signature = (plan, lr, alpha, eps, weight_decay, momentum, centered, maximize, unscale, clip))]
 #[allow(clippy::too_many_arguments)]
 pub fn rmsprop_step(
     py: Python<'_>,
@@ -92,7 +96,8 @@ pub fn rmsprop_step(
     momentum: f64,
     centered: bool,
     maximize: bool,
-    grad_scale: f64,
+    unscale: f64,
+    clip: f64,
 ) -> PyResult<()> {
     let hyper = RmspropHyper {
         lr,
@@ -102,7 +107,7 @@ pub fn rmsprop_step(
         momentum,
         centered,
         maximize,
-        grad_scale,
+        grad_scale: GradScale { unscale, clip },
     };
     plan.borrow_mut()
         .run(py, Some(hyper.num_states()), true, true, |group, level| {
@@ -112,7 +117,7 @@ pub fn rmsprop_step(
 
 /// Adagrad (dense gradients).
 #[pyfunction]
-#[pyo3(signature = (plan, lr, lr_decay, weight_decay, eps, maximize, grad_scale, lr_is_f32))]
+#[pyo3(signature = (plan, lr, lr_decay, weight_decay, eps, maximize, unscale, clip, lr_is_f32))]
 #[allow(clippy::too_many_arguments)]
 pub fn adagrad_step(
     py: Python<'_>,
@@ -122,7 +127,8 @@ pub fn adagrad_step(
     weight_decay: f64,
     eps: f64,
     maximize: bool,
-    grad_scale: f64,
+    unscale: f64,
+    clip: f64,
     lr_is_f32: bool,
 ) -> PyResult<()> {
     let hyper = AdagradHyper {
@@ -131,7 +137,7 @@ pub fn adagrad_step(
         weight_decay,
         eps,
         maximize,
-        grad_scale,
+        grad_scale: GradScale { unscale, clip },
         lr_is_f32,
     };
     plan.borrow_mut()
