@@ -3,9 +3,13 @@
 Replace ``torch.optim.AdamW(...)`` with ``ferroptim.AdamW(...)``: same
 arguments, same numbers, CPU steps in Rust (SIMD kernels, parallel over our own
 thread pool), tensors on other devices through torch's own kernels.
+
+Without PyTorch installed, ``ferroptim.functional`` still steps NumPy arrays.
 """
 
-from ferroptim import _core
+from typing import Any
+
+from ferroptim import _core, functional
 from ferroptim._config import (
     get_backend,
     get_num_threads,
@@ -15,13 +19,41 @@ from ferroptim._config import (
     simd_level,
     supported_simd_levels,
 )
-from ferroptim.adagrad import Adagrad
-from ferroptim.adam import Adam, AdamW
-from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
-from ferroptim.rmsprop import RMSprop
-from ferroptim.sgd import SGD
 
 __version__: str = _core.__version__
+
+_NEEDS_TORCH = (
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "RMSprop",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "get_total_norm",
+)
+
+try:
+    import torch  # noqa: F401
+except ImportError:  # numpy-only install: the functional API works, the rest explains
+    _torch_missing = True
+else:
+    _torch_missing = False
+    from ferroptim.adagrad import Adagrad
+    from ferroptim.adam import Adam, AdamW
+    from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.rmsprop import RMSprop
+    from ferroptim.sgd import SGD
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH and _torch_missing:
+        raise ImportError(
+            f"ferroptim.{name} needs PyTorch: pip install 'ferroptim[torch]' "
+            "(ferroptim.functional works without it)"
+        )
+    raise AttributeError(f"module 'ferroptim' has no attribute {name!r}")
+
 
 __all__ = [
     "SGD",
@@ -32,6 +64,7 @@ __all__ = [
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "functional",
     "get_backend",
     "get_num_threads",
     "get_total_norm",

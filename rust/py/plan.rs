@@ -110,6 +110,20 @@ pub struct GroupPlan {
     gathered: bool,
 }
 
+/// Runs `work` with the GIL released; a Rust panic becomes a `RuntimeError`
+/// (never an abort, and catchable as `Exception`).
+pub fn run_caught<R: Send>(py: Python<'_>, work: impl FnOnce() -> R + Send) -> PyResult<R> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(work)))
+        .map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            PyRuntimeError::new_err(format!("ferroptim internal error (Rust panic): {message}"))
+        })
+}
+
 /// `torch.autograd.graph.increment_version(tensors)`: records that the
 /// tensors were modified in place, so autograd refuses a graph that saved them
 /// before the step, exactly as after torch's own in-place update.
@@ -243,20 +257,13 @@ impl GroupPlan {
         // `WrittenSet` plus the per-gradient check in `gather` (cached plans).
         let mut group = unsafe { Group::new_prechecked(tensors) };
         let level = simd::active_level();
-        let result = py.detach(|| catch_unwind(AssertUnwindSafe(|| step(&mut group, level))));
+        let result = run_caught(py, || step(&mut group, level));
         drop(group);
         drop(keepalive);
         if !written.is_empty() {
             bump_versions(py, written)?;
         }
-        result.map_err(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            PyRuntimeError::new_err(format!("ferroptim internal error (Rust panic): {message}"))
-        })
+        result
     }
 
     fn inspect_state<'py>(

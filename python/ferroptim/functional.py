@@ -1,0 +1,233 @@
+"""Optimizer steps on NumPy arrays, without torch.
+
+The same Rust kernels as the torch classes, called on any float32/float64
+C-contiguous arrays (NumPy arrays, ``array.array``, writable memoryviews).
+Each function updates ``params`` and the state arrays in place and returns
+``None``; pass one array or a list of arrays (all tensors of a list are stepped
+in one parallel call). Results equal the torch classes' for the same inputs.
+
+Every argument is checked before anything is written: a read-only, non-contiguous
+or wrongly typed array, mismatched lengths, or the same array passed twice raise
+``TypeError``/``ValueError`` and leave every array as it was.
+
+``step`` is the 1-based number of the step being taken (what torch's
+``state["step"]`` holds after its increment): pass 1 on the first call, 2 on the
+second, and so on. ::
+
+    import numpy as np
+    import ferroptim.functional as F
+
+    w = np.zeros(1000, np.float32)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, 101):
+        g = compute_grad(w)
+        F.adamw_(w, g, m, v, step=t, lr=1e-3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ferroptim import _core
+
+__all__ = ["adagrad_", "adam_", "adamw_", "rmsprop_", "sgd_"]
+
+#: One array (anything with the buffer protocol) or a sequence of them.
+Arrays = Any | Sequence[Any]
+
+
+def _step_number(step: int) -> float:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the number of this step), got {step!r}")
+    return float(step)
+
+
+def _check_nonnegative(**values: float) -> None:
+    names = {"lr": "learning rate", "eps": "epsilon value"}
+    for name, value in values.items():
+        if not value >= 0.0:
+            label = names.get(name, f"{name} value")
+            raise ValueError(f"Invalid {label}: {value}")
+
+
+def adam_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Arrays | None = None,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+) -> None:
+    """One Adam step (``torch.optim.Adam``) on arrays, in place.
+
+    ``amsgrad=True`` needs ``max_exp_avg_sqs`` (zeros before the first step).
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    beta1, beta2 = betas
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    if amsgrad != (max_exp_avg_sqs is not None):
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs, and only then")
+    _core.array_adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        _step_number(step),
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        bool(decoupled_weight_decay),
+        bool(maximize),
+    )
+
+
+def adamw_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Arrays | None = None,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step (``torch.optim.AdamW``: decoupled weight decay) on arrays, in place."""
+    adam_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step=step,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        maximize=maximize,
+        decoupled_weight_decay=True,
+    )
+
+
+def sgd_(
+    params: Arrays,
+    grads: Arrays,
+    momentum_buffers: Arrays | None = None,
+    *,
+    lr: float = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+) -> None:
+    """One SGD step (``torch.optim.SGD``) on arrays, in place.
+
+    With ``momentum != 0``, ``momentum_buffers`` are needed; on the first step pass
+    ``first_step=True`` and they are filled from the gradients (torch's rule).
+    """
+    _check_nonnegative(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    _core.array_sgd(
+        params,
+        grads,
+        momentum_buffers,
+        float(lr),
+        float(momentum),
+        float(dampening),
+        float(weight_decay),
+        bool(nesterov),
+        bool(maximize),
+        bool(first_step),
+    )
+
+
+def rmsprop_(
+    params: Arrays,
+    grads: Arrays,
+    square_avgs: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    momentum_buffers: Arrays | None = None,
+    grad_avgs: Arrays | None = None,
+    maximize: bool = False,
+) -> None:
+    """One RMSprop step (``torch.optim.RMSprop``) on arrays, in place.
+
+    ``momentum > 0`` needs ``momentum_buffers``; ``centered=True`` needs ``grad_avgs``
+    (zeros before the first step).
+    """
+    _check_nonnegative(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
+    if centered != (grad_avgs is not None):
+        raise ValueError("centered=True needs grad_avgs, and only then")
+    _core.array_rmsprop(
+        params,
+        grads,
+        square_avgs,
+        momentum_buffers,
+        grad_avgs,
+        _step_number(step),
+        float(lr),
+        float(alpha),
+        float(eps),
+        float(weight_decay),
+        float(momentum),
+        bool(maximize),
+    )
+
+
+def adagrad_(
+    params: Arrays,
+    grads: Arrays,
+    state_sums: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    maximize: bool = False,
+) -> None:
+    """One Adagrad step (``torch.optim.Adagrad``) on arrays, in place.
+
+    ``state_sums`` start at ``initial_accumulator_value`` (torch's default: zeros).
+    """
+    _check_nonnegative(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
+    _core.array_adagrad(
+        params,
+        grads,
+        state_sums,
+        _step_number(step),
+        float(lr),
+        float(lr_decay),
+        float(weight_decay),
+        float(eps),
+        bool(maximize),
+    )
