@@ -102,7 +102,13 @@ fn main() {
                 );
                 let norm = median_seconds(
                     || {
-                        tensor_norms(&group(&mut tensors), NormType::Two, GradSource::Grad, level);
+                        tensor_norms(
+                            &group(&mut tensors),
+                            NormType::Two,
+                            GradSource::Grad,
+                            1.0,
+                            level,
+                        );
                     },
                     reps,
                 );

@@ -10,9 +10,11 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry. Adding an optimizer (SGD with momentum, RMSprop,
-  Adagrad, ...) or gradient clipping is one more entry: ``optimizer(...)`` turns an
-  optimizer class into a factory, :func:`torch_variants` makes torch's four
-  flavours of it, and ``bytes_per_element`` states its memory traffic.
+  Adagrad, ...) or gradient clipping is one more entry: :func:`optimizer` turns an
+  optimizer class into a factory, :func:`function` does the same for a plain call
+  (``clip_grad_norm_``), :func:`torch_variants` makes torch's four flavours of an
+  optimizer, and ``bytes_per_element`` states the memory traffic. ``test_<suite>.py``
+  is then three lines (see ``test_adamw.py``) and ``report.py --suite <name>`` works.
 * :func:`interleave` runs contenders round-robin (warm-up first, fewer rounds for
   contenders too slow for the time budget) and returns every sample, so ratios come
   from the same run on a noisy machine.
@@ -25,6 +27,7 @@ import gc
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -154,6 +157,22 @@ def optimizer(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     return make
 
 
+def function(fn: Callable[..., object], *, writes_grads: bool = False, **kwargs: object) -> Factory:
+    """Factory for a call ``fn(params, **kwargs)`` that is not an optimizer step, e.g.
+    ``function(torch.nn.utils.clip_grad_norm_, writes_grads=True, max_norm=1.0)``.
+
+    With ``writes_grads`` each runner gets its own copy of the gradients (cases share them).
+    """
+
+    def make(params: list[Tensor]) -> Runner:
+        if writes_grads:
+            for p in params:
+                p.grad = p.grad.clone()
+        return Runner(lambda: fn(params, **kwargs), keep=params)
+
+    return make
+
+
 def torch_variants(
     cls: type[torch.optim.Optimizer], *, fused: bool = True, **kwargs: object
 ) -> dict[str, Factory]:
@@ -195,6 +214,7 @@ class Suite:
     #: Bytes of memory traffic per float32 element (see DESIGN.md, "Performance model").
     bytes_per_element: int
     ours: Factory
+    #: torch's implementations, the strongest first (it is the one thread scaling shows).
     references: Mapping[str, Factory]
     floor: Factory | None = None
     #: Cases the floor is measured on (it is one more full-size allocation).
@@ -221,9 +241,15 @@ SUITES: dict[str, Suite] = {
         floor=adam_floor,
     ),
     # More suites slot in here, e.g.
-    #   "sgd": Suite("sgd", "...", 20, optimizer(ferroptim.SGD, lr=0.01, momentum=0.9),
+    #   "sgd": Suite("sgd", "ferroptim.SGD vs torch.optim.SGD (momentum 0.9)", 20,
+    #                optimizer(ferroptim.SGD, lr=0.01, momentum=0.9),
     #                torch_variants(torch.optim.SGD, lr=0.01, momentum=0.9)),
-    #   "clip": Suite("clip", "...", 8, ours=<factory returning Runner(clip call)>, ...)
+    #   "rmsprop": ... torch_variants(torch.optim.RMSprop, fused=False, lr=0.01) ...
+    #   "clip": Suite("clip", "clip_grad_norm_", 12,  # read g for the norm, then read+write g
+    #                 function(ferroptim.clip_grad_norm_, writes_grads=True, max_norm=1.0),
+    #                 {"torch foreach": function(torch.nn.utils.clip_grad_norm_,
+    #                                            writes_grads=True, max_norm=1.0, foreach=True),
+    #                  ...}),
 }
 
 
@@ -283,6 +309,34 @@ def describe_machine() -> dict[str, object]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+class OtherLoad:
+    """Measures how much CPU time processes other than this one took, from ``/proc/stat``
+    (Linux; steal time by the hypervisor counts as taken)."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
+
+    def share(self) -> float | None:
+        """Fraction of all cores' time since construction used by other processes."""
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall, busy, own = (e - s for e, s in zip(end, self._start, strict=True))
+        return max(0.0, (busy - own) / (wall * cpu_cores())) if wall > 0 else None
 
 
 def torch_default_impl(cls: type[torch.optim.Optimizer] = torch.optim.AdamW) -> str:
@@ -360,26 +414,39 @@ def interleave(
     round_time: float = 2e-3,
     max_reps: int = 100,
 ) -> None:
-    """Times every entry round-robin, appending seconds per call to ``entry.samples``.
+    """Times every entry round-robin (rotating the order), appending seconds per call to
+    ``entry.samples``.
 
     Warm-up calls (untimed for the result) estimate each entry's cost. An entry whose
     ``rounds`` calls would exceed ``budget`` seconds runs only in every ``stride``-th
     round (at least ``min_rounds`` times); an entry much faster than ``round_time``
-    makes several timed calls per round. When the thread count changes between
-    entries, one untimed call lets the new pool start before timing.
+    makes several timed calls per round. An entry that turns out slower than its
+    warm-up (a busy machine) stops once it has used its budget and has ``min_rounds``
+    samples, or three times its budget: the report shows its sample count. When the
+    thread count changes between entries, one untimed call lets the new pool start.
     """
     current = -1
     for entry in entries:
         set_threads(entry.threads)
         current = entry.threads
-        warm = sorted(_timed(entry.runner) for _ in range(max(warmup, 1)))
-        cost = max(warm[len(warm) // 2], 1e-7)
+        warm: list[float] = []
+        while len(warm) < max(warmup, 1) and sum(warm) < budget / 4:
+            warm.append(_timed(entry.runner))
+        cost = max(min(warm), 1e-7)  # first calls fault in fresh memory: take the fastest
         entry.reps = max(1, min(max_reps, int(round_time / cost)))
         entry.stride = max(1, min(math.ceil(cost * rounds / budget), rounds // min_rounds))
+
+    def exhausted(entry: Entry) -> bool:
+        spent = sum(entry.samples.times)
+        return spent >= 3 * budget or (spent >= budget and len(entry.samples) >= min_rounds)
+
     with gc_paused():
         for r in range(rounds):
-            for entry in entries:
-                if r % entry.stride:
+            # Rotate the order so each entry follows each other one in turn (what ran just
+            # before, e.g. torch's still-spinning OpenMP threads or a warm cache, matters).
+            shift = r % len(entries)
+            for entry in [*entries[shift:], *entries[:shift]]:
+                if r % entry.stride or exhausted(entry):
                     continue
                 if entry.threads != current:
                     set_threads(entry.threads)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from dataclasses import dataclass
 
@@ -24,9 +23,9 @@ from harness import (
     SUITES,
     Case,
     Entry,
+    OtherLoad,
     Samples,
     Suite,
-    cpu_cores,
     describe_machine,
     fmt_count,
     fmt_numel,
@@ -86,9 +85,9 @@ def run_case(suite: Suite, case: Case, threads: int, settings: Settings) -> Case
     scaling: dict[str, dict[int, Samples]] = {}
     flat: dict[tuple[str, int], Entry] = {}
     if case.big and threads > 1:
-        # The same optimizers, now alternating between 1 thread and all of them
-        # (both libraries get the thread count under test).
-        names = [n for n in (OURS, "torch fused") if n in main]
+        # ferroptim and the strongest reference (listed first), alternating between
+        # 1 thread and all of them (both libraries get the thread count under test).
+        names = [OURS, next(iter(suite.references))]
         # Grouped by thread count: two switches per round.
         flat = {(n, t): Entry(main[n].runner, t) for t in (1, threads) for n in names}
         log(f"[{case.name}] thread scaling: {', '.join(f'{n} x{t}' for n, t in flat)}")
@@ -113,16 +112,18 @@ def spread(samples: Samples) -> str:
     return f"{fmt_time(samples.median)} (±{half_iqr:.0f}%, n={len(samples)})"
 
 
-def load_note(load_before: float, load_max: float, cores: int) -> str:
-    """The 1-minute load average around the run, and a warning if other work competed."""
+def load_note(other: float | None) -> str:
+    """How much of the machine other processes took during the run, with a warning."""
+    if other is None:
+        return "- **Other load:** not measured (no /proc/stat)."
     note = (
-        f"- **Load:** 1-minute load average {load_before:.1f} before the run, at most "
-        f"{load_max:.1f} during it ({cores} cores; this run itself keeps about {cores} busy)."
+        f"- **Other load:** processes other than this one took {other:.0%} of the "
+        "machine's CPU time during the run."
     )
-    if load_before > 0.5 * cores:
+    if other > 0.1:
         note += (
-            " **The machine was busy before the run started: other processes competed "
-            "for the cores, which distorts multi-threaded timings (torch's most of all).**"
+            " **Too busy for clean numbers: competing processes distort multi-threaded "
+            "timings (torch's OpenMP most of all). Re-run on a quiet machine.**"
         )
     return note
 
@@ -132,7 +133,7 @@ def report(
     results: list[CaseResult],
     threads: int,
     settings: Settings,
-    load: tuple[float, float],
+    other_load: float | None,
 ) -> str:
     info = describe_machine()
     refs = list(suite.references)
@@ -148,11 +149,13 @@ def report(
         "(`ferroptim.get_num_threads()`), so both sides get the same cores.",
         f"- **torch default** (no `foreach`/`fused` flag) on CPU tensors is the "
         f"{torch_default_impl()} implementation.",
-        f"- **Method:** contenders interleaved round-robin, {settings.rounds} rounds after "
-        "warm-up, median per contender (slow contenders run in fewer rounds, fast ones "
-        "several times per round). Ratios = torch's median / ferroptim's median, from "
-        "the same run: how many times faster ferroptim is.",
-        load_note(*load, cores=cpu_cores()),
+        f"- **Method:** contenders interleaved round-robin in one process, {settings.rounds} "
+        "rounds after warm-up, the order rotated each round; median per contender (slow "
+        "contenders run in fewer rounds, fast ones several times per round). Each step "
+        "follows other contenders' work, as a training step follows backward: caches are "
+        "not kept warm for it. Ratios = torch's median / ferroptim's median, from the same "
+        "run: how many times faster ferroptim is.",
+        load_note(other_load),
         "",
     ]
 
@@ -244,12 +247,9 @@ def main(argv: list[str] | None = None) -> None:
 
     threads = ferroptim.get_num_threads()
     set_threads(threads)
-    load_before = load_max = os.getloadavg()[0]
-    results = []
-    for c in cases:
-        results.append(run_case(suite, CASES[c], threads, settings))
-        load_max = max(load_max, os.getloadavg()[0])
-    print(report(suite, results, threads, settings, (load_before, load_max)))
+    other_load = OtherLoad()
+    results = [run_case(suite, CASES[c], threads, settings) for c in cases]
+    print(report(suite, results, threads, settings, other_load.share()))
 
 
 if __name__ == "__main__":

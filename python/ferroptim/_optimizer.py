@@ -177,9 +177,15 @@ def _hooked(step: Callable[..., Any]) -> Callable[..., Any]:
     torch's wrapper opens a ``record_function`` range every step, which alone costs
     more than stepping a small model."""
     full = torch.optim.Optimizer.profile_hook_step(step)
+    # Under torch.compile the step runs eagerly, as one graph break at the call:
+    # its Rust calls are opaque to dynamo, and tracing into them would only add
+    # breaks (and warnings) inside.
+    eager = torch.compiler.disable(full, recursive=True)
 
     @functools.wraps(step)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager(self, *args, **kwargs)
         if (
             self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks
