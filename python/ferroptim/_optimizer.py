@@ -23,6 +23,7 @@ So an error in any group leaves every tensor as it was.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ class _Job:
     """One prepared group: its Rust plans and torch-routed grads (for the global
     norm and the finiteness check), ``run`` to step it, ``cancel`` to forget it."""
 
-    __slots__ = ("_run", "new_state", "plans", "torch_grads")
+    __slots__ = ("_run", "dtensor_grads", "new_state", "norm_plans", "plans", "torch_grads")
 
     def __init__(
         self,
@@ -88,12 +89,18 @@ class _Job:
         torch_grads: list[Tensor],
         run: Callable[[_GradFactors], None],
         new_state: list[Tensor] | None = None,
+        norm_plans: list[_core.GroupPlan] | None = None,
+        dtensor_grads: list[Tensor] | None = None,
     ) -> None:
         self.plans = plans
         self.torch_grads = torch_grads
         self._run = run
         #: Params whose (lazily created) state this preparation made.
         self.new_state = new_state or []
+        #: Plans whose gradients count in this rank's share of the norm.
+        self.norm_plans = plans if norm_plans is None else norm_plans
+        #: Gradients that are DTensors: their norm is taken across ranks.
+        self.dtensor_grads = dtensor_grads or []
 
     def run(self, factors: _GradFactors) -> None:
         self._run(factors)
@@ -128,6 +135,11 @@ class _RustWork:
     plans: list[tuple[_core.GroupPlan, bool]] = field(default_factory=list)
     staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     created: list[tuple[dict[str, Any], str, Tensor]] = field(default_factory=list)
+    #: Plans whose gradients count in a norm computed on this rank alone.
+    norm_plans: list[_core.GroupPlan] = field(default_factory=list)
+    #: DTensor params (stepped through their local shards) and their grads.
+    dtensors: list[Tensor] = field(default_factory=list)
+    dtensor_grads: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +172,22 @@ def _laid_out_like(tensor: Tensor, like: Tensor) -> Tensor:
     if _same_layout(tensor, like):
         return tensor
     return torch.empty_like(like).copy_(tensor)
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    # Only possible once the user has imported torch.distributed.tensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: writing it writes the DTensor), else the tensor."""
+    return tensor._local_tensor if _is_dtensor(tensor) else tensor
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """A replicated DTensor as a plain tensor."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
 def _real(tensors: list[Tensor]) -> list[Tensor]:
@@ -405,28 +433,36 @@ class RustStepMixin:
             # torch's GradScaler.unscale_: inv_scale = scale.double().reciprocal().float()
             unscale_tensor = grad_scale.double().reciprocal().float()
             unscale = float(unscale_tensor)
-        rust_plans = [plan for job in jobs for plan in job.plans]
+        rust_plans = [plan for job in jobs for plan in job.norm_plans]
         torch_grads = [g for job in jobs for g in job.torch_grads]
+        dtensor_grads = [g for job in jobs for g in job.dtensor_grads]
         clip = 1.0
         clip_tensor = None
         finite = True
-        if self.max_grad_norm is not None:
+        if self.max_grad_norm is not None or (self.skip_nonfinite and dtensor_grads):
             values, float64 = (
                 _core.grad_norms(rust_plans, 2.0, False, unscale) if rust_plans else ([], False)
             )
             others = [tensor_norm(g, 2.0) for g in torch_grads]
+            if dtensor_grads:  # sharded: torch reduces the norm across ranks
+                others.append(_full(torch.nn.utils.get_total_norm(dtensor_grads, 2.0)))
             if unscale_tensor is not None:
                 others = [n * unscale_tensor.to(n.device) for n in others]
             norm = total_norm(values, float64, others, 2.0)
+            finite = bool(torch.isfinite(norm))
+        if self.max_grad_norm is not None:
             self.last_grad_norm = norm
             clip_tensor = clip_coefficient(self.max_grad_norm, norm)
             clip = float(clip_tensor)
-            finite = bool(torch.isfinite(norm))
         if self.skip_nonfinite and (self.max_grad_norm is None or not finite):
-            # (a clipped norm can overflow with finite float64 grads: ask again)
-            finite = (not rust_plans or _core.grads_finite(rust_plans, False)) and all(
-                bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all())
-                for g in torch_grads
+            # (a norm can overflow with finite float64 grads: ask again)
+            finite = (
+                (not rust_plans or _core.grads_finite(rust_plans, False))
+                and all(
+                    bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all())
+                    for g in torch_grads
+                )
+                and (not dtensor_grads or finite)
             )
             if not finite:
                 return None
@@ -513,13 +549,23 @@ class RustStepMixin:
                 with torch.no_grad():
                     for original, work in rust.staged:
                         original.copy_(work)
+                if rust.dtensors:  # their local shards were bumped; the wrappers too
+                    torch.autograd.graph.increment_version(rust.dtensors)
             if torch_run is not None:
                 with torch.set_grad_enabled(differentiable):
                     torch_run(factors)
             self._cache_plan(group, plans)
 
-        plans_ = [plan for plan, _ in rust.plans] if rust else []
-        return _Job(plans_, torch_grads, run, new_state)
+        if rust is None:
+            return _Job([], torch_grads, run, new_state)
+        return _Job(
+            [plan for plan, _ in rust.plans],
+            torch_grads,
+            run,
+            new_state,
+            rust.norm_plans,
+            rust.dtensor_grads,
+        )
 
     def _prepare_torch(
         self, group: dict[str, Any], params: list[Tensor]
@@ -571,55 +617,58 @@ class RustStepMixin:
 
     def _prepare_rust(self, gathered: Gathered, group: dict[str, Any]) -> _RustWork:
         """Lays the gathered tensors out for the kernel — one run of memory per tensor,
-        the same layout for a param, its grad and its states — and builds one-shot
-        plans: one for params whose lazily created buffers are new (``fresh``), one
-        for the rest."""
+        the same layout for a param, its grad and its states (DTensors: their local
+        shards) — and builds one-shot plans, split by whether their lazily created
+        buffers are new (``fresh``) and by whether they hold DTensor shards (whose
+        norms only make sense across ranks)."""
         keys = gathered.keys
         step_key = self._ferro_step_key
         name = type(self).__name__
-        written_storages = set()
-        works: list[Tensor] = []
-        work_out = _RustWork()
-        staged = work_out.staged
-        created = work_out.created
-        fresh_flags: list[bool] = []
         if len({id(p) for p in gathered.params}) != len(gathered.params):
             raise ValueError(
                 f"{name}: a parameter appears more than once in a param group; "
                 "list each parameter once"
             )
+        out = _RustWork()
+        written_storages = set()
+        works: list[Tensor] = []
+        states: list[list[Tensor]] = [[] for _ in keys]
+        kinds: list[tuple[bool, bool]] = []  # (fresh, dtensor) per param
         for i, p in enumerate(gathered.params):
-            work = p if _is_dense(p) else p.contiguous()
-            if work is not p:
-                staged.append((p, work))
+            dtensor = _is_dtensor(p)
+            local = _local(p)
+            work = local if _is_dense(local) else local.contiguous()
+            if work is not local:
+                out.staged.append((local, work))
+            if dtensor:
+                out.dtensors.append(p)
             state = self.state[p]
             fresh = False
             for k, key in enumerate(keys):
                 buffer = gathered.states[k][i]
-                if buffer is None:
-                    buffer = gathered.states[k][i] = torch.empty_like(work)
-                    created.append((state, key, buffer))
+                if buffer is None:  # created by the step itself (SGD's momentum buffer)
+                    buffer = torch.empty_like(p)
+                    out.created.append((state, key, buffer))
                     fresh = True
-                    continue
-                if buffer.dtype != p.dtype or buffer.shape != p.shape:
+                elif buffer.dtype != p.dtype or buffer.shape != p.shape:
                     raise RuntimeError(
                         f"{name}: state {key!r} of a parameter of shape {tuple(p.shape)} and "
                         f"dtype {p.dtype} has shape {tuple(buffer.shape)} and dtype {buffer.dtype}"
                     )
-                if buffer.device != p.device or not _same_layout(buffer, work):
+                elif not dtensor and (buffer.device != p.device or not _same_layout(buffer, work)):
                     # Our own state: re-lay it out once, for good.
                     buffer = torch.empty_like(work).copy_(buffer)
-                    state[key] = gathered.states[k][i] = buffer
+                    state[key] = buffer
+                states[k].append(_local(buffer))
             if step_key is not None:
                 step = gathered.steps[i]
                 if step.device.type != "cpu" or step.dtype not in _RUST_DTYPES or step.numel() != 1:
                     step = torch.tensor(float(step), dtype=_get_scalar_dtype())
                     state[step_key] = gathered.steps[i] = step
             works.append(work)
-            fresh_flags.append(fresh)
+            kinds.append((fresh, dtensor))
             written_storages.add(work.untyped_storage().data_ptr())
-            for k in range(len(keys)):
-                written_storages.add(gathered.states[k][i].untyped_storage().data_ptr())
+            written_storages.update(s[i].untyped_storage().data_ptr() for s in states)
 
         grads: list[Tensor] = []
         for p, work, grad in zip(gathered.params, works, gathered.grads, strict=True):
@@ -632,27 +681,31 @@ class RustStepMixin:
                     f"{grad.device} does not match its parameter (shape {tuple(p.shape)}, "
                     f"dtype {p.dtype} on {p.device})"
                 )
+            if _is_dtensor(grad):
+                out.dtensor_grads.append(grad)
+            grad = _local(grad)
             if grad.untyped_storage().data_ptr() in written_storages:
                 # The gradient shares memory with a buffer the step writes: read
                 # what torch's in-place sequence would have read.
-                grad = self._ferro_aliased_grad(p, grad, group)
+                grad = self._ferro_aliased_grad(_local(p), grad, group)
             grads.append(_laid_out_like(grad, work))
 
-        for fresh in (False, True):
-            index = [i for i, f in enumerate(fresh_flags) if f == fresh]
-            if not index:
-                continue
+        for kind in sorted(set(kinds)):
+            index = [i for i, k in enumerate(kinds) if k == kind]
             try:
                 plan = _core.GroupPlan.from_tensors(
                     _real([works[i] for i in index]),
                     _real([grads[i] for i in index]),
-                    [_real([states[i] for i in index]) for states in gathered.states],
+                    [_real([s[i] for i in index]) for s in states],
                     [gathered.steps[i] if step_key is not None else None for i in index],
                 )
             except ValueError as error:
                 raise RuntimeError(f"{name}: {error}") from error
-            work_out.plans.append((plan, fresh))
-        return work_out
+            fresh, dtensor = kind
+            out.plans.append((plan, fresh))
+            if not dtensor:
+                out.norm_plans.append(plan)
+        return out
 
     def _cache_plan(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> None:
         """Builds the plan the next step re-checks instead of taking the slow path."""
@@ -660,7 +713,10 @@ class RustStepMixin:
         if group.get("differentiable", False) or _config.get_backend() == "torch":
             return
         params = group["params"]
-        if not all(p.device.type == "cpu" and p.dtype in _RUST_DTYPES for p in params):
+        if not all(
+            p.device.type == "cpu" and p.dtype in _RUST_DTYPES and not _is_dtensor(p)
+            for p in params
+        ):
             return
         key = self._ferro_plan_key(group)
         try:
@@ -670,6 +726,6 @@ class RustStepMixin:
                 list(key[0]),
                 self._ferro_step_key,
             )
-        except ValueError:
+        except (ValueError, RuntimeError):
             return  # not plannable (odd layout, foreign state): the slow path stays correct
         plans[id(group)] = _CachedPlan(group, params, key, plan)

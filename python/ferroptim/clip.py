@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ferroptim import _config, _core
 from ferroptim._norms import clip_coefficient, nonfinite_error, tensor_norm, total_norm
+from ferroptim._optimizer import _is_dtensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
 
@@ -32,8 +33,12 @@ TensorOrTensors = Tensor | Iterable[Tensor]
 
 
 def _split(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """(Rust-able, other): CPU float32/float64, dense, each gradient once."""
-    if _config.get_backend() == "torch":
+    """(Rust-able, other): CPU float32/float64, dense, each gradient once.
+
+    DTensor gradients (FSDP2) take torch's path for the whole call: their norm is
+    reduced across ranks by torch's DTensor machinery.
+    """
+    if _config.get_backend() == "torch" or any(_is_dtensor(g) for g in grads):
         return [], grads
     rust: list[Tensor] = []
     other: list[Tensor] = []
