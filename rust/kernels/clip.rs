@@ -143,9 +143,13 @@ impl Fold for MaxAbs {
     fn term(self, x: f64) -> f64 {
         x.abs()
     }
+    /// The larger of two non-negative values, NaN if either is NaN: for
+    /// non-negative floats the bit patterns order like the values, and a
+    /// (positive) NaN's bits exceed infinity's, so an integer max propagates
+    /// NaN without a branch (and vectorises).
     #[inline(always)]
     fn combine(self, a: f64, b: f64) -> f64 {
-        a.max_propagate_nan(b)
+        f64::from_bits(a.to_bits().max(b.to_bits()))
     }
 }
 
@@ -198,12 +202,21 @@ where
 {
     let (blocks, tail) = values.as_chunks::<LANES>();
     let mut lanes = [F::IDENTITY; LANES];
-    for block in blocks {
-        for lane in 0..LANES {
-            lanes[lane] = fold.combine(
-                lanes[lane],
-                fold.term((block[lane].load() * scale).to_f64()),
-            );
+    // Without a scale the loop is a plain convert-and-fold (multiplying by an
+    // exact 1.0 first would leave the bits alone but keep LLVM from using
+    // full-width vectors).
+    if scale == S::Compute::ONE {
+        for block in blocks {
+            for lane in 0..LANES {
+                lanes[lane] = fold.combine(lanes[lane], fold.term(block[lane].load().to_f64()));
+            }
+        }
+    } else {
+        for block in blocks {
+            for lane in 0..LANES {
+                let value = (block[lane].load() * scale).to_f64();
+                lanes[lane] = fold.combine(lanes[lane], fold.term(value));
+            }
         }
     }
     // The tail gets its own lanes: indexing `lanes` by a run-time length would
@@ -247,6 +260,82 @@ where
         NormType::Zero => reduce_lanes(CountNonzero, values, scale),
         NormType::P(p) => reduce_lanes(SumOfPowers(p), values, scale),
     }
+}
+
+/// Bit-level view of a float for the finiteness scan: with the sign cleared,
+/// bit patterns order like magnitudes, and every inf/NaN pattern is at least
+/// infinity's. An integer max over a block then answers "any non-finite?"
+/// without converting or branching.
+trait AbsBits: Copy {
+    type Bits: Copy + Ord + Default;
+    const INFINITY: Self::Bits;
+    fn abs_bits(self) -> Self::Bits;
+}
+
+impl AbsBits for f32 {
+    type Bits = u32;
+    const INFINITY: u32 = 0x7f80_0000;
+    #[inline(always)]
+    fn abs_bits(self) -> u32 {
+        self.to_bits() & 0x7fff_ffff
+    }
+}
+
+impl AbsBits for f64 {
+    type Bits = u64;
+    const INFINITY: u64 = 0x7ff0_0000_0000_0000;
+    #[inline(always)]
+    fn abs_bits(self) -> u64 {
+        self.to_bits() & 0x7fff_ffff_ffff_ffff
+    }
+}
+
+/// Whether every value is finite.
+#[inline(always)]
+fn all_finite<T: AbsBits>(values: &[T]) -> bool {
+    let (blocks, tail) = values.as_chunks::<LANES>();
+    let mut lanes = [T::Bits::default(); LANES];
+    for block in blocks {
+        for lane in 0..LANES {
+            lanes[lane] = lanes[lane].max(block[lane].abs_bits());
+        }
+    }
+    let largest = lanes
+        .into_iter()
+        .chain(tail.iter().map(|v| v.abs_bits()))
+        .max();
+    largest.is_none_or(|bits| bits < T::INFINITY)
+}
+
+struct FiniteScan {
+    source: GradSource,
+}
+
+impl<T> SegmentReducer<T> for FiniteScan
+where
+    T: Storage<Compute = T> + Real + AbsBits,
+{
+    #[inline(always)]
+    fn reduce(&self, _tensor: usize, s: Slices<'_, T>) -> f64 {
+        let finite = match self.source {
+            GradSource::Grad => all_finite(s.grad),
+            GradSource::Param => all_finite(&*s.param),
+        };
+        if finite {
+            0.0
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Whether every gradient element of the group is finite: one parallel read,
+/// on integer bit patterns (no conversion), early-out free but cheap.
+pub fn grads_finite(group: &Group<'_>, source: GradSource, level: SimdLevel) -> bool {
+    let scan = FiniteScan { source };
+    reduce_segments(group, level, &scan, &scan, 0.0, f64::max)
+        .iter()
+        .all(|&flag| flag == 0.0)
 }
 
 /// Which buffer of a group holds the gradients to reduce.
@@ -502,6 +591,30 @@ mod tests {
             SimdLevel::detect(),
         );
         assert!(two[0].is_nan() && two[1].is_infinite());
+    }
+
+    #[test]
+    fn finiteness_scan_finds_every_kind_of_non_finite() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for position in [0, 15, 16, 4098, 70_000] {
+                let mut g = grads();
+                let big = g.len() - 2; // the 70_001-element tensor
+                let at = position.min(g[big].len() - 1);
+                g[big][at] = bad;
+                assert!(!grads_finite(
+                    &grad_group(&mut g),
+                    GradSource::Param,
+                    SimdLevel::detect()
+                ));
+            }
+        }
+        let mut g = grads();
+        g[0][0] = f32::MAX;
+        assert!(grads_finite(
+            &grad_group(&mut g),
+            GradSource::Param,
+            SimdLevel::detect()
+        ));
     }
 
     #[test]

@@ -81,6 +81,20 @@ pub fn grads_finite(
     plans: Vec<Bound<'_, GroupPlan>>,
     grads_only: bool,
 ) -> PyResult<bool> {
-    let (norms, _) = grad_norms(py, plans, f64::INFINITY, grads_only, 1.0)?;
-    Ok(norms.iter().all(|n| n.is_finite()))
+    let source = if grads_only {
+        GradSource::Param
+    } else {
+        GradSource::Grad
+    };
+    for plan in plans {
+        let finite = plan
+            .borrow_mut()
+            .run(py, None, false, false, |group, level| {
+                clip::grads_finite(group, source, level)
+            })?;
+        if !finite {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
