@@ -25,6 +25,13 @@ class GroupPlan:
     ) -> GroupPlan: ...
     @staticmethod
     def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...
+    @staticmethod
+    def from_arrays(
+        params: Sequence[object],
+        grads: Sequence[object],
+        states: Sequence[tuple[str, Sequence[object]]],
+        step: float | None,
+    ) -> GroupPlan: ...
     def gather(self) -> bool: ...
     def release(self) -> None: ...
     @property
@@ -101,55 +108,3 @@ def environment_errors() -> list[str]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(threads: int) -> None: ...
 def _panic_for_tests() -> None: ...
-def array_adam(
-    params: object,
-    grads: object,
-    exp_avgs: object,
-    exp_avg_sqs: object,
-    max_exp_avg_sqs: object | None,
-    step: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-) -> None: ...
-def array_sgd(
-    params: object,
-    grads: object,
-    momentum_buffers: object | None,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> None: ...
-def array_rmsprop(
-    params: object,
-    grads: object,
-    square_avgs: object,
-    momentum_buffers: object | None,
-    grad_avgs: object | None,
-    step: float,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    maximize: bool,
-) -> None: ...
-def array_adagrad(
-    params: object,
-    grads: object,
-    state_sums: object,
-    step: float,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-) -> None: ...

@@ -37,6 +37,19 @@ __all__ = ["adagrad_", "adam_", "adamw_", "rmsprop_", "sgd_"]
 Arrays = Any | Sequence[Any]
 
 
+def _listed(arrays: Arrays) -> list[Any]:
+    return list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
+
+
+def _plan(
+    params: Arrays, grads: Arrays, states: list[tuple[str, Arrays]], step: float | None
+) -> _core.GroupPlan:
+    """A checked one-shot plan over the arrays (the same engine the classes use)."""
+    return _core.GroupPlan.from_arrays(
+        _listed(params), _listed(grads), [(name, _listed(a)) for name, a in states], step
+    )
+
+
 def _step_number(step: int) -> float:
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the number of this step), got {step!r}")
@@ -78,20 +91,23 @@ def adam_(
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
     if amsgrad != (max_exp_avg_sqs is not None):
         raise ValueError("amsgrad=True needs max_exp_avg_sqs, and only then")
-    _core.array_adam(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs,
-        _step_number(step),
+    states = [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+    if max_exp_avg_sqs is not None:
+        states.append(("max_exp_avg_sqs", max_exp_avg_sqs))
+    plan = _plan(params, grads, states, _step_number(step))
+    _core.adam_step(
+        plan,
         float(lr),
         float(beta1),
         float(beta2),
         float(eps),
         float(weight_decay),
         bool(decoupled_weight_decay),
+        bool(amsgrad),
         bool(maximize),
+        1.0,
+        1.0,
+        False,
     )
 
 
@@ -149,10 +165,17 @@ def sgd_(
     _check_nonnegative(lr=lr, momentum=momentum, weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    _core.array_sgd(
-        params,
-        grads,
-        momentum_buffers,
+    states: list[tuple[str, Arrays]] = []
+    if momentum != 0:
+        if momentum_buffers is None:
+            raise ValueError(
+                "momentum != 0 needs momentum_buffers (arrays like params; "
+                "pass first_step=True on the first step)"
+            )
+        states.append(("momentum_buffers", momentum_buffers))
+    plan = _plan(params, grads, states, None)
+    _core.sgd_step(
+        plan,
         float(lr),
         float(momentum),
         float(dampening),
@@ -160,6 +183,8 @@ def sgd_(
         bool(nesterov),
         bool(maximize),
         bool(first_step),
+        1.0,
+        1.0,
     )
 
 
@@ -187,19 +212,25 @@ def rmsprop_(
     _check_nonnegative(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
     if centered != (grad_avgs is not None):
         raise ValueError("centered=True needs grad_avgs, and only then")
-    _core.array_rmsprop(
-        params,
-        grads,
-        square_avgs,
-        momentum_buffers,
-        grad_avgs,
-        _step_number(step),
+    states: list[tuple[str, Arrays]] = [("square_avgs", square_avgs)]
+    if momentum > 0:
+        if momentum_buffers is None:
+            raise ValueError("momentum > 0 needs momentum_buffers")
+        states.append(("momentum_buffers", momentum_buffers))
+    if grad_avgs is not None:
+        states.append(("grad_avgs", grad_avgs))
+    plan = _plan(params, grads, states, _step_number(step))
+    _core.rmsprop_step(
+        plan,
         float(lr),
         float(alpha),
         float(eps),
         float(weight_decay),
         float(momentum),
+        bool(centered),
         bool(maximize),
+        1.0,
+        1.0,
     )
 
 
@@ -220,14 +251,15 @@ def adagrad_(
     ``state_sums`` start at ``initial_accumulator_value`` (torch's default: zeros).
     """
     _check_nonnegative(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
-    _core.array_adagrad(
-        params,
-        grads,
-        state_sums,
-        _step_number(step),
+    plan = _plan(params, grads, [("state_sums", state_sums)], _step_number(step))
+    _core.adagrad_step(
+        plan,
         float(lr),
         float(lr_decay),
         float(weight_decay),
         float(eps),
         bool(maximize),
+        1.0,
+        1.0,
+        False,
     )

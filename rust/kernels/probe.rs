@@ -5,25 +5,25 @@
 //! optimizers. Benchmarks time it beside a real step to measure the machine's
 //! streaming floor in the same run.
 
-use crate::engine::{DType, Group};
-use crate::simd::{dispatch, SimdLevel, SimdTask};
+use super::{run_segments, Real, SegmentKernel, Storage};
+use crate::engine::{Group, Slices};
+use crate::simd::SimdLevel;
 
-struct ProbeTask<'a, T> {
-    param: &'a mut [T],
-    grad: &'a [T],
-    first: &'a mut [T],
-    second: &'a mut [T],
-}
+struct Probe;
 
-impl<T: Copy + std::ops::Add<Output = T>> SimdTask for ProbeTask<'_, T> {
-    type Output = ();
+impl<T> SegmentKernel<T> for Probe
+where
+    T: Storage<Compute = T> + Real,
+{
     #[inline(always)]
-    fn run(self) {
-        let n = self.param.len();
-        let (grad, first, second) = (&self.grad[..n], &mut self.first[..n], &mut self.second[..n]);
+    fn apply(&self, _tensor: usize, s: Slices<'_, T>) {
+        let n = s.param.len();
+        let grad = &s.grad[..n];
+        let [first, second, _] = s.states;
+        let (first, second) = (&mut first[..n], &mut second[..n]);
         for i in 0..n {
             let g = grad[i];
-            self.param[i] = self.param[i] + g;
+            s.param[i] = s.param[i] + g;
             first[i] = first[i] + g;
             second[i] = second[i] + g;
         }
@@ -36,36 +36,5 @@ impl<T: Copy + std::ops::Add<Output = T>> SimdTask for ProbeTask<'_, T> {
 /// If a tensor does not carry two state buffers.
 pub fn stream_probe(group: &Group<'_>, level: SimdLevel) {
     assert!(group.tensors().iter().all(|t| t.num_states == 2));
-    group.for_each_chunk(|segments| {
-        for segment in segments {
-            match segment.dtype() {
-                DType::F32 => {
-                    let s = segment.slices::<f32>();
-                    let [first, second, _] = s.states;
-                    dispatch(
-                        level,
-                        ProbeTask {
-                            param: s.param,
-                            grad: s.grad,
-                            first,
-                            second,
-                        },
-                    );
-                }
-                DType::F64 => {
-                    let s = segment.slices::<f64>();
-                    let [first, second, _] = s.states;
-                    dispatch(
-                        level,
-                        ProbeTask {
-                            param: s.param,
-                            grad: s.grad,
-                            first,
-                            second,
-                        },
-                    );
-                }
-            }
-        }
-    });
+    run_segments(group, level, &Probe, &Probe);
 }

@@ -1,20 +1,16 @@
-//! The array functional API: the same kernels over any object exporting a
+//! Plans over arrays, for the functional API: any object exporting a
 //! float32/float64 buffer (NumPy arrays, `array.array`, memoryviews), no torch
-//! required. Every argument is checked before anything is written: dtype,
-//! C-contiguity, writability, lengths, and that no written buffer overlaps
-//! another buffer (the same array passed twice, say).
+//! required. The plan then runs through the optimizers' own entry points.
+//! Every argument is checked before anything is written: dtype, C-contiguity,
+//! writability, lengths, and that no written buffer overlaps another buffer
+//! (the same array passed twice, say).
 
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use super::plan::run_caught;
-use crate::engine::{check_buffers, DType, Group, StepCounter, TensorBuffers, MAX_STATES};
-use crate::kernels::adagrad::{adagrad_step, AdagradHyper};
-use crate::kernels::adam::{adam_step, AdamHyper};
-use crate::kernels::rmsprop::{rmsprop_step, RmspropHyper};
-use crate::kernels::sgd::{sgd_step, SgdHyper};
-use crate::simd;
+use super::plan::GroupPlan;
+use crate::engine::{check_buffers, DType, TensorBuffers, MAX_STATES};
 
 /// One exported buffer, checked.
 struct Array {
@@ -61,21 +57,15 @@ impl Array {
     }
 }
 
-/// `params[i]`, `grads[i]`, `states[k][i]` checked and laid out as engine
-/// buffers (plus the exported buffers, which must outlive the step).
-struct Checked {
-    tensors: Vec<TensorBuffers>,
-    _arrays: Vec<Array>,
-    /// Step counters of the tensors, `step - 1`, incremented by the kernel.
-    steps: Vec<f64>,
-}
-
-fn check(
+/// Checks arrays for a one-shot [`GroupPlan`]: `params[i]`, `grads[i]`,
+/// `states[k].1[i]` (named `states[k].0` in errors). `step` (1-based) gives
+/// every tensor a step counter owned by the plan.
+pub fn plan_arrays(
     params: &[Bound<'_, PyAny>],
     grads: &[Bound<'_, PyAny>],
-    states: &[(&str, Vec<Bound<'_, PyAny>>)],
+    states: &[(String, Vec<Bound<'_, PyAny>>)],
     step: Option<f64>,
-) -> PyResult<Checked> {
+) -> PyResult<GroupPlan> {
     let n = params.len();
     if grads.len() != n {
         return Err(PyValueError::new_err(format!(
@@ -101,7 +91,7 @@ fn check(
             )));
         }
     }
-    let mut arrays = Vec::with_capacity(n * (2 + states.len()));
+    let mut exports = Vec::with_capacity(n * (2 + states.len()));
     let mut tensors = Vec::with_capacity(n);
     // (address, name) of every written array, to name a duplicate plainly.
     let mut written: Vec<(usize, String)> = Vec::new();
@@ -146,8 +136,8 @@ fn check(
             num_states: states.len(),
             step: None,
         });
-        arrays.push(param);
-        arrays.extend(companions.into_iter().map(|(_, array)| array));
+        exports.push(param.buffer);
+        exports.extend(companions.into_iter().map(|(_, array)| array.buffer));
     }
     written.sort();
     if let Some(pair) = written.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -161,207 +151,5 @@ fn check(
             "{e} (pass each array once; a gradient may not be a parameter or state)"
         ))
     })?;
-    let steps = vec![step.unwrap_or(1.0) - 1.0; n];
-    Ok(Checked {
-        tensors,
-        _arrays: arrays,
-        steps,
-    })
-}
-
-/// Runs `kernel` over the checked arrays with the GIL released.
-fn run(
-    py: Python<'_>,
-    mut checked: Checked,
-    with_steps: bool,
-    kernel: impl FnOnce(&mut Group<'_>, simd::SimdLevel) + Send,
-) -> PyResult<()> {
-    if with_steps {
-        for (t, counter) in checked.tensors.iter_mut().zip(checked.steps.iter_mut()) {
-            t.step = Some(StepCounter {
-                addr: counter as *mut f64 as usize,
-                dtype: DType::F64,
-            });
-        }
-    }
-    let tensors = std::mem::take(&mut checked.tensors);
-    // SAFETY: every address points into a buffer exported by a live object
-    // (`checked._arrays` holds the exports until this function returns, and an
-    // exported NumPy array cannot be resized), of the checked dtype and length;
-    // the step counters point into `checked.steps`, alive and untouched
-    // elsewhere; `check_buffers` refused overlaps.
-    let mut group = unsafe { Group::new_prechecked(tensors) };
-    let level = simd::active_level();
-    run_caught(py, || kernel(&mut group, level))
-}
-
-fn listify<'py>(value: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
-    if let Ok(list) = value.cast::<pyo3::types::PyList>() {
-        return Ok(list.iter().collect());
-    }
-    if let Ok(tuple) = value.cast::<pyo3::types::PyTuple>() {
-        return Ok(tuple.iter().collect());
-    }
-    Ok(vec![value.clone()])
-}
-
-/// Adam/AdamW over arrays. `states`: exp_avgs, exp_avg_sqs (, max_exp_avg_sqs).
-#[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize))]
-#[allow(clippy::too_many_arguments)]
-pub fn array_adam(
-    py: Python<'_>,
-    params: &Bound<'_, PyAny>,
-    grads: &Bound<'_, PyAny>,
-    exp_avgs: &Bound<'_, PyAny>,
-    exp_avg_sqs: &Bound<'_, PyAny>,
-    max_exp_avg_sqs: Option<&Bound<'_, PyAny>>,
-    step: f64,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    decoupled_weight_decay: bool,
-    maximize: bool,
-) -> PyResult<()> {
-    let mut states = vec![
-        ("exp_avgs", listify(exp_avgs)?),
-        ("exp_avg_sqs", listify(exp_avg_sqs)?),
-    ];
-    if let Some(max) = max_exp_avg_sqs {
-        states.push(("max_exp_avg_sqs", listify(max)?));
-    }
-    let hyper = AdamHyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decoupled_weight_decay,
-        amsgrad: max_exp_avg_sqs.is_some(),
-        maximize,
-        ..AdamHyper::default()
-    };
-    let checked = check(&listify(params)?, &listify(grads)?, &states, Some(step))?;
-    run(py, checked, true, |group, level| {
-        adam_step(group, &hyper, level);
-    })
-}
-
-/// SGD over arrays; `momentum_buffers` when momentum is on (`first_step`: they are
-/// written from the gradients, as torch creates them).
-#[pyfunction]
-#[pyo3(signature = (params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step))]
-#[allow(clippy::too_many_arguments)]
-pub fn array_sgd(
-    py: Python<'_>,
-    params: &Bound<'_, PyAny>,
-    grads: &Bound<'_, PyAny>,
-    momentum_buffers: Option<&Bound<'_, PyAny>>,
-    lr: f64,
-    momentum: f64,
-    dampening: f64,
-    weight_decay: f64,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-) -> PyResult<()> {
-    let hyper = SgdHyper {
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        maximize,
-        ..SgdHyper::default()
-    };
-    let states = match (momentum != 0.0, momentum_buffers) {
-        (true, Some(buffers)) => vec![("momentum_buffers", listify(buffers)?)],
-        (true, None) => {
-            return Err(PyValueError::new_err(
-                "momentum != 0 needs momentum_buffers (arrays like params; set first_step=True on the first step)",
-            ))
-        }
-        (false, _) => Vec::new(),
-    };
-    let checked = check(&listify(params)?, &listify(grads)?, &states, None)?;
-    run(py, checked, false, |group, level| {
-        sgd_step(group, &hyper, first_step, level);
-    })
-}
-
-/// RMSprop over arrays: square_avgs, then momentum_buffers (momentum > 0), then grad_avgs (centered).
-#[pyfunction]
-#[pyo3(signature = (params, grads, square_avgs, momentum_buffers, grad_avgs, step, lr, alpha, eps, weight_decay, momentum, maximize))]
-#[allow(clippy::too_many_arguments)]
-pub fn array_rmsprop(
-    py: Python<'_>,
-    params: &Bound<'_, PyAny>,
-    grads: &Bound<'_, PyAny>,
-    square_avgs: &Bound<'_, PyAny>,
-    momentum_buffers: Option<&Bound<'_, PyAny>>,
-    grad_avgs: Option<&Bound<'_, PyAny>>,
-    step: f64,
-    lr: f64,
-    alpha: f64,
-    eps: f64,
-    weight_decay: f64,
-    momentum: f64,
-    maximize: bool,
-) -> PyResult<()> {
-    let mut states = vec![("square_avgs", listify(square_avgs)?)];
-    if momentum > 0.0 {
-        let buffers = momentum_buffers
-            .ok_or_else(|| PyValueError::new_err("momentum > 0 needs momentum_buffers"))?;
-        states.push(("momentum_buffers", listify(buffers)?));
-    }
-    if let Some(grad_avgs) = grad_avgs {
-        states.push(("grad_avgs", listify(grad_avgs)?));
-    }
-    let hyper = RmspropHyper {
-        lr,
-        alpha,
-        eps,
-        weight_decay,
-        momentum,
-        centered: grad_avgs.is_some(),
-        maximize,
-        ..RmspropHyper::default()
-    };
-    let checked = check(&listify(params)?, &listify(grads)?, &states, Some(step))?;
-    run(py, checked, true, |group, level| {
-        rmsprop_step(group, &hyper, level);
-    })
-}
-
-/// Adagrad over arrays.
-#[pyfunction]
-#[pyo3(signature = (params, grads, state_sums, step, lr, lr_decay, weight_decay, eps, maximize))]
-#[allow(clippy::too_many_arguments)]
-pub fn array_adagrad(
-    py: Python<'_>,
-    params: &Bound<'_, PyAny>,
-    grads: &Bound<'_, PyAny>,
-    state_sums: &Bound<'_, PyAny>,
-    step: f64,
-    lr: f64,
-    lr_decay: f64,
-    weight_decay: f64,
-    eps: f64,
-    maximize: bool,
-) -> PyResult<()> {
-    let hyper = AdagradHyper {
-        lr,
-        lr_decay,
-        weight_decay,
-        eps,
-        maximize,
-        ..AdagradHyper::default()
-    };
-    let states = vec![("state_sums", listify(state_sums)?)];
-    let checked = check(&listify(params)?, &listify(grads)?, &states, Some(step))?;
-    run(py, checked, true, |group, level| {
-        adagrad_step(group, &hyper, level);
-    })
+    Ok(GroupPlan::from_exports(tensors, exports, step))
 }

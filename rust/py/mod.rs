@@ -88,10 +88,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimizers::rmsprop_step, m)?)?;
     m.add_function(wrap_pyfunction!(optimizers::adagrad_step, m)?)?;
     m.add_function(wrap_pyfunction!(optimizers::stream_probe, m)?)?;
-    m.add_function(wrap_pyfunction!(arrays::array_adam, m)?)?;
-    m.add_function(wrap_pyfunction!(arrays::array_sgd, m)?)?;
-    m.add_function(wrap_pyfunction!(arrays::array_rmsprop, m)?)?;
-    m.add_function(wrap_pyfunction!(arrays::array_adagrad, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grad_norms, m)?)?;
     m.add_function(wrap_pyfunction!(clip::total_norm, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grads_finite, m)?)?;

@@ -13,6 +13,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -108,6 +109,11 @@ pub struct GroupPlan {
     written_tensors: Vec<Py<PyAny>>,
     /// Whether `ready` holds buffers for a run.
     gathered: bool,
+    /// Buffer exports pinning the memory of array plans (`from_arrays`).
+    exports: Vec<PyUntypedBuffer>,
+    /// Step counters owned by array plans (each `step - 1`; the heap buffer
+    /// never moves, so counters can point into it).
+    owned_steps: Vec<f64>,
 }
 
 /// Runs `work` with the GIL released; a Rust panic becomes a `RuntimeError`
@@ -197,7 +203,32 @@ impl GroupPlan {
             keepalive: Vec::new(),
             written_tensors: Vec::new(),
             gathered: false,
+            exports: Vec::new(),
+            owned_steps: Vec::new(),
         }
+    }
+
+    /// A gathered one-shot plan over checked array buffers (see `arrays.rs`),
+    /// with plan-owned step counters when `step` is given.
+    pub fn from_exports(
+        mut tensors: Vec<TensorBuffers>,
+        exports: Vec<PyUntypedBuffer>,
+        step: Option<f64>,
+    ) -> GroupPlan {
+        let mut plan = GroupPlan::empty(Vec::new(), None);
+        if let Some(step) = step {
+            plan.owned_steps = vec![step - 1.0; tensors.len()];
+            for (t, counter) in tensors.iter_mut().zip(plan.owned_steps.iter_mut()) {
+                t.step = Some(StepCounter {
+                    addr: counter as *mut f64 as usize,
+                    dtype: DType::F64,
+                });
+            }
+        }
+        plan.ready = tensors;
+        plan.exports = exports;
+        plan.gathered = true;
+        plan
     }
 
     /// An empty, gathered plan (drives the panic-conversion test).
@@ -509,6 +540,19 @@ impl GroupPlan {
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
         plan.gathered = true;
         Ok(plan)
+    }
+
+    /// A one-shot plan over arrays (the functional API): `states` are
+    /// `(name, arrays)` pairs in kernel order, `step` the 1-based step number.
+    #[staticmethod]
+    #[pyo3(signature = (params, grads, states, step))]
+    fn from_arrays(
+        params: Vec<Bound<'_, PyAny>>,
+        grads: Vec<Bound<'_, PyAny>>,
+        states: Vec<(String, Vec<Bound<'_, PyAny>>)>,
+        step: Option<f64>,
+    ) -> PyResult<GroupPlan> {
+        super::arrays::plan_arrays(&params, &grads, &states, step)
     }
 
     /// A one-shot plan over gradients alone, for clipping: each gradient is
