@@ -190,6 +190,13 @@ def _full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
+def _agree_finite(finite: bool, group: Any) -> bool:
+    """Whether every rank of ``group`` saw finite gradients (one tiny all-reduce)."""
+    flag = torch.tensor([0.0 if finite else 1.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return not flag.item()
+
+
 def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
@@ -256,8 +263,16 @@ class RustStepMixin:
     skip_nonfinite: bool | str
     #: Steps skipped because of non-finite gradients (with ``skip_nonfinite``).
     skipped_steps: int
+    #: Process group whose ranks agree on skipping (an optimizer that sees only this
+    #: rank's shard of the parameters, as under ZeroRedundancyOptimizer); None: local.
+    nonfinite_group: Any
 
-    def _ferro_init(self, max_grad_norm: float | None, skip_nonfinite: bool | str = False) -> None:
+    def _ferro_init(
+        self,
+        max_grad_norm: float | None,
+        skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
+    ) -> None:
         """Call at the end of ``__init__``."""
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
@@ -269,6 +284,7 @@ class RustStepMixin:
             )
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
+        self.nonfinite_group = nonfinite_group
         self.skipped_steps = 0
         self.last_grad_norm = None
         # GradScaler hands us `grad_scale` and `found_inf`: grads are unscaled as the
@@ -357,7 +373,7 @@ class RustStepMixin:
 
     step = _hooked(step)  # type: ignore[assignment]
 
-    _FERRO_SETTINGS = ("max_grad_norm", "skip_nonfinite", "skipped_steps")
+    _FERRO_SETTINGS = ("max_grad_norm", "skip_nonfinite", "skipped_steps", "nonfinite_group")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
@@ -374,6 +390,7 @@ class RustStepMixin:
         self.max_grad_norm = settings["max_grad_norm"]
         self.skip_nonfinite = settings["skip_nonfinite"] or False
         self.skipped_steps = settings["skipped_steps"] or 0
+        self.nonfinite_group = settings["nonfinite_group"]
         self.__dict__.setdefault("last_grad_norm", None)
         self._step_supports_amp_scaling = True
 
@@ -464,6 +481,8 @@ class RustStepMixin:
                 )
                 and (not dtensor_grads or finite)
             )
+            if self.nonfinite_group is not None:
+                finite = _agree_finite(finite, self.nonfinite_group)
             if not finite:
                 return None
         return _GradFactors(unscale, clip, unscale_tensor, clip_tensor, grad_scale, found_inf)
@@ -579,11 +598,21 @@ class RustStepMixin:
         if implied_fused:
             init_group["fused"] = True
         gathered = self._ferro_gather(init_group)
-        if implied_fused and not all(
-            s.dtype == torch.float32 and s.device == p.device
-            for s, p in zip(gathered.steps, gathered.params, strict=True)
+        if (
+            implied_fused
+            and self._ferro_step_key is not None
+            and not all(
+                s.dtype == torch.float32 and s.device == p.device
+                for s, p in zip(gathered.steps, gathered.params, strict=True)
+            )
         ):
             # State made earlier for another implementation: foreach takes any step tensor.
+            foreach, fused = _foreach_supported(gathered.params), False
+        if implied_fused and any(
+            any(b is None for b in buffers) and not all(b is None for b in buffers)
+            for buffers in gathered.states
+        ):
+            # torch's fused SGD creates momentum buffers only when all are new.
             foreach, fused = _foreach_supported(gathered.params), False
         if fused:
             # torch's fused kernels walk a grad in its param's memory order: a grad laid

@@ -44,6 +44,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -57,7 +58,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)

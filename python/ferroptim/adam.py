@@ -128,6 +128,7 @@ class Adam(_AdamFamily, torch.optim.Adam):
         decoupled_weight_decay: bool = False,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -143,7 +144,7 @@ class Adam(_AdamFamily, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
 
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
@@ -169,6 +170,7 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -183,4 +185,4 @@ class AdamW(_AdamFamily, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)

@@ -26,6 +26,7 @@ second, and so on. ::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,9 @@ Arrays = Any | Sequence[Any]
 
 
 def _listed(arrays: Arrays) -> list[Any]:
-    return list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
+    listed = list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
+    # A 0-d array exports no shape; step its one-element view (same memory).
+    return [a.reshape(1) if getattr(a, "ndim", None) == 0 else a for a in listed]
 
 
 def _plan(
@@ -51,9 +54,13 @@ def _plan(
 
 
 def _step_number(step: int) -> float:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    try:
+        number = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
         raise ValueError(f"step must be an int >= 1 (the number of this step), got {step!r}")
-    return float(step)
+    return float(number)
 
 
 def _check_nonnegative(**values: float) -> None:

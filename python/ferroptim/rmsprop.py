@@ -45,6 +45,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         *,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -59,7 +60,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         keys: tuple[str, ...] = ("square_avg",)

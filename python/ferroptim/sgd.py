@@ -47,6 +47,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
+        nonfinite_group: Any = None,
     ) -> None:
         super().__init__(
             params,
@@ -60,7 +61,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
 
     def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
