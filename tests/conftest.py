@@ -18,10 +18,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -491,12 +493,18 @@ class GradStream:
     """
 
     def __init__(
-        self, specs: list[ParamSpec], dtype: torch.dtype, seed: int = 1, none_prob: float = 0.15
+        self,
+        specs: list[ParamSpec],
+        dtype: torch.dtype,
+        seed: int = 1,
+        none_prob: float = 0.15,
+        first_none_prob: float = 0.5,
     ) -> None:
         self.specs = specs
         self.dtype = dtype
         self.gen = torch.Generator().manual_seed(seed)
         self.none_prob = none_prob
+        self.first_none_prob = first_none_prob
 
     def draw(self, step: int) -> list[torch.Tensor | None]:
         grads: list[torch.Tensor | None] = []
@@ -504,7 +512,7 @@ class GradStream:
             u = torch.rand(2, generator=self.gen, dtype=torch.float64)
             # The first step gives every param a grad only half the time, so some
             # state is created late; later steps drop grads at none_prob.
-            if float(u[0]) < (0.5 if step == 0 else self.none_prob):
+            if float(u[0]) < (self.first_none_prob if step == 0 else self.none_prob):
                 grads.append(None)
                 continue
             scale = 10.0 ** (4.0 * float(u[1]) - 3.0)  # 1e-3 .. 10
@@ -545,12 +553,13 @@ def run_steps(
     seed: int = 0,
     grad_seed: int = 1,
     none_prob: float = 0.15,
+    first_none_prob: float = 0.5,
     check_grads_untouched: bool = False,
 ) -> Run:
     """Builds a ParamSet, an optimizer over it, and steps it ``steps`` times."""
     pset = build(specs, dtype, seed)
     opt = make_opt(pset.param_groups())
-    stream = GradStream(pset.param_specs, dtype, grad_seed, none_prob)
+    stream = GradStream(pset.param_specs, dtype, grad_seed, none_prob, first_none_prob)
     for step in range(steps):
         grads = stream.draw(step)
         assign_grads(pset.params, pset.param_specs, grads)
@@ -563,6 +572,12 @@ def run_steps(
     return Run(opt, pset)
 
 
+def _grads_untouched_checked(step: int) -> bool:
+    """Steps on which run_pair checks the step left the gradients alone (a write would be
+    systematic; cloning and comparing every grad every step costs more than the step)."""
+    return step < 3 or step % 10 == 0
+
+
 def run_pair(
     family: Family,
     kwargs: dict[str, Any],
@@ -572,25 +587,30 @@ def run_pair(
     *,
     ferro_kwargs: dict[str, Any] | None = None,
     torch_kwargs: dict[str, Any] | None = None,
-    **run_kwargs: Any,
+    seed: int = 0,
+    grad_seed: int = 1,
+    none_prob: float = 0.15,
+    first_none_prob: float = 0.5,
+    check_grads_untouched: bool = False,
 ) -> tuple[Run, Run]:
     """``steps`` steps of ferroptim and of torch's for-loop reference, on identical params
-    and identical grads. Returns (ferro, torch)."""
-    ferro = run_steps(
-        lambda groups: family.make_ferro(groups, **kwargs, **(ferro_kwargs or {})),
-        specs,
-        dtype,
-        steps,
-        **run_kwargs,
-    )
-    ref = run_steps(
-        lambda groups: family.make_torch(groups, **kwargs, **(torch_kwargs or {})),
-        specs,
-        dtype,
-        steps,
-        **{k: v for k, v in run_kwargs.items() if k != "check_grads_untouched"},
-    )
-    return ferro, ref
+    and identical grads (drawn once, stepped in lockstep). Returns (ferro, torch)."""
+    fset, tset = build(specs, dtype, seed), build(specs, dtype, seed)
+    fopt = family.make_ferro(fset.param_groups(), **kwargs, **(ferro_kwargs or {}))
+    topt = family.make_torch(tset.param_groups(), **kwargs, **(torch_kwargs or {}))
+    stream = GradStream(fset.param_specs, dtype, grad_seed, none_prob, first_none_prob)
+    for step in range(steps):
+        grads = stream.draw(step)
+        assign_grads(fset.params, fset.param_specs, grads)
+        assign_grads(tset.params, tset.param_specs, grads)
+        check = check_grads_untouched and _grads_untouched_checked(step)
+        before = [None if p.grad is None else p.grad.clone() for p in fset.params] if check else []
+        fopt.step()
+        topt.step()
+        for p, g in zip(fset.params, before, strict=False):
+            if g is not None:
+                assert torch.equal(p.grad, g), "the step wrote to a gradient"
+    return Run(fopt, fset), Run(topt, tset)
 
 
 # ----------------------------------------------------------------------------------------
@@ -708,6 +728,29 @@ def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from iter_tensors(v, f"{path}/{i}")
+
+
+@contextlib.contextmanager
+def rust_calls() -> Iterator[Counter]:
+    """Counts calls into ferroptim's Rust step kernels (the optimizer modules look them up
+    on ``ferroptim._core`` at each call)."""
+    core = ferroptim._core
+    counts: Counter = Counter()
+    originals = {}
+    for name in ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step"):
+        original = getattr(core, name)
+        originals[name] = original
+
+        def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(core, name, spy)
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(core, name, original)
 
 
 # ----------------------------------------------------------------------------------------

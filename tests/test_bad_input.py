@@ -10,9 +10,19 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_unchanged, ferroptim, snapshot, tol
+from conftest import (
+    ALL_FAMILIES,
+    FAMILIES,
+    NEW_FAMILIES,
+    assert_unchanged,
+    ferroptim,
+    snapshot,
+    tol,
+)
 
-FAMILY_IDS = ["Adam", "Adam-decoupled", "AdamW"]
+FAMILY_IDS = list(ALL_FAMILIES)
+#: One family per kernel (Adam-decoupled and AdamW share Adam's).
+KERNEL_FAMILIES = ["Adam", *NEW_FAMILIES]
 
 
 def params(seed: int = 0, shapes=((50,), (6, 4), (3,))) -> list[torch.nn.Parameter]:
@@ -38,7 +48,7 @@ def torch_outcome(fn) -> BaseException | None:
 # Construction
 # ----------------------------------------------------------------------------------------
 
-BAD_HYPERPARAMETERS = [
+_ADAM_BAD = [
     pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
     pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
     pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
@@ -52,10 +62,62 @@ BAD_HYPERPARAMETERS = [
         {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
     ),
 ]
+BAD_HYPERPARAMETERS = {
+    "Adam": _ADAM_BAD,
+    "Adam-decoupled": _ADAM_BAD,
+    "AdamW": _ADAM_BAD,
+    "SGD": [
+        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
+        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+        pytest.param({"nesterov": True}, "Nesterov", id="nesterov-without-momentum"),
+        pytest.param(
+            {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+            "Nesterov",
+            id="nesterov-with-dampening",
+        ),
+        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+        pytest.param(
+            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+        ),
+    ],
+    "RMSprop": [
+        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+        pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
+        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+        pytest.param({"alpha": -0.5}, "alpha", id="negative-alpha"),
+        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+        pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused RMSprop
+    ],
+    "Adagrad": [
+        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+        pytest.param({"lr_decay": -0.1}, "lr_decay", id="negative-lr-decay"),
+        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+        pytest.param(
+            {"initial_accumulator_value": -0.1},
+            "initial_accumulator_value",
+            id="negative-initial-accumulator-value",
+        ),
+        pytest.param({"eps": -1e-10}, "epsilon", id="negative-eps"),
+        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+        pytest.param(
+            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+        ),
+    ],
+}
 
 
-@pytest.mark.parametrize(("kwargs", "words"), BAD_HYPERPARAMETERS)
-@pytest.mark.parametrize("family", FAMILY_IDS)
+@pytest.mark.parametrize(
+    ("family", "kwargs", "words"),
+    [
+        pytest.param(name, *case.values, id=f"{name}-{case.id}")
+        for name, cases in BAD_HYPERPARAMETERS.items()
+        for case in cases
+    ],
+)
 def test_invalid_hyperparameters_raise_torchs_error(family, kwargs, words):
     family = FAMILIES[family]
     ps = params()
@@ -65,7 +127,21 @@ def test_invalid_hyperparameters_raise_torchs_error(family, kwargs, words):
     with pytest.raises(type(torch_error.value), match=words) as ferro_error:
         family.ferro(ps, **{**family.fixed, **kwargs})
     assert type(ferro_error.value) is type(torch_error.value)
+    assert str(ferro_error.value) == str(torch_error.value)
     assert all(torch.equal(a, b) for a, b in zip(before, ps, strict=True))
+
+
+@pytest.mark.parametrize(
+    "bad", [0.0, -1.0, float("nan"), float("-inf")], ids=["zero", "negative", "nan", "-inf"]
+)
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_invalid_max_grad_norm(family, bad):
+    family = FAMILIES[family]
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        family.make_ferro(params(), max_grad_norm=bad)
+    # A valid one is kept as a float; +inf (never clips) is valid.
+    assert family.make_ferro(params(), max_grad_norm=1).max_grad_norm == 1.0
+    assert family.make_ferro(params(), max_grad_norm=float("inf")).max_grad_norm == float("inf")
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
@@ -122,14 +198,28 @@ def test_duplicate_params_within_a_group(family):
 # ----------------------------------------------------------------------------------------
 
 
+#: Per family: kwargs with every state buffer in play.
+FULL_KWARGS = {
+    "Adam": {"amsgrad": True},
+    "Adam-decoupled": {"amsgrad": True, "weight_decay": 0.1},
+    "AdamW": {"amsgrad": True},
+    "SGD": {"momentum": 0.9, "weight_decay": 0.1},
+    "RMSprop": {"momentum": 0.5, "centered": True},
+    "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+}
+
+
 @pytest.mark.parametrize("warm_steps", [0, 3], ids=["first-step", "after-warmup"])
-@pytest.mark.parametrize("family", FAMILY_IDS)
+@pytest.mark.parametrize("family", [*FAMILY_IDS[:3], "RMSprop"])
 def test_sparse_grad_in_second_group(family, warm_steps):
+    """Optimizers without sparse support raise torch's error before writing anything
+    (torch itself has stepped the first group by then)."""
+    kwargs = FULL_KWARGS[family]
     family = FAMILIES[family]
 
     def make(factory):
         ps = params(shapes=((50,), (6, 4), (3,), (7, 2), (5,)))
-        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, amsgrad=True)
+        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, **kwargs)
         return ps, opt
 
     fps, fopt = make(family.make_ferro)
@@ -141,16 +231,17 @@ def test_sparse_grad_in_second_group(family, warm_steps):
     set_grads(fps, 100)
     fps[3].grad = fps[3].grad.to_sparse()
     before = snapshot(fopt, fps)
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(RuntimeError, match="sparse") as ferro_error:
         fopt.step()
     assert_unchanged(before, fopt, fps)
-    # torch raises the same error type (on a throwaway copy: torch itself has stepped the
+    # torch raises the same error (on a throwaway copy: torch itself has stepped the
     # first group by the time it raises).
     xps, xopt = make(family.make_torch)
     set_grads(xps, 100)
     xps[3].grad = xps[3].grad.to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(RuntimeError, match="sparse") as torch_error:
         xopt.step()
+    assert str(ferro_error.value) == str(torch_error.value)
     # Nothing was lost: fix the grad and carry on, as torch does without the failed step.
     for ps, opt in ((fps, fopt), (tps, topt)):
         set_grads(ps, 100)
@@ -164,10 +255,13 @@ def test_sparse_grad_in_second_group(family, warm_steps):
 
 
 @pytest.mark.parametrize("int_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
-def test_integer_param_with_a_grad_raises(int_dtype):
+@pytest.mark.parametrize("family", KERNEL_FAMILIES)
+def test_integer_param_with_a_grad_raises(family, int_dtype):
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
     ps = params()
     bad = torch.zeros(4, dtype=int_dtype)
-    opt = ferroptim.Adam([{"params": ps}, {"params": [bad]}], lr=0.1)
+    opt = family.make_ferro([{"params": ps}, {"params": [bad]}], **kwargs)
     set_grads(ps, 0)
     opt.step()
     set_grads(ps, 1)
@@ -180,15 +274,18 @@ def test_integer_param_with_a_grad_raises(int_dtype):
     with pytest.raises((RuntimeError, NotImplementedError)):
         t = torch.zeros(4, dtype=int_dtype)
         t.grad = torch.ones(4, dtype=int_dtype)
-        torch.optim.Adam([t], foreach=False).step()
+        family.make_torch([t], **kwargs).step()
 
 
-def test_integer_param_without_grad_is_ignored():
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_integer_param_without_grad_is_ignored(family):
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
     ps = params()
     counter = torch.zeros(4, dtype=torch.int64)
-    opt = ferroptim.AdamW([*ps, counter], lr=0.1)
+    opt = family.make_ferro([*ps, counter], **kwargs)
     ref_ps = params()
-    ref = torch.optim.AdamW([*ref_ps, torch.zeros(4, dtype=torch.int64)], lr=0.1, foreach=False)
+    ref = family.make_torch([*ref_ps, torch.zeros(4, dtype=torch.int64)], **kwargs)
     for step in range(5):
         set_grads(ps, step)
         set_grads(ref_ps, step)
@@ -202,13 +299,14 @@ def test_integer_param_without_grad_is_ignored():
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_complex_params_step_correctly(family, dtype):
+    kwargs = {"lr": 0.05, "weight_decay": 0.1, **FULL_KWARGS[family]}
     family = FAMILIES[family]
 
     def run(factory):
         gen = torch.Generator().manual_seed(0)
         p = torch.nn.Parameter(torch.randn(17, 3, generator=gen, dtype=dtype))
         q = torch.nn.Parameter(torch.randn(5, generator=gen, dtype=dtype.to_real()))
-        opt = factory([p, q], lr=0.05, weight_decay=0.1, amsgrad=True)
+        opt = factory([p, q], **kwargs)
         for _ in range(20):
             p.grad = torch.randn(17, 3, generator=gen, dtype=dtype)
             q.grad = torch.randn(5, generator=gen, dtype=dtype.to_real())
@@ -219,10 +317,14 @@ def test_complex_params_step_correctly(family, dtype):
     tp, tq, topt = run(family.make_torch)
     for a, b in ((fp, tp), (fq, tq)):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(b.dtype))
-        assert set(fopt.state[a]) == set(topt.state[b])
-        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            assert fopt.state[a][key].dtype == b.dtype
-            torch.testing.assert_close(fopt.state[a][key], topt.state[b][key], **tol(b.dtype))
+        assert list(fopt.state[a]) == list(topt.state[b])
+        assert topt.state[b]
+        for key, value in topt.state[b].items():
+            if key == "step":
+                assert float(fopt.state[a][key]) == float(value)
+            else:
+                assert fopt.state[a][key].dtype == b.dtype
+                torch.testing.assert_close(fopt.state[a][key], value, **tol(b.dtype))
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,7 +334,7 @@ def test_complex_params_step_correctly(family, dtype):
 
 def _trained(family, groups_of):
     ps = params()
-    opt = family.make_ferro(groups_of(ps), lr=0.1)
+    opt = family.make_ferro(groups_of(ps), lr=0.1, **FULL_KWARGS[family.name])
     set_grads(ps, 0)
     opt.step()
     return ps, opt
@@ -249,12 +351,13 @@ LOAD_MISMATCHES = [
 
 
 @pytest.mark.parametrize(("other_groups", "words"), LOAD_MISMATCHES)
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
 def test_load_state_dict_mismatch(family, other_groups, words):
     family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
     ps, opt = _trained(family, lambda ps: ps)
     _, other = _trained(family, other_groups)
-    topt = family.make_torch(params(), lr=0.1)
+    topt = family.make_torch(params(), **kwargs)
     with pytest.raises(ValueError, match=words):
         topt.load_state_dict(other.state_dict())
     before = snapshot(opt, ps)
@@ -269,7 +372,7 @@ def test_load_state_dict_mismatch(family, other_groups, words):
     )
     # It keeps stepping correctly.
     ref_ps = params()
-    ref = family.make_torch(ref_ps, lr=0.1)
+    ref = family.make_torch(ref_ps, **kwargs)
     set_grads(ref_ps, 0)
     ref.step()
     for step in (1, 2):
@@ -281,24 +384,50 @@ def test_load_state_dict_mismatch(family, other_groups, words):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
 
 
+def _corruptions(family: str) -> list:
+    keys = [k for k in FAMILIES[family].state_tensors if k != "step"]
+    cases = []
+    for key in keys:
+        cases += [
+            pytest.param(
+                family,
+                lambda s, k=key: s.__setitem__(k, torch.zeros(5)),
+                id=f"{family}-{key}-shape",
+            ),
+            pytest.param(
+                family,
+                lambda s, k=key: s.__setitem__(k, torch.zeros(4, 6)),
+                id=f"{family}-{key}-transposed-shape",
+            ),
+            pytest.param(
+                family,
+                lambda s, k=key: s.__setitem__(k, s[k].double()),
+                id=f"{family}-{key}-dtype",
+            ),
+            pytest.param(family, lambda s, k=key: s.pop(k), id=f"{family}-{key}-missing"),
+        ]
+    return cases
+
+
 @pytest.mark.parametrize(
-    "corrupt",
-    [
-        pytest.param(lambda s: s.__setitem__("exp_avg", torch.zeros(5)), id="state-wrong-shape"),
-        pytest.param(
-            lambda s: s.__setitem__("exp_avg_sq", torch.zeros(6, 5)), id="state-transposed-shape"
-        ),
-        pytest.param(
-            lambda s: s.__setitem__("exp_avg", s["exp_avg"].double()), id="state-wrong-dtype"
-        ),
-        pytest.param(lambda s: s.pop("exp_avg_sq"), id="state-missing-key"),
-    ],
+    ("family", "corrupt"), [c for f in KERNEL_FAMILIES for c in _corruptions(f)]
 )
-def test_corrupt_state_raises_and_writes_nothing(corrupt):
-    ps = params()
-    opt = ferroptim.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+def test_corrupt_state_raises_and_writes_nothing(family, corrupt):
+    """A state buffer of the wrong shape / dtype, or missing: torch's error (nothing
+    written), or — where torch copes (SGD recreates a missing momentum buffer, steps
+    with a float64 one) — torch's result or a clear error that writes nothing."""
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
+    if family.name == "Adam":
+        kwargs["amsgrad"] = True
+
+    def make():
+        ps = params()
+        return ps, family.make_ferro([{"params": ps[:1]}, {"params": ps[1:]}], **kwargs)
+
+    ps, opt = make()
     tps = params()
-    topt = torch.optim.Adam([{"params": tps[:1]}, {"params": tps[1:]}], lr=0.1, foreach=False)
+    topt = family.make_torch([{"params": tps[:1]}, {"params": tps[1:]}], **kwargs)
     for step in range(3):
         set_grads(ps, step)
         set_grads(tps, step)
@@ -309,11 +438,18 @@ def test_corrupt_state_raises_and_writes_nothing(corrupt):
     set_grads(ps, 9)
     set_grads(tps, 9)
     torch_error = torch_outcome(topt.step)
-    assert torch_error is not None
     before = snapshot(opt, ps)
-    with pytest.raises(type(torch_error)):
-        opt.step()
-    assert_unchanged(before, opt, ps)
+    ferro_error = torch_outcome(opt.step)
+    if torch_error is not None:
+        assert ferro_error is not None, f"torch raises {torch_error!r}; ferroptim stepped"
+        assert isinstance(ferro_error, type(torch_error)), (torch_error, ferro_error)
+        assert_unchanged(before, opt, ps)
+    elif ferro_error is not None:
+        assert isinstance(ferro_error, (RuntimeError, ValueError)), ferro_error
+        assert_unchanged(before, opt, ps)
+    else:
+        for a, b in zip(ps, tps, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,13 +472,16 @@ BAD_GRADS = [
 
 @pytest.mark.parametrize("warm_steps", [0, 2], ids=["first-step", "cached-plan"])
 @pytest.mark.parametrize("bad_grad", BAD_GRADS)
-def test_grad_set_through_data_bypass(bad_grad, warm_steps):
+@pytest.mark.parametrize("family", KERNEL_FAMILIES)
+def test_grad_set_through_data_bypass(family, bad_grad, warm_steps):
     """``p.grad.data = ...`` skips torch's shape/dtype checks. ferroptim must raise torch's
     error (torch raises) or give torch's result, never corrupt memory or step silently."""
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
 
     def run(factory):
         ps = params()
-        opt = factory([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+        opt = factory([{"params": ps[:1]}, {"params": ps[1:]}], **kwargs)
         for step in range(warm_steps):
             set_grads(ps, step)
             opt.step()
@@ -351,8 +490,8 @@ def test_grad_set_through_data_bypass(bad_grad, warm_steps):
         before = snapshot(opt, ps)
         return ps, opt, before, torch_outcome(opt.step)
 
-    tps, _, _, terror = run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k))
-    fps, fopt, before, ferror = run(lambda g, **k: ferroptim.Adam(g, **k))
+    tps, _, _, terror = run(family.make_torch)
+    fps, fopt, before, ferror = run(family.make_ferro)
     if terror is not None:
         assert ferror is not None, (
             f"torch raises {type(terror).__name__}({terror}); ferroptim stepped silently"
@@ -369,12 +508,28 @@ def test_grad_set_through_data_bypass(bad_grad, warm_steps):
             torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
 
 
+ALIASING_FLAGS = {
+    "Adam": [{}, {"weight_decay": 0.1}, {"maximize": True, "amsgrad": True}],
+    "SGD": [
+        {},
+        {"weight_decay": 0.1},
+        {"momentum": 0.9, "dampening": 0.2},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"momentum": 0.9, "maximize": True},
+    ],
+    "RMSprop": [{}, {"weight_decay": 0.1}, {"momentum": 0.5, "centered": True, "maximize": True}],
+    "Adagrad": [{}, {"weight_decay": 0.1}, {"lr_decay": 0.1, "maximize": True}],
+}
+
+
 @pytest.mark.parametrize(
-    "flags",
-    [{}, {"weight_decay": 0.1}, {"maximize": True, "amsgrad": True}],
-    ids=["plain", "weight-decay", "maximize-amsgrad"],
+    ("family", "flags"),
+    [
+        pytest.param(family, flags, id=f"{family}-{'-'.join(flags) or 'plain'}")
+        for family in FAMILY_IDS
+        for flags in ALIASING_FLAGS["Adam" if family.startswith("Adam") else family]
+    ],
 )
-@pytest.mark.parametrize("family", FAMILY_IDS)
 def test_grad_aliasing_its_own_param(family, flags):
     family = FAMILIES[family]
 
@@ -397,23 +552,38 @@ def test_grad_aliasing_its_own_param(family, flags):
             torch.testing.assert_close(fopt.state[a][key], topt.state[b][key], **tol(torch.float32))
 
 
-def test_grad_aliasing_a_state_buffer():
+#: Per family: (kwargs, the state buffer the grad is made to alias).
+STATE_ALIASES = [
+    pytest.param("Adam", {"amsgrad": True}, "exp_avg_sq", id="Adam-exp_avg_sq"),
+    pytest.param("SGD", {"momentum": 0.9}, "momentum_buffer", id="SGD-momentum_buffer"),
+    pytest.param("RMSprop", {}, "square_avg", id="RMSprop-square_avg"),
+    pytest.param("RMSprop", {"momentum": 0.5, "centered": True}, "grad_avg", id="RMSprop-grad_avg"),
+    pytest.param("RMSprop", {"momentum": 0.5}, "momentum_buffer", id="RMSprop-momentum_buffer"),
+    pytest.param("Adagrad", {}, "sum", id="Adagrad-sum"),
+]
+
+
+@pytest.mark.parametrize(("family", "kwargs", "key"), STATE_ALIASES)
+def test_grad_aliasing_a_state_buffer(family, kwargs, key):
+    """``p.grad = state[key]``: torch's in-place sequence reads the gradient after earlier
+    ops of the same step have updated that buffer; ferroptim must give torch's numbers."""
+    family = FAMILIES[family]
+
     def run(factory):
         ps = params()
-        opt = factory(ps, lr=0.05, amsgrad=True)
+        opt = factory(ps, lr=0.05, **kwargs)
         for step in range(5):
             set_grads(ps, step)
             if step >= 2:
-                ps[1].grad = opt.state[ps[1]]["exp_avg_sq"]
+                ps[1].grad = opt.state[ps[1]][key]
             opt.step()
-        return ps
+        return ps, opt
 
-    for a, b in zip(
-        run(ferroptim.Adam),
-        run(lambda g, **k: torch.optim.Adam(g, foreach=False, **k)),
-        strict=True,
-    ):
+    (fps, fopt), (tps, topt) = run(family.make_ferro), run(family.make_torch)
+    for a, b in zip(fps, tps, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+        for k, value in topt.state[b].items():
+            torch.testing.assert_close(fopt.state[a][k], value, **tol(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------

@@ -102,6 +102,12 @@ def test_public_api():
     for name in (
         "Adam",
         "AdamW",
+        "SGD",
+        "RMSprop",
+        "Adagrad",
+        "clip_grad_norm_",
+        "clip_grad_value_",
+        "get_total_norm",
         "get_backend",
         "get_num_threads",
         "set_backend",
@@ -185,16 +191,23 @@ def test_valid_environment_takes_effect(env, checks):
         import torch, ferroptim
         {checks.replace(chr(10), chr(10) + " " * 8)}
         # ... and a step works under these settings, and matches torch.
-        p = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
-        q = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
-        opt = ferroptim.AdamW([p], lr=0.1)
-        ref = torch.optim.AdamW([q], lr=0.1, foreach=False)
-        for i in range(3):
-            p.grad = torch.cos(torch.arange(70001.0) * (i + 1))
-            q.grad = p.grad.clone()
-            opt.step()
-            ref.step()
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for name, kw in (("AdamW", dict()), ("SGD", dict(momentum=0.9)),
+                         ("RMSprop", dict(momentum=0.5)), ("Adagrad", dict())):
+            p = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
+            q = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
+            opt = getattr(ferroptim, name)([p], lr=0.1, max_grad_norm=50.0, **kw)
+            ref = getattr(torch.optim, name)([q], lr=0.1, foreach=False, **kw)
+            for i in range(3):
+                p.grad = torch.cos(torch.arange(70001.0) * (i + 1))
+                q.grad = p.grad.clone()
+                opt.step()
+                torch.nn.utils.clip_grad_norm_([q], 50.0)
+                ref.step()
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            g = torch.cos(torch.arange(70001.0))
+            torch.testing.assert_close(
+                ferroptim.get_total_norm([g]), torch.nn.utils.get_total_norm([g]),
+                rtol=1e-5, atol=0)
         print("ok")
     """
     result = run_python(code, env)

@@ -5,6 +5,7 @@ pointers honouring every way a user can swap tensors under the optimizer."""
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    ALL_FAMILIES,
     FAMILIES,
+    NEW_FAMILIES,
     assert_unchanged,
     ferroptim,
     iter_tensors,
@@ -56,13 +59,18 @@ class Twin:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         shapes: tuple[tuple[int, ...], ...] = SHAPES,
+        max_grad_norm: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.family = FAMILIES[family]
         self.fp = make_params(seed, dtype, shapes)
         self.tp = make_params(seed, dtype, shapes)
         groups = groups or (lambda ps: ps)
-        self.f = self.family.make_ferro(groups(self.fp), **kwargs)
+        kwargs = {**self.family.common, **kwargs}
+        # ``max_grad_norm`` is ferroptim's: torch's side clips with clip_grad_norm_.
+        self.max_grad_norm = max_grad_norm
+        extra = {} if max_grad_norm is None else {"max_grad_norm": max_grad_norm}
+        self.f = self.family.make_ferro(groups(self.fp), **kwargs, **extra)
         self.t = self.family.make_torch(groups(self.tp), **kwargs)
         self.gen = torch.Generator().manual_seed(seed + 100)
 
@@ -78,6 +86,9 @@ class Twin:
         for _ in range(n):
             self.grads(skip)
             self.f.step()
+            if self.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(self.tp, self.max_grad_norm)
+                torch.testing.assert_close(self.f.last_grad_norm, norm, rtol=1e-5, atol=0)
             self.t.step()
 
     def both(self, fn: Callable[[torch.optim.Optimizer, list[torch.nn.Parameter]], Any]) -> None:
@@ -141,45 +152,44 @@ def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["Adam", "Adam-decoupled", "AdamW"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_param_groups_with_their_own_hyperparameters(family):
+    variants = FAMILIES[family].variants
+
     def groups(ps):
         return [
             {"params": ps[:2]},
-            {
-                "params": [ps[2]],
-                "lr": 0.05,
-                "betas": (0.5, 0.9),
-                "eps": 1e-4,
-                "weight_decay": 0.3,
-                "amsgrad": True,
-            },
-            {"params": [ps[3]], "lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+            {"params": [ps[2]], **variants[0]},
+            {"params": [ps[3]], **variants[1]},
         ]
 
     twin = Twin(family, groups, lr=1e-2, weight_decay=0.02)
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
     twin.step(100)
     twin.check()
-    assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
-    assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
+    if family.startswith("Adam"):
+        assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
+        assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
 
 
-def test_add_param_group_mid_training():
-    twin = Twin("Adam", lambda ps: ps[:2], lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_add_param_group_mid_training(family):
+    variants = FAMILIES[family].variants
+    twin = Twin(family, lambda ps: ps[:2], lr=1e-2)
     twin.step(20, skip=(2, 3))
-    twin.both(lambda opt, ps: opt.add_param_group({"params": [ps[2]], "lr": 0.1, "amsgrad": True}))
+    twin.both(lambda opt, ps: opt.add_param_group({"params": [ps[2]], **variants[0]}))
     twin.step(20, skip=(3,))
-    twin.both(lambda opt, ps: opt.add_param_group({"params": ps[3:], "betas": (0.7, 0.95)}))
+    twin.both(lambda opt, ps: opt.add_param_group({"params": ps[3:], **variants[1]}))
     twin.step(20)
     twin.check()
     assert len(twin.f.param_groups) == 3
-    assert twin.f.param_groups[1]["amsgrad"] is True
+    assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
 
 
-def test_hyperparameter_changes_mid_training_are_honoured():
-    twin = Twin("Adam", lr=1e-2)
-    changes = [
+#: Per family: (key, value) changes made to a live group between steps, each one a change
+#: torch's own optimizer honours without error.
+HYPERPARAMETER_CHANGES = {
+    "Adam": [
         ("lr", 0.05),
         ("betas", (0.5, 0.9)),
         ("eps", 1e-3),
@@ -188,9 +198,53 @@ def test_hyperparameter_changes_mid_training_are_honoured():
         ("decoupled_weight_decay", True),
         ("maximize", False),
         ("lr", torch.tensor(3e-3)),
-    ]
+    ],
+    "SGD": [
+        ("lr", 0.05),
+        ("momentum", 0.5),
+        ("dampening", 0.3),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("dampening", 0.0),
+        ("nesterov", True),
+        ("maximize", False),
+        ("momentum", 0.0),  # the buffers stay in the state, unused
+        ("nesterov", False),
+        ("momentum", 0.9),  # ... and are used again
+        ("lr", torch.tensor(3e-3)),
+    ],
+    "RMSprop": [
+        ("lr", 0.05),
+        ("alpha", 0.9),
+        ("eps", 1e-3),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("momentum", 0.9),
+        ("centered", False),
+        ("momentum", 0.0),  # the buffers stay in the state, unused
+        ("maximize", False),
+        ("centered", True),  # grad_avg kept from before is used again, as torch does
+        ("momentum", 0.3),
+        ("lr", torch.tensor(3e-3)),
+    ],
+    "Adagrad": [
+        ("lr", 0.05),
+        ("lr_decay", 0.1),
+        ("eps", 1e-3),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("initial_accumulator_value", 5.0),  # only read when state is created
+        ("maximize", False),
+        ("lr", torch.tensor(3e-3)),
+    ],
+}
+
+
+@pytest.mark.parametrize("family", list(HYPERPARAMETER_CHANGES))
+def test_hyperparameter_changes_mid_training_are_honoured(family):
+    twin = Twin(family, lr=1e-2)
     twin.step(5)
-    for key, value in changes:
+    for key, value in HYPERPARAMETER_CHANGES[family]:
 
         def change(opt, _ps, key=key, value=value):
             opt.param_groups[0][key] = value
@@ -201,8 +255,9 @@ def test_hyperparameter_changes_mid_training_are_honoured():
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_zero_grad(set_to_none):
-    twin = Twin("AdamW", lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_zero_grad(family, set_to_none):
+    twin = Twin(family, lr=1e-2)
     twin.step(3)
     twin.f.zero_grad(set_to_none=set_to_none)
     twin.t.zero_grad(set_to_none=set_to_none)
@@ -218,16 +273,19 @@ def test_zero_grad(set_to_none):
     twin.check()
 
 
-def test_zero_grad_default_sets_to_none():
-    twin = Twin("Adam")
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_zero_grad_default_sets_to_none(family):
+    twin = Twin(family)
     twin.step(1)
     twin.f.zero_grad()
     assert all(p.grad is None for p in twin.fp)
 
 
-def test_closure_returns_the_loss_and_runs_with_grad_enabled():
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_closure_returns_the_loss_and_runs_with_grad_enabled(family):
+    family = FAMILIES[family]
     model = mlp()
-    opt = ferroptim.AdamW(model.parameters(), lr=1e-2)
+    opt = family.make_ferro(model.parameters(), lr=1e-2, **family.common)
     x, y = batches(1)[0]
     calls = []
 
@@ -246,11 +304,13 @@ def test_closure_returns_the_loss_and_runs_with_grad_enabled():
     assert opt.step() is None
 
 
-def test_closure_training_matches_torch():
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_closure_training_matches_torch(family):
+    family = FAMILIES[family]
     losses = {}
-    for name, cls in (("ferro", ferroptim.Adam), ("torch", torch.optim.Adam)):
+    for name, factory in (("ferro", family.make_ferro), ("torch", family.make_torch)):
         model = mlp()
-        opt = cls(model.parameters(), lr=1e-2, amsgrad=True)
+        opt = factory(model.parameters(), **{"lr": 1e-2, **family.common, **family.variants[0]})
         out = []
         for x, y in batches(30):
 
@@ -265,9 +325,11 @@ def test_closure_training_matches_torch():
     assert losses["ferro"] == pytest.approx(losses["torch"], rel=1e-5, abs=1e-6)
 
 
-def test_step_hooks_fire():
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_step_hooks_fire(family):
+    family = FAMILIES[family]
     params = make_params()
-    opt = ferroptim.Adam(params, lr=1e-2)
+    opt = family.make_ferro(params, lr=1e-2, **family.common)
     events = []
 
     def pre(o, args, kwargs):
@@ -299,9 +361,11 @@ def test_step_hooks_fire():
     assert events == []
 
 
-def test_state_dict_and_load_state_dict_hooks_fire():
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_state_dict_and_load_state_dict_hooks_fire(family):
+    family = FAMILIES[family]
     params = make_params()
-    opt = ferroptim.AdamW(params, lr=1e-2)
+    opt = family.make_ferro(params, lr=1e-2, **family.common)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
@@ -333,13 +397,20 @@ def test_state_dict_and_load_state_dict_hooks_fire():
 
 def test_isinstance():
     p = [torch.nn.Parameter(torch.zeros(3))]
-    assert isinstance(ferroptim.Adam(p), torch.optim.Optimizer)
-    assert isinstance(ferroptim.Adam(p), torch.optim.Adam)
-    assert isinstance(ferroptim.AdamW(p), torch.optim.Optimizer)
-    assert isinstance(ferroptim.AdamW(p), torch.optim.AdamW)
+    for ferro_cls, torch_cls in (
+        (ferroptim.Adam, torch.optim.Adam),
+        (ferroptim.AdamW, torch.optim.AdamW),
+        (ferroptim.SGD, torch.optim.SGD),
+        (ferroptim.RMSprop, torch.optim.RMSprop),
+        (ferroptim.Adagrad, torch.optim.Adagrad),
+    ):
+        opt = ferro_cls(p)
+        assert isinstance(opt, torch.optim.Optimizer)
+        assert isinstance(opt, torch_cls)
+        assert issubclass(ferro_cls, torch_cls)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
 def test_constructor_defaults_match_torch(family):
     family = FAMILIES[family]
     f = family.ferro([torch.nn.Parameter(torch.zeros(3))])
@@ -348,12 +419,41 @@ def test_constructor_defaults_match_torch(family):
     assert {k: v for k, v in f.param_groups[0].items() if k != "params"} == {
         k: v for k, v in t.param_groups[0].items() if k != "params"
     }
+    assert f.max_grad_norm is None
+    assert f.last_grad_norm is None
 
 
-def test_named_parameters():
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+def test_constructor_signature_is_torchs_plus_keywords(family):
+    """torch's parameters, in torch's order, with torch's kinds and defaults; ferroptim's
+    own options (``max_grad_norm``, ...) only as extra keyword-only parameters."""
+    family = FAMILIES[family]
+    ours = inspect.signature(family.ferro.__init__).parameters
+    theirs = inspect.signature(family.torch.__init__).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, param in theirs.items():
+        assert ours[name].kind == param.kind, name
+        assert ours[name].default == param.default, name
+    extra = [p for name, p in ours.items() if name not in theirs]
+    assert "max_grad_norm" in [p.name for p in extra]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra), extra
+    assert ours["max_grad_norm"].default is None
+    # Positional calls exactly as torch's.
+    positional = [
+        p.default
+        for p in list(theirs.values())[2:]
+        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    x = [torch.nn.Parameter(torch.zeros(3))]
+    assert family.ferro(x, *positional).defaults == family.torch(x, *positional).defaults
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_named_parameters(family):
+    family = FAMILIES[family]
     model_f, model_t = mlp(), mlp()
-    opt_f = ferroptim.AdamW(model_f.named_parameters(), lr=1e-2)
-    opt_t = torch.optim.AdamW(model_t.named_parameters(), lr=1e-2, foreach=False)
+    opt_f = family.make_ferro(model_f.named_parameters(), lr=1e-2, **family.common)
+    opt_t = family.make_torch(model_t.named_parameters(), lr=1e-2, **family.common)
     for x, y in batches(10):
         for model, opt in ((model_f, opt_f), (model_t, opt_t)):
             opt.zero_grad()
@@ -366,12 +466,24 @@ def test_named_parameters():
         torch.testing.assert_close(a, b, **F32)
 
 
-def test_mlp_training_matches_torch():
+#: Per family: kwargs of the small-model training runs (every state buffer in play).
+TRAINING_KWARGS = {
+    "Adam": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
+    "AdamW": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
+    "SGD": {"lr": 3e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    "RMSprop": {"lr": 1e-3, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
+    "Adagrad": {"lr": 3e-2, "lr_decay": 0.01, "weight_decay": 0.01},
+}
+
+
+@pytest.mark.parametrize("family", list(TRAINING_KWARGS))
+def test_mlp_training_matches_torch(family):
+    kwargs = TRAINING_KWARGS[family]
+    family = FAMILIES[family]
     results = {}
-    for name, cls in (("ferro", ferroptim.AdamW), ("torch", torch.optim.AdamW)):
+    for name, factory in (("ferro", family.make_ferro), ("torch", family.make_torch)):
         model = mlp()
-        kwargs = {} if cls is ferroptim.AdamW else {"foreach": False}
-        opt = cls(model.parameters(), lr=3e-3, weight_decay=0.05, amsgrad=True, **kwargs)
+        opt = factory(model.parameters(), **kwargs)
         losses = []
         for x, y in batches(150):
             opt.zero_grad()
@@ -387,15 +499,14 @@ def test_mlp_training_matches_torch():
         torch.testing.assert_close(a, b, **F32)
 
 
-def test_grad_scaler_matches_torch():
+@pytest.mark.parametrize("family", list(TRAINING_KWARGS))
+def test_grad_scaler_matches_torch(family):
+    kwargs = TRAINING_KWARGS[family]
+    family = FAMILIES[family]
     results = {}
-    for name, cls in (("ferro", ferroptim.Adam), ("torch", torch.optim.Adam)):
+    for name, factory in (("ferro", family.make_ferro), ("torch", family.make_torch)):
         model = mlp()
-        opt = (
-            cls(model.parameters(), lr=1e-2)
-            if name == "ferro"
-            else cls(model.parameters(), lr=1e-2, foreach=False)
-        )
+        opt = factory(model.parameters(), **kwargs)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
         for i, (x, y) in enumerate(batches(30)):
             opt.zero_grad()
@@ -410,8 +521,9 @@ def test_grad_scaler_matches_torch():
     assert sf == st
     for a, b in zip(pf, pt, strict=True):
         torch.testing.assert_close(a, b, **F32)
-    steps = {float(s["step"]) for s in of.state.values()}
-    assert steps == {float(s["step"]) for s in ot.state.values()} == {29.0}
+    if family.has_step:
+        steps = {float(s["step"]) for s in of.state.values()}
+        assert steps == {float(s["step"]) for s in ot.state.values()} == {29.0}
 
 
 # ----------------------------------------------------------------------------------------
@@ -450,7 +562,7 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "CyclicLR": lambda o: lr_scheduler.CyclicLR(
         o, base_lr=1e-3, max_lr=5e-2, step_size_up=6, cycle_momentum=False
     ),
-    "CyclicLR-betas": lambda o: lr_scheduler.CyclicLR(
+    "CyclicLR-momentum": lambda o: lr_scheduler.CyclicLR(
         o,
         base_lr=1e-3,
         max_lr=5e-2,
@@ -475,44 +587,59 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
 }
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+#: Schedulers that cycle ``momentum`` / ``betas`` (optimizers without either refuse them).
+CYCLING = ("CyclicLR-momentum", "OneCycleLR", "OneCycleLR-linear")
+
+
+def _momentum_of(group: dict[str, Any]) -> Any:
+    if "betas" in group:
+        return tuple(group["betas"])
+    return group.get("momentum")
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_lr_scheduler_trajectory_matches_torch(name, family):
     family = FAMILIES[family]
-    runs = {}
-    for side, factory in (("ferro", family.make_ferro), ("torch", family.make_torch)):
-        model = mlp()
-        params = list(model.parameters())
-        opt = factory(
-            [{"params": params[:4]}, {"params": params[4:], "lr": 5e-3}],
-            lr=1e-2,
-        )
-        sched = SCHEDULERS[name](opt)
-        trajectory, losses = [], []
-        for x, y in batches(60):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
+    if name in CYCLING and not _has_momentum(family):
+        # Adagrad: no momentum to cycle. torch's scheduler refuses the optimizer; it must
+        # refuse ferroptim's with the same error.
+        with pytest.raises(ValueError) as torch_error:
+            SCHEDULERS[name](family.make_torch(mlp().parameters(), lr=1e-2))
+        with pytest.raises(ValueError) as ferro_error:
+            SCHEDULERS[name](family.make_ferro(mlp().parameters(), lr=1e-2))
+        assert str(ferro_error.value) == str(torch_error.value)
+        return
+    # Gradients drawn independently of the params (no loss feeding back into them): the
+    # scheduler drives the hyperparameters, and every step must match torch's.
+    twin = Twin(
+        family.name, lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 5e-3}], lr=1e-2
+    )
+    scheds = {side: SCHEDULERS[name](opt) for side, opt in (("ferro", twin.f), ("torch", twin.t))}
+    trajectory = {"ferro": [], "torch": []}
+    for _ in range(60):
+        twin.step()
+        for side, opt in (("ferro", twin.f), ("torch", twin.t)):
+            sched = scheds[side]
             if isinstance(sched, lr_scheduler.ReduceLROnPlateau):
-                sched.step(loss.item() + 10.0)  # never improves: the lr must drop
+                sched.step(10.0)  # never improves: the lr must drop
             else:
                 sched.step()
-            trajectory.append([(g["lr"], tuple(g["betas"])) for g in opt.param_groups])
-            losses.append(loss.item())
-        runs[side] = (trajectory, losses, params, sched.state_dict())
-    (tf, lf, pf, sf), (tt, lt, pt, st) = runs["ferro"], runs["torch"]
+            trajectory[side].append([(g["lr"], _momentum_of(g)) for g in opt.param_groups])
+    tf, tt = trajectory["ferro"], trajectory["torch"]
     assert tf == tt
     assert len({t[0][0] for t in tf}) > 1, "the scheduler should have changed the lr"
-    if name.startswith(("OneCycle", "CyclicLR-betas")):
-        assert len({t[0][1] for t in tf}) > 1, "the scheduler should have cycled beta1"
-    # Losses go through a float32 network: differences of ~1e-7 in the params show as
-    # ~1e-5 in the loss after 60 steps.
-    assert lf == pytest.approx(lt, rel=1e-4, abs=1e-6)
-    for a, b in zip(pf, pt, strict=True):
-        torch.testing.assert_close(a.detach(), b.detach(), **F32)
+    if name in CYCLING:
+        assert len({t[0][1] for t in tf}) > 1, "the scheduler should have cycled the momentum"
+    twin.check()
+    sf, st = scheds["ferro"].state_dict(), scheds["torch"].state_dict()
     assert sf.keys() == st.keys()
     assert sf.get("_last_lr") == st.get("_last_lr")
+
+
+def _has_momentum(family) -> bool:
+    defaults = family.torch([torch.nn.Parameter(torch.zeros(1))], **family.fixed).defaults
+    return "momentum" in defaults or "betas" in defaults
 
 
 # ----------------------------------------------------------------------------------------
@@ -520,18 +647,19 @@ def test_lr_scheduler_trajectory_matches_torch(name, family):
 # ----------------------------------------------------------------------------------------
 
 
-def _trained_twin(family: str = "AdamW") -> Twin:
-    twin = Twin(
-        family,
-        lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "amsgrad": True}],
-        lr=1e-2,
-    )
+def _groups(family: str) -> Callable[[list[torch.nn.Parameter]], Any]:
+    variant = {"lr": 3e-3, **FAMILIES[family].variants[0]}
+    return lambda ps: [{"params": ps[:2]}, {"params": ps[2:], **variant}]
+
+
+def _trained_twin(family: str = "AdamW", **kwargs: Any) -> Twin:
+    twin = Twin(family, _groups(family), lr=1e-2, **kwargs)
     twin.step(1, skip=(1, 2, 3))
-    twin.step(9, skip=(3,))  # param 3 never gets a grad: no state
+    twin.step(9, skip=(3,))  # param 3 never gets a grad: no state (Adagrad: pristine state)
     return twin
 
 
-@pytest.mark.parametrize("family", ["Adam", "Adam-decoupled", "AdamW"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_state_dict_has_torchs_exact_format(family):
     twin = _trained_twin(family)
     sf, st = twin.f.state_dict(), twin.t.state_dict()
@@ -540,29 +668,95 @@ def test_state_dict_has_torchs_exact_format(family):
     assert structure({**sf, "param_groups": hyper(sf["param_groups"])}) == structure(
         {**st, "param_groups": hyper(st["param_groups"])}
     )
-    assert sorted(sf["state"]) == sorted(st["state"]) == [0, 1, 2]
+    expected = [0, 1, 2, 3] if family == "Adagrad" else [0, 1, 2]
+    assert sorted(sf["state"]) == sorted(st["state"]) == expected
     for index, state in sf["state"].items():
         assert list(state) == list(st["state"][index]), "same keys, same order"
-        step = state["step"]
-        assert isinstance(step, torch.Tensor) and step.dim() == 0
-        assert step.dtype == st["state"][index]["step"].dtype and step.is_floating_point()
+        if FAMILIES[family].has_step:
+            step = state["step"]
+            assert isinstance(step, torch.Tensor) and step.dim() == 0
+            assert step.dtype == st["state"][index]["step"].dtype and step.is_floating_point()
+        else:
+            assert "step" not in state
         for key, value in state.items():
             if key != "step":
                 assert value.is_contiguous() == st["state"][index][key].is_contiguous()
+                assert value.dtype == st["state"][index][key].dtype
                 torch.testing.assert_close(value, st["state"][index][key], **F32)
-    assert float(sf["state"][0]["step"]) == 10.0
-    assert float(sf["state"][1]["step"]) == 9.0
+    if FAMILIES[family].has_step:
+        assert float(sf["state"][0]["step"]) == 10.0
+        assert float(sf["state"][1]["step"]) == 9.0
+    assert "max_grad_norm" not in sf
+    assert all("max_grad_norm" not in g for g in sf["param_groups"])
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+def test_sgd_without_momentum_keeps_no_state():
+    """torch's SGD with momentum=0 keeps an empty state; so must ferroptim's."""
+    twin = Twin("SGD", lr=1e-2, momentum=0.0, weight_decay=0.1)
+    twin.step(5)
+    twin.check()
+    assert len(twin.t.state) == 0
+    assert len(twin.f.state) == 0
+    assert twin.f.state_dict()["state"] == twin.t.state_dict()["state"] == {}
+
+
+def test_sgd_momentum_buffer_starts_as_the_first_grad():
+    """torch's SGD creates ``momentum_buffer`` on a param's first step as a clone of the
+    (decayed) gradient — not zeros, not shared with the grad."""
+    for maximize in (False, True):
+        twin = Twin("SGD", lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.1, maximize=maximize)
+        twin.grads(skip=(1,))
+        twin.f.step()
+        twin.t.step()
+        twin.check()
+        assert twin.fp[1] not in twin.f.state or not twin.f.state[twin.fp[1]]
+        for p, q in zip(twin.fp, twin.tp, strict=True):
+            if p.grad is None:
+                continue
+            buf = twin.f.state[p]["momentum_buffer"]
+            assert torch.equal(buf, twin.t.state[q]["momentum_buffer"])
+            assert buf.data_ptr() != p.grad.data_ptr()
+        twin.step(5)
+        twin.check()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fused"),
+    [
+        (torch.float32, None),
+        (torch.float64, None),
+        (torch.complex64, None),
+        (torch.float32, True),  # torch's fused Adagrad: a float32 step on the param's device
+        (torch.float64, True),
+    ],
+)
+def test_adagrad_state_is_created_at_construction(dtype, fused):
+    """torch's Adagrad makes ``step`` and ``sum`` (filled with initial_accumulator_value,
+    ``v + vj`` for complex params) for every param in its constructor."""
+
+    def make(cls):
+        gen = torch.Generator().manual_seed(0)
+        ps = [
+            torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in ((7,), (3, 4))
+        ]
+        return cls(ps, initial_accumulator_value=0.25, fused=fused)
+
+    f, t = make(ferroptim.Adagrad), make(torch.optim.Adagrad)
+    sf, st = f.state_dict(), t.state_dict()
+    assert structure(sf) == structure(st)
+    for index in st["state"]:
+        for key, value in st["state"][index].items():
+            assert torch.equal(sf["state"][index][key], value), key
+
+
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
 @pytest.mark.parametrize("direction", ["torch-to-ferro", "ferro-to-torch"])
 def test_checkpoint_interchange(direction, family):
     """A checkpoint from one implementation loads into the other and training continues to
     the same numbers as continuing with the original."""
+    groups = _groups(family)
     family = FAMILIES[family]
-
-    def groups(ps):
-        return [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "amsgrad": True}]
+    kwargs = {"lr": 1e-2, "weight_decay": 0.03, **family.common}
 
     first, second = (
         (family.make_torch, family.make_ferro)
@@ -570,7 +764,7 @@ def test_checkpoint_interchange(direction, family):
         else (family.make_ferro, family.make_torch)
     )
     params = make_params()
-    opt = first(groups(params), lr=1e-2, weight_decay=0.03)
+    opt = first(groups(params), **kwargs)
     gen = torch.Generator().manual_seed(7)
     grads = [[torch.randn(p.shape, generator=gen) for p in params] for _ in range(40)]
 
@@ -587,7 +781,8 @@ def test_checkpoint_interchange(direction, family):
     ckpt = torch.load(buffer, weights_only=True)
 
     resumed = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
-    opt2 = second(groups(resumed), lr=0.5, weight_decay=0.5)  # overwritten by the load
+    # Hyperparameters overwritten by the load.
+    opt2 = second(groups(resumed), **{**kwargs, "lr": 0.5, "weight_decay": 0.5})
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.param_groups[0]["lr"] == 1e-2
     train(opt2, resumed, grads[20:])
@@ -595,12 +790,14 @@ def test_checkpoint_interchange(direction, family):
     for a, b in zip(resumed, params, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), **F32)
     for i in range(len(params)):
+        assert list(opt2.state[resumed[i]]) == list(opt.state[params[i]])
         for key, value in opt.state[params[i]].items():
             torch.testing.assert_close(opt2.state[resumed[i]][key], value, **F32)
 
 
-def test_save_load_weights_only_round_trip():
-    twin = _trained_twin()
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_save_load_weights_only_round_trip(family):
+    twin = _trained_twin(family)
     buffer = io.BytesIO()
     torch.save(twin.f.state_dict(), buffer)
     buffer.seek(0)
@@ -610,9 +807,7 @@ def test_save_load_weights_only_round_trip():
         assert torch.equal(a, b), path
     # Continue from the loaded state on a fresh optimizer and on the original: same numbers.
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in twin.fp]
-    opt = ferroptim.AdamW(
-        [{"params": fresh[:2]}, {"params": fresh[2:], "lr": 3e-3, "amsgrad": True}], lr=1e-2
-    )
+    opt = FAMILIES[family].make_ferro(_groups(family)(fresh), lr=1e-2, **FAMILIES[family].common)
     opt.load_state_dict(loaded)
     gen = torch.Generator().manual_seed(3)
     for _ in range(10):
@@ -629,11 +824,13 @@ def _tensors(obj):
     return list(iter_tensors(obj))
 
 
-def test_deepcopy():
-    twin = _trained_twin()
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_deepcopy(family):
+    twin = _trained_twin(family, max_grad_norm=2.5)
     originals = [p.detach().clone() for p in twin.fp]
     params_copy, opt_copy = copy.deepcopy((twin.fp, twin.f))
     assert type(opt_copy) is type(twin.f)
+    assert opt_copy.max_grad_norm == 2.5
     assert all(a is not b for a, b in zip(params_copy, twin.fp, strict=True))
     assert opt_copy.param_groups[0]["params"][0] is params_copy[0]
     # Step only the copy: the original's tensors must not move.
@@ -645,22 +842,28 @@ def test_deepcopy():
         opt_copy.step()
     for p, o in zip(twin.fp, originals, strict=True):
         assert torch.equal(p.detach(), o)
-    # The original, stepped the same way, reaches the same numbers (and matches torch).
+    # The original, stepped the same way, reaches the same numbers (and matches torch
+    # stepping with torch's clip_grad_norm_).
     for gs in grads:
         for p, q, g in zip(twin.fp, twin.tp, gs, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         twin.f.step()
+        norm = torch.nn.utils.clip_grad_norm_(twin.tp, 2.5)
+        torch.testing.assert_close(twin.f.last_grad_norm, norm, rtol=1e-5, atol=0)
         twin.t.step()
     for a, b in zip(params_copy, twin.fp, strict=True):
         assert torch.equal(a.detach(), b.detach())
     twin.check()
 
 
-def test_pickle():
-    twin = _trained_twin()
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_pickle(family):
+    twin = _trained_twin(family, max_grad_norm=0.75)
     params2, opt2 = pickle.loads(pickle.dumps((twin.fp, twin.f)))
-    assert isinstance(opt2, ferroptim.AdamW)
+    assert type(opt2) is type(twin.f)
+    assert opt2.max_grad_norm == 0.75
     assert opt2.state_dict()["param_groups"] == twin.f.state_dict()["param_groups"]
+    assert "max_grad_norm" not in opt2.state_dict()
     gen = torch.Generator().manual_seed(9)
     for _ in range(10):
         for p, q in zip(params2, twin.fp, strict=True):
@@ -668,8 +871,21 @@ def test_pickle():
             p.grad, q.grad = g.clone(), g.clone()
         opt2.step()
         twin.f.step()
+        assert torch.equal(opt2.last_grad_norm, twin.f.last_grad_norm)
     for a, b in zip(params2, twin.fp, strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_max_grad_norm_is_not_in_the_state_dict_and_survives_loading():
+    """``max_grad_norm`` is a setting of the optimizer object, not of its checkpoint: a
+    state_dict loads into torch.optim unchanged, and loading one keeps the setting."""
+    twin = _trained_twin("AdamW", max_grad_norm=1.5)
+    sd = twin.f.state_dict()
+    assert "max_grad_norm" not in sd and all("max_grad_norm" not in g for g in sd["param_groups"])
+    twin.t.load_state_dict(copy.deepcopy(sd))
+    other = ferroptim.AdamW(_groups("AdamW")(make_params()), max_grad_norm=0.5)
+    other.load_state_dict(copy.deepcopy(sd))
+    assert other.max_grad_norm == 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -677,21 +893,24 @@ def test_pickle():
 # ----------------------------------------------------------------------------------------
 
 
-def test_load_state_dict_mid_training():
-    twin = Twin("AdamW", lr=1e-2, amsgrad=True)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_load_state_dict_mid_training(family):
+    twin = Twin(family, **{"lr": 1e-2, **FAMILIES[family].variants[0]})
     twin.step(5)
     saved_f, saved_t = copy.deepcopy(twin.f.state_dict()), copy.deepcopy(twin.t.state_dict())
     twin.step(5)
-    twin.f.load_state_dict(saved_f)  # back to the step-5 moments, keep the step-10 params
+    twin.f.load_state_dict(saved_f)  # back to the step-5 states, keep the step-10 params
     twin.t.load_state_dict(saved_t)
     twin.step(5)
     twin.check()
-    assert float(twin.f.state[twin.fp[0]]["step"]) == 10.0
+    if FAMILIES[family].has_step:
+        assert float(twin.f.state[twin.fp[0]]["step"]) == 10.0
 
 
-def test_load_state_dict_from_another_optimizer_mid_training():
-    twin = Twin("Adam", lr=1e-2)
-    other = Twin("Adam", seed=4, lr=5e-2, weight_decay=0.1)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_load_state_dict_from_another_optimizer_mid_training(family):
+    twin = Twin(family, lr=1e-2)
+    other = Twin(family, seed=4, lr=5e-2, weight_decay=0.1)
     other.step(7)
     twin.step(3)
     # load_state_dict keeps (does not copy) state tensors of the right dtype and device:
@@ -702,36 +921,57 @@ def test_load_state_dict_from_another_optimizer_mid_training():
     twin.check()
 
 
-@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"])
-def test_reassigning_a_state_tensor(key):
-    twin = Twin("Adam", lr=1e-2, amsgrad=True)
+STATE_KEYS = [
+    pytest.param(family, key, id=f"{family}-{key}")
+    for family in ["Adam", *NEW_FAMILIES]
+    for key in FAMILIES[family].state_tensors
+]
+
+
+def _twin_with_every_state(family: str) -> Twin:
+    extra = {"amsgrad": True} if family.startswith("Adam") else {}
+    return Twin(family, lr=1e-2, **extra)
+
+
+#: State buffers of second moments: they must stay above the square of the first.
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+
+
+def _edited(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A new tensor for state ``key``, different from ``value`` but still valid (no
+    negative variances)."""
+    if key == "step":
+        return torch.tensor(100.0)
+    if key in SECOND_MOMENTS:
+        return value * 2.0 + 0.25
+    return value * 0.5 - 0.01
+
+
+@pytest.mark.parametrize(("family", "key"), STATE_KEYS)
+def test_reassigning_a_state_tensor(family, key):
+    twin = _twin_with_every_state(family)
     twin.step(3)
 
     def reassign(opt, ps):
         state = opt.state[ps[1]]
-        if key == "step":
-            state[key] = torch.tensor(100.0)
-        else:
-            state[key] = torch.full_like(state[key], 0.25)
+        state[key] = _edited(key, state[key])
 
     twin.both(reassign)
     twin.step(3)
     twin.check()
 
 
-@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"])
-def test_swapping_a_state_tensors_data(key):
+@pytest.mark.parametrize(("family", "key"), STATE_KEYS)
+def test_swapping_a_state_tensors_data(family, key):
     """``state[key].data = ...`` keeps the tensor object but moves its memory."""
-    twin = Twin("Adam", lr=1e-2, amsgrad=True)
+    twin = _twin_with_every_state(family)
     twin.step(3)
     keep_alive = []  # the old storage stays allocated: a stale pointer is visible, not fatal
 
     def swap(opt, ps):
         state = opt.state[ps[1]]
         keep_alive.append(state[key].data)
-        state[key].data = (
-            torch.tensor(100.0) if key == "step" else torch.full_like(state[key], 0.25)
-        )
+        state[key].data = _edited(key, state[key])
 
     twin.both(swap)
     stale = [t.clone() for t in keep_alive]
@@ -740,8 +980,9 @@ def test_swapping_a_state_tensors_data(key):
     assert torch.equal(keep_alive[0], stale[0]), "the step wrote to the old, swapped-out memory"
 
 
-def test_clearing_state_of_a_param():
-    twin = Twin("AdamW", lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_clearing_state_of_a_param(family):
+    twin = Twin(family, lr=1e-2)
     twin.step(3)
     twin.both(lambda opt, ps: opt.state.pop(ps[0]))
     twin.step(3)
@@ -751,19 +992,22 @@ def test_clearing_state_of_a_param():
     twin.check()
 
 
-def test_in_place_state_edit():
-    twin = Twin("AdamW", lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_in_place_state_edit(family):
+    key = next(k for k in FAMILIES[family].state_tensors if k != "step")
+    twin = Twin(family, lr=1e-2)
     twin.step(3)
-    twin.both(lambda opt, ps: opt.state[ps[0]]["exp_avg"].mul_(-2.0))
+    twin.both(lambda opt, ps: opt.state[ps[0]][key].mul_(2.0).add_(0.5))
     twin.step(3)
     twin.check()
 
 
 @pytest.mark.parametrize("how", ["new-tensor", "new-dtype-f64", "transposed-view", "reshaped-view"])
-def test_param_data_replaced(how):
+@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+def test_param_data_replaced(family, how):
     """``p.data = ...``: fresh memory, or the same memory seen through a new layout."""
     # A square param, so a transposed view keeps the shape (and the state still fits).
-    twin = Twin("Adam", shapes=((300,), (6, 6), (5,)), lr=1e-2)
+    twin = Twin(family, shapes=((300,), (6, 6), (5,)), lr=1e-2)
     twin.step(3)
 
     def replace(opt, ps):
@@ -772,8 +1016,9 @@ def test_param_data_replaced(how):
             p.data = torch.linspace(-1, 1, 36).reshape(6, 6)
         elif how == "new-dtype-f64":
             p.data = p.data.double()
-            for key in ("exp_avg", "exp_avg_sq"):
-                opt.state[p][key] = opt.state[p][key].double()
+            for key, value in opt.state[p].items():
+                if key != "step":
+                    opt.state[p][key] = value.double()
         elif how == "transposed-view":
             p.data = p.data.t()  # same storage, same data_ptr, different strides
         else:
@@ -784,8 +1029,9 @@ def test_param_data_replaced(how):
     twin.check(**F32)
 
 
-def test_replacing_group_params():
-    twin = Twin("AdamW", lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_replacing_group_params(family):
+    twin = Twin(family, lr=1e-2)
     twin.step(3)
     twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("params", [ps[3], ps[0], ps[2]]))
     twin.step(3)
@@ -795,8 +1041,9 @@ def test_replacing_group_params():
     twin.check()
 
 
-def test_mutating_group_params_in_place():
-    twin = Twin("AdamW", lr=1e-2)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_mutating_group_params_in_place(family):
+    twin = Twin(family, lr=1e-2)
     twin.step(3)
     twin.both(lambda opt, ps: opt.param_groups[0]["params"].reverse())
     twin.step(2)
@@ -818,21 +1065,52 @@ def test_toggling_amsgrad_off():
     twin.check()
 
 
-def test_toggling_amsgrad_on_raises_like_torch_and_writes_nothing():
-    twin = Twin("Adam", lr=1e-2)
+TOGGLES_THAT_RAISE = [
+    pytest.param("Adam", {}, "amsgrad", True, "max_exp_avg_sq", id="Adam-amsgrad-on"),
+    pytest.param(
+        "RMSprop", {"centered": False}, "centered", True, "grad_avg", id="RMSprop-centered-on"
+    ),
+    pytest.param(
+        "RMSprop", {"momentum": 0.0}, "momentum", 0.5, "momentum_buffer", id="RMSprop-momentum-on"
+    ),
+]
+
+
+@pytest.mark.parametrize(("family", "kwargs", "key", "value", "missing"), TOGGLES_THAT_RAISE)
+def test_toggling_a_state_buffer_on_raises_like_torch_and_writes_nothing(
+    family, kwargs, key, value, missing
+):
+    """Switching on a flag whose state buffer was never created: torch raises KeyError
+    (its state was created without it); ferroptim must too, writing nothing."""
+    twin = Twin(family, lr=1e-2, **kwargs)
     twin.step(3)
-    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", True))
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__(key, value))
     twin.grads()
     before = snapshot(twin.f, twin.fp)
     with pytest.raises(KeyError) as torch_error:
         twin.t.step()
-    with pytest.raises(type(torch_error.value), match="max_exp_avg_sq"):
+    with pytest.raises(type(torch_error.value), match=missing):
         twin.f.step()
     assert_unchanged(before, twin.f, twin.fp)
 
 
-def test_grads_toggling_between_none_and_layouts():
-    twin = Twin("Adam", lr=1e-2)
+def test_toggling_sgd_momentum_on_creates_the_buffer_like_torch():
+    """SGD creates its momentum buffer whenever it is missing: switching momentum on
+    mid-training starts the buffers from that step's gradient, as torch does."""
+    twin = Twin("SGD", lr=1e-2, momentum=0.0)
+    twin.step(3)
+    assert all("momentum_buffer" not in s for s in twin.f.state.values())
+    twin.both(lambda opt, ps: opt.param_groups[0].__setitem__("momentum", 0.9))
+    twin.step(3, skip=(2,))
+    twin.check()
+    assert "momentum_buffer" not in twin.f.state.get(twin.fp[2], {})
+    twin.step(3)
+    twin.check()
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_grads_toggling_between_none_and_layouts(family):
+    twin = Twin(family, lr=1e-2)
     for step in range(12):
         twin.grads(skip=(step % 4,))
         if step % 3 == 0:  # alternate contiguous and transposed grads on the 2-d param
@@ -842,3 +1120,41 @@ def test_grads_toggling_between_none_and_layouts():
         twin.f.step()
         twin.t.step()
     twin.check()
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd: the step is an in-place write, as torch.optim's
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "non-contiguous", "complex"],
+)
+@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+def test_step_bumps_the_autograd_version_counter(family, layout):
+    """A graph that saved a param before ``step()`` must refuse to backprop through it
+    afterwards, with torch's "modified by an inplace operation" error, as with
+    torch.optim: the Rust step bumps every written param's version counter. Checked on
+    the first step (slow path) and on later steps (cached plan)."""
+    family = FAMILIES[family]
+
+    def make_param():
+        gen = torch.Generator().manual_seed(0)
+        if layout == "complex":
+            return torch.nn.Parameter(torch.randn(5, 7, generator=gen, dtype=torch.complex64))
+        if layout == "non-contiguous":
+            return torch.nn.Parameter(torch.randn(5, 14, generator=gen)[:, ::2])
+        return torch.nn.Parameter(torch.randn(5, 7, generator=gen))
+
+    for factory in (family.make_torch, family.make_ferro):
+        p = make_param()
+        opt = factory([p], lr=1e-2, **family.common)
+        for _ in range(3):
+            p.grad = torch.ones_like(p)
+            loss = (p * p).abs().sum()  # saves p for backward
+            version = p._version
+            opt.step()
+            assert p._version > version, f"{factory}: the step did not bump the version"
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()

@@ -48,12 +48,6 @@ pub fn grad_norms(
     Ok((norms, has_float64))
 }
 
-/// torch's `vector_norm(stack(norms), norm_type)`, in float64.
-#[pyfunction]
-pub fn total_norm(norms: Vec<f64>, norm_type: f64) -> f64 {
-    clip::total_norm(&norms, NormType::new(norm_type))
-}
-
 /// Multiplies every gradient of a `from_grads` plan by `factor`, then forgets the plan.
 #[pyfunction]
 pub fn scale_grads(py: Python<'_>, plan: &Bound<'_, GroupPlan>, factor: f64) -> PyResult<()> {

@@ -89,7 +89,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(optimizers::adagrad_step, m)?)?;
     m.add_function(wrap_pyfunction!(optimizers::stream_probe, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grad_norms, m)?)?;
-    m.add_function(wrap_pyfunction!(clip::total_norm, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grads_finite, m)?)?;
     m.add_function(wrap_pyfunction!(clip::scale_grads, m)?)?;
     m.add_function(wrap_pyfunction!(clip::clamp_grads, m)?)?;

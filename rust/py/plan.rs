@@ -623,15 +623,4 @@ impl GroupPlan {
     fn release(&mut self) {
         self.clear_gathered();
     }
-
-    /// Number of parameters gathered for the next run.
-    #[getter]
-    fn num_ready(&self) -> usize {
-        self.ready.len()
-    }
-
-    /// Number of parameters in the plan.
-    fn __len__(&self) -> usize {
-        self.entries.len().max(self.ready.len())
-    }
 }
