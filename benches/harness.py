@@ -9,12 +9,16 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   optionally, a ``floor`` (a kernel with the same memory traffic and no arithmetic).
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
-* :data:`SUITES` is the registry. Adding an optimizer (SGD with momentum, RMSprop,
-  Adagrad, ...) or gradient clipping is one more entry: :func:`optimizer` turns an
-  optimizer class into a factory, :func:`function` does the same for a plain call
-  (``clip_grad_norm_``), :func:`torch_variants` makes torch's four flavours of an
-  optimizer, and ``bytes_per_element`` states the memory traffic. ``test_<suite>.py``
-  is then three lines (see ``test_adamw.py``) and ``report.py --suite <name>`` works.
+* :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop,
+  ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
+  the cost of ferroptim's own options (``adamw_options``). Adding one is one more
+  entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
+  does the same for a plain call (``clip_grad_norm_``), :func:`torch_variants` makes
+  torch's four flavours of an optimizer, :func:`sequence` chains calls (clip, then
+  step), :func:`restore_grads` rewrites a runner's gradients before every call (for
+  contenders that write them), and ``bytes_per_element`` states the memory traffic.
+  ``test_<suite>.py`` is then three lines (see ``test_adamw.py``) and
+  ``report.py --suite <name>`` works.
 * :func:`interleave` runs contenders round-robin (warm-up first, fewer rounds for
   contenders too slow for the time budget) and returns every sample, so ratios come
   from the same run on a noisy machine.
@@ -187,9 +191,131 @@ def torch_variants(
     return variants
 
 
+def sequence(*factories: Factory) -> Factory:
+    """Factory for calls made one after another on the same parameters, timed together,
+    e.g. ``clip_grad_norm_`` then ``step()``."""
+
+    def make(params: list[Tensor]) -> Runner:
+        runners = [factory(params) for factory in factories]
+        prepares = [r.prepare for r in runners if r.prepare is not None]
+
+        def step() -> None:
+            for runner in runners:
+                runner.step()
+
+        def prepare() -> None:
+            for p in prepares:
+                p()
+
+        return Runner(step, prepare if prepares else None, keep=runners)
+
+    return make
+
+
+def restore_grads(factory: Factory) -> Factory:
+    """Gives each runner its own copy of the case's gradients and rewrites it from the
+    shared values in the untimed ``prepare`` before every call, so a contender that
+    writes its gradients (torch's ``clip_grad_norm_``, GradScaler's unscale) sees the
+    same gradients every round. Wrap every contender of a suite alike: the copy also
+    leaves the gradients freshly written (as backward does), whatever the step does."""
+
+    def make(params: list[Tensor]) -> Runner:
+        shared = [p.grad for p in params]
+        own = [g.clone() for g in shared]
+        for p, g in zip(params, own, strict=True):
+            p.grad = g
+        inner = factory(params)
+
+        def prepare() -> None:
+            torch._foreach_copy_(own, shared)
+            if inner.prepare is not None:
+                inner.prepare()
+
+        return Runner(inner.step, prepare, keep=(inner, own, shared))
+
+    return make
+
+
+#: The loss scale of the GradScaler contenders (GradScaler's default initial scale).
+AMP_SCALE = 65536.0
+
+
+def amp_scaling(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
+    """Factory for ``cls(params, **kwargs)`` stepped with the two tensors torch.amp.GradScaler
+    sets on an optimizer with ``_step_supports_amp_scaling`` before calling its ``step()``:
+    ``grad_scale`` (the loss scale) and ``found_inf`` (0: no inf/nan seen)."""
+
+    def make(params: list[Tensor]) -> Runner:
+        opt = cls(params, **kwargs)
+        if not getattr(opt, "_step_supports_amp_scaling", False):
+            raise TypeError(f"{cls.__name__} does not take GradScaler's scale in its step")
+        opt.grad_scale = torch.tensor(AMP_SCALE)
+        opt.found_inf = torch.tensor(0.0)
+        return Runner(opt.step, keep=opt)
+
+    return make
+
+
+def torch_unscale(factory: Factory) -> Factory:
+    """``factory``'s step preceded by what ``GradScaler.unscale_`` does for an optimizer
+    without ``_step_supports_amp_scaling``: ``torch._amp_foreach_non_finite_check_and_unscale_``
+    (gradients multiplied by 1/scale in place, inf/nan flagged), then the step unless
+    flagged (``found_inf.item()``, as ``GradScaler.step``). The gradients change every
+    call: wrap it in :func:`restore_grads`."""
+
+    def make(params: list[Tensor]) -> Runner:
+        inner = factory(params)
+        grads = [p.grad for p in params]
+        inv_scale = torch.tensor(AMP_SCALE).double().reciprocal().float()  # as GradScaler
+        found_inf = torch.zeros(())
+
+        def prepare() -> None:
+            found_inf.zero_()
+            if inner.prepare is not None:
+                inner.prepare()
+
+        def step() -> None:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            if not found_inf.item():
+                inner.step()
+
+        return Runner(step, prepare, keep=(inner, grads))
+
+    return make
+
+
+def grad_scaler_step(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
+    """Factory timing ``torch.amp.GradScaler("cpu").step(opt)`` on ``cls(params, **kwargs)``:
+    whatever GradScaler does for that optimizer. For one with ``_step_supports_amp_scaling``
+    (ferroptim's, torch's fused) that is an inf check of every gradient
+    (``_check_inf_per_device``: the unscale kernel with scale 1) and the step with
+    ``grad_scale``/``found_inf`` set. ``scaler.update()`` runs untimed in ``prepare``."""
+
+    def make(params: list[Tensor]) -> Runner:
+        opt = cls(params, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=AMP_SCALE, growth_interval=2**30)
+        scaler.scale(torch.ones(()))  # creates the scale tensor, as scaling a loss does
+        stepped = [False]
+
+        def prepare() -> None:
+            if stepped[0]:
+                scaler.update()
+                stepped[0] = False
+
+        def step() -> None:
+            scaler.step(opt)
+            stepped[0] = True
+
+        return Runner(step, prepare, keep=(opt, scaler))
+
+    return make
+
+
 def adam_floor(params: list[Tensor]) -> Runner:
-    """``stream_probe``: Adam's traffic (read p, g, m, v; write p, m, v) with no arithmetic,
-    on ferroptim's engine and pool. Plans are one-shot, so ``prepare`` builds a fresh one."""
+    """``stream_probe``: Adam's traffic (read p, g, m, v; write p, m, v: 28 bytes per float32
+    element) with no arithmetic, on ferroptim's engine and pool. Suites with other traffic
+    use it as the machine's streaming bandwidth (see :attr:`Suite.floor_bytes_per_element`).
+    Plans are one-shot, so ``prepare`` builds a fresh one."""
     grads = [p.grad for p in params]
     work = [p.detach().clone() for p in params]
     m = [torch.zeros_like(p) for p in params]
@@ -205,51 +331,249 @@ def adam_floor(params: list[Tensor]) -> Runner:
     return Runner(step, prepare, keep=(work, grads, m, v))
 
 
+OURS = "ferroptim"
+FLOOR = "floor"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a suite's table: ``contender``'s median over ``baseline``'s, shown as a
+    ratio (``2.50×``: ``baseline`` takes 1/2.5 of the time) or, with ``overhead``, as a
+    percentage (``+3.0%``: ``contender`` takes 3% longer)."""
+
+    label: str
+    contender: str
+    baseline: str = OURS
+    overhead: bool = False
+
+    def value(self, samples: Mapping[str, Samples]) -> float | None:
+        if self.contender not in samples or self.baseline not in samples:
+            return None
+        return samples[self.contender].median / samples[self.baseline].median
+
+    def format(self, samples: Mapping[str, Samples]) -> str:
+        value = self.value(samples)
+        if value is None:
+            return "–"
+        return f"{100 * (value - 1):+.1f}%" if self.overhead else f"{value:.2f}×"
+
+
 @dataclass(frozen=True)
 class Suite:
     """Everything needed to benchmark one operation against its references."""
 
     name: str
+    #: Heading of the suite's table.
     title: str
-    #: Bytes of memory traffic per float32 element (see DESIGN.md, "Performance model").
+    #: Bytes of memory traffic per float32 element of ``ours`` (see DESIGN.md,
+    #: "Performance model"): what its GB/s column and the floor comparison use.
     bytes_per_element: int
     ours: Factory
-    #: torch's implementations, the strongest first (it is the one thread scaling shows).
+    #: The other contenders: torch's implementations, the strongest first (it is the one
+    #: thread scaling shows); in a ``self_relative`` suite, ferroptim's own variants too.
     references: Mapping[str, Factory]
     floor: Factory | None = None
     #: Cases the floor is measured on (it is one more full-size allocation).
     floor_cases: tuple[str, ...] = ("32M",)
+    #: Traffic of the floor kernel per element (``stream_probe``: 28). A suite with other
+    #: traffic is compared with the floor's bandwidth: its time at the floor's GB/s.
+    floor_bytes_per_element: int = 28
     cases: tuple[str, ...] = tuple(CASES)
+    #: Table columns; None: one ratio per reference, ``vs <flavour>``.
+    columns: tuple[Column, ...] | None = None
+    #: ferroptim against itself (option costs): the summary shows its columns instead of
+    #: the ratio to torch's best flavour and to torch's default.
+    self_relative: bool = False
+    #: Whether the report also times ferroptim and the first reference on 1 thread.
+    thread_scaling: bool = False
+    #: Share of the report's per-contender time budget this suite uses.
+    budget_share: float = 1.0
+    #: Bullet points printed under the suite's heading (method details).
+    notes: tuple[str, ...] = ()
 
     def contenders(self, case: str) -> dict[str, Factory]:
         """Name -> factory for a case: ``ferroptim``, the references, then ``floor``."""
-        out: dict[str, Factory] = {"ferroptim": self.ours, **self.references}
+        out: dict[str, Factory] = {OURS: self.ours, **self.references}
         if self.floor is not None and case in self.floor_cases:
-            out["floor"] = self.floor
+            out[FLOOR] = self.floor
         return out
+
+    def table_columns(self) -> tuple[Column, ...]:
+        if self.columns is not None:
+            return self.columns
+        return tuple(Column(f"vs {r.removeprefix('torch ')}", r) for r in self.references)
 
 
 ADAMW_HYPER: dict[str, object] = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-2}
+SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
+RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
+
+clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+
+#: Contenders of the AdamW-with-clipping suite (every one under :func:`restore_grads`).
+_ADAMW_CLIP: dict[str, Factory] = {
+    "torch fused": sequence(
+        function(clip_grad_norm_, max_norm=1.0, foreach=True),
+        optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+    ),
+    "torch foreach": sequence(
+        function(clip_grad_norm_, max_norm=1.0, foreach=True),
+        optimizer(torch.optim.AdamW, foreach=True, **ADAMW_HYPER),
+    ),
+    "torch default": sequence(
+        function(clip_grad_norm_, max_norm=1.0),
+        optimizer(torch.optim.AdamW, **ADAMW_HYPER),
+    ),
+}
+
+#: ferroptim.AdamW's options and GradScaler paths (every one under :func:`restore_grads`).
+_ADAMW_OPTIONS: dict[str, Factory] = {
+    "skip_nonfinite": optimizer(ferroptim.AdamW, skip_nonfinite=True, **ADAMW_HYPER),
+    "max_grad_norm": optimizer(ferroptim.AdamW, max_grad_norm=1e9, **ADAMW_HYPER),
+    "both": optimizer(ferroptim.AdamW, skip_nonfinite=True, max_grad_norm=1e9, **ADAMW_HYPER),
+    "grad_scale": amp_scaling(ferroptim.AdamW, **ADAMW_HYPER),
+    "GradScaler.step": grad_scaler_step(ferroptim.AdamW, **ADAMW_HYPER),
+    "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+    "torch unscale+fused": torch_unscale(optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER)),
+    "torch GradScaler.step": grad_scaler_step(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+}
+
+#: Note of the suites whose contenders run under :func:`restore_grads`.
+_SAME_GRADS = (
+    "**Same gradients every round:** torch's `clip_grad_norm_` and GradScaler's unscale "
+    "rewrite gradients in place, so every contender (ferroptim's too) has its own copy of "
+    "the case's gradients, rewritten from the shared values in an untimed step before each "
+    "call (`restore_grads`); every timed call starts from freshly written gradients, as "
+    "after backward."
+)
 
 SUITES: dict[str, Suite] = {
     "adamw": Suite(
         name="adamw",
-        title="ferroptim.AdamW vs torch.optim.AdamW",
+        title="ferroptim.AdamW vs torch.optim.AdamW: one `step()`",
         bytes_per_element=28,
         ours=optimizer(ferroptim.AdamW, **ADAMW_HYPER),
         references=torch_variants(torch.optim.AdamW, **ADAMW_HYPER),
         floor=adam_floor,
+        thread_scaling=True,
+        notes=("**Traffic:** 28 bytes/element (read p, g, m, v; write p, m, v).",),
     ),
-    # More suites slot in here, e.g.
-    #   "sgd": Suite("sgd", "ferroptim.SGD vs torch.optim.SGD (momentum 0.9)", 20,
-    #                optimizer(ferroptim.SGD, lr=0.01, momentum=0.9),
-    #                torch_variants(torch.optim.SGD, lr=0.01, momentum=0.9)),
-    #   "rmsprop": ... torch_variants(torch.optim.RMSprop, fused=False, lr=0.01) ...
-    #   "clip": Suite("clip", "clip_grad_norm_", 12,  # read g for the norm, then read+write g
-    #                 function(ferroptim.clip_grad_norm_, writes_grads=True, max_norm=1.0),
-    #                 {"torch foreach": function(torch.nn.utils.clip_grad_norm_,
-    #                                            writes_grads=True, max_norm=1.0, foreach=True),
-    #                  ...}),
+    "sgd": Suite(
+        name="sgd",
+        title="ferroptim.SGD vs torch.optim.SGD (lr 0.01, momentum 0.9): one `step()`",
+        bytes_per_element=20,
+        ours=optimizer(ferroptim.SGD, **SGD_HYPER),
+        references=torch_variants(torch.optim.SGD, **SGD_HYPER),
+        floor=adam_floor,
+        budget_share=0.5,
+        notes=("**Traffic:** 20 bytes/element (read p, g, momentum buffer; write p, buffer).",),
+    ),
+    "adagrad": Suite(
+        name="adagrad",
+        title="ferroptim.Adagrad vs torch.optim.Adagrad (defaults, lr 0.01): one `step()`",
+        bytes_per_element=20,
+        ours=optimizer(ferroptim.Adagrad),
+        references=torch_variants(torch.optim.Adagrad),
+        floor=adam_floor,
+        budget_share=0.5,
+        notes=("**Traffic:** 20 bytes/element (read p, g, sum; write p, sum).",),
+    ),
+    "rmsprop": Suite(
+        name="rmsprop",
+        title="ferroptim.RMSprop vs torch.optim.RMSprop (lr 0.01, alpha 0.99): one `step()`",
+        bytes_per_element=20,
+        ours=optimizer(ferroptim.RMSprop, **RMSPROP_HYPER),
+        references=torch_variants(torch.optim.RMSprop, fused=False, **RMSPROP_HYPER),
+        floor=adam_floor,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 20 bytes/element (read p, g, square_avg; write p, square_avg).",
+            "torch has no fused RMSprop.",
+        ),
+    ),
+    "clip": Suite(
+        name="clip",
+        title="ferroptim.clip_grad_norm_ vs torch.nn.utils.clip_grad_norm_",
+        bytes_per_element=12,
+        ours=function(ferroptim.clip_grad_norm_, writes_grads=True, max_norm=1e9),
+        references={
+            "torch foreach": function(
+                clip_grad_norm_, writes_grads=True, max_norm=1e9, foreach=True
+            ),
+            "torch for-loop": function(
+                clip_grad_norm_, writes_grads=True, max_norm=1e9, foreach=False
+            ),
+            "torch default": function(clip_grad_norm_, writes_grads=True, max_norm=1e9),
+        },
+        floor=adam_floor,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 12 bytes/element (read g for the norm, then read and write g).",
+            "**max_norm = 1e9:** the coefficient is 1.0, so the gradients are the same every "
+            "round; both libraries still multiply every gradient by it (neither skips a "
+            "coefficient of 1), so the work is that of a real clip.",
+        ),
+    ),
+    "adamw_clip": Suite(
+        name="adamw_clip",
+        title=(
+            "ferroptim.AdamW(max_grad_norm=1.0) vs torch's clip_grad_norm_(params, 1.0) + "
+            "torch.optim.AdamW: one clipped `step()`"
+        ),
+        bytes_per_element=32,
+        ours=restore_grads(optimizer(ferroptim.AdamW, max_grad_norm=1.0, **ADAMW_HYPER)),
+        references={name: restore_grads(f) for name, f in _ADAMW_CLIP.items()},
+        floor=adam_floor,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** ferroptim 32 bytes/element (read g for the norm, then AdamW's 28 "
+            "with the coefficient applied as g is read); torch's pair 40 (clip's 12, then 28).",
+            "**torch fused** = `clip_grad_norm_(foreach=True)` + `AdamW(fused=True).step()`; "
+            "**torch foreach** = `clip_grad_norm_(foreach=True)` + `AdamW(foreach=True).step()`; "
+            "**torch default** = both with no flags. The gradients' norm is about 5 "
+            "(coefficient about 0.2): a real clip.",
+            _SAME_GRADS,
+        ),
+    ),
+    "adamw_options": Suite(
+        name="adamw_options",
+        title="Cost of ferroptim.AdamW's options and of GradScaler: one `step()`",
+        bytes_per_element=28,
+        ours=restore_grads(optimizer(ferroptim.AdamW, **ADAMW_HYPER)),
+        references={name: restore_grads(f) for name, f in _ADAMW_OPTIONS.items()},
+        columns=(
+            Column("skip_nonfinite", "skip_nonfinite", overhead=True),
+            Column("max_grad_norm", "max_grad_norm", overhead=True),
+            Column("both", "both", overhead=True),
+            Column("grad_scale", "grad_scale", overhead=True),
+            Column("GradScaler.step", "GradScaler.step", overhead=True),
+            Column("torch unscale", "torch unscale+fused", "torch fused", overhead=True),
+            Column("vs torch unscale+fused", "torch unscale+fused", "grad_scale"),
+            Column("vs torch GradScaler.step", "torch GradScaler.step", "GradScaler.step"),
+        ),
+        self_relative=True,
+        budget_share=0.5,
+        notes=(
+            "ferroptim against itself: **ferroptim** is plain `AdamW` (lr 1e-3, weight decay "
+            "0.01); each percentage is a variant's extra time over that step's median, "
+            "from the same interleaved run. **skip_nonfinite** = `skip_nonfinite=True`; "
+            "**max_grad_norm** = `max_grad_norm=1e9` (the norm pass; coefficient 1.0); "
+            "**both** = both options (the finiteness check rides on the norm pass); "
+            "**grad_scale** = `opt.grad_scale = torch.tensor(65536.0)`, "
+            "`opt.found_inf = torch.tensor(0.0)` set before `step()`: what GradScaler "
+            "hands an optimizer with `_step_supports_amp_scaling`, gradients unscaled as "
+            "the kernel reads them; **GradScaler.step** = a real "
+            "`torch.amp.GradScaler('cpu').step(opt)`, which also runs torch's inf check "
+            "over every gradient first (`_check_inf_per_device`), `update()` untimed.",
+            "**torch unscale** = `torch._amp_foreach_non_finite_check_and_unscale_(grads, "
+            "found_inf, 1/65536)` + `found_inf.item()` + `AdamW(fused=True).step()` (what "
+            "`GradScaler.unscale_` + `step` do), over torch's plain fused step; "
+            "**vs torch unscale+fused** = that pair's time over ferroptim's grad_scale "
+            "step; **vs torch GradScaler.step** = `GradScaler.step` on torch's fused AdamW "
+            "over GradScaler.step on ferroptim's.",
+            _SAME_GRADS,
+        ),
+    ),
 }
 
 
@@ -345,6 +669,14 @@ def torch_default_impl(cls: type[torch.optim.Optimizer] = torch.optim.AdamW) -> 
 
     fused, foreach = _default_to_fused_or_foreach([torch.zeros(1)], False, False)
     return "fused" if fused else "foreach" if foreach else "for-loop"
+
+
+def torch_default_clip_impl() -> str:
+    """Which implementation ``torch.nn.utils.clip_grad_norm_`` (no ``foreach``) uses for CPU
+    float32 gradients."""
+    from torch.utils._foreach_utils import _has_foreach_support
+
+    return "foreach" if _has_foreach_support([torch.zeros(1)], torch.device("cpu")) else "for-loop"
 
 
 # -- interleaved timing -----------------------------------------------------------------

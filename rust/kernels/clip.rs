@@ -201,24 +201,15 @@ where
     S::Compute: Real,
 {
     let (blocks, tail) = values.as_chunks::<LANES>();
-    let mut lanes = [F::IDENTITY; LANES];
     // Without a scale the loop is a plain convert-and-fold (multiplying by an
     // exact 1.0 first would leave the bits alone but keep LLVM from using
-    // full-width vectors).
-    if scale == S::Compute::ONE {
-        for block in blocks {
-            for lane in 0..LANES {
-                lanes[lane] = fold.combine(lanes[lane], fold.term(block[lane].load().to_f64()));
-            }
-        }
+    // full-width vectors). Each loop owns its accumulators, so they stay in
+    // full-width registers.
+    let mut lanes = if scale == S::Compute::ONE {
+        fold_blocks(fold, blocks, |value: S| value.load().to_f64())
     } else {
-        for block in blocks {
-            for lane in 0..LANES {
-                let value = (block[lane].load() * scale).to_f64();
-                lanes[lane] = fold.combine(lanes[lane], fold.term(value));
-            }
-        }
-    }
+        fold_blocks(fold, blocks, |value: S| (value.load() * scale).to_f64())
+    };
     // The tail gets its own lanes: indexing `lanes` by a run-time length would
     // keep the main accumulators in memory instead of registers.
     let mut tail_lanes = [F::IDENTITY; LANES];
@@ -229,6 +220,22 @@ where
         lanes[lane] = fold.combine(lanes[lane], tail_lanes[lane]);
     }
     fold_lanes(fold, lanes)
+}
+
+/// Folds whole blocks into 16 lanes (element `i` of a block into lane `i`).
+#[inline(always)]
+fn fold_blocks<F: Fold, S: Copy>(
+    fold: F,
+    blocks: &[[S; LANES]],
+    value: impl Fn(S) -> f64,
+) -> [f64; LANES] {
+    let mut lanes = [F::IDENTITY; LANES];
+    for block in blocks {
+        for lane in 0..LANES {
+            lanes[lane] = fold.combine(lanes[lane], fold.term(value(block[lane])));
+        }
+    }
+    lanes
 }
 
 /// Folds the 16 lanes pairwise in a fixed order (constant indices only, so the
