@@ -1,10 +1,12 @@
 """Shared machinery for ferroptim's tests.
 
-* :data:`FAMILIES` — a registry of optimizer families: the ferroptim class, its
-  torch.optim counterpart, the constructor flags to sweep and the state buffers
-  to compare. Adding SGD / RMSprop / Adagrad later means adding an entry here;
-  the parity, SIMD, threading and backend tests pick it up from
-  :func:`flag_cases`.
+* :data:`FAMILIES` — a registry of optimizer families (Adam, Adam with decoupled
+  decay, AdamW, SGD, RMSprop, Adagrad): the ferroptim class, its torch.optim
+  counterpart, the constructor flags to sweep (combinations torch rejects are left
+  out), the state buffers to compare, representative cases for the costlier sweeps,
+  and typical kwargs / group variants for the interop and bad-input tests. The
+  parity, SIMD, threading, backend and clipping tests pick entries up from
+  :func:`flag_cases` / :func:`some_flag_params`.
 * :class:`ParamSpec` / :func:`standard_layout` — parameter sets (shapes, param
   layouts, grad layouts, groups with their own hyperparameters) built
   identically, as many times as needed, from a seed.
@@ -12,8 +14,9 @@
   independent copies of the same parameters, fed identical gradients (some of
   them ``None`` on some steps).
 * :func:`assert_same_trajectory` — params *and* every state tensor compared.
+* :func:`rust_calls` — counts calls into the Rust step kernels (where a step ran).
 * An autouse fixture restores ferroptim's thread count, SIMD level and backend
-  after every test.
+  after every test, and runs torch's reference on one intra-op thread.
 """
 
 from __future__ import annotations
@@ -760,11 +763,19 @@ def rust_calls() -> Iterator[Counter]:
 
 @pytest.fixture(autouse=True)
 def restore_ferroptim_config() -> Iterator[None]:
-    """Every test starts and ends with ferroptim's default threads / SIMD / backend."""
+    """Every test starts and ends with ferroptim's default threads / SIMD / backend.
+
+    torch's reference runs on one intra-op thread: its elementwise results do not depend
+    on the thread count, and its OpenMP workers spin-wait — on a shared 2-core machine
+    whose other core is busy, that turns a 0.3 ms for-loop step into 30 ms.
+    """
     threads = ferroptim.get_num_threads()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     ferroptim.set_simd_level(None)
     ferroptim.set_backend("auto")
     yield
+    torch.set_num_threads(torch_threads)
     ferroptim.set_num_threads(threads)
     ferroptim.set_simd_level(None)
     ferroptim.set_backend("auto")

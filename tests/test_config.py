@@ -190,7 +190,9 @@ def test_valid_environment_takes_effect(env, checks):
     code = f"""
         import torch, ferroptim
         {checks.replace(chr(10), chr(10) + " " * 8)}
-        # ... and a step works under these settings, and matches torch.
+        # ... and a step works under these settings, and matches torch (on one intra-op
+        # thread: see conftest.restore_ferroptim_config).
+        torch.set_num_threads(1)
         for name, kw in (("AdamW", dict()), ("SGD", dict(momentum=0.9)),
                          ("RMSprop", dict(momentum=0.5)), ("Adagrad", dict())):
             p = torch.nn.Parameter(torch.linspace(-1, 1, 70001))
