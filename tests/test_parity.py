@@ -16,12 +16,14 @@ from conftest import (
     NEW_FAMILIES,
     GroupSpec,
     ParamSpec,
+    assert_as_exact_as_torch,
     assert_same_trajectory,
     build,
     ferroptim,
     flag_params,
     run_pair,
     run_steps,
+    run_torch_float64_shadow,
     rust_calls,
     small_layout,
     some_flag_params,
@@ -251,7 +253,16 @@ def test_thread_counts_are_bitwise_identical(case, dtype):
         steps,
         none_prob=0.1,
     )
-    assert_same_trajectory(runs[2], ref, **tol(dtype))
+    if dtype == torch.float32:
+        assert_as_exact_as_torch(
+            runs[2],
+            ref,
+            lambda: run_torch_float64_shadow(
+                case.family, kwargs, threaded_layout(), steps, none_prob=0.1
+            ),
+        )
+    else:
+        assert_same_trajectory(runs[2], ref, **tol(dtype))
 
 
 @pytest.mark.parametrize("family", ["AdamW", *NEW_FAMILIES])
@@ -433,15 +444,13 @@ def test_large_tensors_match_torch(family):
     more elements, the likelier a rounding difference lands where it shows)."""
     case = next(c.values[0] for c in some_flag_params() if c.values[0].family.name == family)
     ferroptim.set_num_threads(1)
-    ferro, ref = run_pair(
-        case.family,
-        {"lr": 1e-2, **case.kwargs},
-        threaded_layout(),
-        torch.float32,
-        25,
-        none_prob=0.1,
+    kwargs = {"lr": 1e-2, **case.kwargs}
+    ferro, ref = run_pair(case.family, kwargs, threaded_layout(), torch.float32, 25, none_prob=0.1)
+    assert_as_exact_as_torch(
+        ferro,
+        ref,
+        lambda: run_torch_float64_shadow(case.family, kwargs, threaded_layout(), 25, none_prob=0.1),
     )
-    assert_same_trajectory(ferro, ref, **tol(torch.float32))
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS)

@@ -322,6 +322,10 @@ class RustStepMixin:
         """Run torch's functional implementation on ``gathered``."""
         raise NotImplementedError
 
+    def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
+        """Raise now the errors torch's functional would raise mid-step (so that
+        nothing is written first)."""
+
     # -- step ---------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -598,6 +602,7 @@ class RustStepMixin:
         if implied_fused:
             init_group["fused"] = True
         gathered = self._ferro_gather(init_group)
+        self._ferro_check_torch_path(gathered, group)
         if (
             implied_fused
             and self._ferro_step_key is not None
@@ -614,6 +619,10 @@ class RustStepMixin:
         ):
             # torch's fused SGD creates momentum buffers only when all are new.
             foreach, fused = _foreach_supported(gathered.params), False
+        if fused and not all(_is_dense(p) for p in gathered.params):
+            # torch's fused kernels walk a param as one run of memory: a strided view
+            # (a slice with gaps) would be mis-stepped. foreach steps it correctly.
+            foreach, fused = _foreach_supported(gathered.params), False
         if fused:
             # torch's fused kernels walk a grad in its param's memory order: a grad laid
             # out differently would be mis-stepped, so hand them one laid out alike.
@@ -621,6 +630,12 @@ class RustStepMixin:
                 g if g.is_sparse else _laid_out_like(g, p)
                 for g, p in zip(gathered.grads, gathered.params, strict=True)
             ]
+            # Likewise our state buffers (SGD's, cloned from a grad, keep its layout):
+            # re-laid out once, for good, values unchanged.
+            for key, buffers in zip(gathered.keys, gathered.states, strict=True):
+                for i, (param, buffer) in enumerate(zip(gathered.params, buffers, strict=True)):
+                    if buffer is not None and not _same_layout(buffer, param):
+                        buffers[i] = self.state[param][key] = _laid_out_like(buffer, param)
 
         def run(factors: _GradFactors) -> None:
             dense = [g for g in gathered.grads if not g.is_sparse]
@@ -659,7 +674,8 @@ class RustStepMixin:
                 "list each parameter once"
             )
         out = _RustWork()
-        written_storages = set()
+        written_storages: set[int] = set()
+        state_storages: set[int] = set()
         works: list[Tensor] = []
         states: list[list[Tensor]] = [[] for _ in keys]
         kinds: list[tuple[bool, bool]] = []  # (fresh, dtensor) per param
@@ -671,7 +687,9 @@ class RustStepMixin:
                 out.staged.append((local, work))
             if dtensor:
                 out.dtensors.append(p)
-            state = self.state[p]
+            # (touching self.state[p] would create an entry: torch's SGD without
+            # momentum keeps none)
+            state = self.state[p] if keys or step_key is not None else _NO_STATE
             fresh = False
             for k, key in enumerate(keys):
                 buffer = gathered.states[k][i]
@@ -697,7 +715,8 @@ class RustStepMixin:
             works.append(work)
             kinds.append((fresh, dtensor))
             written_storages.add(work.untyped_storage().data_ptr())
-            written_storages.update(s[i].untyped_storage().data_ptr() for s in states)
+            state_storages.update(s[i].untyped_storage().data_ptr() for s in states)
+        written_storages |= state_storages
 
         grads: list[Tensor] = []
         for p, work, grad in zip(gathered.params, works, gathered.grads, strict=True):
@@ -713,6 +732,11 @@ class RustStepMixin:
             if _is_dtensor(grad):
                 out.dtensor_grads.append(grad)
             grad = _local(grad)
+            if grad.untyped_storage().data_ptr() in state_storages:
+                raise RuntimeError(
+                    f"{name}: a gradient shares memory with the optimizer's own state "
+                    "(e.g. p.grad = opt.state[p][...]); give it a gradient of its own"
+                )
             if grad.untyped_storage().data_ptr() in written_storages:
                 # The gradient shares memory with a buffer the step writes: read
                 # what torch's in-place sequence would have read.

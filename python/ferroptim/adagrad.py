@@ -90,6 +90,10 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             lr_is_f32(group["lr"]),
         )
 
+    def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
+        if gathered.has_sparse_grad and group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
     ) -> None:

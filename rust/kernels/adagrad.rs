@@ -7,7 +7,7 @@
 //! g = -grad if maximize else grad
 //! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
 //! clr = lr / (1 + (step - 1) * lr_decay)        (float64, per tensor)
-//! sum = sum + g*g                               state_sum.addcmul_(grad, grad, value=1)
+//! sum = g*g + sum   (fused)                     state_sum.addcmul_(grad, grad, value=1)
 //! std = sqrt(sum) + eps                         state_sum.sqrt().add_(eps)
 //! p = p + (-clr*g)/std                          param.addcdiv_(grad, std, value=-clr)
 //! ```
@@ -94,7 +94,7 @@ where
             if WD {
                 g = p.mul_add(k.weight_decay, g);
             }
-            let total = sum[i] + g * g;
+            let total = g.mul_add(g, sum[i]);
             sum[i] = total;
             let std = total.sqrt() + k.eps;
             param[i] = p + k.neg_clr * g / std;
@@ -144,7 +144,7 @@ mod tests {
                 grad = p[i].mul_add(h.weight_decay, grad);
             }
             let clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
-            sum[i] += grad * grad;
+            sum[i] = grad.mul_add(grad, sum[i]);
             let std = sum[i].sqrt() + h.eps;
             p[i] += -clr * grad / std;
         }

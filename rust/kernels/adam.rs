@@ -12,7 +12,7 @@
 //! AdamW:  p = p * (1 - lr*wd)                 param.mul_(1 - lr * weight_decay)
 //! Adam:   g = p*wd + g   (fused)              grad.add(param, alpha=weight_decay)
 //! m = lerp(m, g, 1 - beta1)                   exp_avg.lerp_(grad, 1 - beta1)
-//! v = v*beta2 + ((1 - beta2)*g)*g             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+//! v = ((1 - beta2)*g)*g + v*beta2  (fused)   exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 //! vmax = maximum(vmax, v)                     (amsgrad)
 //! denom = sqrt(v or vmax) / sqrt(bc2) + eps
 //! p = p + (-lr/bc1 * m) / denom               param.addcdiv_(exp_avg, denom, value=-step_size)
@@ -161,7 +161,7 @@ fn element<C: Real, const AMSGRAD: bool, const MAXIMIZE: bool, const WD: u8>(
         g = p.mul_add(k.weight_decay, g);
     }
     let m = k.lerp.apply(exp_avg, g);
-    let v = exp_avg_sq * k.beta2 + k.one_minus_beta2 * g * g;
+    let v = (k.one_minus_beta2 * g).mul_add(g, exp_avg_sq * k.beta2);
     let (vmax, second) = if AMSGRAD {
         let vmax = max_exp_avg_sq.max_propagate_nan(v);
         (vmax, vmax)
@@ -303,7 +303,7 @@ mod tests {
                 }
             }
             m[i] = (1.0 - h.beta1).mul_add(grad - m[i], m[i]);
-            v[i] = v[i] * h.beta2 + (1.0 - h.beta2) * grad * grad;
+            v[i] = ((1.0 - h.beta2) * grad).mul_add(grad, v[i] * h.beta2);
             let bc1 = 1.0 - h.beta1.powf(step);
             let bc2 = 1.0 - h.beta2.powf(step);
             let step_size = h.lr / bc1;

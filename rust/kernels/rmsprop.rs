@@ -6,9 +6,9 @@
 //! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
 //! g = -grad if maximize else grad
 //! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
-//! sq = sq*alpha + ((1 - alpha)*g)*g             square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+//! sq = ((1 - alpha)*g)*g + sq*alpha  (fused)   square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 //! centered:  ga = lerp(ga, g, 1 - alpha)        grad_avg.lerp_(grad, 1 - alpha)
-//!            avg = sqrt(sq + (-ga)*ga)          square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+//!            avg = sqrt((-ga)*ga + sq) (fused) square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
 //! else:      avg = sqrt(sq)
 //! avg = avg + eps
 //! momentum:  buf = buf*momentum + g/avg         buf.mul_(momentum).addcdiv_(grad, avg)
@@ -122,12 +122,12 @@ where
             if WD {
                 g = p.mul_add(k.weight_decay, g);
             }
-            let sq = square_avg[i] * k.alpha + k.one_minus_alpha * g * g;
+            let sq = (k.one_minus_alpha * g).mul_add(g, square_avg[i] * k.alpha);
             square_avg[i] = sq;
             let avg = if CENTERED {
                 let ga = k.lerp.apply(grad_avg[i], g);
                 grad_avg[i] = ga;
-                (sq + -ga * ga).sqrt()
+                (-ga).mul_add(ga, sq).sqrt()
             } else {
                 sq.sqrt()
             } + k.eps;
@@ -190,10 +190,10 @@ mod tests {
             if h.weight_decay != 0.0 {
                 grad = p[i].mul_add(h.weight_decay, grad);
             }
-            sq[i] = sq[i] * h.alpha + (1.0 - h.alpha) * grad * grad;
+            sq[i] = ((1.0 - h.alpha) * grad).mul_add(grad, sq[i] * h.alpha);
             let mut avg = if h.centered {
                 ga[i] = (1.0 - h.alpha).mul_add(grad - ga[i], ga[i]);
-                (sq[i] - ga[i] * ga[i]).sqrt()
+                (-ga[i]).mul_add(ga[i], sq[i]).sqrt()
             } else {
                 sq[i].sqrt()
             };
