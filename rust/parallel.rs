@@ -9,11 +9,12 @@
 //! `pthread_atfork` child handler marks the pool unusable in the child, which
 //! then runs everything on the calling thread until it sizes a new pool.
 
+use std::any::Any;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use rayon::prelude::*;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// Environment variable for the pool size.
@@ -119,9 +120,10 @@ pub fn set_num_threads(threads: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// The pool to run parallel work on, or `None` to run inline
-/// (one thread configured, or a forked child).
-fn pool() -> Option<Arc<ThreadPool>> {
+/// The pool of helpers (one thread fewer than configured: the calling thread
+/// works too) and their number, or `None` to run inline (one thread
+/// configured, or a forked child).
+fn pool() -> Option<(Arc<ThreadPool>, usize)> {
     if FORKED_CHILD.load(Ordering::SeqCst) {
         return None;
     }
@@ -135,13 +137,13 @@ fn pool() -> Option<Arc<ThreadPool>> {
     if state.pool.is_none() {
         install_fork_handler();
         let pool = ThreadPoolBuilder::new()
-            .num_threads(state.threads)
+            .num_threads(state.threads - 1)
             .thread_name(|i| format!("ferroptim-{i}"))
             .build()
             .ok()?;
         state.pool = Some(Arc::new(pool));
     }
-    state.pool.clone()
+    Some((state.pool.clone()?, state.threads - 1))
 }
 
 /// A contiguous run of one tensor's elements inside a chunk.
@@ -222,8 +224,9 @@ impl ChunkPlan {
         &self.segments[self.starts[index]..self.starts[index + 1]]
     }
 
-    /// Runs `work` on every chunk, in parallel on the pool when the work is big
-    /// enough, and returns the per-chunk results in chunk order.
+    /// Runs `work` on every chunk, in parallel when the work is big enough,
+    /// and returns the per-chunk results in chunk order (so whatever thread
+    /// ran a chunk, the caller combines results in the same order).
     pub fn run<R, F>(&self, work: F) -> Vec<R>
     where
         R: Send,
@@ -236,15 +239,127 @@ impl ChunkPlan {
             None
         };
         match parallel {
-            Some(pool) => pool.install(|| {
-                (0..chunks)
-                    .into_par_iter()
-                    .with_max_len(1)
-                    .map(|c| work(self.chunk(c)))
+            Some((pool, helpers)) => {
+                let slots: Vec<Mutex<Option<R>>> = (0..chunks).map(|_| Mutex::new(None)).collect();
+                let task = |c: usize| {
+                    let result = work(self.chunk(c));
+                    *lock(&slots[c]) = Some(result);
+                };
+                run_shared(&pool, helpers.min(chunks - 1), chunks, &task);
+                slots
+                    .into_iter()
+                    .map(|slot| {
+                        slot.into_inner()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .expect("every chunk ran")
+                    })
                     .collect()
-            }),
+            }
             None => (0..chunks).map(|c| work(self.chunk(c))).collect(),
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Chunks `0..chunks` claimed one at a time by the calling thread and by
+/// helpers on the pool.
+///
+/// The caller works instead of waiting: pool workers asleep since the last
+/// step (the Python side of a step takes long enough for that) can take
+/// hundreds of microseconds to wake on a busy or virtualised machine, and a
+/// caller blocked in `ThreadPool::install` would wait for them. Helpers that
+/// start late find the chunks gone and leave.
+struct SharedRun {
+    next: AtomicUsize,
+    chunks: usize,
+    /// Helpers between their check of `closed` and their exit: the only ones
+    /// that may still call `task`.
+    active: AtomicUsize,
+    /// Set by the caller once it is done claiming; helpers arriving later
+    /// never touch `task`.
+    closed: AtomicBool,
+    /// The caller's task, its lifetime erased (see `run_shared`).
+    task: &'static (dyn Fn(usize) + Sync),
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+impl SharedRun {
+    fn claim_and_run(&self) {
+        loop {
+            let chunk = self.next.fetch_add(1, Ordering::Relaxed);
+            if chunk >= self.chunks {
+                return;
+            }
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.task)(chunk))) {
+                self.next.store(self.chunks, Ordering::Relaxed); // nobody claims more
+                lock(&self.panic).get_or_insert(payload);
+                return;
+            }
+        }
+    }
+
+    fn help(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if !self.closed.load(Ordering::SeqCst) {
+            self.claim_and_run();
+        }
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Closes a shared run and waits until no helper can touch its task; runs
+/// on unwinding too, so the task's borrows outlive every use.
+struct CloseAndWait<'a>(&'a SharedRun);
+
+impl Drop for CloseAndWait<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        let mut spins = 0u32;
+        // Helpers still active hold at most one chunk each: a short wait.
+        while self.0.active.load(Ordering::SeqCst) != 0 {
+            if spins < 1 << 12 {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn run_shared(pool: &ThreadPool, helpers: usize, chunks: usize, task: &(dyn Fn(usize) + Sync)) {
+    // SAFETY: the reference is used only by `SharedRun::claim_and_run`, called
+    // on this thread below and by helpers inside `help` while they are counted
+    // in `active`. `CloseAndWait` (dropped before this function returns, also
+    // when unwinding) sets `closed` and then waits for `active` to reach zero;
+    // with sequentially consistent ordering a helper either registered in
+    // `active` before `closed` was set (and is waited for) or sees `closed`
+    // and never calls the task. So no use outlives the borrow of `task`.
+    let task: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(task) };
+    let shared = Arc::new(SharedRun {
+        next: AtomicUsize::new(0),
+        chunks,
+        active: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        task,
+        panic: Mutex::new(None),
+    });
+    {
+        let _close = CloseAndWait(&shared);
+        for _ in 0..helpers {
+            let shared = Arc::clone(&shared);
+            pool.spawn(move || shared.help());
+        }
+        shared.claim_and_run();
+    }
+    let panic = lock(&shared.panic).take();
+    if let Some(payload) = panic {
+        resume_unwind(payload);
     }
 }
 
@@ -309,6 +424,42 @@ mod tests {
         let plan = ChunkPlan::for_lens(&lens);
         let firsts = plan.run(|chunk| chunk[0].tensor);
         assert_eq!(firsts, (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn every_chunk_runs_once_on_any_thread() {
+        let lens = vec![CHUNK_ELEMENTS / 2; 64];
+        let plan = ChunkPlan::for_lens(&lens);
+        let runs: Vec<AtomicUsize> = (0..plan.num_chunks())
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let firsts = plan.run(|chunk| {
+            let index = chunk[0].tensor / 2;
+            runs[index].fetch_add(1, Ordering::SeqCst);
+            index
+        });
+        assert_eq!(firsts, (0..32).collect::<Vec<_>>());
+        assert!(runs.iter().all(|count| count.load(Ordering::SeqCst) == 1));
+    }
+
+    #[test]
+    fn a_panicking_chunk_reaches_the_caller_and_the_pool_survives() {
+        let lens = vec![CHUNK_ELEMENTS; 16];
+        let plan = ChunkPlan::for_lens(&lens);
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            plan.run(|chunk| {
+                if chunk[0].tensor == 5 {
+                    panic!("chunk five");
+                }
+                chunk[0].tensor
+            })
+        }));
+        let payload = caught.expect_err("the panic propagates");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"chunk five"));
+        assert_eq!(
+            plan.run(|chunk| chunk[0].tensor),
+            (0..16).collect::<Vec<_>>()
+        );
     }
 
     #[test]
