@@ -10,6 +10,7 @@
 //! As torch does, the total norm is the norm of the per-tensor norms, each
 //! rounded to its tensor's dtype first.
 
+use super::{prefetch_ahead, split_for_prefetch};
 use super::{reduce_segments, run_segments, Real, SegmentKernel, SegmentReducer, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
@@ -234,7 +235,14 @@ fn fold_blocks<F: Fold, S: Copy>(
     value: impl Fn(S) -> f64,
 ) -> [f64; LANES] {
     let mut lanes = [F::IDENTITY; LANES];
-    for block in blocks {
+    let (far, near_end) = split_for_prefetch(blocks);
+    for block in far {
+        prefetch_ahead(block);
+        for lane in 0..LANES {
+            lanes[lane] = fold.combine(lanes[lane], fold.term(value(block[lane])));
+        }
+    }
+    for block in near_end {
         for lane in 0..LANES {
             lanes[lane] = fold.combine(lanes[lane], fold.term(value(block[lane])));
         }
@@ -311,7 +319,14 @@ const SCAN_LANES: usize = 64;
 fn all_finite<T: AbsBits>(values: &[T]) -> bool {
     let (blocks, tail) = values.as_chunks::<SCAN_LANES>();
     let mut lanes = [T::Bits::default(); SCAN_LANES];
-    for block in blocks {
+    let (far, near_end) = split_for_prefetch(blocks);
+    for block in far {
+        prefetch_ahead(block);
+        for lane in 0..SCAN_LANES {
+            lanes[lane] = lanes[lane].max(block[lane].abs_bits());
+        }
+    }
+    for block in near_end {
         for lane in 0..SCAN_LANES {
             lanes[lane] = lanes[lane].max(block[lane].abs_bits());
         }

@@ -338,6 +338,42 @@ where
     totals
 }
 
+/// How far ahead of the current block the read-only passes prefetch. A core
+/// reading one stream with nothing but the hardware prefetchers keeps too few
+/// cache-line fills in flight: measured on this project's 2-core Xeon, 18 GB/s
+/// for a plain read against 31-35 GB/s with a prefetch 4-16 KiB ahead. (The
+/// update kernels read and write several streams at once and already run near
+/// the streaming floor without it.)
+const PREFETCH_BYTES: usize = 8 * 1024;
+
+/// Hints every cache line of `block`, `PREFETCH_BYTES` further on, into cache.
+#[inline(always)]
+pub(crate) fn prefetch_ahead<B>(block: &B) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = (block as *const B).cast::<i8>();
+        for offset in (0..std::mem::size_of::<B>()).step_by(64) {
+            // `wrapping_add`: the address may lie past the slice.
+            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is
+            // only a hint: it never faults and reads nothing into the program,
+            // so the address need not point anywhere valid.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(PREFETCH_BYTES + offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = block;
+}
+
+/// Splits `blocks` into those whose prefetch target still lies inside the
+/// slice and the rest: prefetching past the end would fetch lines nobody reads
+/// (a whole tensor's worth for small ones).
+#[inline(always)]
+pub(crate) fn split_for_prefetch<B>(blocks: &[B]) -> (&[B], &[B]) {
+    let ahead = PREFETCH_BYTES.div_ceil(std::mem::size_of::<B>().max(1));
+    blocks.split_at(blocks.len().saturating_sub(ahead))
+}
+
 /// Per-tensor constants for the tensors of one element type, or nothing when
 /// the group has no tensor of that type.
 pub fn consts_for<T: Element, C: Copy>(
