@@ -349,20 +349,11 @@ const PREFETCH_BYTES: usize = 8 * 1024;
 /// Hints every cache line of `block`, `PREFETCH_BYTES` further on, into cache.
 #[inline(always)]
 pub(crate) fn prefetch_ahead<B>(block: &B) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = (block as *const B).cast::<i8>();
-        for offset in (0..std::mem::size_of::<B>()).step_by(64) {
-            // `wrapping_add`: the address may lie past the slice.
-            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is
-            // only a hint: it never faults and reads nothing into the program,
-            // so the address need not point anywhere valid.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(PREFETCH_BYTES + offset)) };
-        }
+    let start = (block as *const B).cast::<u8>();
+    for offset in (0..std::mem::size_of::<B>()).step_by(64) {
+        // `wrapping_add`: the address may lie past the slice (see `prefetch`).
+        crate::simd::prefetch(start.wrapping_add(PREFETCH_BYTES + offset));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = block;
 }
 
 /// Splits `blocks` into those whose prefetch target still lies inside the

@@ -48,6 +48,47 @@ struct Entry {
     strides: Py<PyTuple>,
     /// `None` until the parameter has been stepped once (state is lazy).
     state: Option<EntryState>,
+    /// Where the re-check will read (see `Entry::prefetch`).
+    hints: Vec<usize>,
+}
+
+/// How many entries ahead `gather` prefetches.
+const LOOKAHEAD: usize = 4;
+
+impl Entry {
+    /// Hints the memory this entry's re-check reads into cache. Between two
+    /// steps, forward and backward push all of it out, and the re-check is a
+    /// chain of dependent misses (Python object, torch's TensorImpl, its
+    /// StorageImpl, for the parameter and each state tensor): measured on
+    /// 1000 parameters right after a torch step, ~2.7 µs per parameter cold
+    /// against ~1 µs warm. Fetched a few entries ahead, the misses overlap.
+    fn prefetch(&self) {
+        for &address in &self.hints {
+            // The line before the address too: a Python object's GC header
+            // sits just before it.
+            let first = (address & !63).wrapping_sub(64);
+            for line in 0..4 {
+                crate::simd::prefetch(first.wrapping_add(64 * line) as *const u8);
+            }
+        }
+    }
+}
+
+/// The addresses a re-check of `tensor` reads: its Python object, and the
+/// TensorImpl and StorageImpl behind it (`_cdata`). Hints only: whatever
+/// cannot be asked is left out, and a stale address (after `t.data = ...`)
+/// costs one useless prefetch.
+fn tensor_hints(tensor: &Bound<'_, PyAny>, hints: &mut Vec<usize>) {
+    hints.push(tensor.as_ptr() as usize);
+    let cdata =
+        |object: &Bound<'_, PyAny>| -> PyResult<usize> { object.getattr("_cdata")?.extract() };
+    hints.extend(cdata(tensor).ok());
+    hints.extend(
+        tensor
+            .call_method0("untyped_storage")
+            .and_then(|storage| cdata(&storage))
+            .ok(),
+    );
 }
 
 /// The optimizer's `state` mapping as it was when plans were built: a cheap
@@ -461,6 +502,18 @@ impl GroupPlan {
                 num_states,
                 step: None,
             });
+            let mut hints = Vec::new();
+            tensor_hints(&param, &mut hints);
+            if let Some(state) = &state {
+                hints.push(state.dict.as_ptr() as usize);
+                for buffer in state
+                    .buffers
+                    .iter()
+                    .chain(state.step.as_ref().map(|(t, _)| t))
+                {
+                    tensor_hints(buffer.bind(py), &mut hints);
+                }
+            }
             plan.entries.push(Entry {
                 param: param.clone().unbind(),
                 addr: info.addr,
@@ -469,6 +522,7 @@ impl GroupPlan {
                 dtype_obj: info.dtype_obj.unbind(),
                 strides,
                 state,
+                hints,
             });
         }
         plan.written = WrittenSet::new(&written).map_err(|e| not_plannable(e.to_string()))?;
@@ -601,7 +655,10 @@ impl GroupPlan {
         let mut ready = Vec::with_capacity(self.entries.len());
         let mut keepalive = Vec::with_capacity(2 * self.entries.len());
         let mut written = Vec::with_capacity(self.entries.len());
-        for (entry, param) in self.entries.iter().zip(params.iter()) {
+        for (index, (entry, param)) in self.entries.iter().zip(params.iter()).enumerate() {
+            if let Some(ahead) = self.entries.get(index + LOOKAHEAD) {
+                ahead.prefetch();
+            }
             match self.gather_entry(&hot, entry, param.as_ptr()) {
                 None | Some(Gathered::Changed) => return Ok(false),
                 Some(Gathered::NoGrad) => {}

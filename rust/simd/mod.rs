@@ -206,6 +206,22 @@ pub fn force_level(level: Option<SimdLevel>) -> Result<SimdLevel, LevelError> {
     Ok(level)
 }
 
+/// Hints the cache line holding `address` into cache. A prefetch never
+/// faults and reads nothing into the program, so `address` need not point
+/// anywhere valid (past a slice's end, or at an object freed since).
+#[inline(always)]
+pub fn prefetch(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of the x86-64 baseline, and a prefetch has no
+        // effect on the program's state whatever the address (see above).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(address.cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
+}
+
 /// A unit of kernel work to run at one SIMD level.
 ///
 /// Implementations put `#[inline(always)]` on [`SimdTask::run`] so its body is
