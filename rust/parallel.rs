@@ -83,9 +83,7 @@ fn default_threads() -> usize {
 }
 
 fn lock_pool() -> std::sync::MutexGuard<'static, PoolState> {
-    // A panic while holding the lock cannot leave PoolState inconsistent
-    // (every write is a single assignment), so a poisoned lock is still usable.
-    POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock(&POOL)
 }
 
 /// The number of threads steps run on (1 in a forked child until resized).
@@ -260,6 +258,9 @@ impl ChunkPlan {
     }
 }
 
+/// Locks `mutex`, poisoned or not: every lock in this module guards single
+/// assignments and reads, so a panic elsewhere cannot leave its data half
+/// written.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

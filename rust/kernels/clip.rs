@@ -235,6 +235,8 @@ fn fold_blocks<F: Fold, S: Copy>(
     value: impl Fn(S) -> f64,
 ) -> [f64; LANES] {
     let mut lanes = [F::IDENTITY; LANES];
+    // The two loops share a body on purpose: as one closure called from both,
+    // the accumulators left registers (1000 x 1024 norm: 188 -> 231 us).
     let (far, near_end) = split_for_prefetch(blocks);
     for block in far {
         prefetch_ahead(block);
