@@ -685,3 +685,24 @@ def test_max_grad_norm_with_nonfinite_grads_scales_like_torch(family):
         assert_norm_matches(fopt.last_grad_norm, norm, exact=not math.isfinite(norm))
     for p, q in zip(fset.params, tset.params, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), **tol(torch.float32), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_coefficient_in_python_floats_equals_torchs_tensor_arithmetic(dtype):
+    """The coefficient used on the Rust path is computed in Python floats rounded as
+    torch rounds; it must equal torch's ``clamp(max_norm / (norm + 1e-6), max=1)``
+    bitwise, for tiny, ordinary, huge and non-finite norms."""
+    from ferroptim._norms import clip_coefficient, clip_coefficient_value
+
+    special = [0.0, 1e-45, 1e-30, 1e-7, 1e-6, 0.999999, 1.0, 1.0000001, 3e38, 1e300]
+    special += [math.inf, math.nan]
+    spread = torch.exp(20 * torch.randn(2000, generator=torch.Generator().manual_seed(3)))
+    norms = torch.cat([torch.tensor(special, dtype=torch.float64), spread.double()]).to(dtype)
+    for max_norm in (1.0, 0.25, 1e-3, 3.7, 1e9, 1e39):
+        for norm in norms:
+            expected = float(clip_coefficient(max_norm, norm))
+            got = clip_coefficient_value(max_norm, norm)
+            assert got == expected or (math.isnan(got) and math.isnan(expected)), (
+                max_norm,
+                float(norm),
+            )

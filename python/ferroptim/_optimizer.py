@@ -39,7 +39,13 @@ from torch.utils._foreach_utils import (
 )
 
 from ferroptim import _config, _core
-from ferroptim._norms import clip_coefficient, tensor_norm, total_norm
+from ferroptim._norms import (
+    clip_coefficient,
+    clip_coefficient_value,
+    is_finite,
+    tensor_norm,
+    total_norm,
+)
 
 _RUST_DTYPES = (torch.float32, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -470,11 +476,14 @@ class RustStepMixin:
             if unscale_tensor is not None:
                 others = [n * unscale_tensor.to(n.device) for n in others]
             norm = total_norm(values, float64, others, 2.0)
-            finite = bool(torch.isfinite(norm))
+            finite = is_finite(norm)
         if self.max_grad_norm is not None:
             self.last_grad_norm = norm
-            clip_tensor = clip_coefficient(self.max_grad_norm, norm)
-            clip = float(clip_tensor)
+            if torch_grads or dtensor_grads:  # torch's path multiplies by a tensor
+                clip_tensor = clip_coefficient(self.max_grad_norm, norm)
+                clip = float(clip_tensor)
+            else:
+                clip = clip_coefficient_value(self.max_grad_norm, norm)
         if self.skip_nonfinite and (self.max_grad_norm is None or not finite):
             # (a norm can overflow with finite float64 grads: ask again)
             finite = (

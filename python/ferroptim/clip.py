@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from ferroptim import _config, _core
-from ferroptim._norms import clip_coefficient, nonfinite_error, tensor_norm, total_norm
+from ferroptim._norms import (
+    clip_coefficient,
+    clip_coefficient_value,
+    is_finite,
+    nonfinite_error,
+    tensor_norm,
+    total_norm,
+)
 from ferroptim._optimizer import _is_dtensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
@@ -89,7 +96,7 @@ def get_total_norm(
     norm = _norm(plan, rust, other, norm_type)
     if plan is not None:
         plan.release()
-    if error_if_nonfinite and not torch.isfinite(norm):
+    if error_if_nonfinite and not is_finite(norm):
         raise nonfinite_error(norm_type)
     return norm
 
@@ -138,13 +145,17 @@ def clip_grad_norm_(
         )
     try:
         norm = _norm(plan, rust, other, norm_type)
-        if error_if_nonfinite and not torch.isfinite(norm):
+        if error_if_nonfinite and not is_finite(norm):
             raise nonfinite_error(norm_type)
-        coefficient = clip_coefficient(max_norm, norm)
+        if other:  # torch's grads are multiplied by the coefficient as a tensor
+            coefficient = clip_coefficient(max_norm, norm)
+            value = float(coefficient)
+        else:
+            value = clip_coefficient_value(max_norm, norm)
     except BaseException:
         plan.release()
         raise
-    _core.scale_grads(plan, float(coefficient))
+    _core.scale_grads(plan, value)
     for g in other:
         g.mul_(coefficient.to(g.device))
     return norm
