@@ -706,3 +706,17 @@ def test_clip_coefficient_in_python_floats_equals_torchs_tensor_arithmetic(dtype
                 max_norm,
                 float(norm),
             )
+
+
+def test_inverse_scale_in_python_floats_equals_gradscalers_tensor_arithmetic():
+    """GradScaler's ``scale.double().reciprocal().float()``, computed in Python floats
+    on the Rust path, bitwise: powers of two, arbitrary, tiny, huge, zero, inf, nan."""
+    from ferroptim._norms import inverse_scale_value
+
+    special = [2.0**k for k in range(-30, 31)] + [0.0, -0.0, 1e-45, 3e38, math.inf, math.nan]
+    spread = torch.exp(20 * torch.randn(2000, generator=torch.Generator().manual_seed(4)))
+    for scale in torch.cat([torch.tensor(special), spread]).to(torch.float32):
+        expected = float(scale.double().reciprocal().float())
+        got = inverse_scale_value(scale)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), float(scale)
+        assert math.copysign(1.0, got) == math.copysign(1.0, expected)

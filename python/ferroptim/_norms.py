@@ -1,4 +1,5 @@
-"""Gradient-norm arithmetic shared by the clipping functions and ``max_grad_norm``.
+"""Gradient-norm arithmetic shared by the clipping functions and ``max_grad_norm``,
+and GradScaler's inverse scale.
 
 torch computes a total norm as the norm of the per-tensor norms (each a 0-d
 tensor of its gradient's dtype), and the clip coefficient with tensor ops in
@@ -67,6 +68,17 @@ def clip_coefficient_value(max_norm: float, norm: Tensor) -> float:
     else:
         return float(clip_coefficient(max_norm, norm))
     return 1.0 if coefficient > 1.0 else coefficient  # clamp: nan stays nan
+
+
+def inverse_scale_value(scale: Tensor) -> float:
+    """GradScaler's ``float(scale.double().reciprocal().float())`` without the three
+    tensor ops: a float64 reciprocal (Python's division, with torch's 1/0 = inf),
+    then rounded to float32."""
+    if scale.dtype != torch.float32:
+        return float(scale.double().reciprocal().float())
+    value = float(scale)
+    inverse = math.copysign(math.inf, value) if value == 0.0 else 1.0 / value
+    return _to_float32(inverse)
 
 
 def is_finite(norm: Tensor) -> bool:

@@ -42,6 +42,7 @@ from ferroptim import _config, _core
 from ferroptim._norms import (
     clip_coefficient,
     clip_coefficient_value,
+    inverse_scale_value,
     is_finite,
     tensor_norm,
     total_norm,
@@ -454,15 +455,18 @@ class RustStepMixin:
         ``skip_nonfinite`` finds an inf or nan gradient."""
         if grad_scale is None and self.max_grad_norm is None and not self.skip_nonfinite:
             return _NO_FACTORS
+        rust_plans = [plan for job in jobs for plan in job.norm_plans]
+        torch_grads = [g for job in jobs for g in job.torch_grads]
+        dtensor_grads = [g for job in jobs for g in job.dtensor_grads]
         unscale_tensor = None
         unscale = 1.0
         if grad_scale is not None:
             # torch's GradScaler.unscale_: inv_scale = scale.double().reciprocal().float()
-            unscale_tensor = grad_scale.double().reciprocal().float()
-            unscale = float(unscale_tensor)
-        rust_plans = [plan for job in jobs for plan in job.norm_plans]
-        torch_grads = [g for job in jobs for g in job.torch_grads]
-        dtensor_grads = [g for job in jobs for g in job.dtensor_grads]
+            if torch_grads or dtensor_grads:  # torch's path multiplies by a tensor
+                unscale_tensor = grad_scale.double().reciprocal().float()
+                unscale = float(unscale_tensor)
+            else:
+                unscale = inverse_scale_value(grad_scale)
         clip = 1.0
         clip_tensor = None
         finite = True
