@@ -10,7 +10,7 @@
 //! As torch does, the total norm is the norm of the per-tensor norms, each
 //! rounded to its tensor's dtype first.
 
-use super::{prefetch_ahead, split_for_prefetch};
+use super::{prefetch_ahead, split_for_prefetch, two_streams};
 use super::{reduce_segments, run_segments, Real, SegmentKernel, SegmentReducer, Storage};
 use crate::engine::{Group, Slices};
 use crate::simd::SimdLevel;
@@ -235,16 +235,21 @@ fn fold_blocks<F: Fold, S: Copy>(
     value: impl Fn(S) -> f64,
 ) -> [f64; LANES] {
     let mut lanes = [F::IDENTITY; LANES];
-    // The two loops share a body on purpose: as one closure called from both,
+    // The loops repeat their body on purpose: as one closure called from each,
     // the accumulators left registers (1000 x 1024 norm: 188 -> 231 us).
     let (far, near_end) = split_for_prefetch(blocks);
-    for block in far {
-        prefetch_ahead(block);
+    let (first, second, odd) = two_streams(far);
+    for (a, b) in first.iter().zip(second) {
+        prefetch_ahead(a);
+        prefetch_ahead(b);
         for lane in 0..LANES {
-            lanes[lane] = fold.combine(lanes[lane], fold.term(value(block[lane])));
+            lanes[lane] = fold.combine(lanes[lane], fold.term(value(a[lane])));
+        }
+        for lane in 0..LANES {
+            lanes[lane] = fold.combine(lanes[lane], fold.term(value(b[lane])));
         }
     }
-    for block in near_end {
+    for block in odd.iter().chain(near_end) {
         for lane in 0..LANES {
             lanes[lane] = fold.combine(lanes[lane], fold.term(value(block[lane])));
         }
@@ -322,13 +327,15 @@ fn all_finite<T: AbsBits>(values: &[T]) -> bool {
     let (blocks, tail) = values.as_chunks::<SCAN_LANES>();
     let mut lanes = [T::Bits::default(); SCAN_LANES];
     let (far, near_end) = split_for_prefetch(blocks);
-    for block in far {
-        prefetch_ahead(block);
+    let (first, second, odd) = two_streams(far);
+    for (a, b) in first.iter().zip(second) {
+        prefetch_ahead(a);
+        prefetch_ahead(b);
         for lane in 0..SCAN_LANES {
-            lanes[lane] = lanes[lane].max(block[lane].abs_bits());
+            lanes[lane] = lanes[lane].max(a[lane].abs_bits()).max(b[lane].abs_bits());
         }
     }
-    for block in near_end {
+    for block in odd.iter().chain(near_end) {
         for lane in 0..SCAN_LANES {
             lanes[lane] = lanes[lane].max(block[lane].abs_bits());
         }
@@ -629,7 +636,7 @@ mod tests {
     #[test]
     fn finiteness_scan_finds_every_kind_of_non_finite() {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-            for position in [0, 15, 16, 4098, 70_000] {
+            for position in [0, 15, 16, 4098, 40_000, 63_000, 65_600, 70_000] {
                 let mut g = grads();
                 let big = g.len() - 2; // the 70_001-element tensor
                 let at = position.min(g[big].len() - 1);
