@@ -338,25 +338,14 @@ where
     totals
 }
 
-/// How far ahead of the current block the read-only passes prefetch. A core
-/// reading one stream with nothing but the hardware prefetchers keeps too few
-/// cache-line fills in flight: measured on this project's 2-core Xeon, 18 GB/s
-/// for a plain read against 31-35 GB/s with a prefetch 4-16 KiB ahead. (The
-/// update kernels read and write several streams at once and already run near
-/// the streaming floor without it.)
+/// How far ahead of the current block the streaming passes (norms, the
+/// finiteness scan, in-place scaling) prefetch. A core reading one stream
+/// with nothing but the hardware prefetchers keeps too few cache-line fills in
+/// flight: measured on this project's 2-core Xeon, 18 GB/s for a plain read
+/// against 31-35 GB/s with a prefetch 4-16 KiB ahead. (The update kernels read
+/// and write several streams at once and already run near the streaming floor
+/// without it.)
 const PREFETCH_BYTES: usize = 8 * 1024;
-
-/// Splits `blocks` into two equal halves to read side by side, and the odd
-/// block left over. Two streams per core keep more line fills in flight than
-/// one, even with prefetching: on this project's 2-core Xeon a read-only pass
-/// over 128 MiB went from 33-35 GB/s (prefetch alone) to 42-45 GB/s.
-#[inline(always)]
-pub(crate) fn two_streams<B>(blocks: &[B]) -> (&[B], &[B], &[B]) {
-    let half = blocks.len() / 2;
-    let (first, rest) = blocks.split_at(half);
-    let (second, odd) = rest.split_at(half);
-    (first, second, odd)
-}
 
 /// Hints every cache line of `block`, `PREFETCH_BYTES` further on, into cache.
 #[inline(always)]
@@ -368,13 +357,36 @@ pub(crate) fn prefetch_ahead<B>(block: &B) {
     }
 }
 
-/// Splits `blocks` into those whose prefetch target still lies inside the
-/// slice and the rest: prefetching past the end would fetch lines nobody reads
-/// (a whole tensor's worth for small ones).
+/// How many blocks each of the two streams of `two_streams` gets: half of
+/// those whose prefetch target still lies inside the slice (prefetching past
+/// the end would fetch lines nobody reads, a whole tensor's worth for small
+/// ones).
 #[inline(always)]
-pub(crate) fn split_for_prefetch<B>(blocks: &[B]) -> (&[B], &[B]) {
+fn stream_len<B>(blocks: usize) -> usize {
     let ahead = PREFETCH_BYTES.div_ceil(std::mem::size_of::<B>().max(1));
-    blocks.split_at(blocks.len().saturating_sub(ahead))
+    blocks.saturating_sub(ahead) / 2
+}
+
+/// Splits `blocks` into two equal streams to read side by side, prefetching
+/// (`first[i]` with `second[i]`), and the rest to read plainly. Two streams per
+/// core keep more line fills in flight than one, even with prefetching: on this
+/// project's 2-core Xeon a read-only pass over 128 MiB went from 33-35 GB/s
+/// (prefetch alone) to 42-45 GB/s.
+#[inline(always)]
+pub(crate) fn two_streams<B>(blocks: &[B]) -> (&[B], &[B], &[B]) {
+    let half = stream_len::<B>(blocks.len());
+    let (first, rest) = blocks.split_at(half);
+    let (second, rest) = rest.split_at(half);
+    (first, second, rest)
+}
+
+/// `two_streams` for a pass that writes.
+#[inline(always)]
+pub(crate) fn two_streams_mut<B>(blocks: &mut [B]) -> (&mut [B], &mut [B], &mut [B]) {
+    let half = stream_len::<B>(blocks.len());
+    let (first, rest) = blocks.split_at_mut(half);
+    let (second, rest) = rest.split_at_mut(half);
+    (first, second, rest)
 }
 
 /// Per-tensor constants for the tensors of one element type, or nothing when
