@@ -838,6 +838,27 @@ def rust_calls() -> Iterator[Counter]:
 # ----------------------------------------------------------------------------------------
 
 
+def error_of(fn: Callable[[], Any]) -> BaseException | None:
+    """The exception ``fn()`` raises, or None."""
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
+
+
+@pytest.fixture
+def torch_single_threaded() -> Iterator[None]:
+    """torch's reference on one intra-op thread: its OpenMP workers spin-wait, and on a
+    shared 2-core machine that turns milliseconds into seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_ferroptim_config() -> Iterator[None]:
     """Every test starts and ends with ferroptim's default threads / SIMD / backend.

@@ -21,17 +21,7 @@ import torch
 from _kernels import kernel_calls
 from conftest import ferroptim
 
-
-@pytest.fixture(autouse=True)
-def torch_single_threaded() -> Iterator[None]:
-    """torch's reference on one intra-op thread: its OpenMP workers spin-wait, and on a
-    shared 2-core machine that turns milliseconds into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_threaded")
 
 
 F32 = {"rtol": 1e-5, "atol": 1e-6}

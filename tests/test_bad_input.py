@@ -15,6 +15,7 @@ from conftest import (
     FAMILIES,
     NEW_FAMILIES,
     assert_unchanged,
+    error_of,
     ferroptim,
     snapshot,
     tol,
@@ -34,14 +35,6 @@ def set_grads(ps, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
-def torch_outcome(fn) -> BaseException | None:
-    try:
-        fn()
-    except Exception as exc:
-        return exc
-    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def test_duplicate_params_within_a_group(family):
             opt = factory([ps[0], ps[1], ps[0]], lr=0.1)
         set_grads(ps, 1)
         before = snapshot(opt, ps)
-        error = torch_outcome(opt.step)
+        error = error_of(opt.step)
         return ps, opt, before, error
 
     tps, topt, _, terror = run(family.make_torch)
@@ -437,9 +430,9 @@ def test_corrupt_state_raises_and_writes_nothing(family, corrupt):
     corrupt(topt.state[tps[1]])
     set_grads(ps, 9)
     set_grads(tps, 9)
-    torch_error = torch_outcome(topt.step)
+    torch_error = error_of(topt.step)
     before = snapshot(opt, ps)
-    ferro_error = torch_outcome(opt.step)
+    ferro_error = error_of(opt.step)
     if torch_error is not None:
         assert ferro_error is not None, f"torch raises {torch_error!r}; ferroptim stepped"
         assert isinstance(ferro_error, type(torch_error)), (torch_error, ferro_error)
@@ -488,7 +481,7 @@ def test_grad_set_through_data_bypass(family, bad_grad, warm_steps):
         set_grads(ps, 50)
         ps[1].grad.data = bad_grad(ps[1])  # the (6, 4) param, after a good group
         before = snapshot(opt, ps)
-        return ps, opt, before, torch_outcome(opt.step)
+        return ps, opt, before, error_of(opt.step)
 
     tps, _, _, terror = run(family.make_torch)
     fps, fopt, before, ferror = run(family.make_ferro)

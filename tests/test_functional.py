@@ -13,7 +13,7 @@ import array
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,16 +25,7 @@ from conftest import ferroptim
 F = ferroptim.functional
 
 
-@pytest.fixture(autouse=True)
-def torch_single_threaded() -> Iterator[None]:
-    """torch's reference on one intra-op thread: its OpenMP workers spin-wait, and on a
-    shared 2-core machine that turns milliseconds into seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_single_threaded")
 
 
 TOL = {np.float32: {"rtol": 1e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-12}}

@@ -19,6 +19,7 @@ from conftest import (
     assert_as_exact_as_torch,
     assert_same_trajectory,
     build,
+    error_of,
     ferroptim,
     flag_params,
     run_pair,
@@ -285,25 +286,13 @@ def test_single_tensor_chunking_is_bitwise_identical_to_small_tensors(family):
         opt.step()
 
     ferroptim.set_num_threads(1)
-    parts = [torch.nn.Parameter(data[a:b].clone()) for a, b in itertools_pairwise(bounds)]
+    parts = [torch.nn.Parameter(data[a:b].clone()) for a, b in itertools.pairwise(bounds)]
     opt = family.make_ferro(parts, **kwargs)
     for g in grads:
-        for p, (a, b) in zip(parts, itertools_pairwise(bounds), strict=True):
+        for p, (a, b) in zip(parts, itertools.pairwise(bounds), strict=True):
             p.grad = g[a:b].clone()
         opt.step()
     assert torch.equal(whole.detach(), torch.cat([p.detach() for p in parts]))
-
-
-def itertools_pairwise(xs):
-    return list(itertools.pairwise(xs))
-
-
-def torch_outcome(fn) -> BaseException | None:
-    try:
-        fn()
-    except Exception as exc:
-        return exc
-    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +354,7 @@ def test_forced_torch_backend_matches_reference(case, impl, dtype):
         # A user's explicit choice of implementation behaves as torch's own: where torch
         # itself fails (its fused SGD with momentum cannot step a param whose first grad
         # comes after the others'), so does the forced torch path, with torch's error.
-        torch_error = torch_outcome(
+        torch_error = error_of(
             lambda: run_steps(
                 lambda g: family.torch(g, **family.fixed, **kwargs, **impl),
                 _matching_layout(family),
@@ -417,7 +406,7 @@ def test_forced_torch_backend_steps_noncontiguous_grads_correctly(family, impl):
             def steps(factory, fnp=first_none_prob):
                 run_steps(factory, specs, torch.float32, 50, first_none_prob=fnp)
 
-            torch_error = torch_outcome(
+            torch_error = error_of(
                 lambda: steps(lambda g: family.torch(g, **family.fixed, **kwargs, **impl))
             )
             if torch_error is not None:
