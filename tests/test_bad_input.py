@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,34 @@ from conftest import (
 FAMILY_IDS = list(ALL_FAMILIES)
 #: One family per kernel (Adam-decoupled and AdamW share Adam's).
 KERNEL_FAMILIES = ["Adam", *NEW_FAMILIES]
+
+
+def assert_same_outcome(
+    torch_error: BaseException | None,
+    ferro_error: BaseException | None,
+    before: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    ps: list[torch.Tensor],
+    tps: list[torch.Tensor],
+) -> None:
+    """torch raised: ferroptim raises the same kind of error and wrote nothing. Only
+    ferroptim raised: a clear RuntimeError/ValueError, nothing written. Neither: the
+    same parameters as torch."""
+    if torch_error is not None:
+        assert ferro_error is not None, (
+            f"torch raises {type(torch_error).__name__}({torch_error}); ferroptim stepped"
+        )
+        assert isinstance(ferro_error, type(torch_error)), (
+            f"torch raises {type(torch_error).__name__}, "
+            f"ferroptim {type(ferro_error).__name__}: {ferro_error}"
+        )
+        assert_unchanged(before, opt, ps)
+    elif ferro_error is not None:
+        assert isinstance(ferro_error, (RuntimeError, ValueError)), ferro_error
+        assert_unchanged(before, opt, ps)
+    else:
+        for a, b in zip(ps, tps, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
 
 
 def params(seed: int = 0, shapes=((50,), (6, 4), (3,))) -> list[torch.nn.Parameter]:
@@ -433,16 +462,7 @@ def test_corrupt_state_raises_and_writes_nothing(family, corrupt):
     torch_error = error_of(topt.step)
     before = snapshot(opt, ps)
     ferro_error = error_of(opt.step)
-    if torch_error is not None:
-        assert ferro_error is not None, f"torch raises {torch_error!r}; ferroptim stepped"
-        assert isinstance(ferro_error, type(torch_error)), (torch_error, ferro_error)
-        assert_unchanged(before, opt, ps)
-    elif ferro_error is not None:
-        assert isinstance(ferro_error, (RuntimeError, ValueError)), ferro_error
-        assert_unchanged(before, opt, ps)
-    else:
-        for a, b in zip(ps, tps, strict=True):
-            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+    assert_same_outcome(torch_error, ferro_error, before, opt, ps, tps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,20 +505,7 @@ def test_grad_set_through_data_bypass(family, bad_grad, warm_steps):
 
     tps, _, _, terror = run(family.make_torch)
     fps, fopt, before, ferror = run(family.make_ferro)
-    if terror is not None:
-        assert ferror is not None, (
-            f"torch raises {type(terror).__name__}({terror}); ferroptim stepped silently"
-        )
-        assert isinstance(ferror, type(terror)), (
-            f"torch raises {type(terror).__name__}, ferroptim {type(ferror).__name__}: {ferror}"
-        )
-        assert_unchanged(before, fopt, fps)
-    elif ferror is not None:
-        assert isinstance(ferror, (RuntimeError, ValueError)), ferror
-        assert_unchanged(before, fopt, fps)
-    else:
-        for a, b in zip(fps, tps, strict=True):
-            torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+    assert_same_outcome(terror, ferror, before, fopt, fps, tps)
 
 
 ALIASING_FLAGS = {
