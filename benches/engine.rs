@@ -44,7 +44,7 @@ fn group(tensors: &mut [Tensor]) -> Group<'_> {
                 dtype: DType::F32,
                 len: t.p.len(),
                 param: t.p.as_mut_ptr() as usize,
-                grad: t.g.as_ptr() as usize,
+                grad: Some(t.g.as_ptr() as usize),
                 states,
                 num_states: 2,
                 step: Some(StepCounter {

@@ -91,17 +91,15 @@ impl StepCounter {
     }
 }
 
-/// `TensorBuffers::grad` of a group that has no separate gradient buffer
-/// (gradient clipping writes the gradients themselves, as the `param` buffer).
-pub const NO_GRAD: usize = 0;
-
 /// Addresses of one parameter's buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorBuffers {
     pub dtype: DType,
     pub len: usize,
     pub param: usize,
-    pub grad: usize,
+    /// `None` for a group without separate gradient buffers (gradient
+    /// clipping writes the gradients themselves, as the `param` buffer).
+    pub grad: Option<usize>,
     pub states: [usize; MAX_STATES],
     pub num_states: usize,
     pub step: Option<StepCounter>,
@@ -249,7 +247,7 @@ pub struct ChunkSlices<'g> {
 }
 
 /// Typed slices over one segment: the parameter and states are writable, the
-/// gradient read-only. Unused state slots (and a [`NO_GRAD`] gradient) are empty.
+/// gradient read-only. Unused state slots (and a missing gradient) are empty.
 pub struct Slices<'s, T> {
     pub param: &'s mut [T],
     pub grad: &'s [T],
@@ -281,7 +279,12 @@ impl<'g> ChunkSlices<'g> {
             "buffer viewed with the wrong dtype"
         );
         let range = self.range;
+        let empty = range.is_empty();
         let at = |addr: usize| {
+            if empty {
+                // A zero-size tensor's address may be null: never touched.
+                return <&mut [T]>::default();
+            }
             // SAFETY: `Group::new`'s contract makes `addr` valid for `len`
             // elements of T (dtype checked above) and `range` lies inside 0..len
             // (it comes from the chunk plan). The chunk plan gives each element
@@ -297,8 +300,8 @@ impl<'g> ChunkSlices<'g> {
             *slot = at(addr);
         }
         let grad: &'g [T] = match self.tensor.grad {
-            NO_GRAD => &[],
-            addr => at(addr),
+            None => &[],
+            Some(addr) => at(addr),
         };
         Slices {
             param: at(self.tensor.param),
@@ -333,6 +336,9 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
         }
         let bytes = t.len * t.dtype.size();
         let mut add = |addr: usize, written: bool, what: &'static str| {
+            if bytes == 0 {
+                return Ok(()); // a zero-size tensor: no memory to check or touch
+            }
             if addr == 0 {
                 return Err(EngineError::Null {
                     tensor: index,
@@ -345,20 +351,18 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
                     what,
                 });
             }
-            if bytes > 0 {
-                intervals.push(Interval {
-                    start: addr,
-                    end: addr + bytes,
-                    written,
-                    tensor: index,
-                    what,
-                });
-            }
+            intervals.push(Interval {
+                start: addr,
+                end: addr + bytes,
+                written,
+                tensor: index,
+                what,
+            });
             Ok(())
         };
         add(t.param, true, "param")?;
-        if t.grad != NO_GRAD {
-            add(t.grad, false, "grad")?;
+        if let Some(grad) = t.grad {
+            add(grad, false, "grad")?;
         }
         for (k, &addr) in t.states().iter().enumerate() {
             add(addr, true, STATE_NAMES[k])?;
@@ -489,7 +493,7 @@ mod tests {
             dtype: DType::F32,
             len: param.len(),
             param: param.as_mut_ptr() as usize,
-            grad: grad.as_ptr() as usize,
+            grad: Some(grad.as_ptr() as usize),
             states: addrs,
             num_states: states.len(),
             step: None,
@@ -517,7 +521,7 @@ mod tests {
         let mut q = vec![0f32; 64];
         let g = vec![0f32; 64];
         let mut aliased = buffers(&mut p, &g, &mut []);
-        aliased.grad = aliased.param;
+        aliased.grad = Some(aliased.param);
         // SAFETY: live buffers; the overlap must be refused.
         assert!(unsafe { Group::new(vec![aliased]) }.is_err());
         let first = buffers(&mut p, &g, &mut []);
@@ -548,7 +552,8 @@ mod tests {
         assert!(set.overlaps(start, start + 4));
         assert!(set.overlaps(start + 252, start + 300));
         assert!(set.overlaps(t.states[0] + 8, t.states[0] + 12));
-        assert!(!set.overlaps(t.grad, t.grad + 256));
+        let grad = t.grad.unwrap();
+        assert!(!set.overlaps(grad, grad + 256));
         assert!(!set.overlaps(start, start));
         let mut twice = t;
         twice.states[0] = t.param;
@@ -560,15 +565,38 @@ mod tests {
         let mut p = vec![0f32; 8];
         let g = vec![0f32; 8];
         let mut t = buffers(&mut p, &g, &mut []);
-        t.grad += 1;
+        t.grad = t.grad.map(|g| g + 1);
         // SAFETY: the constructor must refuse before touching memory.
         let misaligned = unsafe { Group::new(vec![t]) };
         assert!(matches!(misaligned, Err(EngineError::Misaligned { .. })));
-        t.grad = NO_GRAD; // allowed: a group without gradient buffers
+        t.grad = None; // allowed: a group without gradient buffers
         t.param = 0;
         // SAFETY: as above.
         let null = unsafe { Group::new(vec![t]) };
         assert!(matches!(null, Err(EngineError::Null { .. })));
+    }
+
+    #[test]
+    fn zero_size_buffers_may_be_null_and_are_never_touched() {
+        let mut p = vec![1f32; 8];
+        let g = vec![1f32; 8];
+        let mut step = 0f32;
+        let full = buffers(&mut p, &g, &mut []);
+        let mut empty = buffers(&mut [], &[], &mut []);
+        empty.param = 0; // torch's data pointer of a zero-size tensor
+        empty.grad = Some(0);
+        empty.step = Some(StepCounter {
+            addr: &mut step as *mut f32 as usize,
+            dtype: DType::F32,
+        });
+        // SAFETY: live buffers; the empty one has no memory to touch.
+        let mut group = unsafe { Group::new(vec![full, empty]) }.unwrap();
+        assert_eq!(group.increment_steps(), vec![0.0, 1.0]);
+        let seen: Vec<usize> = group
+            .for_each_chunk(|segments| segments.map(|s| s.slices::<f32>().param.len()).sum())
+            .into_iter()
+            .collect();
+        assert_eq!(seen.iter().sum::<usize>(), 8);
     }
 
     #[test]

@@ -174,11 +174,33 @@ def _is_dense(tensor: Tensor) -> bool:
     return True
 
 
+def _is_lazy(tensor: Tensor) -> bool:
+    """Whether torch reads ``tensor`` negated or conjugated (``torch._neg_view``,
+    ``z.conj()``, ``z.conj().imag``): its memory holds other values than it has."""
+    return tensor.is_neg() or tensor.is_conj()
+
+
+def _resolved(tensor: Tensor) -> Tensor:
+    """``tensor``'s values in memory of their own when it is a lazy view."""
+    return tensor.resolve_conj().resolve_neg() if _is_lazy(tensor) else tensor
+
+
+def _storage_key(tensor: Tensor) -> int | None:
+    """The address of the storage behind ``tensor``, or None when it has no elements
+    (a zero-size tensor's storage address is 0 and shares nothing)."""
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else None
+
+
 def _laid_out_like(tensor: Tensor, like: Tensor) -> Tensor:
     """``tensor``'s values in ``like``'s memory layout (a copy unless already so)."""
     if _same_layout(tensor, like):
         return tensor
     return torch.empty_like(like).copy_(tensor)
+
+
+def _staged(tensor: Tensor) -> Tensor:
+    """A contiguous copy of ``tensor``'s values (negation and conjugation resolved)."""
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(tensor)
 
 
 def _is_dtensor(tensor: Tensor) -> bool:
@@ -695,7 +717,9 @@ class RustStepMixin:
         for i, p in enumerate(gathered.params):
             dtensor = _is_dtensor(p)
             local = _local(p)
-            work = local if _is_dense(local) else local.contiguous()
+            # A param that is not one run of memory, or a lazily negated/conjugated
+            # view, steps in a staged copy written back through the original.
+            work = local if _is_dense(local) and not _is_lazy(local) else _staged(local)
             if work is not local:
                 out.staged.append((local, work))
             if dtensor:
@@ -715,7 +739,9 @@ class RustStepMixin:
                         f"{name}: state {key!r} of a parameter of shape {tuple(p.shape)} and "
                         f"dtype {p.dtype} has shape {tuple(buffer.shape)} and dtype {buffer.dtype}"
                     )
-                elif not dtensor and (buffer.device != p.device or not _same_layout(buffer, work)):
+                elif not dtensor and (
+                    buffer.device != p.device or not _same_layout(buffer, work) or _is_lazy(buffer)
+                ):
                     # Our own state: re-lay it out once, for good.
                     buffer = torch.empty_like(work).copy_(buffer)
                     state[key] = buffer
@@ -727,9 +753,11 @@ class RustStepMixin:
                     state[step_key] = gathered.steps[i] = step
             works.append(work)
             kinds.append((fresh, dtensor))
-            written_storages.add(work.untyped_storage().data_ptr())
-            state_storages.update(s[i].untyped_storage().data_ptr() for s in states)
+            written_storages.add(_storage_key(work))
+            state_storages.update(_storage_key(s[i]) for s in states)
         written_storages |= state_storages
+        written_storages.discard(None)
+        state_storages.discard(None)
 
         grads: list[Tensor] = []
         for p, work, grad in zip(gathered.params, works, gathered.grads, strict=True):
@@ -745,12 +773,14 @@ class RustStepMixin:
             if _is_dtensor(grad):
                 out.dtensor_grads.append(grad)
             grad = _local(grad)
-            if grad.untyped_storage().data_ptr() in state_storages:
+            grad = _resolved(grad)
+            storage = _storage_key(grad)
+            if storage in state_storages:
                 raise RuntimeError(
                     f"{name}: a gradient shares memory with the optimizer's own state "
                     "(e.g. p.grad = opt.state[p][...]); give it a gradient of its own"
                 )
-            if grad.untyped_storage().data_ptr() in written_storages:
+            if storage in written_storages:
                 # The gradient shares memory with a buffer the step writes: read
                 # what torch's in-place sequence would have read.
                 grad = self._ferro_aliased_grad(_local(p), grad, group)

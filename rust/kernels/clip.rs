@@ -529,7 +529,7 @@ pub fn clamp(group: &Group<'_>, clip: f64, level: SimdLevel) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{DType, TensorBuffers, MAX_STATES, NO_GRAD};
+    use crate::engine::{DType, TensorBuffers, MAX_STATES};
     use crate::kernels::testing::random;
     use crate::parallel::set_num_threads;
 
@@ -540,7 +540,7 @@ mod tests {
                 dtype: DType::F32,
                 len: g.len(),
                 param: g.as_mut_ptr() as usize,
-                grad: NO_GRAD,
+                grad: None,
                 states: [0; MAX_STATES],
                 num_states: 0,
                 step: None,

@@ -80,7 +80,7 @@ pub fn group_of<T: Element>(bufs: &mut [Buffers<T>], with_step: bool) -> Group<'
                 dtype: T::DTYPE,
                 len: b.p.len(),
                 param: b.p.as_mut_ptr() as usize,
-                grad: b.g.as_ptr() as usize,
+                grad: Some(b.g.as_ptr() as usize),
                 states,
                 num_states: b.states.len(),
                 step: with_step.then_some(StepCounter {

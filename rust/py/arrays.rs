@@ -131,7 +131,7 @@ pub fn plan_arrays(
             dtype: param.dtype,
             len: param.len,
             param: param.addr(),
-            grad: companions[0].1.addr(),
+            grad: Some(companions[0].1.addr()),
             states: addrs,
             num_states: states.len(),
             step: None,

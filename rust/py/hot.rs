@@ -1,5 +1,6 @@
-//! The per-step re-check calls into CPython about a dozen times per
-//! parameter; these thin wrappers skip PyO3's conveniences (error objects,
+//! The per-step re-check calls into CPython twice per parameter (its `grad`,
+//! its state dict) and otherwise reads torch's objects directly (see
+//! `native`); these thin wrappers skip PyO3's conveniences (error objects,
 //! generic conversions) on that path. Every failure just means "changed":
 //! the caller then takes the slow path, which reports real errors the way
 //! torch does.
@@ -10,6 +11,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyString;
+
+use super::native::{self, Layout};
 
 /// An owned reference returned by the C API, released on drop.
 pub struct Ref(NonNull<ffi::PyObject>);
@@ -47,11 +50,6 @@ impl Ref {
         // SAFETY: comparing against the None singleton's address reads nothing.
         self.as_ptr() == unsafe { ffi::Py_None() }
     }
-
-    pub fn is_true(&self) -> bool {
-        // SAFETY: as above, for True.
-        self.as_ptr() == unsafe { ffi::Py_True() }
-    }
 }
 
 impl Drop for Ref {
@@ -65,110 +63,53 @@ impl Drop for Ref {
 
 /// Interned attribute names the re-check uses.
 pub struct Names {
-    data_ptr: Py<PyString>,
-    stride: Py<PyString>,
     grad: Py<PyString>,
-    dtype: Py<PyString>,
-    is_cpu: Py<PyString>,
-    nbytes: Py<PyString>,
 }
 
 static NAMES: PyOnceLock<Names> = PyOnceLock::new();
 
-/// CPython calls for one `gather`; holding a `Python` token proves the GIL.
+/// CPython calls and raw readings for one `gather`; holding a `Python` token
+/// proves the GIL.
 pub struct Hot<'py> {
     _py: Python<'py>,
     names: &'py Names,
+    /// Where torch keeps the metadata the re-check compares.
+    pub layout: &'static Layout,
+    /// `torch.Tensor`: gradients of any other type take the slow path.
+    pub tensor_type: NonNull<ffi::PyTypeObject>,
 }
 
 impl<'py> Hot<'py> {
-    pub fn new(py: Python<'py>) -> Hot<'py> {
+    /// `None` when torch's layout is unknown (no plan can be re-checked).
+    pub fn new(py: Python<'py>) -> PyResult<Option<Hot<'py>>> {
+        let Some(layout) = native::layout(py) else {
+            return Ok(None);
+        };
         let names = NAMES.get_or_init(py, || Names {
-            data_ptr: PyString::intern(py, "data_ptr").unbind(),
-            stride: PyString::intern(py, "stride").unbind(),
             grad: PyString::intern(py, "grad").unbind(),
-            dtype: PyString::intern(py, "dtype").unbind(),
-            is_cpu: PyString::intern(py, "is_cpu").unbind(),
-            nbytes: PyString::intern(py, "nbytes").unbind(),
         });
-        Hot { _py: py, names }
-    }
-
-    fn call0(&self, object: *mut ffi::PyObject, name: &Py<PyString>) -> Option<Ref> {
-        // SAFETY: the GIL is held (`self` holds a `Python` token); `object` is a
-        // live object the caller holds a reference to; the result is a new
-        // reference or null.
-        unsafe {
-            Ref::new(ffi::compat::PyObject_CallMethodNoArgs(
-                object,
-                name.as_ptr(),
-            ))
-        }
+        let tensor_type = super::tensor::torch(py)?.tensor_type.as_ptr();
+        let Some(tensor_type) = NonNull::new(tensor_type.cast::<ffi::PyTypeObject>()) else {
+            return Ok(None);
+        };
+        Ok(Some(Hot {
+            _py: py,
+            names,
+            layout,
+            tensor_type,
+        }))
     }
 
     fn getattr(&self, object: *mut ffi::PyObject, name: &Py<PyString>) -> Option<Ref> {
-        // SAFETY: as in `call0`.
+        // SAFETY: the GIL is held (`self` holds a `Python` token); `object` is
+        // a live object the caller holds a reference to; the result is a new
+        // reference or null.
         unsafe { Ref::new(ffi::PyObject_GetAttr(object, name.as_ptr())) }
-    }
-
-    /// `tensor.data_ptr()`.
-    pub fn data_ptr(&self, tensor: *mut ffi::PyObject) -> Option<usize> {
-        let value = self.call0(tensor, &self.names.data_ptr)?;
-        // SAFETY: the GIL is held; `value` is a live object. A non-int or a
-        // negative value sets an error, reported as `(size_t)-1`.
-        let address = unsafe { ffi::PyLong_AsSize_t(value.as_ptr()) };
-        if address == usize::MAX {
-            // SAFETY: the GIL is held.
-            unsafe { ffi::PyErr_Clear() };
-            return None;
-        }
-        Some(address)
-    }
-
-    /// `tensor.stride() == strides`.
-    pub fn has_strides(
-        &self,
-        tensor: *mut ffi::PyObject,
-        strides: *mut ffi::PyObject,
-    ) -> Option<bool> {
-        let current = self.call0(tensor, &self.names.stride)?;
-        // SAFETY: the GIL is held; both objects are live.
-        match unsafe { ffi::PyObject_RichCompareBool(current.as_ptr(), strides, ffi::Py_EQ) } {
-            -1 => {
-                // SAFETY: the GIL is held.
-                unsafe { ffi::PyErr_Clear() };
-                None
-            }
-            equal => Some(equal == 1),
-        }
     }
 
     /// `param.grad` (a new reference, possibly to None).
     pub fn grad(&self, param: *mut ffi::PyObject) -> Option<Ref> {
         self.getattr(param, &self.names.grad)
-    }
-
-    /// `tensor.dtype is dtype`.
-    pub fn has_dtype(&self, tensor: *mut ffi::PyObject, dtype: *mut ffi::PyObject) -> Option<bool> {
-        Some(self.getattr(tensor, &self.names.dtype)?.as_ptr() == dtype)
-    }
-
-    /// `tensor.is_cpu`.
-    pub fn is_cpu(&self, tensor: *mut ffi::PyObject) -> Option<bool> {
-        Some(self.getattr(tensor, &self.names.is_cpu)?.is_true())
-    }
-
-    /// `tensor.nbytes`.
-    pub fn nbytes(&self, tensor: *mut ffi::PyObject) -> Option<usize> {
-        let value = self.getattr(tensor, &self.names.nbytes)?;
-        // SAFETY: as in `data_ptr`.
-        let bytes = unsafe { ffi::PyLong_AsSize_t(value.as_ptr()) };
-        if bytes == usize::MAX {
-            // SAFETY: the GIL is held.
-            unsafe { ffi::PyErr_Clear() };
-            return None;
-        }
-        Some(bytes)
     }
 
     /// `dict.get(key)` as a borrowed pointer (null when missing).

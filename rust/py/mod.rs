@@ -5,6 +5,7 @@
 mod arrays;
 mod clip;
 mod hot;
+mod native;
 mod optimizers;
 mod plan;
 mod tensor;
@@ -70,6 +71,17 @@ fn set_num_threads(threads: i64) -> PyResult<()> {
     parallel::set_num_threads(threads).map_err(PyValueError::new_err)
 }
 
+/// Whether cached plans can be re-checked (torch's metadata layout was
+/// recognised); `disable` turns them off, for testing the slow path alone.
+#[pyfunction]
+#[pyo3(signature = (disable = None))]
+fn _native_recheck(py: Python<'_>, disable: Option<bool>) -> bool {
+    if let Some(disable) = disable {
+        native::set_disabled(disable);
+    }
+    native::layout(py).is_some()
+}
+
 /// Raises the RuntimeError a panic inside a kernel turns into (for tests).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -99,5 +111,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
+    m.add_function(wrap_pyfunction!(_native_recheck, m)?)?;
     Ok(())
 }

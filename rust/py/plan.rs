@@ -2,11 +2,16 @@
 //!
 //! A cached plan ([`GroupPlan::new`]) is built once per group from the
 //! validated parameters and their optimizer state, and re-checked cheaply every
-//! step by [`GroupPlan::gather`]: same parameter objects in the same order, same
-//! data pointers, same state tensors, and a well-formed gradient per parameter.
-//! When anything changed, `gather` reports it and the Python side takes the
-//! slow path (which re-validates everything and rebuilds the plan). Nothing is
-//! written before every tensor of every group has been checked.
+//! step by [`GroupPlan::gather`]: same parameter objects in the same order, the
+//! same state tensors, and for each of them a raw reading of torch's metadata
+//! ([`Fingerprint`]: impl, storage object, storage data and size, offset,
+//! shape, strides, dtype, device, negation and conjugation bits) equal to the
+//! one recorded and confirmed against torch's Python API when the plan was
+//! built; and a gradient per parameter whose own reading proves it is a plain
+//! CPU tensor of the parameter's dtype, shape and strides lying inside its
+//! storage. When anything changed, `gather` reports it and the Python side
+//! takes the slow path (which re-validates everything and rebuilds the plan).
+//! Nothing is written before every tensor of every group has been checked.
 //!
 //! A one-shot plan ([`GroupPlan::from_tensors`]) is what the slow path hands
 //! over: explicit tensors for one step, fully checked.
@@ -18,34 +23,63 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString};
 
 use super::hot::{Hot, Ref};
+use super::native::{self, Fingerprint};
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
-    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES, NO_GRAD,
+    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES,
 };
 use crate::simd::{self, SimdLevel};
+
+/// A tensor of a cached plan and its metadata when the plan was built.
+struct Tracked {
+    tensor: Py<PyAny>,
+    fingerprint: Fingerprint,
+}
+
+impl Tracked {
+    /// Records `tensor`, confirming the raw reading against torch's API.
+    fn new(tensor: &Bound<'_, PyAny>, dtype: DType, what: &str) -> PyResult<Tracked> {
+        let fingerprint = Fingerprint::verified(tensor, dtype)?.ok_or_else(|| {
+            not_plannable(format!("{what}'s metadata cannot be re-checked cheaply"))
+        })?;
+        Ok(Tracked {
+            tensor: tensor.clone().unbind(),
+            fingerprint,
+        })
+    }
+
+    /// Whether `object` is still this tensor, over the same memory, with the
+    /// same metadata.
+    fn unchanged(&self, layout: &native::Layout, object: *mut ffi::PyObject) -> bool {
+        // SAFETY: `object` is the tensor this plan holds a reference to (the
+        // identity is compared first), the GIL is held.
+        object == self.tensor.as_ptr()
+            && unsafe { layout.read(object) }.is_some_and(|now| now == self.fingerprint)
+    }
+
+    fn hints(&self, hints: &mut Vec<usize>) {
+        hints.push(self.tensor.as_ptr() as usize);
+        hints.push(self.fingerprint.tensor_impl);
+    }
+}
 
 /// A parameter's state tensors as cached by the plan.
 struct EntryState {
     dict: Py<PyDict>,
-    buffers: Vec<Py<PyAny>>,
+    buffers: Vec<Tracked>,
     addrs: [usize; MAX_STATES],
-    step: Option<(Py<PyAny>, StepCounter)>,
+    step: Option<(Tracked, StepCounter)>,
 }
 
 /// One parameter of a cached plan.
 struct Entry {
-    param: Py<PyAny>,
+    param: Tracked,
     addr: usize,
     len: usize,
     dtype: DType,
-    dtype_obj: Py<PyAny>,
-    /// The parameter's strides: it must keep them (`p.data = p.data.t()` keeps
-    /// the pointer but not the layout), and its gradient must have them too
-    /// (which, for one run of memory, also pins the gradient's shape).
-    strides: Py<PyTuple>,
     /// `None` until the parameter has been stepped once (state is lazy).
     state: Option<EntryState>,
     /// Where the re-check will read (see `Entry::prefetch`).
@@ -59,9 +93,8 @@ impl Entry {
     /// Hints the memory this entry's re-check reads into cache. Between two
     /// steps, forward and backward push all of it out, and the re-check is a
     /// chain of dependent misses (Python object, torch's TensorImpl, its
-    /// StorageImpl, for the parameter and each state tensor): measured on
-    /// 1000 parameters right after a torch step, ~2.7 µs per parameter cold
-    /// against ~1 µs warm. Fetched a few entries ahead, the misses overlap.
+    /// StorageImpl, for the parameter and each state tensor). Fetched a few
+    /// entries ahead, the misses overlap.
     fn prefetch(&self) {
         for &address in &self.hints {
             // The line before the address too: a Python object's GC header
@@ -72,23 +105,6 @@ impl Entry {
             }
         }
     }
-}
-
-/// The addresses a re-check of `tensor` reads: its Python object, and the
-/// TensorImpl and StorageImpl behind it (`_cdata`). Hints only: whatever
-/// cannot be asked is left out, and a stale address (after `t.data = ...`)
-/// costs one useless prefetch.
-fn tensor_hints(tensor: &Bound<'_, PyAny>, hints: &mut Vec<usize>) {
-    hints.push(tensor.as_ptr() as usize);
-    let cdata =
-        |object: &Bound<'_, PyAny>| -> PyResult<usize> { object.getattr("_cdata")?.extract() };
-    hints.extend(cdata(tensor).ok());
-    hints.extend(
-        tensor
-            .call_method0("untyped_storage")
-            .and_then(|storage| cdata(&storage))
-            .ok(),
-    );
 }
 
 /// The optimizer's `state` mapping as it was when plans were built: a cheap
@@ -360,7 +376,7 @@ impl GroupPlan {
             let info = TensorInfo::inspect(&tensor, &what)?;
             check_companion(param, &info, &what)?;
             *slot = info.addr;
-            buffers.push(tensor.unbind());
+            buffers.push(Tracked::new(&tensor, info.dtype, &what)?);
         }
         let step = match &self.step_key {
             None => None,
@@ -370,7 +386,7 @@ impl GroupPlan {
                     .get_item(key.bind(py))?
                     .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
                 let counter = step_counter(&TensorInfo::inspect(&tensor, &what)?, &what)?;
-                Some((tensor.unbind(), counter))
+                Some((Tracked::new(&tensor, counter.dtype, &what)?, counter))
             }
         };
         Ok(Some(EntryState {
@@ -389,11 +405,8 @@ impl GroupPlan {
         entry: &Entry,
         param: *mut ffi::PyObject,
     ) -> Option<Gathered> {
-        let strides = entry.strides.as_ptr();
-        if param != entry.param.as_ptr()
-            || hot.data_ptr(param)? != entry.addr
-            || !hot.has_strides(param, strides)?
-        {
+        let layout = hot.layout;
+        if !entry.param.unchanged(layout, param) {
             return Some(Gathered::Changed);
         }
         let grad = hot.grad(param)?;
@@ -403,51 +416,61 @@ impl GroupPlan {
         let Some(state) = &entry.state else {
             return Some(Gathered::Changed); // first gradient: the state must be created
         };
-        // The same state tensors, still over the same memory (`t.data = ...`
-        // keeps the object but not the buffer).
+        // The same state tensors, unchanged (`t.data = ...`, `t.set_(...)`,
+        // a resized storage all keep the object but not the memory).
         let dict = state.dict.as_ptr();
-        for ((key, buffer), &addr) in self.state_keys.iter().zip(&state.buffers).zip(&state.addrs) {
-            let current = hot.dict_get(dict, key.as_ptr());
-            if current != buffer.as_ptr() || hot.data_ptr(current)? != addr {
+        for (key, buffer) in self.state_keys.iter().zip(&state.buffers) {
+            if !buffer.unchanged(layout, hot.dict_get(dict, key.as_ptr())) {
                 return Some(Gathered::Changed);
             }
         }
-        if let (Some(key), Some((step, counter))) = (&self.step_key, &state.step) {
-            let current = hot.dict_get(dict, key.as_ptr());
-            if current != step.as_ptr() || hot.data_ptr(current)? != counter.addr {
+        if let (Some(key), Some((step, _))) = (&self.step_key, &state.step) {
+            if !step.unchanged(layout, hot.dict_get(dict, key.as_ptr())) {
                 return Some(Gathered::Changed);
             }
         }
-        // torch's `.grad` setter guarantees dtype, device and shape, but
-        // `grad.data = ...` bypasses it, and a wrong guess here would read out
-        // of bounds: check everything the engine relies on. The strides pin
-        // the layout and (with the byte count) the shape.
-        let bytes = entry.len * entry.dtype.size();
-        let g = grad.as_ptr();
-        if !hot.has_dtype(g, entry.dtype_obj.as_ptr())?
-            || !hot.is_cpu(g)?
-            || !hot.has_strides(g, strides)?
-            || hot.nbytes(g)? != bytes
-        {
-            return Some(Gathered::Changed);
-        }
-        let grad_addr = hot.data_ptr(g)?;
-        if grad_addr == 0
-            || !grad_addr.is_multiple_of(entry.dtype.size())
-            || self.written.overlaps(grad_addr, grad_addr + bytes)
-        {
-            return Some(Gathered::Changed);
-        }
+        let grad_addr = self.grad_address(hot, entry, &grad)?;
         let buffers = TensorBuffers {
             dtype: entry.dtype,
             len: entry.len,
             param: entry.addr,
-            grad: grad_addr,
+            grad: Some(grad_addr),
             states: state.addrs,
             num_states: self.state_keys.len(),
             step: state.step.as_ref().map(|(_, counter)| *counter),
         };
         Some(Gathered::Ready(buffers, grad))
+    }
+
+    /// Where `grad` can be read as `entry.len` elements laid out like the
+    /// parameter, or `None` (a change: the slow path looks). torch's `.grad`
+    /// setter guarantees dtype, device and shape, but `grad.data = ...`,
+    /// `set_`, a resized storage or a negated view bypass it, and a wrong
+    /// guess here would read out of bounds: the reading must prove a plain
+    /// tensor (exact type, no negation or conjugation bit) of the
+    /// parameter's dtype, device, shape and strides whose elements lie
+    /// inside its storage, and share no memory with what the step writes.
+    fn grad_address(&self, hot: &Hot<'_>, entry: &Entry, grad: &Ref) -> Option<usize> {
+        let g = grad.as_ptr();
+        if native::type_of(g)? != hot.tensor_type {
+            return None;
+        }
+        // SAFETY: `g` is a live object of exactly torch.Tensor's type; the
+        // GIL is held.
+        let reading = unsafe { hot.layout.read(g) }?;
+        let expected = &entry.param.fingerprint;
+        if !reading.same_geometry(expected) || !reading.same_kind(expected) {
+            return None;
+        }
+        let (address, len) = reading.owned_run(entry.dtype)?;
+        let bytes = len * entry.dtype.size();
+        if len != entry.len
+            || !address.is_multiple_of(entry.dtype.size())
+            || self.written.overlaps(address, address + bytes)
+        {
+            return None;
+        }
+        Some(address)
     }
 }
 
@@ -488,7 +511,7 @@ impl GroupPlan {
                     "{what} has gaps or overlaps in memory"
                 )));
             }
-            let strides = info.strides()?.unbind();
+            let tracked = Tracked::new(&param, info.dtype, &what)?;
             let state = plan.inspect_state(py, &info, dict, index)?;
             let (addrs, num_states) = state
                 .as_ref()
@@ -497,13 +520,13 @@ impl GroupPlan {
                 dtype: info.dtype,
                 len: info.len,
                 param: info.addr,
-                grad: info.addr, // not part of the written set
+                grad: None,
                 states: addrs,
                 num_states,
                 step: None,
             });
             let mut hints = Vec::new();
-            tensor_hints(&param, &mut hints);
+            tracked.hints(&mut hints);
             if let Some(state) = &state {
                 hints.push(state.dict.as_ptr() as usize);
                 for buffer in state
@@ -511,16 +534,14 @@ impl GroupPlan {
                     .iter()
                     .chain(state.step.as_ref().map(|(t, _)| t))
                 {
-                    tensor_hints(buffer.bind(py), &mut hints);
+                    buffer.hints(&mut hints);
                 }
             }
             plan.entries.push(Entry {
-                param: param.clone().unbind(),
+                param: tracked,
                 addr: info.addr,
                 len: info.len,
                 dtype: info.dtype,
-                dtype_obj: info.dtype_obj.unbind(),
-                strides,
                 state,
                 hints,
             });
@@ -585,7 +606,7 @@ impl GroupPlan {
                 dtype: info.dtype,
                 len: info.len,
                 param: info.addr,
-                grad: grad.addr,
+                grad: Some(grad.addr),
                 states: addrs,
                 num_states: states.len(),
                 step,
@@ -626,7 +647,7 @@ impl GroupPlan {
                 dtype: info.dtype,
                 len: info.len,
                 param: info.addr,
-                grad: NO_GRAD,
+                grad: None,
                 states: [0; MAX_STATES],
                 num_states: 0,
                 step: None,
@@ -651,7 +672,9 @@ impl GroupPlan {
         if params.len() != self.entries.len() {
             return Ok(false);
         }
-        let hot = Hot::new(py);
+        let Some(hot) = Hot::new(py)? else {
+            return Ok(false);
+        };
         let mut ready = Vec::with_capacity(self.entries.len());
         let mut keepalive = Vec::with_capacity(2 * self.entries.len());
         let mut written = Vec::with_capacity(self.entries.len());
@@ -665,7 +688,7 @@ impl GroupPlan {
                 Some(Gathered::Ready(buffers, grad)) => {
                     ready.push(buffers);
                     keepalive.push(grad.into_py(py));
-                    written.push(entry.param.clone_ref(py));
+                    written.push(entry.param.tensor.clone_ref(py));
                 }
             }
         }

@@ -1,6 +1,9 @@
 //! Reading what the engine needs from a torch tensor: address, length, dtype,
-//! layout. Everything goes through torch's public Python API (`data_ptr()`,
-//! `numel()`, `dtype`, `is_cpu`, `stride()`), as safetensors' torch glue does.
+//! layout, and proof that the memory it describes is the tensor's own.
+//! Everything goes through torch's public Python API (`data_ptr()`,
+//! `numel()`, `dtype`, `is_cpu`, `stride()`, `untyped_storage()`), as
+//! safetensors' torch glue does. This is the slow path's check; cached plans
+//! re-check with raw readings (`native`).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
@@ -60,7 +63,6 @@ pub struct TensorInfo<'py> {
     pub addr: usize,
     pub len: usize,
     pub dtype: DType,
-    pub dtype_obj: Bound<'py, PyAny>,
     pub layout: Layout,
 }
 
@@ -86,15 +88,23 @@ impl<'py> TensorInfo<'py> {
                 "{what} has dtype {dtype_obj}, not float32 or float64"
             ))
         })?;
+        for bit in [intern!(py, "is_neg"), intern!(py, "is_conj")] {
+            if tensor.call_method0(bit)?.is_truthy()? {
+                // Lazily negated or conjugated: the memory holds other values.
+                return Err(PyValueError::new_err(format!(
+                    "{what} is a negated or conjugated view ({bit}())"
+                )));
+            }
+        }
         let len: usize = tensor.call_method0(intern!(py, "numel"))?.extract()?;
         let addr: usize = tensor.call_method0(intern!(py, "data_ptr"))?.extract()?;
         let layout = layout_of(tensor)?;
+        check_inside_storage(tensor, addr, dtype, what)?;
         Ok(TensorInfo {
             tensor: tensor.clone(),
             addr,
             len,
             dtype,
-            dtype_obj,
             layout,
         })
     }
@@ -105,6 +115,47 @@ impl<'py> TensorInfo<'py> {
             .call_method0(intern!(self.tensor.py(), "stride"))?
             .cast_into::<PyTuple>()?)
     }
+}
+
+/// Refuses a tensor whose elements do not all lie inside its storage (a
+/// storage resized under the tensor, say: torch itself then reads and writes
+/// out of bounds).
+fn check_inside_storage(
+    tensor: &Bound<'_, PyAny>,
+    addr: usize,
+    dtype: DType,
+    what: &str,
+) -> PyResult<()> {
+    let py = tensor.py();
+    let shape: Vec<u64> = tensor.getattr(intern!(py, "shape"))?.extract()?;
+    if shape.contains(&0) {
+        return Ok(()); // no elements, no memory
+    }
+    let strides: Vec<i64> = tensor.call_method0(intern!(py, "stride"))?.extract()?;
+    let storage = tensor.call_method0(intern!(py, "untyped_storage"))?;
+    let start: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let bytes: u128 = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    // The furthest element, in elements from the first one.
+    let mut reach: u128 = 0;
+    for (&size, &stride) in shape.iter().zip(&strides) {
+        let Ok(stride) = u128::try_from(stride) else {
+            return Err(PyValueError::new_err(format!(
+                "{what} has a negative stride"
+            )));
+        };
+        reach += u128::from(size - 1) * stride;
+    }
+    let size = dtype.size() as u128;
+    let inside = start != 0
+        && addr >= start
+        && ((addr - start) as u128).is_multiple_of(size)
+        && (addr - start) as u128 + (reach + 1) * size <= bytes;
+    if !inside {
+        return Err(PyValueError::new_err(format!(
+            "{what} reaches outside its storage ({bytes} bytes): was the storage resized?"
+        )));
+    }
+    Ok(())
 }
 
 fn layout_of(tensor: &Bound<'_, PyAny>) -> PyResult<Layout> {
