@@ -569,6 +569,22 @@ def test_noise_scale_with_an_optimizer_restores_everything(opt_name):
     assert_bitwise(capture(model, opt, None), before)
 
 
+def test_noise_scale_says_when_noise_swamps_the_signal():
+    # A negative |G|^2 estimate (noise far above the big batch): no finite critical batch.
+    result = tune.NoiseScaleResult(
+        b_simple=-50.0,
+        grad_sq=-0.1,
+        trace_cov=5.0,
+        small_batch=8,
+        big_batch=64,
+        small_sq=[1.0],
+        big_sq=[1.0],
+        b_simple_series=[-50.0],
+    )
+    assert result.critical_batch_size == math.inf
+    assert "noise dominates" in str(result)
+
+
 def test_noise_scale_skips_batches_of_another_size():
     model = make_model()
     batches = make_batches(n=4, size=32) + make_batches(n=1, size=7)  # a last partial batch

@@ -56,8 +56,9 @@ class NoiseScaleResult:
     @property
     def critical_batch_size(self) -> float:
         """B_crit ≈ B_simple: the batch size past which a bigger batch buys clearly less
-        than proportionally fewer steps."""
-        return self.b_simple
+        than proportionally fewer steps. ``inf`` when the |G|^2 estimate came out ≤ 0: the
+        noise swamped the signal, and B_simple is far above the big batch measured."""
+        return self.b_simple if self.grad_sq > 0 else math.inf
 
     def steps_factor(self, batch_size: float) -> float:
         """Steps needed at ``batch_size`` relative to the minimum (infinite batch):
@@ -76,7 +77,12 @@ class NoiseScaleResult:
             f"  |G|^2 ~ {self.grad_sq:.4g}   tr(Sigma) ~ {self.trace_cov:.4g}",
             f"  B_simple ~ {self.b_simple:.4g} examples (critical batch size)",
         ]
-        if self.b_simple > 0 and math.isfinite(self.b_simple):
+        if self.grad_sq <= 0:
+            lines.append(
+                "  the |G|^2 estimate is <= 0: noise dominates at this big batch; measure "
+                "more steps or with more batches_per_step"
+            )
+        elif math.isfinite(self.b_simple):
             for batch in (self.b_simple / 4, self.b_simple, 4 * self.b_simple):
                 lines.append(
                     f"  batch {batch:>10.4g}: x{self.steps_factor(batch):.2f} the minimum "
