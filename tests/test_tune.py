@@ -59,7 +59,10 @@ def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "ferroptim.AdamW": lambda m: ferroptim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2),
+    # In-step clipping and skipping: last_grad_norm and skipped_steps must come back too.
+    "ferroptim.AdamW": lambda m: ferroptim.AdamW(
+        m.parameters(), lr=1e-3, weight_decay=1e-2, max_grad_norm=1.0, skip_nonfinite=True
+    ),
     # Two param groups with different lrs: their ratio must survive the sweep.
     "torch.SGD-momentum": lambda m: torch.optim.SGD(
         [
@@ -97,6 +100,7 @@ def capture(model: nn.Module, opt, scaler) -> dict[str, Any]:
             "grads": [None if p.grad is None else p.grad.detach() for p in model.parameters()],
             "training": [m.training for m in model.modules()],
             "optimizer": opt.state_dict(),
+            "last_grad_norm": getattr(opt, "last_grad_norm", None),
             "scaler": None if scaler is None else scaler.state_dict(),
             "scaler_lazy": None if scaler is None else scaler._scale is None,
             "python_rng": random.getstate(),
@@ -200,6 +204,35 @@ def test_lr_find_restores_everything_bitwise(opt_name, scenario, use_scaler):
     # The optimizer still steps the model's own parameter objects.
     opt_params = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(opt_params) == sorted(params_before)
+
+
+def test_a_nan_loss_stops_the_search_and_skipped_steps_come_back():
+    model = make_model()
+    opt = OPTIMIZERS["ferroptim.AdamW"](model)  # skip_nonfinite=True
+    batches = make_batches()
+    warm_up(model, opt, batches)
+    before = capture(model, opt, None)
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = cross_entropy(model, batch)
+        return loss * math.nan if len(calls) == 5 else loss
+
+    step, skipped = opt.step, []
+
+    def recording_step():
+        step()
+        skipped.append(opt.skipped_steps)
+
+    opt.step = recording_step  # an instance attribute in front of the method
+    result = tune.lr_find(model, opt, batches, loss_fn, progress=False)
+    del opt.step
+    assert skipped == [0, 0, 0, 0, 1]  # the step on nan gradients was skipped...
+    assert opt.skipped_steps == 0  # ...and the count restored
+    assert result.diverged and len(result.lrs) == 5 and math.isnan(result.raw_losses[-1])
+    assert result.suggestion is None  # too few finite points
+    assert_bitwise(capture(model, opt, None), before)
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
@@ -416,8 +449,8 @@ def test_suggestion_needs_enough_points():
 
 @pytest.mark.parametrize("opt_name", ["torch.SGD", "ferroptim.AdamW"])
 def test_same_suggestion_as_torch_lr_finder(opt_name, monkeypatch):
-    torch_lr_finder = pytest.importorskip("torch_lr_finder")
     import matplotlib
+    import torch_lr_finder  # in the test extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -466,7 +499,8 @@ def sample_result() -> tune.LRFindResult:
 
 
 def test_plot_writes_a_png_and_returns_axes(tmp_path):
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib  # in the test extra (through the plot extra)
+
     matplotlib.use("Agg")
     result = sample_result()
     path = tmp_path / "lr.png"
@@ -596,6 +630,8 @@ def test_noise_scale_skips_batches_of_another_size():
 
     tune.noise_scale(model, batches, loss_fn, batches_per_step=4, num_steps=3, progress=False)
     assert set(seen) == {32}
+    with pytest.raises(ValueError, match="not batch_size=16"):
+        tune.noise_scale(model, batches, cross_entropy, batch_size=16, progress=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,7 +691,8 @@ def test_progress_without_tqdm_is_one_line_on_stderr(capsys, monkeypatch):
 
 
 def test_progress_with_tqdm_writes_a_bar(capsys):
-    pytest.importorskip("tqdm")
+    import tqdm  # noqa: F401  (in the test extra)
+
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tune.lr_find(model, opt, make_batches(), cross_entropy, num_iters=10, end_lr=1e-2)

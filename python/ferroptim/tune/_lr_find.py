@@ -134,9 +134,9 @@ def lr_find(
 ) -> LRFindResult:
     """Run the learning-rate range test and restore everything it touched.
 
-    Each step calls ``loss = loss_fn(model, batch)`` on the next batch of ``data`` (any
-    iterable: a DataLoader, a list, a generator; re-iterated, or replayed for a one-shot
-    iterator, when it runs out before ``num_iters``), then ``optimizer.zero_grad()``,
+    Each step runs ``optimizer.zero_grad()``, ``loss = loss_fn(model, batch)`` on the next
+    batch of ``data`` (any iterable: a DataLoader, a list, a generator; re-iterated, or
+    replayed for a one-shot iterator, when it runs out before ``num_iters``),
     ``loss.backward()`` and ``optimizer.step()`` — or, with a ``scaler``
     (``torch.amp.GradScaler``), ``scaler.scale(loss).backward()``, ``scaler.step`` and
     ``scaler.update``. Put autocast, moving the batch to the model's device and the

@@ -192,18 +192,24 @@ class _Meter:
         self.batches = batches
         self.loss_fn = loss_fn
         self.batch_size = batch_size or 0
-        self.infer = batch_size is None
         self.sums = [torch.zeros_like(p) for p in self.params]
 
     def next_batch(self) -> Any:
-        for batch in self.batches:
+        """The next batch of the small batch size (inferred from the first batch unless
+        given); batches of another size are skipped, a DataLoader's last one say."""
+        for skipped, batch in enumerate(self.batches):
             size = _leading_size(batch)
             if self.batch_size == 0:
                 if size is None:
                     raise ValueError("noise_scale could not infer the batch size: pass batch_size")
                 self.batch_size = size
-            if not self.infer or size == self.batch_size:
+            if size is None or size == self.batch_size:
                 return batch
+            if skipped >= 100:
+                raise ValueError(
+                    f"noise_scale: 100 batches in a row held {size} examples, not "
+                    f"batch_size={self.batch_size}"
+                )
         raise AssertionError("unreachable: _batches never ends")
 
     def step(self, count: int, optimizer: torch.optim.Optimizer | None) -> tuple[float, float]:
