@@ -206,6 +206,28 @@ def test_lr_find_restores_everything_bitwise(opt_name, scenario, use_scaler):
     assert sorted(opt_params) == sorted(params_before)
 
 
+def test_params_outside_the_model_are_restored_too():
+    """An optimizer may step tensors the model does not own (a learned temperature)."""
+    model = make_model()
+    temperature = nn.Parameter(torch.tensor(1.5))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.1, momentum=0.9)
+
+    def loss_fn(model, batch):
+        return F.cross_entropy(model(batch[0]) / temperature, batch[1])
+
+    before = temperature.detach().clone()
+    seen = []
+
+    def spy(model, batch):
+        seen.append(temperature.item())
+        return loss_fn(model, batch)
+
+    tune.lr_find(model, opt, make_batches(), spy, num_iters=20, end_lr=1.0, progress=False)
+    assert len(set(seen)) > 1  # the search moved it
+    assert temperature.grad is None
+    assert_bitwise(temperature.detach(), before)
+
+
 def test_a_nan_loss_stops_the_search_and_skipped_steps_come_back():
     model = make_model()
     opt = OPTIMIZERS["ferroptim.AdamW"](model)  # skip_nonfinite=True

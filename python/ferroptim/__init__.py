@@ -59,6 +59,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ferroptim' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted([*globals(), "tune"])  # `tune` is imported on first use
+
+
 __all__ = [
     "SGD",
     "Adagrad",

@@ -46,7 +46,9 @@ class ModuleSnapshot:
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
 
     @classmethod
-    def take(cls, model: nn.Module) -> ModuleSnapshot:
+    def take(cls, model: nn.Module, extra: list[Tensor] | None = None) -> ModuleSnapshot:
+        """``extra``: tensors stepped alongside the model (an optimizer's params that are
+        not the model's, such as a learned temperature kept outside it)."""
         snap = cls()
         for module in model.modules():
             snap.training.append((module, module.training))
@@ -56,7 +58,12 @@ class ModuleSnapshot:
                     if tensor is not None and id(tensor) not in snap.values:
                         # A tensor shared by several modules (tied weights) is saved once.
                         snap.values[id(tensor)] = (tensor, tensor.detach().clone())
-        for param in model.parameters():
+        params = list(model.parameters())
+        for tensor in extra or []:
+            if id(tensor) not in snap.values:
+                snap.values[id(tensor)] = (tensor, tensor.detach().clone())
+                params.append(tensor)
+        for param in params:
             grad = param.grad
             snap.grads.append((param, grad, None if grad is None else grad.detach().clone()))
         return snap
@@ -190,7 +197,7 @@ class Snapshot:
         scaler: Any = None,
     ) -> Snapshot:
         return cls(
-            model=ModuleSnapshot.take(model),
+            model=ModuleSnapshot.take(model, _optimizer_params(optimizer)),
             rng=RngSnapshot.take(),
             optimizer=None if optimizer is None else OptimizerSnapshot.take(optimizer),
             scaler=None if scaler is None else ScalerSnapshot.take(scaler),
@@ -205,3 +212,9 @@ class Snapshot:
         if self.scaler is not None:
             self.scaler.restore()
         self.rng.restore()
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
+    if optimizer is None:
+        return []
+    return [p for group in optimizer.param_groups for p in group["params"]]
