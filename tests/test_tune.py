@@ -25,11 +25,11 @@ import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import ferroptim
 import ferroptim.tune as tune
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, ferroptim
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -254,6 +254,23 @@ def test_a_nan_loss_stops_the_search_and_skipped_steps_come_back():
     assert opt.skipped_steps == 0  # ...and the count restored
     assert result.diverged and len(result.lrs) == 5 and math.isnan(result.raw_losses[-1])
     assert result.suggestion is None  # too few finite points
+    assert_bitwise(capture(model, opt, None), before)
+
+
+@pytest.mark.parametrize("impl", ["ferroptim", "torch"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_is_restored_after_divergence(family, impl):
+    """Every optimizer family of the test registry, ferroptim's and torch's class, with
+    every state buffer in use (the family's ``common`` kwargs)."""
+    fam = FAMILIES[family]
+    make = fam.make_ferro if impl == "ferroptim" else fam.make_torch
+    model = make_model()
+    opt = make(model.parameters(), **{"lr": 1e-3, **fam.common})
+    batches = make_batches()
+    warm_up(model, opt, batches)
+    before = capture(model, opt, None)
+    result = tune.lr_find(model, opt, batches, cross_entropy, end_lr=1e4, progress=False)
+    assert result.diverged
     assert_bitwise(capture(model, opt, None), before)
 
 
