@@ -458,6 +458,17 @@ def test_suggestion_on_a_quadratic_matches_the_analytic_curve(h):
     assert result.suggestion * h == pytest.approx(0.16297508346206444, rel=1e-9)
 
 
+def test_a_negative_loss_is_not_mistaken_for_divergence():
+    model = Quadratic(4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"start_lr": 1e-5, "end_lr": 100.0, "num_iters": 100, "progress": False}
+    shifted = tune.lr_find(model, opt, [None], lambda m, _: m() - 10.0, **kwargs)
+    plain = tune.lr_find(model, opt, [None], lambda m, _: m(), **kwargs)
+    # The loss runs from -2 down to -10 and only blows up past lr = 2/h.
+    assert shifted.diverged and shifted.lrs[-1] > 0.5
+    assert shifted.suggestion == plain.suggestion
+
+
 def test_valley_is_fastais_rule():
     # Flat, then falling over indices 2..12, then rising: the longest decreasing
     # subsequence is 5.0 and the 11 falling points, 12 long, ending at index 12. fastai

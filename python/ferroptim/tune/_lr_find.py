@@ -153,7 +153,8 @@ def lr_find(
         mode: ``"exp"`` (geometric steps, the usual choice) or ``"linear"``.
         smoothing: weight of the newest loss in the moving average (torch-lr-finder's
             ``smooth_f``; 0 disables smoothing).
-        diverge_threshold: stop once the smoothed loss exceeds this multiple of the best.
+        diverge_threshold: stop once the smoothed loss exceeds this multiple of the best
+            (a negative best: once it exceeds it by ``diverge_threshold - 1`` times its size).
         scaler: a GradScaler to step through (restored afterwards like everything else).
         progress: a progress bar (tqdm if installed, else a line on stderr); False for none.
 
@@ -245,12 +246,19 @@ def _sweep(
             smoothed.append(average)
             best = min(best, average)
             progress.update(lr=lr, loss=average)
-            if not math.isfinite(average) or average > sweep.diverge_threshold * best:
+            if not math.isfinite(average) or average > _limit(sweep.diverge_threshold, best):
                 note = "stopped early: the loss diverged"
                 return raw, smoothed, True
         return raw, smoothed, False
     finally:
         progress.close(note)
+
+
+def _limit(threshold: float, best: float) -> float:
+    """The loss past which the search stops: ``threshold`` times the best (torch-lr-finder's
+    rule); for a negative best (a log-likelihood, say), as far above it as
+    ``threshold * |best|`` is above ``|best|``."""
+    return threshold * best if best >= 0 else best + (threshold - 1) * -best
 
 
 def _ema(smoothing: float, loss: float, previous: float) -> float:
