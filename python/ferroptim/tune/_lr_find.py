@@ -168,7 +168,8 @@ def lr_find(
     ones) are bitwise what they were, also when ``loss_fn`` raises or the search is
     interrupted. Not restored: the position of a one-shot iterator ``data``, and private
     generators (``torch.Generator`` objects, ``numpy.random.Generator``) the data or
-    ``loss_fn`` own.
+    ``loss_fn`` own. The snapshot is a copy of the parameters, buffers, gradients and
+    optimizer state on their own device, so the search needs that much free memory.
     """
     _check_args(start_lr, end_lr, num_iters, mode, smoothing, diverge_threshold)
     ratios = _group_ratios(optimizer)
