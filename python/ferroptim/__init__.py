@@ -7,6 +7,7 @@ thread pool), tensors on other devices through torch's own kernels.
 Without PyTorch installed, ``ferroptim.functional`` still steps NumPy arrays.
 """
 
+import importlib
 from typing import Any
 
 from ferroptim import _core, functional
@@ -47,12 +48,19 @@ else:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "tune":
+        # Imported on first use, so `import ferroptim` costs nothing for users who never tune.
+        return importlib.import_module("ferroptim.tune")
     if name in _NEEDS_TORCH and _torch_missing:
         raise ImportError(
             f"ferroptim.{name} needs PyTorch: pip install 'ferroptim[torch]' "
             "(ferroptim.functional works without it)"
         )
     raise AttributeError(f"module 'ferroptim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "tune"])  # `tune` is imported on first use
 
 
 __all__ = [
