@@ -31,8 +31,12 @@ macro_rules! const_bool {
     };
 }
 
+/// `gil_used = true`: the per-step re-check reads torch's tensor objects
+/// directly and relies on the GIL to keep them still while it does
+/// (`py/native.rs`); PyO3 would otherwise declare the module safe for
+/// free-threaded Python without that having been audited.
 #[cfg(feature = "python")]
-#[pyo3::pymodule]
+#[pyo3::pymodule(gil_used = true)]
 fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
     py::register(m)
 }
