@@ -287,7 +287,7 @@ def torch_unscale(factory: Factory) -> Factory:
 def grad_scaler_step(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     """Factory timing ``torch.amp.GradScaler("cpu").step(opt)`` on ``cls(params, **kwargs)``:
     whatever GradScaler does for that optimizer. For one with ``_step_supports_amp_scaling``
-    (ferroptim's, torch's fused) that is an inf check of every gradient
+    (ferroptim's and torch's with ``fused=True``) that is an inf check of every gradient
     (``_check_inf_per_device``: the unscale kernel with scale 1) and the step with
     ``grad_scale``/``found_inf`` set. ``scaler.update()`` runs untimed in ``prepare``."""
 
@@ -431,8 +431,9 @@ _ADAMW_OPTIONS: dict[str, Factory] = {
     "skip_nonfinite": optimizer(ferroptim.AdamW, skip_nonfinite=True, **ADAMW_HYPER),
     "max_grad_norm": optimizer(ferroptim.AdamW, max_grad_norm=1e9, **ADAMW_HYPER),
     "both": optimizer(ferroptim.AdamW, skip_nonfinite=True, max_grad_norm=1e9, **ADAMW_HYPER),
-    "grad_scale": amp_scaling(ferroptim.AdamW, **ADAMW_HYPER),
-    "GradScaler.step": grad_scaler_step(ferroptim.AdamW, **ADAMW_HYPER),
+    # fused=True: GradScaler hands the step its scale (in-kernel unscaling), as for torch's.
+    "grad_scale": amp_scaling(ferroptim.AdamW, fused=True, **ADAMW_HYPER),
+    "GradScaler.step": grad_scaler_step(ferroptim.AdamW, fused=True, **ADAMW_HYPER),
     "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
     "torch unscale+fused": torch_unscale(optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER)),
     "torch GradScaler.step": grad_scaler_step(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
@@ -559,10 +560,11 @@ SUITES: dict[str, Suite] = {
             "from the same interleaved run. **skip_nonfinite** = `skip_nonfinite=True`; "
             "**max_grad_norm** = `max_grad_norm=1e9` (the norm pass; coefficient 1.0); "
             "**both** = both options (the finiteness check rides on the norm pass); "
-            "**grad_scale** = `opt.grad_scale = torch.tensor(65536.0)`, "
+            "**grad_scale** = `AdamW(fused=True)` with "
+            "`opt.grad_scale = torch.tensor(65536.0)`, "
             "`opt.found_inf = torch.tensor(0.0)` set before `step()`: what GradScaler "
-            "hands an optimizer with `_step_supports_amp_scaling`, gradients unscaled as "
-            "the kernel reads them; **GradScaler.step** = a real "
+            "hands an optimizer with `_step_supports_amp_scaling` (`fused=True`), gradients "
+            "unscaled as the kernel reads them; **GradScaler.step** = a real "
             "`torch.amp.GradScaler('cpu').step(opt)`, which also runs torch's inf check "
             "over every gradient first (`_check_inf_per_device`), `update()` untimed.",
             "**torch unscale** = `torch._amp_foreach_non_finite_check_and_unscale_(grads, "

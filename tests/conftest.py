@@ -25,10 +25,12 @@ import contextlib
 import importlib
 import itertools
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +50,24 @@ def _import_ferroptim() -> Any:
 
 
 ferroptim = _import_ferroptim()
+
+
+def _check_installed_package() -> None:
+    """Under CI (``CI=true``, as ``.ci/run`` sets it) the suite must test the installed
+    wheel, not the source tree: ferroptim imported from a site-packages directory, not
+    from ``python/`` (an editable install or a ``sys.path`` entry would put it there)."""
+    if os.environ.get("CI", "").lower() != "true":
+        return
+    location = Path(ferroptim.__file__).resolve()
+    source = Path(__file__).resolve().parent.parent / "python"
+    if source in location.parents or "site-packages" not in location.parts:
+        raise RuntimeError(
+            f"CI=true but ferroptim was imported from {location}, not from an installed "
+            f"wheel in site-packages (source tree: {source})"
+        )
+
+
+_check_installed_package()
 
 # ----------------------------------------------------------------------------------------
 # Tolerances (DESIGN.md, contract 2)

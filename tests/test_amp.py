@@ -1,17 +1,28 @@
 """Mixed-precision loss scaling and non-finite steps.
 
-* ``torch.amp.GradScaler``: ferroptim optimizers declare
-  ``_step_supports_amp_scaling``, so the scaler hands them ``grad_scale`` and
-  ``found_inf`` instead of unscaling the gradients itself; the kernel unscales as it
-  reads and a step with inf/nan gradients is skipped. Compared, step by step, with
-  torch's for-loop optimizer under an identical scaler (which unscales in place).
+* ``torch.amp.GradScaler``, two paths, both compared step by step with torch's for-loop
+  optimizer under an identical scaler (which unscales in place):
+
+  - default: like torch's default optimizers, ferroptim's do not declare
+    ``_step_supports_amp_scaling``, so GradScaler unscales the gradients itself and
+    skips non-finite steps without calling ``step`` (what Lightning and accelerate
+    expect of a non-fused optimizer);
+  - ``fused=True`` (or the attribute set by hand, for RMSprop which has no fused
+    option): as torch's fused optimizers, the scaler hands ``step`` its ``grad_scale``
+    and ``found_inf``; the kernel unscales as it reads and a step with inf/nan
+    gradients is skipped.
+
+  The attribute itself follows torch's through construction, ``load_state_dict``,
+  ``copy.deepcopy`` and pickling.
 * ``skip_nonfinite=True | "warn"``: ferroptim's own guard against inf/nan gradients.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import pickle
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -62,13 +73,29 @@ NAMES = tuple(FAMILIES)
 SECOND_GROUP = {"lr": 3e-3}
 
 
+#: How GradScaler meets a ferroptim optimizer: "default" (GradScaler unscales, as for
+#: torch's default optimizers) or "fused" (in-kernel unscaling: ``fused=True``).
+AMP_PATHS = ["default", "fused"]
+
+
 def make_opt(
-    family: str, params: Any, *, torch_ref: bool = False, **extra: Any
+    family: str, params: Any, *, torch_ref: bool = False, amp_path: str = "default", **extra: Any
 ) -> torch.optim.Optimizer:
     ferro_cls, torch_cls, kwargs = FAMILIES[family]
     if torch_ref:
         return torch_cls(params, **kwargs, foreach=False)
-    return ferro_cls(params, **kwargs, **extra)
+    if amp_path == "default":
+        return ferro_cls(params, **kwargs, **extra)
+    assert amp_path == "fused", amp_path
+    if "fused" in inspect.signature(torch_cls).parameters:
+        opt = ferro_cls(params, **kwargs, **extra, fused=True)
+    else:
+        # torch has no fused RMSprop; the attribute set by hand asks ferroptim's kernel
+        # to take GradScaler's scale all the same.
+        opt = ferro_cls(params, **kwargs, **extra)
+        opt._step_supports_amp_scaling = True
+    assert opt._step_supports_amp_scaling is True
+    return opt
 
 
 @pytest.fixture
@@ -248,13 +275,14 @@ def train_with_scaler(
     torch_ref: bool,
     ferro_clip: bool = False,
     dtype: torch.dtype = torch.float32,
+    amp_path: str = "default",
 ) -> dict[str, Any]:
-    """``AMP_STEPS`` GradScaler steps; returns per-step params/state/scale and the
-    snapshot checks of the skipped steps."""
+    """``AMP_STEPS`` GradScaler steps; returns per-step params/state/scale/gradients after
+    ``scaler.step`` and the snapshot checks of the skipped steps."""
     model = mlp().to(dtype)
     params = list(model.parameters())
     extra = {"max_grad_norm": MAX_NORM} if recipe == "max_grad_norm" and not torch_ref else {}
-    opt = make_opt(family, groups_of(model), torch_ref=torch_ref, **extra)
+    opt = make_opt(family, groups_of(model), torch_ref=torch_ref, amp_path=amp_path, **extra)
     scaler = torch.amp.GradScaler(
         "cpu", init_scale=init_scale, growth_factor=2.0, backoff_factor=0.5, growth_interval=4
     )
@@ -274,6 +302,7 @@ def train_with_scaler(
             clip = ferroptim.clip_grad_norm_ if ferro_clip else torch.nn.utils.clip_grad_norm_
             clip_norms.append(clip(params, MAX_NORM))
         before = take_snapshot(opt, params)
+        step_scale = scaler.get_scale()
         scaler.step(opt)
         if step in AMP_BAD:
             assert_bitwise_unchanged(before, opt, params, f"skipped step {step}")
@@ -282,7 +311,9 @@ def train_with_scaler(
         scaler.update()
         history.append(
             {
+                "step_scale": step_scale,
                 "scale": scaler.get_scale(),
+                "grads": [p.grad.clone() for p in params],
                 "params": [p.detach().clone() for p in params],
                 "opt": copy.deepcopy(opt.state_dict()),
             }
@@ -293,20 +324,39 @@ def train_with_scaler(
 RECIPES = ["plain", "unscale_clip", "unscale_ferroclip", "max_grad_norm"]
 
 
+@pytest.mark.parametrize("amp_path", AMP_PATHS)
 @pytest.mark.parametrize("init_scale", [2.0**12, 1000.0], ids=["pow2-scale", "scale-1000"])
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("family", NAMES)
-def test_grad_scaler_matches_torch(family, recipe, init_scale):
+def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
     ferro_clip = recipe == "unscale_ferroclip"
     recipe_ = "unscale_clip" if ferro_clip else recipe
     with kernel_calls() as calls:
         ferro = train_with_scaler(
-            family, recipe_, init_scale, torch_ref=False, ferro_clip=ferro_clip
+            family, recipe_, init_scale, torch_ref=False, ferro_clip=ferro_clip, amp_path=amp_path
         )
     ref = train_with_scaler(family, recipe_, init_scale, torch_ref=True)
     ref64 = train_with_scaler(family, recipe_, init_scale, torch_ref=True, dtype=torch.float64)
     # The Rust kernel ran on every non-skipped step, once per group.
     assert calls.total() == 2 * (AMP_STEPS - len(AMP_BAD))
+    # The gradients after scaler.step: unscaled in place by GradScaler on the default path
+    # and whenever the recipe called scaler.unscale_ (as torch's); still scaled where the
+    # kernel unscaled them as it read them.
+    # (max_grad_norm: torch's clip rewrote its gradients, ferroptim's kept them.)
+    unscaled = amp_path == "default" or recipe_ == "unscale_clip"
+    for step, (hf, ht) in enumerate(zip(ferro["history"], ref["history"], strict=True)):
+        if step in AMP_BAD or recipe_ == "max_grad_norm":
+            continue
+        expected = 1.0 if unscaled else hf["step_scale"]
+        for i, (gf, gt) in enumerate(zip(hf["grads"], ht["grads"], strict=True)):
+            # Same params, same data, same scaler and clip: the same gradients (ferroptim's
+            # clip_grad_norm_ is correctly rounded, torch's not: a few ulps apart).
+            if step == 0 and unscaled and not ferro_clip:
+                assert torch.equal(gf, gt), f"step 0: grad {i} differs from torch's"
+            ratio = float(gf.double().norm() / gt.double().norm())
+            assert math.isclose(ratio, expected, rel_tol=1e-3), (
+                f"step {step}: grad {i} is {ratio} x torch's, expected {expected}"
+            )
 
     scales_f = [h["scale"] for h in ferro["history"]]
     scales_t = [h["scale"] for h in ref["history"]]
@@ -362,7 +412,9 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale):
         ), "clipping never kicked in"
 
 
-def train_mixed_routes(family: str, *, torch_ref: bool) -> dict[str, Any]:
+def train_mixed_routes(
+    family: str, *, torch_ref: bool, amp_path: str = "default"
+) -> dict[str, Any]:
     """Two independent regressions in one optimizer: float32 params (Rust) and bfloat16
     params (routed to torch's implementation), one GradScaler. Independent, so each part
     can be held to its own dtype's tolerance."""
@@ -372,7 +424,10 @@ def train_mixed_routes(family: str, *, torch_ref: bool) -> dict[str, Any]:
     b16 = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     params = [w32, w16, b16]
     opt = make_opt(
-        family, [{"params": [w32, w16]}, {"params": [b16], **SECOND_GROUP}], torch_ref=torch_ref
+        family,
+        [{"params": [w32, w16]}, {"params": [b16], **SECOND_GROUP}],
+        torch_ref=torch_ref,
+        amp_path=amp_path,
     )
     scaler = torch.amp.GradScaler("cpu", init_scale=1000.0, growth_interval=3)
     data = torch.Generator().manual_seed(1)
@@ -398,11 +453,12 @@ def train_mixed_routes(family: str, *, torch_ref: bool) -> dict[str, Any]:
     return {"params": params, "opt": opt, "scales": scales}
 
 
+@pytest.mark.parametrize("amp_path", AMP_PATHS)
 @pytest.mark.parametrize("family", NAMES)
-def test_grad_scaler_with_params_routed_to_torch(family):
+def test_grad_scaler_with_params_routed_to_torch(family, amp_path):
     """One optimizer, float32 params stepped in Rust and bfloat16 params stepped by torch:
     both unscaled exactly once, both skipped on inf/nan."""
-    ferro = train_mixed_routes(family, torch_ref=False)
+    ferro = train_mixed_routes(family, torch_ref=False, amp_path=amp_path)
     ref = train_mixed_routes(family, torch_ref=True)
     assert ferro["scales"] == ref["scales"]
     for i, (a, b) in enumerate(zip(ferro["params"], ref["params"], strict=True)):
@@ -421,12 +477,13 @@ def test_grad_scaler_with_params_routed_to_torch(family):
                 )
 
 
+@pytest.mark.parametrize("amp_path", AMP_PATHS)
 @pytest.mark.parametrize("family", NAMES)
-def test_grad_scaler_with_forced_torch_backend(family, torch_backend):
-    """ferroptim's torch path takes GradScaler's grad_scale/found_inf too (fused kernels
-    where torch has them)."""
+def test_grad_scaler_with_forced_torch_backend(family, amp_path, torch_backend):
+    """ferroptim's torch path under GradScaler: unscaled gradients by default, GradScaler's
+    grad_scale/found_inf handed to torch's kernels with fused=True."""
     with kernel_calls() as calls:
-        ferro = train_with_scaler(family, "plain", 1000.0, torch_ref=False)
+        ferro = train_with_scaler(family, "plain", 1000.0, torch_ref=False, amp_path=amp_path)
     assert calls.total() == 0
     ref = train_with_scaler(family, "plain", 1000.0, torch_ref=True)
     ref64 = train_with_scaler(family, "plain", 1000.0, torch_ref=True, dtype=torch.float64)
@@ -440,6 +497,152 @@ def test_grad_scaler_with_forced_torch_backend(family, torch_backend):
         ref64["params"],
         "final",
     )
+
+
+# ----------------------------------------------------------------------------------------
+# _step_supports_amp_scaling: torch's, set only by fused=True
+# ----------------------------------------------------------------------------------------
+
+AMP_ATTR = "_step_supports_amp_scaling"
+
+
+def amp_flag(opt: torch.optim.Optimizer) -> bool:
+    return getattr(opt, AMP_ATTR, False)
+
+
+def has_fused(family: str) -> bool:
+    return "fused" in inspect.signature(FAMILIES[family][1]).parameters
+
+
+#: (family, constructor extras): every family by default, with fused=False, and fused=True.
+FLAG_CASES = [
+    (family, extra)
+    for family in NAMES
+    for extra in ({}, {"fused": False}, {"fused": True})
+    if not extra or has_fused(family)
+]
+
+
+def flag_case_id(case: tuple[str, dict[str, Any]]) -> str:
+    family, extra = case
+    return family + "".join(f"-{k}={v}" for k, v in extra.items())
+
+
+def step_once(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 0.1 * (i + 1))
+    opt.step()
+
+
+@pytest.mark.parametrize("case", FLAG_CASES, ids=flag_case_id)
+def test_amp_scaling_attribute_follows_torch(case):
+    """``_step_supports_amp_scaling`` is set exactly where torch sets it (``fused=True``),
+    and a value the user sets survives ``load_state_dict`` and is dropped by
+    ``copy.deepcopy``/pickling exactly as torch's is."""
+    family, extra = case
+    ferro_cls, torch_cls, kwargs = FAMILIES[family]
+
+    def pair() -> tuple[torch.optim.Optimizer, list, torch.optim.Optimizer, list]:
+        fp = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.zeros(5))]
+        tp = [torch.nn.Parameter(p.detach().clone()) for p in fp]
+        return ferro_cls(fp, **kwargs, **extra), fp, torch_cls(tp, **kwargs, **extra), tp
+
+    f, fp, t, tp = pair()
+    assert amp_flag(f) is amp_flag(t) is bool(extra.get("fused"))
+    step_once(f, fp)
+    step_once(t, tp)
+    assert amp_flag(f) is amp_flag(t)
+    # A state_dict round trip (either way) keeps the attribute, as torch's does.
+    f.load_state_dict(t.state_dict())
+    t.load_state_dict(f.state_dict())
+    assert amp_flag(f) is amp_flag(t) is bool(extra.get("fused"))
+    for user_value in (not extra.get("fused"), bool(extra.get("fused"))):
+        setattr(f, AMP_ATTR, user_value)
+        setattr(t, AMP_ATTR, user_value)
+        f.load_state_dict(copy.deepcopy(t.state_dict()))
+        t.load_state_dict(copy.deepcopy(f.state_dict()))
+        assert getattr(f, AMP_ATTR) is getattr(t, AMP_ATTR) is user_value
+        step_once(f, fp)
+        step_once(t, tp)
+        assert getattr(f, AMP_ATTR) is getattr(t, AMP_ATTR) is user_value
+        # A copy keeps only what __getstate__ returns: torch's drops the attribute.
+        for clone in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+            assert amp_flag(clone(f)) is amp_flag(clone(t))
+
+
+def record_step_inputs(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[dict]:
+    """What each ``step`` call sees: GradScaler's attributes and the gradients."""
+    seen: list[dict] = []
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        seen.append(
+            {
+                "grad_scale": getattr(optimizer, "grad_scale", None),
+                "found_inf": getattr(optimizer, "found_inf", None),
+                "grads": [p.grad.clone() for p in params],
+            }
+        )
+
+    opt.register_step_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("amp_path", AMP_PATHS)
+@pytest.mark.parametrize("family", NAMES)
+def test_grad_scaler_meets_ferroptim_as_torch(family, amp_path):
+    """Under GradScaler a default ferroptim optimizer is torch's default optimizer: the
+    scaler unscales the gradients in place before ``step`` (bitwise the gradients torch's
+    gets), never calls ``step`` on an overflow, and ``step`` then gives torch's numbers.
+    With ``fused=True`` it is torch's fused optimizer: ``step`` receives the scale and the
+    inf flag, runs on the overflow step too (and writes nothing), gradients stay scaled.
+    (RMSprop has no fused option: the attribute set by hand, torch's default as reference.)
+    """
+    _, torch_cls, kwargs = FAMILIES[family]
+    model_f, model_t = mlp(), mlp()
+    pf, pt = list(model_f.parameters()), list(model_t.parameters())
+    f = make_opt(family, pf, amp_path=amp_path)
+    fused_ref = amp_path == "fused" and has_fused(family)
+    # torch's default as a user writes it (no foreach=...), or torch's fused.
+    t = torch_cls(pt, **kwargs, fused=True) if fused_ref else torch_cls(pt, **kwargs)
+    assert amp_flag(f) is (amp_path == "fused")
+    assert amp_flag(t) is fused_ref
+    seen_f, seen_t = record_step_inputs(f, pf), record_step_inputs(t, pt)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in "ft"]
+    step_scales = []
+    gen = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
+        step_scales.append(scalers[0].get_scale())
+        for model, params, opt, scaler in zip(
+            (model_f, model_t), (pf, pt), (f, t), scalers, strict=True
+        ):
+            opt.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            if step == 3:
+                params[2].grad.view(-1)[1] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for i, (a, b) in enumerate(zip(pf, pt, strict=True)):
+            assert torch.allclose(a, b, **F32), f"step {step} param {i}"
+    # GradScaler skips the overflow itself (5 calls) unless the optimizer takes its scale.
+    assert len(seen_f) == (6 if amp_path == "fused" else 5)
+    assert len(seen_t) == (6 if fused_ref else 5)
+    for call, sf in enumerate(seen_f):
+        if amp_path == "default":
+            assert sf["grad_scale"] is None and sf["found_inf"] is None
+        else:
+            assert float(sf["grad_scale"]) == step_scales[call] > 1.0
+            assert float(sf["found_inf"]) == float(call == 3)
+    # The same params at the first step: the same gradients reach step(), bitwise
+    # (unscaled by GradScaler's own kernel, or still scaled on both fused paths).
+    for a, b in zip(seen_f[0]["grads"], seen_t[0]["grads"], strict=True):
+        if amp_path == "default" or fused_ref:
+            assert torch.equal(a, b)
+        else:
+            assert torch.equal(a, b * step_scales[0])  # a power of two: exact
+    largest = max(float(g.abs().max()) for g in seen_f[0]["grads"])
+    assert largest < 10.0 if amp_path == "default" else largest > 10.0
 
 
 # ----------------------------------------------------------------------------------------

@@ -316,9 +316,14 @@ class RustStepMixin:
         self.nonfinite_group = nonfinite_group
         self.skipped_steps = 0
         self.last_grad_norm = None
-        # GradScaler hands us `grad_scale` and `found_inf`: grads are unscaled as the
-        # kernel reads them and a step with inf/nan grads is skipped.
-        self._step_supports_amp_scaling = True
+        # `_step_supports_amp_scaling` is torch's to set: its __init__ (run above) sets it
+        # only with `fused=True`, and Lightning and accelerate read it as "fused" (no
+        # gradient clipping, no skip reporting). With it, GradScaler hands `step` its
+        # `grad_scale` and `found_inf` and the kernel unscales as it reads (the in-kernel
+        # path `fused=True` asks for, or a user who sets the attribute). Without it,
+        # GradScaler unscales the gradients itself and skips non-finite steps, as for
+        # torch's default optimizers. `__setstate__` (so `load_state_dict`) leaves it alone,
+        # as torch's does.
 
     # -- hooks for each optimizer family ----------------------------------------------
 
@@ -425,7 +430,6 @@ class RustStepMixin:
         self.skipped_steps = settings["skipped_steps"] or 0
         self.nonfinite_group = settings["nonfinite_group"]
         self.__dict__.setdefault("last_grad_norm", None)
-        self._step_supports_amp_scaling = True
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``; with ``skip_nonfinite`` it also records ``skipped_steps``
