@@ -52,6 +52,12 @@ _RUST_DTYPES = (torch.float32, torch.float64)
 _COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 _NO_STATE: dict[str, Any] = {}
 
+# Locate where torch keeps tensor metadata (the cached plans' re-check reads it
+# directly, see rust/py/native.rs) now, on plain CPU probe tensors, rather than at a
+# first step that may run under inference mode.
+with torch.inference_mode(False):
+    _core._native_recheck()
+
 
 def scalar(value: float | Tensor) -> float:
     """A hyperparameter as a Python float (tensors are read once per step)."""

@@ -348,31 +348,45 @@ impl<'py> Probe<'py> {
     }
 }
 
+/// `torch.zeros(shape, dtype=dtype, device="cpu")`: explicit, whatever the
+/// default dtype and device are.
+fn zeros<'py>(
+    torch: &Bound<'py, PyModule>,
+    shape: Vec<usize>,
+    dtype: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = torch.py();
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("dtype", dtype)?;
+    kwargs.set_item("device", "cpu")?;
+    torch.call_method("zeros", (PyTuple::new(py, shape)?,), Some(&kwargs))
+}
+
+/// A probe: `shape` with `strides` at `offset` in a storage of `n` zeros.
+fn strided<'py>(
+    torch: &Bound<'py, PyModule>,
+    n: usize,
+    dtype: &Bound<'py, PyAny>,
+    shape: &[i64],
+    strides: &[i64],
+    offset: i64,
+) -> PyResult<Probe<'py>> {
+    let py = torch.py();
+    Probe::new(zeros(torch, vec![n], dtype)?.call_method1(
+        "as_strided",
+        (PyTuple::new(py, shape)?, PyTuple::new(py, strides)?, offset),
+    )?)
+}
+
 /// Finds the layout on probe tensors (see the module docs). `Ok(None)`:
 /// something did not line up.
 fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
     let torch = py.import("torch")?;
     let float32 = torch.getattr("float32")?;
     let float64 = torch.getattr("float64")?;
-    let empty = |n: usize, dtype: &Bound<'_, PyAny>| -> PyResult<Bound<'_, PyAny>> {
-        let kwargs = pyo3::types::PyDict::new(py);
-        kwargs.set_item("dtype", dtype)?;
-        torch.call_method("zeros", (n,), Some(&kwargs))
-    };
-    let strided = |n: usize,
-                   dtype: &Bound<'_, PyAny>,
-                   shape: &[i64],
-                   strides: &[i64],
-                   offset: i64|
-     -> PyResult<Probe<'_>> {
-        Probe::new(empty(n, dtype)?.call_method1(
-            "as_strided",
-            (PyTuple::new(py, shape)?, PyTuple::new(py, strides)?, offset),
-        )?)
-    };
     // Two probes with distinctive, different metadata.
-    let a = strided(10007, &float32, &[3, 5, 7], &[71, 13, 2], 17)?;
-    let b = strided(9973, &float64, &[11, 4, 2, 9], &[97, 19, 7, 1], 29)?;
+    let a = strided(&torch, 10007, &float32, &[3, 5, 7], &[71, 13, 2], 17)?;
+    let b = strided(&torch, 9973, &float64, &[11, 4, 2, 9], &[97, 19, 7, 1], 29)?;
 
     // The impl pointer in the Python object.
     // SAFETY: a tensor's Python object is larger than OBJECT_WORDS words (it
@@ -457,19 +471,19 @@ fn confirm(py: Python<'_>, torch: &Bound<'_, PyModule>, layout: &Layout) -> PyRe
         // were found on live objects of the same types.
         unsafe { layout.read(tensor.as_ptr()) }
     };
-    let zeros = torch.call_method1("zeros", (64,))?;
-    let f32_fp = read(&zeros);
-    let int32 = zeros.call_method1("view", (torch.getattr("int32")?,))?;
-    let negated = torch.call_method1("_neg_view", (&zeros,))?;
-    let plain_view = zeros.call_method1("view", (64,))?;
-    let complex = torch
-        .call_method1("zeros", (8,))?
-        .call_method1("to", (torch.getattr("complex64")?,))?;
+    let float32 = torch.getattr("float32")?;
+    let plain = zeros(torch, vec![64], &float32)?;
+    let f32_fp = read(&plain);
+    let int32 = plain.call_method1("view", (torch.getattr("int32")?,))?;
+    let negated = torch.call_method1("_neg_view", (&plain,))?;
+    let plain_view = plain.call_method1("view", (64,))?;
+    let complex = zeros(torch, vec![8], &torch.getattr("complex64")?)?;
     let conjugated = complex.call_method0("conj")?;
-    let parameter = torch
-        .getattr("nn")?
-        .getattr("Parameter")?
-        .call1((torch.call_method1("zeros", (64,))?,))?;
+    let parameter =
+        torch
+            .getattr("nn")?
+            .getattr("Parameter")?
+            .call1((zeros(torch, vec![64], &float32)?,))?;
     let (Some(f32_fp), Some(int_fp), Some(neg_fp), Some(view_fp)) =
         (f32_fp, read(&int32), read(&negated), read(&plain_view))
     else {
@@ -491,8 +505,7 @@ fn confirm(py: Python<'_>, torch: &Bound<'_, PyModule>, layout: &Layout) -> PyRe
         && neg_fp.keys != layout.plain_keys
         && conj_fp.keys != complex_fp.keys;
     // A 6-d tensor: sizes and strides live outside the impl.
-    let six = torch
-        .call_method1("zeros", (PyTuple::new(py, [2, 3, 1, 5, 2, 3])?,))?
+    let six = zeros(torch, vec![2, 3, 1, 5, 2, 3], &float32)?
         .call_method1("permute", (PyTuple::new(py, [5, 4, 3, 2, 1, 0])?,))?;
     let ok_six = match read(&six) {
         None => false,
