@@ -70,6 +70,12 @@ fn set_num_threads(threads: i64) -> PyResult<()> {
     parallel::set_num_threads(threads).map_err(PyValueError::new_err)
 }
 
+/// The most threads [`set_num_threads`] accepts on this machine.
+#[pyfunction]
+fn max_num_threads() -> usize {
+    parallel::max_threads()
+}
+
 /// Raises the RuntimeError a panic inside a kernel turns into (for tests).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -98,6 +104,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(environment_errors, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(max_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }
