@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import itertools
 import math
@@ -749,13 +750,27 @@ def _compare(
         )
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as raw bytes (NaN payloads and signed zeros included)."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    return t.contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+
+
 def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Deep copy of params and optimizer state, to check a failing step wrote nothing."""
+    """Copies of every param, grad and optimizer-state value, to check a failing step
+    wrote nothing (see :func:`assert_unchanged`)."""
     return {
         "params": [p.detach().clone() for p in params],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
         "state": {
             i: {
-                k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
                 for k, v in opt.state.get(p, {}).items()
             }
             for i, p in enumerate(params)
@@ -766,23 +781,32 @@ def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict
 def assert_unchanged(
     before: dict[str, Any], opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]
 ) -> None:
+    """Every param, grad and state value is byte for byte what :func:`snapshot` saw; state
+    the failing step created lazily (as torch's ``_init_group`` does before its step
+    raises) is allowed only if pristine (all zeros: nothing uninitialised, nothing
+    stepped)."""
     after = snapshot(opt, params)
     for i, (x, y) in enumerate(zip(before["params"], after["params"], strict=True)):
-        assert torch.equal(x, y), f"param {i} was written by a failing step"
+        assert _same_bytes(x, y), f"param {i} was written by a failing step"
+    for i, (x, y) in enumerate(zip(before["grads"], after["grads"], strict=True)):
+        assert (x is None) == (y is None), f"grad {i} was set or removed by a failing step"
+        assert x is None or _same_bytes(x, y), f"grad {i} was written by a failing step"
     for i in before["state"]:
         sb, sa = before["state"][i], after["state"][i]
-        # State created lazily by the failing call is allowed only if it is pristine.
         for key in sb:
             assert key in sa, f"state {key!r} of param {i} disappeared"
             vb, va = sb[key], sa[key]
             if isinstance(vb, torch.Tensor):
-                assert torch.equal(vb, va), f"state {key!r} of param {i} was written"
-        if not sb:
-            for key, value in sa.items():
-                if isinstance(value, torch.Tensor):
-                    assert not value.count_nonzero(), (
-                        f"state {key!r} of param {i} was created and written by a failing step"
-                    )
+                assert isinstance(va, torch.Tensor), f"state {key!r} of param {i} replaced"
+                assert _same_bytes(vb, va), f"state {key!r} of param {i} was written"
+            else:
+                assert va == vb, f"state {key!r} of param {i} was changed"
+        for key in set(sa) - set(sb):
+            value = sa[key]
+            if isinstance(value, torch.Tensor):
+                assert not value.count_nonzero(), (
+                    f"state {key!r} of param {i} was created and written by a failing step"
+                )
 
 
 def structure(obj: Any) -> Any:
