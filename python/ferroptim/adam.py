@@ -23,6 +23,8 @@ from ferroptim._optimizer import (
 __all__ = ["Adam", "AdamW"]
 
 
+_PLAIN = (float, int)
+
 #: torch's names of dtypes in its type-promotion errors.
 _TYPE_NAMES = {
     torch.float32: "Float",
@@ -105,14 +107,20 @@ class _AdamFamily(RustStepMixin):
         # The kernels compute these scalars in float64, so such groups take torch's
         # for-loop (exactly torch's numbers).
         betas = group["betas"]
-        return isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
+        if type(betas) is not tuple and type(betas) is not list:
+            return False
+        return len(betas) == 2 and (isinstance(betas[0], Tensor) or isinstance(betas[1], Tensor))
 
     def _ferro_usual(self, group: dict[str, Any]) -> bool:
         betas = group["betas"]
+        if (type(betas) is not tuple and type(betas) is not list) or len(betas) != 2:
+            return False
+        beta1, beta2 = betas
         return (
-            isinstance(betas, (tuple, list))
-            and len(betas) == 2
-            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+            type(beta1) in _PLAIN
+            and type(beta2) in _PLAIN
+            and 0.0 <= beta1 < 1.0
+            and 0.0 <= beta2 < 1.0
         )
 
     def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
