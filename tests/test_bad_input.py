@@ -992,3 +992,22 @@ def test_failed_sgd_step_stores_no_uninitialised_momentum(monkeypatch, warm_step
         torch.testing.assert_close(
             fopt.state[a]["momentum_buffer"], topt.state[b]["momentum_buffer"], **tol(torch.float32)
         )
+
+
+@pytest.mark.parametrize(
+    ("lr_decay", "warm_steps"),
+    [(-1.0, 1), (-0.5, 2), (-0.5, 1), (torch.tensor(-1.0), 1)],
+    ids=["zero-at-step-2", "zero-at-step-3", "negative-nonzero", "tensor-zero"],
+)
+def test_adagrad_lr_decay_set_negative_mid_training(lr_decay, warm_steps):
+    """torch validates lr_decay only in its constructor; set negative afterwards, its
+    ``lr / (1 + (step - 1) * lr_decay)`` can divide by zero (ZeroDivisionError, before
+    anything is written), or steps (a tensor lr_decay divides to inf)."""
+    _two_group_outcome(
+        FAMILIES["Adagrad"],
+        {"lr": 0.1},
+        _set_in_group("lr_decay", lr_decay),
+        warm_steps=warm_steps,
+        same_message=True,
+        only_torch_errors=True,
+    )

@@ -85,8 +85,9 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         return kernel
 
     def _ferro_usual(self, group: dict[str, Any]) -> bool:
+        # (a tensor lr_decay divides in tensor arithmetic: inf, no exception)
         lr_decay = group["lr_decay"]
-        return isinstance(lr_decay, (int, float)) and lr_decay >= 0
+        return type(lr_decay) not in (int, float) or lr_decay >= 0
 
     def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
         # torch's `clr = lr / (1 + (step - 1) * lr_decay)`, in Python floats (a negative
