@@ -2,7 +2,9 @@
 //!
 //! The pool is separate from rayon's global pool (and from torch's OpenMP
 //! pool) so its size is ours to set: `FERROPTIM_NUM_THREADS`, then
-//! [`set_num_threads`], else the machine's cores.
+//! [`set_num_threads`], else the machine's cores. Both are capped at
+//! [`max_threads`]: every configured thread is a real OS thread, and a typo'd
+//! `10**6` would otherwise spawn threads until the machine stalls.
 //!
 //! A forked child (a DataLoader worker, say) inherits the pool's memory but
 //! none of its threads, so handing it work would wait forever. A
@@ -61,11 +63,43 @@ fn install_fork_handler() {
     });
 }
 
-/// Thread count from the environment, if set to a positive integer.
+/// The floor of [`max_threads`], whatever the machine: room to oversubscribe a
+/// small machine (tests, benchmarks) without letting a typo spawn a million threads.
+pub const MIN_MAX_THREADS: usize = 256;
+
+/// The most threads the pool may be sized to: 4 per available core (as the OS
+/// reports them to this process, affinity and cgroup limits included), and at
+/// least [`MIN_MAX_THREADS`].
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cores.saturating_mul(4).max(MIN_MAX_THREADS)
+}
+
+/// Checks a requested thread count: at least 1, at most [`max_threads`].
+pub fn check_threads(threads: usize) -> Result<usize, String> {
+    if threads == 0 {
+        return Err("the number of threads must be at least 1".to_string());
+    }
+    let max = max_threads();
+    if threads > max {
+        return Err(format!(
+            "the number of threads must be at most {max} (4 per available core, at least \
+             {MIN_MAX_THREADS}), got {threads}"
+        ));
+    }
+    Ok(threads)
+}
+
+/// Thread count from the environment, if set to a positive integer no larger than
+/// [`max_threads`].
 pub fn threads_from_env() -> Result<Option<usize>, String> {
     match std::env::var(ENV_VAR) {
         Ok(value) if !value.trim().is_empty() => match value.trim().parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(Some(n)),
+            Ok(n) if n >= 1 => check_threads(n)
+                .map(Some)
+                .map_err(|e| format!("{ENV_VAR}={value:?}: {e}")),
             _ => Err(format!(
                 "{ENV_VAR}={value:?}: expected a positive integer number of threads"
             )),
@@ -100,9 +134,7 @@ pub fn num_threads() -> usize {
 
 /// Sets the pool size. Takes effect for the next step; also re-arms a forked child.
 pub fn set_num_threads(threads: usize) -> Result<(), String> {
-    if threads == 0 {
-        return Err("the number of threads must be at least 1".to_string());
-    }
+    let threads = check_threads(threads)?;
     let mut state = lock_pool();
     if FORKED_CHILD.swap(false, Ordering::SeqCst) {
         // The inherited pool has no threads in this process; dropping it would
@@ -382,6 +414,18 @@ mod tests {
             }
         }
         seen
+    }
+
+    #[test]
+    fn thread_counts_are_checked_against_the_cap() {
+        let max = max_threads();
+        assert!(max >= MIN_MAX_THREADS);
+        assert!(check_threads(0).is_err());
+        assert_eq!(check_threads(1), Ok(1));
+        assert_eq!(check_threads(max), Ok(max));
+        let err = check_threads(max + 1).unwrap_err();
+        assert!(err.contains(&format!("at most {max}")), "{err}");
+        assert!(check_threads(usize::MAX).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import itertools
 import math
@@ -565,6 +566,9 @@ def assign_grads(
 class Run:
     opt: torch.optim.Optimizer
     pset: ParamSet
+    #: For torch's float32 reference runs: builds the same run in float64 (the exact
+    #: yardstick of :func:`assert_as_exact_as_torch`), on demand.
+    shadow: Callable[[], Run] | None = None
 
 
 def run_steps(
@@ -620,7 +624,8 @@ def run_pair(
     and identical grads (drawn once, stepped in lockstep). Returns (ferro, torch)."""
     fset, tset = build(specs, dtype, seed), build(specs, dtype, seed)
     fopt = family.make_ferro(fset.param_groups(), **kwargs, **(ferro_kwargs or {}))
-    topt = family.make_torch(tset.param_groups(), **kwargs, **(torch_kwargs or {}))
+    torch_all = {**kwargs, **(torch_kwargs or {})}
+    topt = family.make_torch(tset.param_groups(), **torch_all)
     stream = GradStream(fset.param_specs, dtype, grad_seed, none_prob, first_none_prob)
     for step in range(steps):
         grads = stream.draw(step)
@@ -633,7 +638,23 @@ def run_pair(
         for p, g in zip(fset.params, before, strict=False):
             if g is not None:
                 assert torch.equal(p.grad, g), "the step wrote to a gradient"
-    return Run(fopt, fset), Run(topt, tset)
+    shadow = None
+    if dtype in SHADOW_DTYPES:
+
+        def shadow() -> Run:
+            return run_torch_float64_shadow(
+                family,
+                torch_all,
+                specs,
+                steps,
+                dtype=dtype,
+                seed=seed,
+                grad_seed=grad_seed,
+                none_prob=none_prob,
+                first_none_prob=first_none_prob,
+            )
+
+    return Run(fopt, fset), Run(topt, tset, shadow)
 
 
 # ----------------------------------------------------------------------------------------
@@ -651,15 +672,18 @@ def assert_same_trajectory(
     *,
     exact: bool = False,
     state_keys: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+    values: bool = True,
     **tolerance: float,
 ) -> None:
-    """Params and every state tensor of ``a`` match ``b`` (bitwise if ``exact``)."""
+    """Params and every state tensor of ``a`` match ``b`` (bitwise if ``exact``; not
+    ``values``: only their structure, layouts and step counts)."""
     assert len(a.pset.params) == len(b.pset.params)
     for i, (pa, pb) in enumerate(zip(a.pset.params, b.pset.params, strict=True)):
         what = f"param {i} ({a.pset.param_specs[i].id})"
         assert pa.shape == pb.shape and pa.dtype == pb.dtype, what
         assert pa.stride() == pb.stride(), f"{what}: the step changed the param's layout"
-        _compare(pa.detach(), pb.detach(), what, exact, tolerance)
+        if values:
+            _compare(pa.detach(), pb.detach(), what, exact, tolerance)
         sa, sb = _state_of(a, i), _state_of(b, i)
         assert set(sa) == set(sb), f"{what}: state keys {sorted(sa)} != {sorted(sb)}"
         if state_keys is not None and sb:
@@ -673,10 +697,18 @@ def assert_same_trajectory(
                 assert va.shape == vb.shape, f"{what}: state[{key!r}] shape"
                 if key == "step":
                     assert float(va) == float(vb), f"{what}: step {float(va)} != {float(vb)}"
-                else:
+                elif values:
                     _compare(va, vb, f"{what} state[{key!r}]", exact, tolerance)
             else:
                 assert va == vb, f"{what}: state[{key!r}]"
+
+
+#: Low-precision dtypes whose torch results are judged against an exact shadow, and
+#: the dtype that shadow runs in.
+SHADOW_DTYPES: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.float64,
+    torch.complex64: torch.complex128,
+}
 
 
 def run_torch_float64_shadow(
@@ -685,74 +717,139 @@ def run_torch_float64_shadow(
     specs: list[GroupSpec],
     steps: int,
     *,
+    dtype: torch.dtype = torch.float32,
     seed: int = 0,
     grad_seed: int = 1,
     none_prob: float = 0.15,
     first_none_prob: float = 0.5,
 ) -> Run:
     """torch's for-loop reference in float64 on a float32 run's exact inputs: the float32
-    initial params and the float32 gradient stream, upcast. The yardstick for how far any
-    float32 implementation is from the exact trajectory."""
-    f32 = build(specs, torch.float32, seed)
-    shadow = build(specs, torch.float64, seed)
+    initial params and the float32 gradient stream, upcast (complex64: complex128). The
+    yardstick for how far any float32 implementation is from the exact trajectory."""
+    low = build(specs, dtype, seed)
+    shadow = build(specs, SHADOW_DTYPES[dtype], seed)
     with torch.no_grad():
-        for p64, p32 in zip(shadow.params, f32.params, strict=True):
-            p64.copy_(p32)
+        for high, p in zip(shadow.params, low.params, strict=True):
+            high.copy_(p)
     opt = family.make_torch(shadow.param_groups(), **kwargs)
-    stream = GradStream(f32.param_specs, torch.float32, grad_seed, none_prob, first_none_prob)
+    stream = GradStream(low.param_specs, dtype, grad_seed, none_prob, first_none_prob)
     for step in range(steps):
         grads = stream.draw(step)
         assign_grads(
-            shadow.params, shadow.param_specs, [None if g is None else g.double() for g in grads]
+            shadow.params,
+            shadow.param_specs,
+            [None if g is None else g.to(SHADOW_DTYPES[dtype]) for g in grads],
         )
         opt.step()
     return Run(opt, shadow)
 
 
-def assert_as_exact_as_torch(ferro: Run, ref: Run, shadow: Callable[[], Run]) -> None:
-    """``ferro`` matches torch's float32 ``ref`` within the float32 tolerance, or, where
-    torch's own float32 result is further than that from the exact (float64) trajectory,
-    within that distance: ferroptim must be as exact as torch, not identical to its last
-    bits. That matters where the problem amplifies rounding: RMSprop's momentum buffer
-    sums terms ``grad / sqrt(square_avg)`` of about 10 (an ulp is 1e-6) that cancel, and
-    torch's vectorised float32 ``sqrt`` is not always correctly rounded (ferroptim's is).
-    ``shadow`` builds the float64 run (see :func:`run_torch_float64_shadow`) only when
-    the plain tolerance is not enough."""
+def assert_as_exact_as_torch(
+    ferro: Run,
+    ref: Run,
+    shadow: Callable[[], Run] | None = None,
+    *,
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]] | None = None,
+) -> None:
+    """ferroptim's run against torch's for-loop ``ref`` (DESIGN.md, contract 2), the same
+    verdict on any CPU: params and every state tensor.
+
+    float64 (complex128): within the tight float64 tolerance of torch. float32
+    (complex64): within the float32 tolerance of torch's result, or, where it is not
+    (torch's vectorised float32 kernels round differently from one CPU model to the
+    next, and lr=10 or momentum=1 amplify a 1-ulp difference past any tolerance), as
+    exact as torch against the float64 shadow (see
+    :func:`assert_tensor_as_exact_as_torch`). ``shadow`` builds that float64 run (default:
+    ``ref.shadow``, which :func:`run_pair` records), only when needed."""
+    dtype = ref.pset.params[0].dtype
+    if dtype not in SHADOW_DTYPES:
+        assert_same_trajectory(ferro, ref, state_keys=state_keys, **tol(dtype))
+        return
     try:
-        assert_same_trajectory(ferro, ref, **tol(torch.float32))
+        assert_same_trajectory(ferro, ref, state_keys=state_keys, **tol(dtype))
         return
     except AssertionError:
-        exact = shadow()
+        make_shadow = shadow or ref.shadow
+        assert make_shadow is not None, "no float64 shadow for a float32 comparison"
+        exact = make_shadow()
+    # Structure first (state keys, dtypes, steps): exactly torch's.
+    assert_same_trajectory(ferro, ref, state_keys=state_keys, values=False)
     for i, (pa, pb) in enumerate(zip(ferro.pset.params, ref.pset.params, strict=True)):
         what = f"param {i} ({ferro.pset.param_specs[i].id})"
-        pairs = [("", pa.detach(), pb.detach(), exact.pset.params[i].detach())]
+        assert_tensor_as_exact_as_torch(pa, pb, exact.pset.params[i], what)
         sa, sb, s64 = _state_of(ferro, i), _state_of(ref, i), _state_of(exact, i)
-        assert set(sa) == set(sb), f"{what}: state keys {sorted(sa)} != {sorted(sb)}"
-        pairs += [
-            (f" state[{k!r}]", sa[k], sb[k], s64[k])
-            for k in sb
-            if isinstance(sb[k], torch.Tensor) and sb[k].is_floating_point() and k != "step"
-        ]
-        for suffix, actual, ref32, ref64 in pairs:
-            _within_torch_error(actual, ref32, ref64, what + suffix)
+        for key, value in sb.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                assert_tensor_as_exact_as_torch(sa[key], value, s64[key], f"{what} state[{key!r}]")
 
 
-def _within_torch_error(
+def assert_tensors_as_exact_as_torch(
+    actual: Sequence[torch.Tensor],
+    ref: Sequence[torch.Tensor],
+    shadow: Callable[[], Sequence[torch.Tensor]],
+    what: str = "tensor",
+) -> None:
+    """:func:`assert_as_exact_as_torch` for lists of tensors (params, or state buffers, in
+    any order): ``ref`` is torch's for-loop result, ``shadow()`` the same tensors from a
+    float64 run on the same inputs, built only if some float32 tensor is not within the
+    float32 tolerance of torch's. float64 tensors: the tight float64 tolerance."""
+    assert len(actual) == len(ref)
+    exact: Sequence[torch.Tensor] | None = None
+    for i, (a, r) in enumerate(zip(actual, ref, strict=True)):
+        a, r = a.detach(), r.detach()
+        assert a.dtype == r.dtype and a.shape == r.shape, f"{what} {i}: dtype or shape"
+        if r.dtype not in SHADOW_DTYPES:
+            _compare(a, r, f"{what} {i}", False, tol(r.dtype))
+            continue
+        try:
+            _compare(a, r, f"{what} {i}", False, tol(r.dtype))
+        except AssertionError:
+            if exact is None:
+                exact = shadow()
+            assert_tensor_as_exact_as_torch(a, r, exact[i], f"{what} {i}")
+
+
+def assert_tensor_as_exact_as_torch(
     actual: torch.Tensor, ref32: torch.Tensor, ref64: torch.Tensor, what: str
 ) -> None:
+    """``actual`` (ferroptim, float32) is as exact as torch's float32 ``ref32``, judged
+    against the exact ``ref64``: element by element, ``actual`` is within the float32
+    tolerance of ``ref32`` plus twice torch's own worst error in the tensor
+    (``max |ref32 - ref64|``). Where torch is exact to the tolerance this is the plain
+    tolerance; where the problem amplifies rounding (lr=10, momentum=1: each element's
+    trajectory depends on every last bit of every sqrt and division) it admits any
+    float32 result as far from the exact one as torch's own, on whichever CPU torch
+    rounded its vectorised kernels.
+
+    Why not "ferroptim's worst error <= torch's worst error": in those problems the
+    worst element is chaotic. Simulating another CPU (torch's float32 ``sqrt`` one ulp
+    off on random elements) moves torch's worst error in a tensor by up to 2.3x either
+    way while ferroptim's stays put, so a strict comparison would pass or fail by the
+    CPU model; the check above passed every simulated CPU (see
+    ``test_parity.py::test_oracle_is_hardware_independent``)."""
     base = tol(torch.float32)
-    a, r32, r64 = actual.double(), ref32.double(), ref64.double()
-    torch_error = float((r32 - r64).abs().max())
-    allowed = base["atol"] + 2 * torch_error + base["rtol"] * r32.abs()
+
+    def as_real(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return torch.view_as_real(t) if t.is_complex() else t
+
+    a, r32, r64 = (as_real(t).double() for t in (actual, ref32, ref64))
+    assert a.shape == r32.shape == r64.shape, f"{what}: shapes differ"
+    nan_a, nan_t = torch.isnan(a), torch.isnan(r32)
+    assert torch.equal(nan_a, nan_t), f"{what}: NaNs where torch has none (or the reverse)"
+    a, r32, r64 = a[~nan_a], r32[~nan_a], r64[~nan_a]
+    if not a.numel():
+        return
+    torch_error = float((r32 - r64).abs().nan_to_num(math.inf).max())
+    allowed = base["atol"] + base["rtol"] * r32.abs() + 2 * torch_error
     excess = (a - r32).abs() - allowed
     if bool((excess > 0).any()):
         i = int(excess.argmax())
         raise AssertionError(
-            f"{what}: element {i}: ferroptim {float(a.reshape(-1)[i])!r}, torch float32 "
-            f"{float(r32.reshape(-1)[i])!r}, float64 {float(r64.reshape(-1)[i])!r}: the "
-            f"difference exceeds the tolerance plus twice torch's own float32 error "
-            f"({torch_error:.3g}); ferroptim's error vs float64 is "
-            f"{float((a - r64).abs().max()):.3g}"
+            f"{what}: element {i}: ferroptim {float(a[i])!r}, torch float32 "
+            f"{float(r32[i])!r}, exact (float64) {float(r64[i])!r}: the difference exceeds "
+            f"the float32 tolerance plus twice torch's own error ({torch_error:.3g}); "
+            f"ferroptim's error vs float64 is {float((a - r64).abs().max()):.3g}"
         )
 
 
@@ -769,13 +866,27 @@ def _compare(
         )
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as raw bytes (NaN payloads and signed zeros included)."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    return t.contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+
+
 def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Deep copy of params and optimizer state, to check a failing step wrote nothing."""
+    """Copies of every param, grad and optimizer-state value, to check a failing step
+    wrote nothing (see :func:`assert_unchanged`)."""
     return {
         "params": [p.detach().clone() for p in params],
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
         "state": {
             i: {
-                k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
                 for k, v in opt.state.get(p, {}).items()
             }
             for i, p in enumerate(params)
@@ -786,23 +897,32 @@ def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict
 def assert_unchanged(
     before: dict[str, Any], opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]
 ) -> None:
+    """Every param, grad and state value is byte for byte what :func:`snapshot` saw; state
+    the failing step created lazily (as torch's ``_init_group`` does before its step
+    raises) is allowed only if pristine (all zeros: nothing uninitialised, nothing
+    stepped)."""
     after = snapshot(opt, params)
     for i, (x, y) in enumerate(zip(before["params"], after["params"], strict=True)):
-        assert torch.equal(x, y), f"param {i} was written by a failing step"
+        assert _same_bytes(x, y), f"param {i} was written by a failing step"
+    for i, (x, y) in enumerate(zip(before["grads"], after["grads"], strict=True)):
+        assert (x is None) == (y is None), f"grad {i} was set or removed by a failing step"
+        assert x is None or _same_bytes(x, y), f"grad {i} was written by a failing step"
     for i in before["state"]:
         sb, sa = before["state"][i], after["state"][i]
-        # State created lazily by the failing call is allowed only if it is pristine.
         for key in sb:
             assert key in sa, f"state {key!r} of param {i} disappeared"
             vb, va = sb[key], sa[key]
             if isinstance(vb, torch.Tensor):
-                assert torch.equal(vb, va), f"state {key!r} of param {i} was written"
-        if not sb:
-            for key, value in sa.items():
-                if isinstance(value, torch.Tensor):
-                    assert not value.count_nonzero(), (
-                        f"state {key!r} of param {i} was created and written by a failing step"
-                    )
+                assert isinstance(va, torch.Tensor), f"state {key!r} of param {i} replaced"
+                assert _same_bytes(vb, va), f"state {key!r} of param {i} was written"
+            else:
+                assert va == vb, f"state {key!r} of param {i} was changed"
+        for key in set(sa) - set(sb):
+            value = sa[key]
+            if isinstance(value, torch.Tensor):
+                assert not value.count_nonzero(), (
+                    f"state {key!r} of param {i} was created and written by a failing step"
+                )
 
 
 def structure(obj: Any) -> Any:

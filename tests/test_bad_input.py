@@ -34,10 +34,15 @@ def assert_same_outcome(
     opt: torch.optim.Optimizer,
     ps: list[torch.Tensor],
     tps: list[torch.Tensor],
+    *,
+    same_message: bool = False,
+    only_torch_errors: bool = False,
 ) -> None:
-    """torch raised: ferroptim raises the same kind of error and wrote nothing. Only
-    ferroptim raised: a clear RuntimeError/ValueError, nothing written. Neither: the
-    same parameters as torch."""
+    """torch raised: ferroptim raises the same kind of error (``same_message``: with
+    torch's message) and wrote nothing (params, grads, state: byte for byte). Only
+    ferroptim raised: a clear RuntimeError/ValueError, nothing written (refused with
+    ``only_torch_errors``: where torch steps, ferroptim must too). Neither: the same
+    parameters as torch."""
     if torch_error is not None:
         assert ferro_error is not None, (
             f"torch raises {type(torch_error).__name__}({torch_error}); ferroptim stepped"
@@ -46,7 +51,13 @@ def assert_same_outcome(
             f"torch raises {type(torch_error).__name__}, "
             f"ferroptim {type(ferro_error).__name__}: {ferro_error}"
         )
+        if same_message:
+            assert str(ferro_error) == str(torch_error)
         assert_unchanged(before, opt, ps)
+    elif only_torch_errors:
+        assert ferro_error is None, f"torch steps; ferroptim raises {ferro_error!r}"
+        for a, b in zip(ps, tps, strict=True):
+            torch.testing.assert_close(a.detach(), b.detach(), **tol(a.dtype))
     elif ferro_error is not None:
         assert isinstance(ferro_error, (RuntimeError, ValueError)), ferro_error
         assert_unchanged(before, opt, ps)
@@ -605,3 +616,398 @@ def test_rust_panic_becomes_runtime_error():
         opt.step()
         ref.step()
     assert torch.equal(p.detach(), q.detach())
+
+
+# ----------------------------------------------------------------------------------------
+# Errors raised while running, raised before anything is written (contract 5)
+# ----------------------------------------------------------------------------------------
+
+
+def _two_group_outcome(
+    family,
+    kwargs: dict[str, Any],
+    mutate,
+    *,
+    warm_steps: int,
+    shapes=((50,), (6, 4), (3,), (7, 2)),
+    same_message: bool = False,
+    only_torch_errors: bool = False,
+) -> None:
+    """Two groups, ``warm_steps`` good steps (so a plan is cached), then ``mutate(ps, opt)``
+    on both ferroptim and torch's for-loop, one more step on each: the same outcome."""
+
+    def run(factory):
+        ps = params(shapes=shapes)
+        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], **kwargs)
+        for step in range(warm_steps):
+            set_grads(ps, step)
+            opt.step()
+        set_grads(ps, 50)
+        mutate(ps, opt)
+        before = snapshot(opt, ps)
+        return ps, opt, before, error_of(opt.step)
+
+    tps, _, _, terror = run(family.make_torch)
+    fps, fopt, before, ferror = run(family.make_ferro)
+    assert_same_outcome(
+        terror,
+        ferror,
+        before,
+        fopt,
+        fps,
+        tps,
+        same_message=same_message,
+        only_torch_errors=only_torch_errors,
+    )
+    return terror
+
+
+def _set_in_group(key: str, value: Any):
+    def mutate(ps, opt):
+        opt.param_groups[1][key] = value
+
+    return mutate
+
+
+#: Numeric hyperparameters per family (set to something torch's step cannot compute with).
+NUMBERS = {
+    "Adam": ("lr", "eps", "weight_decay"),
+    "SGD": ("lr", "momentum", "weight_decay"),
+    "RMSprop": ("lr", "alpha", "eps", "momentum"),
+    "Adagrad": ("lr", "lr_decay", "eps", "weight_decay"),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("warm_steps", [0, 2], ids=["first-step", "cached-plan"])
+@pytest.mark.parametrize("bad", [None, "0.1", [0.1]], ids=["None", "str", "list"])
+@pytest.mark.parametrize(
+    ("family", "key"),
+    [pytest.param(f, k, id=f"{f}-{k}") for f in KERNEL_FAMILIES for k in NUMBERS[f]],
+)
+def test_unconvertible_hyperparameter_in_a_later_group(family, key, bad, warm_steps, backend):
+    """A hyperparameter torch's step cannot compute with, in the second group: torch's
+    TypeError, raised before the first group is stepped (torch itself steps it first).
+    Where torch's step does not read it (SGD's first momentum step only clones the
+    grad), ferroptim steps too, to torch's numbers."""
+    ferroptim.set_backend(backend)
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
+    torch_error = _two_group_outcome(
+        family, kwargs, _set_in_group(key, bad), warm_steps=warm_steps, only_torch_errors=True
+    )
+    unread = family.name == "SGD" and key == "momentum" and not warm_steps
+    assert torch_error is None if unread else isinstance(torch_error, TypeError), torch_error
+
+
+FLAGS = {
+    "Adam": ("maximize", "amsgrad"),
+    "Adam-decoupled": ("maximize", "decoupled_weight_decay"),
+    "AdamW": ("maximize", "amsgrad"),
+    "SGD": ("maximize", "nesterov"),
+    "RMSprop": ("maximize", "centered"),
+    "Adagrad": ("maximize",),
+}
+
+
+@pytest.mark.parametrize("warm_steps", [0, 2], ids=["first-step", "cached-plan"])
+@pytest.mark.parametrize(
+    "value",
+    [1, 0, "yes", "", None, torch.tensor(True)],
+    ids=["1", "0", "str", "empty", "None", "tensor"],
+)
+@pytest.mark.parametrize(
+    ("family", "key"), [pytest.param(f, k, id=f"{f}-{k}") for f in FAMILY_IDS for k in FLAGS[f]]
+)
+def test_flags_are_read_with_torchs_truthiness(family, key, value, warm_steps):
+    """torch reads a flag as ``if maximize:``: ``maximize=1`` steps like ``True``. So does
+    ferroptim, in every group, to torch's numbers."""
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
+    if key == "nesterov":
+        kwargs["dampening"] = 0.0
+    torch_error = _two_group_outcome(
+        family, kwargs, _set_in_group(key, value), warm_steps=warm_steps, only_torch_errors=True
+    )
+    assert torch_error is None
+
+
+SGD_SPARSE_CASES = [
+    # (group-2 hyperparameters, warm-up grads sparse?, failing step's grad sparse?)
+    pytest.param({"momentum": 0.9, "nesterov": True}, False, True, id="nesterov-dense-then-sparse"),
+    pytest.param({"momentum": 0.9, "nesterov": True}, True, False, id="nesterov-sparse-then-dense"),
+    pytest.param({"momentum": 0.9}, True, False, id="momentum-sparse-then-dense"),
+    pytest.param({"weight_decay": 0.1}, False, True, id="weight-decay-sparse"),
+    pytest.param({"momentum": 0.9, "nesterov": True}, True, True, id="nesterov-sparse-sparse"),
+    pytest.param({"momentum": 0.9}, False, True, id="momentum-dense-then-sparse"),
+]
+
+
+@pytest.mark.parametrize(("hyper", "warm_sparse", "sparse"), SGD_SPARSE_CASES)
+def test_sgd_sparse_grad_errors_raised_before_any_write(hyper, warm_sparse, sparse):
+    """SGD's torch path (sparse grads) adds a sparse grad to dense tensors: torch raises
+    "add(sparse, dense)" mid-step, after the Rust-routed params were stepped. ferroptim
+    raises it first; where torch steps, ferroptim steps to the same numbers."""
+    family = FAMILIES["SGD"]
+
+    def sparsify(ps, opt, make_sparse):
+        opt.param_groups[1].update(hyper)
+        if make_sparse:
+            ps[3].grad = ps[3].grad.to_sparse()
+
+    def run(factory):
+        ps = params(shapes=((50,), (6, 4), (3,), (7, 2)))
+        opt = factory([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1)
+        set_grads(ps, 0)
+        sparsify(ps, opt, warm_sparse)
+        opt.step()
+        set_grads(ps, 1)
+        sparsify(ps, opt, sparse)
+        before = snapshot(opt, ps)
+        return ps, opt, before, error_of(opt.step)
+
+    tps, _, _, terror = run(family.make_torch)
+    fps, fopt, before, ferror = run(family.make_ferro)
+    assert_same_outcome(
+        terror, ferror, before, fopt, fps, tps, same_message=True, only_torch_errors=True
+    )
+
+
+STEP_VALUES = [
+    pytest.param(lambda: 5, id="python-int"),
+    pytest.param(lambda: 5.0, id="python-float"),
+    pytest.param(lambda: torch.tensor([1.0, 2.0]), id="two-element-tensor"),
+    pytest.param(lambda: torch.tensor([]), id="empty-tensor"),
+    pytest.param(lambda: torch.tensor([[3.0]]), id="1x1-tensor"),
+    pytest.param(lambda: torch.tensor(3, dtype=torch.int64), id="int64-tensor"),
+]
+
+
+@pytest.mark.parametrize("warm_steps", [1, 3])
+@pytest.mark.parametrize("value", STEP_VALUES)
+@pytest.mark.parametrize("family", ["Adam", "RMSprop", "Adagrad"])
+def test_step_counter_of_another_kind(family, value, warm_steps):
+    """``state["step"]`` replaced by a Python number or a tensor of another shape: torch's
+    exception (type and message) before anything is written, or torch's step where torch
+    steps (RMSprop only increments the counter, whatever its shape)."""
+    family = FAMILIES[family]
+
+    def mutate(ps, opt):
+        for p in ps[2:]:
+            opt.state[p]["step"] = value()
+
+    _two_group_outcome(
+        family,
+        {"lr": 0.1, **FULL_KWARGS[family.name]},
+        mutate,
+        warm_steps=warm_steps,
+        same_message=True,
+        only_torch_errors=True,
+    )
+
+
+BETAS_MID_TRAINING = [
+    pytest.param((1.5, 0.999), 1, id="beta1-above-one"),
+    pytest.param((1.0, 0.999), 1, id="beta1-one"),
+    pytest.param((0.9, 1.0), 1, id="beta2-one"),
+    pytest.param((0.9, 1.5), 1, id="beta2-above-one"),
+    pytest.param((-1.0, 0.9), 1, id="beta1-minus-one-even-step"),
+    pytest.param((-1.0, 0.9), 2, id="beta1-minus-one-odd-step"),
+    pytest.param((-0.5, 0.9), 1, id="beta1-negative"),
+    pytest.param((1.5, 0.9), 2000, id="beta1-overflow"),
+    pytest.param(None, 1, id="None"),
+    pytest.param((0.9, 0.99, 0.9), 1, id="three-betas"),
+    pytest.param((0.9, "0.99"), 1, id="str-beta"),
+]
+
+
+@pytest.mark.parametrize(("betas", "warm_steps"), BETAS_MID_TRAINING)
+@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_steps):
+    """torch validates betas only in its constructor. Set afterwards, its for-loop steps
+    with them or fails computing its Python scalars (``lr / (1 - 1.0 ** step)``): the
+    same result, or the same exception (type and message) before anything is written."""
+    family = FAMILIES[family]
+
+    def mutate(ps, opt):
+        opt.param_groups[1]["betas"] = betas
+        if warm_steps >= 1000:  # jump the step counters instead of stepping that long
+            for p in ps:
+                if "step" in opt.state.get(p, {}):
+                    opt.state[p]["step"].fill_(warm_steps)
+
+    _two_group_outcome(
+        family,
+        {"lr": 0.1, "amsgrad": True},
+        mutate,
+        warm_steps=min(warm_steps, 1),
+        same_message=not isinstance(betas, tuple) or "0.99" not in betas,
+        only_torch_errors=True,
+    )
+
+
+@pytest.mark.parametrize("when", ["constructor", "mid-training"])
+@pytest.mark.parametrize("family", ["Adam", "AdamW", "RMSprop"])
+def test_capturable_with_cpu_params_raises_torchs_error(family, when):
+    """``capturable=True`` needs params on a device CUDA graphs capture: torch's for-loop
+    raises an AssertionError on CPU params; so does ferroptim, before writing."""
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
+    if when == "constructor":
+        kwargs["capturable"] = True
+        mutate = lambda ps, opt: None  # noqa: E731
+    else:
+        mutate = _set_in_group("capturable", True)
+    error = _two_group_outcome(
+        family, kwargs, mutate, warm_steps=0 if when == "constructor" else 2, same_message=True
+    )
+    assert isinstance(error, AssertionError)
+
+
+class _AsSubclass(torch.Tensor):
+    """A plain Python subclass (``as_subclass``): same storage, its own type."""
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass: no storage of its own, every op unwraps ``elem``."""
+
+    elem: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor) -> _Wrapper:
+        return torch.Tensor._make_wrapper_subclass(
+            cls, elem.shape, dtype=elem.dtype, requires_grad=elem.requires_grad
+        )
+
+    def __init__(self, elem: torch.Tensor) -> None:
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(x):
+            return x.elem if isinstance(x, _Wrapper) else x
+
+        def wrap(x):
+            return _Wrapper(x) if isinstance(x, torch.Tensor) else x
+
+        out = func(
+            *torch.utils._pytree.tree_map(unwrap, args),
+            **torch.utils._pytree.tree_map(unwrap, kwargs or {}),
+        )
+        return torch.utils._pytree.tree_map(wrap, out)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return (t.elem if isinstance(t, _Wrapper) else t.detach()).as_subclass(torch.Tensor)
+
+
+SUBCLASSES = [
+    pytest.param(lambda t: t.as_subclass(_AsSubclass).requires_grad_(), id="as_subclass"),
+    pytest.param(lambda t: _Wrapper(t).requires_grad_(), id="wrapper-subclass"),
+]
+
+
+@pytest.mark.parametrize("make", SUBCLASSES)
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_tensor_subclass_params_step_like_torch(family, make):
+    """Tensor subclasses torch steps (a wrapper subclass has no storage of its own to
+    plan): ferroptim hands them to torch's for-loop, next to plain params in Rust, and
+    gives torch's numbers."""
+    family = FAMILIES[family]
+    kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
+
+    def run(factory):
+        plain = params(shapes=((50,), (6, 4)))
+        gen = torch.Generator().manual_seed(3)
+        sub = [make(torch.randn(7, generator=gen)), make(torch.randn(3, 2, generator=gen))]
+        opt = factory([{"params": [plain[0], sub[0]]}, {"params": [plain[1], sub[1]]}], **kwargs)
+        for step in range(4):
+            set_grads(plain, step)
+            for t in sub:
+                g = torch.randn(t.shape, generator=gen)
+                t.grad = make(g).detach() if isinstance(t, _Wrapper) else g
+            opt.step()
+        return plain, sub, opt
+
+    fplain, fsub, _ = run(family.make_ferro)
+    tplain, tsub, _ = run(family.make_torch)
+    for a, b in zip(fsub, tsub, strict=True):
+        assert type(a) is type(b)
+        assert torch.equal(_plain(a), _plain(b)), "a subclass param did not step like torch"
+    for a, b in zip(fplain, tplain, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# A kernel call that fails leaves no uninitialised state behind
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warm_steps", [0, 1], ids=["first-step", "new-param-later"])
+def test_failed_sgd_step_stores_no_uninitialised_momentum(monkeypatch, warm_steps):
+    """SGD's first step makes its momentum buffers (``torch.empty_like``) for the kernel to
+    fill. If the kernel call fails, none may reach the state (torch stores nothing on a
+    failed step): the next step must start them from the gradient, as torch does."""
+    family = FAMILIES["SGD"]
+    kwargs = {"lr": 0.1, "momentum": 0.9, "dampening": 0.1}
+
+    def setup(factory):
+        ps = params(shapes=((50,), (6, 4), (3,)))
+        opt = factory(ps, **kwargs)
+        for step in range(warm_steps):
+            set_grads(ps, step)
+            ps[2].grad = None  # this param gets its first grad (and buffer) later
+            opt.step()
+        return ps, opt
+
+    fps, fopt = setup(family.make_ferro)
+    tps, topt = setup(family.make_torch)
+    real = ferroptim._core.sgd_step
+    calls = []
+
+    def fail_once(*args: Any, **kw: Any) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected kernel failure")
+        real(*args, **kw)
+
+    monkeypatch.setattr(ferroptim._core, "sgd_step", fail_once)
+    set_grads(fps, 10)
+    before = snapshot(fopt, fps)
+    with pytest.raises(RuntimeError, match="injected"):
+        fopt.step()
+    assert_unchanged(before, fopt, fps)
+    for p in fps[2:] if warm_steps else fps:
+        assert "momentum_buffer" not in fopt.state.get(p, {}), "a buffer the kernel never wrote"
+    # The failed step never happened, for torch as for ferroptim: carry on.
+    for step in (10, 11, 12):
+        set_grads(fps, step)
+        set_grads(tps, step)
+        fopt.step()
+        topt.step()
+    assert len(calls) >= 4
+    for a, b in zip(fps, tps, strict=True):
+        assert a.abs().max() < 10, "the step used an uninitialised momentum buffer"
+        torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
+        torch.testing.assert_close(
+            fopt.state[a]["momentum_buffer"], topt.state[b]["momentum_buffer"], **tol(torch.float32)
+        )
+
+
+@pytest.mark.parametrize(
+    ("lr_decay", "warm_steps"),
+    [(-1.0, 1), (-0.5, 2), (-0.5, 1), (torch.tensor(-1.0), 1)],
+    ids=["zero-at-step-2", "zero-at-step-3", "negative-nonzero", "tensor-zero"],
+)
+def test_adagrad_lr_decay_set_negative_mid_training(lr_decay, warm_steps):
+    """torch validates lr_decay only in its constructor; set negative afterwards, its
+    ``lr / (1 + (step - 1) * lr_decay)`` can divide by zero (ZeroDivisionError, before
+    anything is written), or steps (a tensor lr_decay divides to inf)."""
+    _two_group_outcome(
+        FAMILIES["Adagrad"],
+        {"lr": 0.1},
+        _set_in_group("lr_decay", lr_decay),
+        warm_steps=warm_steps,
+        same_message=True,
+        only_torch_errors=True,
+    )

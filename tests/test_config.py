@@ -37,6 +37,44 @@ def test_set_num_threads_rejects_non_positive(bad):
     assert ferroptim.get_num_threads() == before
 
 
+def test_max_num_threads_is_four_per_core_and_at_least_256():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert ferroptim.max_num_threads() == max(4 * (cores or 1), 256)
+
+
+@pytest.mark.parametrize(
+    "excess", [1, 10**6, 2**63, 10**30], ids=["one-over", "1e6", "2^63", "1e30"]
+)
+def test_set_num_threads_rejects_absurd_counts_without_spawning(excess):
+    """A typo'd thread count must not spawn threads until the machine stalls: a clear
+    ValueError, the setting unchanged, and no thread started."""
+    ferroptim.set_num_threads(2)
+    limit = ferroptim.max_num_threads()
+    bad = excess if excess > limit else limit + excess
+    threads_before = threading.active_count()
+    with pytest.raises(ValueError, match=f"at most {limit}"):
+        ferroptim.set_num_threads(bad)
+    assert ferroptim.get_num_threads() == 2
+    assert threading.active_count() == threads_before
+
+
+def test_the_thread_cap_itself_is_accepted_and_steps():
+    """The largest accepted count builds its pool and steps to torch's numbers."""
+    limit = ferroptim.max_num_threads()
+    ferroptim.set_num_threads(limit)
+    assert ferroptim.get_num_threads() == limit
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 300_001))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = ferroptim.SGD([p], lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD([q], lr=0.1, momentum=0.9, foreach=False)
+    for i in range(3):
+        p.grad = torch.sin(torch.arange(300_001.0) * (i + 1))
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("bad", ["2", 2.0, None, True], ids=["str", "float", "none", "bool"])
 def test_set_num_threads_rejects_non_int(bad):
     before = ferroptim.get_num_threads()
@@ -110,6 +148,7 @@ def test_public_api():
         "get_total_norm",
         "get_backend",
         "get_num_threads",
+        "max_num_threads",
         "set_backend",
         "set_num_threads",
         "set_simd_level",
@@ -153,6 +192,9 @@ def _unsupported_level() -> str:
         ("FERROPTIM_NUM_THREADS", "-2"),
         ("FERROPTIM_NUM_THREADS", "two"),
         ("FERROPTIM_NUM_THREADS", "1.5"),
+        ("FERROPTIM_NUM_THREADS", "1000000"),
+        ("FERROPTIM_NUM_THREADS", "max+1"),
+        ("FERROPTIM_NUM_THREADS", "99999999999999999999999"),
         ("FERROPTIM_BACKEND", "gpu"),
         ("FERROPTIM_BACKEND", "cuda"),
     ],
@@ -160,7 +202,9 @@ def _unsupported_level() -> str:
 def test_invalid_environment_fails_import(var, value):
     if value == "unsupported-on-this-cpu":
         value = _unsupported_level()
-    result = run_python("import ferroptim", {var: value})
+    if value == "max+1":
+        value = str(ferroptim.max_num_threads() + 1)
+    result = run_python("import ferroptim", {var: value}, timeout=60)
     assert result.returncode != 0, f"import succeeded with {var}={value}"
     assert "ValueError" in result.stderr, result.stderr
     assert var in result.stderr, result.stderr
@@ -176,6 +220,10 @@ def test_invalid_environment_fails_import(var, value):
         ),
         ({"FERROPTIM_NUM_THREADS": "1"}, "assert ferroptim.get_num_threads() == 1"),
         ({"FERROPTIM_NUM_THREADS": "3"}, "assert ferroptim.get_num_threads() == 3"),
+        (
+            {"FERROPTIM_NUM_THREADS": "256"},
+            "assert ferroptim.get_num_threads() == 256 <= ferroptim.max_num_threads()",
+        ),
         ({"FERROPTIM_BACKEND": "torch"}, "assert ferroptim.get_backend() == 'torch'"),
         ({"FERROPTIM_BACKEND": "auto"}, "assert ferroptim.get_backend() == 'auto'"),
         (
@@ -184,7 +232,15 @@ def test_invalid_environment_fails_import(var, value):
             "assert ferroptim.simd_level() == ferroptim.supported_simd_levels()[0]",
         ),
     ],
-    ids=["simd-scalar", "threads-1", "threads-3", "backend-torch", "backend-auto", "empty"],
+    ids=[
+        "simd-scalar",
+        "threads-1",
+        "threads-3",
+        "threads-256",
+        "backend-torch",
+        "backend-auto",
+        "empty",
+    ],
 )
 def test_valid_environment_takes_effect(env, checks):
     code = f"""

@@ -14,6 +14,7 @@ from ferroptim import _core, functional
 from ferroptim._config import (
     get_backend,
     get_num_threads,
+    max_num_threads,
     set_backend,
     set_num_threads,
     set_simd_level,
@@ -76,6 +77,7 @@ __all__ = [
     "get_backend",
     "get_num_threads",
     "get_total_norm",
+    "max_num_threads",
     "set_backend",
     "set_num_threads",
     "set_simd_level",

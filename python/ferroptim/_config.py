@@ -29,21 +29,42 @@ if _env_errors:
 def get_num_threads() -> int:
     """Number of threads ferroptim steps CPU tensors with.
 
-    Defaults to ``FERROPTIM_NUM_THREADS`` if set, else the machine's cores.
-    Independent of ``torch.get_num_threads()``. A forked child process (a
-    DataLoader worker, say) steps on one thread until it calls
-    :func:`set_num_threads`.
+    Defaults to ``FERROPTIM_NUM_THREADS`` if set, else the machine's cores (as
+    the OS reports them to this process). Independent of
+    ``torch.get_num_threads()``. A forked child process (a DataLoader worker,
+    say) steps on one thread until it calls :func:`set_num_threads`.
     """
     return _core.get_num_threads()
+
+
+def max_num_threads() -> int:
+    """The most threads :func:`set_num_threads` (and ``FERROPTIM_NUM_THREADS``) accept:
+    4 per core available to this process, and at least 256.
+
+    Every configured thread is a real OS thread of ferroptim's pool; the cap stops
+    a typo (``set_num_threads(10**6)``) from spawning threads until the machine stalls.
+    """
+    return _core.max_num_threads()
 
 
 def set_num_threads(num_threads: int) -> None:
     """Sets the number of threads ferroptim steps CPU tensors with.
 
-    Results are bitwise identical for any thread count.
+    Results are bitwise identical for any thread count. Raises ``ValueError``
+    for fewer than 1 or more than :func:`max_num_threads` (and ``TypeError`` for
+    anything but an ``int``); the setting is then left as it was.
     """
     if isinstance(num_threads, bool) or not isinstance(num_threads, int):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"the number of threads must be at least 1, got {num_threads}")
+    limit = max_num_threads()
+    if num_threads > limit:
+        # Checked here too: an int beyond 64 bits never reaches Rust's check.
+        raise ValueError(
+            f"the number of threads must be at most {limit} (4 per available core, "
+            f"at least 256), got {num_threads}"
+        )
     _core.set_num_threads(num_threads)
 
 

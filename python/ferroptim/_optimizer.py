@@ -23,6 +23,7 @@ So an error in any group leaves every tensor as it was.
 from __future__ import annotations
 
 import functools
+import numbers
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torch.optim import optimizer as torch_optimizer
-from torch.optim.optimizer import _get_scalar_dtype
+from torch.optim.optimizer import _get_capturable_supported_devices, _get_scalar_dtype
 from torch.utils._foreach_utils import (
     _get_foreach_kernels_supported_devices,
     _get_fused_kernels_supported_devices,
@@ -59,9 +60,42 @@ with torch.inference_mode(False):
     _core._native_recheck()
 
 
-def scalar(value: float | Tensor) -> float:
-    """A hyperparameter as a Python float (tensors are read once per step)."""
-    return value if type(value) is float else float(value)
+_PLAIN_NUMBERS = (float, int, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # (the common types first: an ABC check costs a microsecond per call)
+    return (
+        type(value) in _PLAIN_NUMBERS
+        or isinstance(value, Tensor)
+        or (isinstance(value, numbers.Real) and not isinstance(value, (str, bytes)))
+    )
+
+
+def check_number(value: Any, name: str) -> None:
+    """Raises the TypeError torch's arithmetic raises mid-step for a hyperparameter that
+    is not a number (``lr=None``, ``lr="0.1"``): a real number or a tensor passes."""
+    if not _is_number(value):
+        raise TypeError(
+            f"hyperparameter {name!r} must be a real number or a 1-element tensor, "
+            f"got {type(value).__name__}: {value!r}"
+        )
+
+
+def scalar(value: Any, name: str = "hyperparameter") -> float:
+    """A hyperparameter as a Python float (tensors are read once per step); raises
+    TypeError for what torch's step cannot compute with (``None``, a string)."""
+    if type(value) is float:
+        return value
+    if type(value) is not int:
+        check_number(value, name)
+    return float(value)
+
+
+def flag(value: Any) -> bool:
+    """A boolean hyperparameter (``maximize``, ``nesterov``, ...) as torch reads it:
+    ``if maximize:`` (so ``maximize=1`` is True, as in torch)."""
+    return value if type(value) is bool else bool(value)
 
 
 def lr_is_f32(lr: float | Tensor) -> bool:
@@ -121,6 +155,10 @@ class _Job:
     def cancel(self) -> None:
         for plan in self.plans:
             plan.release()
+
+
+#: A prepared kernel call: ``kernel(plan, unscale, clip, fresh)``.
+KernelCall = Callable[[_core.GroupPlan, float, float, bool], None]
 
 
 @dataclass(frozen=True)
@@ -232,6 +270,39 @@ def _agree_finite(finite: bool, group: Any) -> bool:
     return not flag.item()
 
 
+def _is_plain(tensor: Tensor) -> bool:
+    """Whether the tensor is a plain ``Tensor`` or ``Parameter`` (or a ``Parameter``
+    subclass that overrides neither ``__torch_function__`` nor ``__torch_dispatch__``):
+    its memory is what it holds. Anything else (wrapper subclasses, subclasses that
+    redefine ops) steps through torch, as torch steps it."""
+    cls = type(tensor)
+    if cls is Tensor or cls is torch.nn.Parameter:
+        return True
+    return (
+        issubclass(cls, torch.nn.Parameter)
+        and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
+        and cls.__torch_dispatch__ is Tensor.__torch_dispatch__
+    )
+
+
+def _check_capturable(gathered: Gathered, group: dict[str, Any]) -> None:
+    """torch's check (an AssertionError) that a capturable step runs on a device CUDA
+    graphs can capture, with the step counter on the param's device."""
+    if not flag(group.get("capturable", False)):
+        return
+    devices = _get_capturable_supported_devices()
+    for param, step in zip(gathered.params, gathered.steps, strict=False):
+        if not (
+            isinstance(step, Tensor)
+            and param.device.type == step.device.type
+            and param.device.type in devices
+        ):
+            raise AssertionError(
+                "If capturable=True, params and state_steps must be on supported devices: "
+                f"{devices}."
+            )
+
+
 def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
@@ -284,6 +355,9 @@ class RustStepMixin:
     _ferro_has_fused: ClassVar[bool] = True
     #: Whether torch supports sparse gradients for this optimizer (they take its path).
     _ferro_sparse_to_torch: ClassVar[bool] = False
+    #: Whether torch's for-loop reads the step counter's value (``step_t.item()``);
+    #: RMSprop's only increments it, so any shape of counter steps.
+    _ferro_reads_step: ClassVar[bool] = True
 
     # torch.optim.Optimizer provides these.
     param_groups: list[dict[str, Any]]
@@ -341,20 +415,39 @@ class RustStepMixin:
         """torch's ``_init_group`` for ``group["params"]``: create missing state, list tensors."""
         raise NotImplementedError
 
-    def _ferro_rust_step(
-        self,
-        plan: _core.GroupPlan,
-        group: dict[str, Any],
-        unscale: float,
-        clip: float,
-        fresh: bool,
-    ) -> None:
-        """Run the Rust kernel on a gathered plan with the group's hyperparameters;
-        every gradient is multiplied by ``unscale`` then ``clip`` as it is read.
-
-        ``fresh``: the plan's lazily created buffers are new and must be written first.
-        """
+    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
+        """The group's Rust kernel with its hyperparameters converted (and checked) now,
+        in the prepare phase, so that running it cannot fail on them: called as
+        ``kernel(plan, unscale, clip, fresh)``, it steps the plan; every gradient is
+        multiplied by ``unscale`` then ``clip`` as it is read. ``fresh``: the plan's
+        lazily created buffers are new and must be written first."""
         raise NotImplementedError
+
+    def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Raises now what torch's step raises mid-step for the group's hyperparameters
+        (for params torch's path steps: the Rust path converts them in
+        :meth:`_ferro_kernel`)."""
+        for name in self._ferro_numbers:
+            check_number(group[name], name)
+
+    #: The group's numeric hyperparameters (checked before anything is written).
+    _ferro_numbers: ClassVar[tuple[str, ...]] = ("lr",)
+
+    def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
+        """Whether the Rust kernels cannot reproduce torch's arithmetic for this group's
+        hyperparameters (Adam's tensor betas): its params take torch's for-loop."""
+        return False
+
+    def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
+        """Raises what torch's for-loop raises computing the per-step scalars of
+        ``gathered``'s params when the group's hyperparameters are outside what its
+        constructor accepts (``beta1 = 1`` set mid-training: ``lr / (1 - beta1 ** step)``
+        raises ZeroDivisionError)."""
+
+    def _ferro_usual(self, group: dict[str, Any]) -> bool:
+        """Whether the group's hyperparameters are in the range torch's constructor
+        accepts: then the per-step scalars cannot raise, and a cached plan may run."""
+        return True
 
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
@@ -453,7 +546,15 @@ class RustStepMixin:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _ferro_plan_key(self, group: dict[str, Any]) -> tuple[Any, ...]:
+    def _ferro_plan_key(self, group: dict[str, Any]) -> tuple[Any, ...] | None:
+        """What a cached plan was made for; None: this group always takes the slow path
+        (where torch's errors are raised and torch's path is chosen)."""
+        if (
+            flag(group.get("capturable", False))
+            or self._ferro_rust_unsupported(group)
+            or not self._ferro_usual(group)
+        ):
+            return None
         return (
             self._ferro_state_keys(group),
             group.get("differentiable", False),
@@ -467,17 +568,14 @@ class RustStepMixin:
             or cached.group is not group
             or cached.params is not group["params"]
             or cached.key != self._ferro_plan_key(group)
-            or not cached.plan.gather()
         ):
             return None
+        # Hyperparameters are converted before the plan gathers (and holds) anything.
+        kernel = self._ferro_kernel(group)
+        if not cached.plan.gather():
+            return None
         plan = cached.plan
-        return _Job(
-            [plan],
-            [],
-            lambda factors: self._ferro_rust_step(
-                plan, group, factors.unscale, factors.clip, False
-            ),
-        )
+        return _Job([plan], [], lambda factors: kernel(plan, factors.unscale, factors.clip, False))
 
     def _grad_factors(
         self, jobs: list[_Job], grad_scale: Tensor | None, found_inf: Tensor | None
@@ -554,8 +652,13 @@ class RustStepMixin:
             )
 
     def _route(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Splits the group's params into (Rust, torch) by device, dtype, grad and settings."""
-        if group.get("differentiable", False) or _config.get_backend() == "torch":
+        """Splits the group's params into (Rust, torch) by device, dtype, type, grad, state
+        and settings."""
+        if (
+            group.get("differentiable", False)
+            or _config.get_backend() == "torch"
+            or self._ferro_rust_unsupported(group)
+        ):
             return [], list(group["params"])
         rust: list[Tensor] = []
         other: list[Tensor] = []
@@ -565,6 +668,13 @@ class RustStepMixin:
                 p.device.type == "cpu"
                 and (p.dtype in _RUST_DTYPES or p.dtype in _COMPLEX_DTYPES)
                 and not (self._ferro_sparse_to_torch and grad is not None and grad.is_sparse)
+                and (_is_plain(p) or _is_dtensor(p))
+                and (grad is None or _is_plain(grad) or _is_dtensor(grad))
+                and self._step_plannable(p)
+                and not any(
+                    isinstance(v, Tensor) and v.is_sparse
+                    for v in self.state.get(p, _NO_STATE).values()
+                )
             ):
                 rust.append(p)
             else:
@@ -576,11 +686,22 @@ class RustStepMixin:
                 other.append(p)
         return rust, other
 
+    def _step_plannable(self, param: Tensor) -> bool:
+        """Whether the param's step counter is one the Rust step can keep: a family whose
+        torch step only increments it (RMSprop) steps any other shape of counter torch's
+        way; the others raise torch's error in the prepare phase."""
+        if self._ferro_step_key is None or self._ferro_reads_step:
+            return True
+        step = self.state.get(param, _NO_STATE).get(self._ferro_step_key)
+        return not isinstance(step, Tensor) or step.numel() == 1
+
     def _torch_implementation(
         self, group: dict[str, Any], params: list[Tensor], has_sparse_grad: bool
     ) -> tuple[bool, bool]:
         """(foreach, fused) for torch's implementation: the user's choice if made, else
-        torch's fused kernels where they exist, else foreach, else the for-loop."""
+        torch's fused kernels where they exist, else foreach, else the for-loop. Tensor
+        subclasses and CPU groups the Rust kernels cannot reproduce take the for-loop, as
+        in torch's own default."""
         if group.get("differentiable", False) or has_sparse_grad:
             return False, False
         fused, foreach = group.get("fused"), group.get("foreach")
@@ -588,6 +709,10 @@ class RustStepMixin:
             return False, True
         if fused is not None or foreach is not None:
             return bool(foreach), False
+        if not all(_is_plain(p) for p in params) or (
+            self._ferro_rust_unsupported(group) and all(p.device.type == "cpu" for p in params)
+        ):
+            return False, False
         fused_devices = _get_fused_kernels_supported_devices()
         if self._ferro_has_fused and all(
             p.device.type in fused_devices and p.is_floating_point() for p in params
@@ -600,20 +725,29 @@ class RustStepMixin:
         new_state = [p for p in group["params"] if p.grad is not None and not self.state.get(p)]
         with torch.set_grad_enabled(differentiable):
             rust_params, torch_params = self._route(group)
-            gathered = self._ferro_gather({**group, "params": rust_params}) if rust_params else None
+            has_grads = any(p.grad is not None for p in rust_params)
+            # Hyperparameters first: converted (or refused) before any state is made.
+            kernel = self._ferro_kernel(group) if has_grads else None
+            if torch_params:
+                self._ferro_check_hyperparameters(group)
+            gathered = self._ferro_gather({**group, "params": rust_params}) if has_grads else None
             torch_run, torch_grads = (
                 self._prepare_torch(group, torch_params) if torch_params else (None, [])
             )
             rust = None
             if gathered is not None and gathered.params:
+                self._check_torch_step(gathered, group)
                 rust = self._prepare_rust(gathered, group)
 
         def run(factors: _GradFactors) -> None:
-            if rust is not None:
-                for state, key, buffer in rust.created:
-                    state[key] = buffer  # lazily created buffers join the state now
+            if rust is not None and kernel is not None:
                 for plan, fresh in rust.plans:
-                    self._ferro_rust_step(plan, group, factors.unscale, factors.clip, fresh)
+                    kernel(plan, factors.unscale, factors.clip, fresh)
+                for state, key, buffer in rust.created:
+                    # Lazily created buffers join the state only now that the kernel has
+                    # written them: a failed call leaves no uninitialised buffer behind
+                    # (torch stores nothing on a failed step).
+                    state[key] = buffer
                 with torch.no_grad():
                     for original, work in rust.staged:
                         original.copy_(work)
@@ -635,6 +769,29 @@ class RustStepMixin:
             rust.dtensor_grads,
         )
 
+    def _check_torch_step(
+        self, gathered: Gathered, group: dict[str, Any], *, for_loop: bool = True
+    ) -> None:
+        """Raises now what torch's functional (``for_loop``: its for-loop) would raise
+        while stepping ``gathered``: a step counter that is not a tensor, a capturable step
+        on CPU, a counter that is not a 1-element tensor (where the step reads it),
+        per-step scalars its Python cannot compute."""
+        if self._ferro_step_key is not None and not all(
+            isinstance(s, Tensor) for s in gathered.steps
+        ):
+            raise RuntimeError(
+                "API has changed, `state_steps` argument must contain a list of singleton tensors"
+            )
+        _check_capturable(gathered, group)
+        if self._ferro_step_key is not None and for_loop and self._ferro_reads_step:
+            for s in gathered.steps:
+                if s.numel() != 1:  # torch's `step_t.item()`
+                    raise RuntimeError(
+                        f"a Tensor with {s.numel()} elements cannot be converted to Scalar"
+                    )
+            if not self._ferro_usual(group):
+                self._ferro_check_step_scalars(group, gathered)
+
     def _prepare_torch(
         self, group: dict[str, Any], params: list[Tensor]
     ) -> tuple[Callable[[_GradFactors], None], list[Tensor]]:
@@ -647,6 +804,7 @@ class RustStepMixin:
         if implied_fused:
             init_group["fused"] = True
         gathered = self._ferro_gather(init_group)
+        self._check_torch_step(gathered, group, for_loop=not foreach and not fused)
         self._ferro_check_torch_path(gathered, group)
         if (
             implied_fused
@@ -758,7 +916,7 @@ class RustStepMixin:
                 states[k].append(_local(buffer))
             if step_key is not None:
                 step = gathered.steps[i]
-                if step.device.type != "cpu" or step.dtype not in _RUST_DTYPES or step.numel() != 1:
+                if step.device.type != "cpu" or step.dtype not in _RUST_DTYPES:
                     step = torch.tensor(float(step), dtype=_get_scalar_dtype())
                     state[step_key] = gathered.steps[i] = step
             works.append(work)
@@ -820,11 +978,16 @@ class RustStepMixin:
             return
         params = group["params"]
         if not all(
-            p.device.type == "cpu" and p.dtype in _RUST_DTYPES and not _is_dtensor(p)
+            p.device.type == "cpu"
+            and p.dtype in _RUST_DTYPES
+            and _is_plain(p)
+            and self._step_plannable(p)
             for p in params
         ):
             return
         key = self._ferro_plan_key(group)
+        if key is None:
+            return
         try:
             plan = _core.GroupPlan(
                 params,

@@ -10,7 +10,7 @@ from torch.optim import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, lr_is_f32, scalar
+from ferroptim._optimizer import Gathered, KernelCall, RustStepMixin, flag, lr_is_f32, scalar
 
 __all__ = ["Adagrad"]
 
@@ -70,25 +70,33 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         g.states = [sums]
         return g
 
-    def _ferro_rust_step(
-        self,
-        plan: _core.GroupPlan,
-        group: dict[str, Any],
-        unscale: float,
-        clip: float,
-        fresh: bool,
-    ) -> None:
-        _core.adagrad_step(
-            plan,
-            scalar(group["lr"]),
-            scalar(group["lr_decay"]),
-            scalar(group["weight_decay"]),
-            scalar(group["eps"]),
-            group["maximize"],
-            unscale,
-            clip,
-            lr_is_f32(group["lr"]),
-        )
+    _ferro_numbers = ("lr", "lr_decay", "weight_decay", "eps")
+
+    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
+        lr = scalar(group["lr"], "lr")
+        lr_decay = scalar(group["lr_decay"], "lr_decay")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
+        eps = scalar(group["eps"], "eps")
+        maximize, f32 = flag(group["maximize"]), lr_is_f32(group["lr"])
+
+        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
+            _core.adagrad_step(plan, lr, lr_decay, weight_decay, eps, maximize, unscale, clip, f32)
+
+        return kernel
+
+    def _ferro_usual(self, group: dict[str, Any]) -> bool:
+        # (a tensor lr_decay divides in tensor arithmetic: inf, no exception)
+        lr_decay = group["lr_decay"]
+        return type(lr_decay) not in (int, float) or lr_decay >= 0
+
+    def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
+        # torch's `clr = lr / (1 + (step - 1) * lr_decay)`, in Python floats (a negative
+        # lr_decay set after construction can make it divide by zero).
+        lr, lr_decay = group["lr"], group["lr_decay"]
+        if isinstance(lr, Tensor):
+            return
+        for step in {float(s) + 1 for s in gathered.steps}:
+            _ = lr / (1 + (step - 1) * lr_decay)
 
     def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
         if gathered.has_sparse_grad and group["weight_decay"] != 0:

@@ -10,9 +10,31 @@ from torch.optim import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, lr_is_f32, scalar
+from ferroptim._optimizer import (
+    Gathered,
+    KernelCall,
+    RustStepMixin,
+    check_number,
+    flag,
+    lr_is_f32,
+    scalar,
+)
 
 __all__ = ["Adam", "AdamW"]
+
+
+_PLAIN = (float, int)
+
+#: torch's names of dtypes in its type-promotion errors.
+_TYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+    torch.complex32: "ComplexHalf",
+}
 
 
 class _AdamFamily(RustStepMixin):
@@ -43,29 +65,82 @@ class _AdamFamily(RustStepMixin):
             return grad.mul(1 - scalar(group["lr"]) * scalar(group["weight_decay"]))
         return grad.clone()
 
-    def _ferro_rust_step(
-        self,
-        plan: _core.GroupPlan,
-        group: dict[str, Any],
-        unscale: float,
-        clip: float,
-        fresh: bool,
-    ) -> None:
+    _ferro_numbers = ("lr", "eps", "weight_decay")
+
+    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
         beta1, beta2 = group["betas"]
-        _core.adam_step(
-            plan,
-            scalar(group["lr"]),
-            scalar(beta1),
-            scalar(beta2),
-            scalar(group["eps"]),
-            scalar(group["weight_decay"]),
-            group["decoupled_weight_decay"],
-            group["amsgrad"],
-            group["maximize"],
-            unscale,
-            clip,
-            lr_is_f32(group["lr"]),
+        lr = scalar(group["lr"], "lr")
+        b1, b2 = scalar(beta1, "beta1"), scalar(beta2, "beta2")
+        eps = scalar(group["eps"], "eps")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
+        decoupled = flag(group["decoupled_weight_decay"])
+        amsgrad, maximize = flag(group["amsgrad"]), flag(group["maximize"])
+        f32 = lr_is_f32(group["lr"])
+
+        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
+            _core.adam_step(
+                plan,
+                lr,
+                b1,
+                b2,
+                eps,
+                weight_decay,
+                decoupled,
+                amsgrad,
+                maximize,
+                unscale,
+                clip,
+                f32,
+            )
+
+        return kernel
+
+    def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._ferro_check_hyperparameters(group)
+        beta1, beta2 = group["betas"]
+        check_number(beta1, "beta1")
+        check_number(beta2, "beta2")
+
+    def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
+        # torch computes with tensor betas in their own (float32) tensor arithmetic:
+        # `1 - beta2`, `1 - beta1 ** step`, `lr / bias_correction1` rounded to float32.
+        # The kernels compute these scalars in float64, so such groups take torch's
+        # for-loop (exactly torch's numbers).
+        betas = group["betas"]
+        if type(betas) is not tuple and type(betas) is not list:
+            return False
+        return len(betas) == 2 and (isinstance(betas[0], Tensor) or isinstance(betas[1], Tensor))
+
+    def _ferro_usual(self, group: dict[str, Any]) -> bool:
+        betas = group["betas"]
+        if (type(betas) is not tuple and type(betas) is not list) or len(betas) != 2:
+            return False
+        beta1, beta2 = betas
+        return (
+            type(beta1) in _PLAIN
+            and type(beta2) in _PLAIN
+            and 0.0 <= beta1 < 1.0
+            and 0.0 <= beta2 < 1.0
         )
+
+    def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
+        # torch's Python scalars, as its for-loop computes them (betas set outside [0, 1)
+        # after construction): `1 - 1.0 ** step` is 0 (ZeroDivisionError), `1.5 ** 2000`
+        # overflows, and `(1 - 1.5 ** step) ** 0.5` is complex, which the param cannot take.
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        for step, param in zip(gathered.steps, gathered.params, strict=True):
+            step_value = float(step) + 1
+            bias_correction1 = 1 - beta1**step_value
+            bias_correction2 = 1 - beta2**step_value
+            if not isinstance(lr, Tensor):
+                _ = lr / bias_correction1
+            if isinstance(bias_correction2**0.5, complex):
+                real = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
+                raise RuntimeError(
+                    f"result type {_TYPE_NAMES[real.to_complex()]} can't be cast to the "
+                    f"desired output type {_TYPE_NAMES[real]}"
+                )
 
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool

@@ -10,7 +10,7 @@ from torch.optim import rmsprop as torch_rmsprop
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+from ferroptim._optimizer import Gathered, KernelCall, RustStepMixin, flag, scalar
 
 __all__ = ["RMSprop"]
 
@@ -85,26 +85,24 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             g.states.append(grad_avgs)
         return g
 
-    def _ferro_rust_step(
-        self,
-        plan: _core.GroupPlan,
-        group: dict[str, Any],
-        unscale: float,
-        clip: float,
-        fresh: bool,
-    ) -> None:
-        _core.rmsprop_step(
-            plan,
-            scalar(group["lr"]),
-            scalar(group["alpha"]),
-            scalar(group["eps"]),
-            scalar(group["weight_decay"]),
-            scalar(group["momentum"]),
-            group["centered"],
-            group["maximize"],
-            unscale,
-            clip,
-        )
+    _ferro_numbers = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    # torch's RMSprop only increments the step counter.
+    _ferro_reads_step = False
+
+    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
+        lr = scalar(group["lr"], "lr")
+        alpha = scalar(group["alpha"], "alpha")
+        eps = scalar(group["eps"], "eps")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
+        momentum = scalar(group["momentum"], "momentum")
+        centered, maximize = flag(group["centered"]), flag(group["maximize"])
+
+        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
+            _core.rmsprop_step(
+                plan, lr, alpha, eps, weight_decay, momentum, centered, maximize, unscale, clip
+            )
+
+        return kernel
 
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool

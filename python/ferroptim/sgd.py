@@ -10,7 +10,15 @@ from torch.optim import sgd as torch_sgd
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
-from ferroptim._optimizer import Gathered, RustStepMixin, scalar
+from ferroptim._optimizer import (
+    Gathered,
+    KernelCall,
+    RustStepMixin,
+    _is_number,
+    check_number,
+    flag,
+    scalar,
+)
 
 __all__ = ["SGD"]
 
@@ -73,26 +81,67 @@ class SGD(RustStepMixin, torch.optim.SGD):
         g.states = [buffers] if g.keys else []
         return g
 
-    def _ferro_rust_step(
-        self,
-        plan: _core.GroupPlan,
-        group: dict[str, Any],
-        unscale: float,
-        clip: float,
-        fresh: bool,
-    ) -> None:
-        _core.sgd_step(
-            plan,
-            scalar(group["lr"]),
-            scalar(group["momentum"]),
-            scalar(group["dampening"]),
-            scalar(group["weight_decay"]),
-            group["nesterov"],
-            group["maximize"],
-            fresh,
-            unscale,
-            clip,
-        )
+    # momentum and dampening are read only once a momentum buffer exists (or, for
+    # momentum, with Nesterov): see _ferro_check_torch_path.
+    _ferro_numbers = ("lr", "weight_decay")
+
+    def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
+        # torch's first momentum step only clones the grad: it steps with a momentum or
+        # dampening it could not compute with (`momentum=None` set mid-training), and
+        # fails at the next step. Its for-loop gives exactly that.
+        return not all(_is_number(group[k]) for k in ("momentum", "dampening"))
+
+    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
+        lr = scalar(group["lr"], "lr")
+        momentum = scalar(group["momentum"], "momentum")
+        dampening = scalar(group["dampening"], "dampening")
+        weight_decay = scalar(group["weight_decay"], "weight_decay")
+        nesterov, maximize = flag(group["nesterov"]), flag(group["maximize"])
+
+        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
+            _core.sgd_step(
+                plan,
+                lr,
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+                maximize,
+                fresh,
+                unscale,
+                clip,
+            )
+
+        return kernel
+
+    def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
+        # torch's for-loop adds a sparse grad to dense tensors (weight decay, Nesterov's
+        # look-ahead) and a dense grad to a sparse momentum buffer: "add(sparse, dense)"
+        # after earlier params were stepped. Raised here, before anything is written.
+        momentum = group["momentum"] != 0
+        buffers = gathered.states[0] if gathered.states else [None] * len(gathered.params)
+        if momentum and any(b is not None for b in buffers):  # buf.mul_(momentum).add_(...)
+            check_number(group["momentum"], "momentum")
+            check_number(group["dampening"], "dampening")
+        if momentum and flag(group["nesterov"]):  # grad.add(buf, alpha=momentum)
+            check_number(group["momentum"], "momentum")
+        if not gathered.has_sparse_grad and not any(b is not None and b.is_sparse for b in buffers):
+            return
+        for grad, buffer in zip(gathered.grads, buffers, strict=True):
+            if (
+                (grad.is_sparse and group["weight_decay"] != 0)
+                or (momentum and buffer is not None and buffer.is_sparse and not grad.is_sparse)
+                or (
+                    momentum
+                    and flag(group["nesterov"])
+                    and grad.is_sparse
+                    and buffer is not None
+                    and not buffer.is_sparse
+                )
+            ):
+                raise RuntimeError(
+                    "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+                )
 
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool

@@ -82,6 +82,12 @@ fn _native_recheck(py: Python<'_>, disable: Option<bool>) -> bool {
     native::layout(py).is_some()
 }
 
+/// The most threads [`set_num_threads`] accepts on this machine.
+#[pyfunction]
+fn max_num_threads() -> usize {
+    parallel::max_threads()
+}
+
 /// Raises the RuntimeError a panic inside a kernel turns into (for tests).
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -110,6 +116,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(environment_errors, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(max_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     m.add_function(wrap_pyfunction!(_native_recheck, m)?)?;
     Ok(())
