@@ -24,12 +24,14 @@ import torch
 from _safety import (
     SAFETY_FAMILIES,
     Twin,
+    assert_grads_untouched,
     assert_outside_unchanged,
     assert_storages_unchanged,
     assert_twins_equal,
     assign,
     buffer_keys,
     fresh_grads,
+    grad_bytes,
     make_twins,
     resync,
     same_error_type,
@@ -244,6 +246,25 @@ def _grad_is_param(twin: Twin, k: int) -> None:
     twin.params[T].grad = twin.params[T].detach()[:]
 
 
+def _grad_is_staged_param(layout: str) -> Mutate:
+    """A grad that is its param's memory, where the param is stepped in a staged copy
+    (lazily negated, or with gaps in memory): torch's AdamW decays the param, hence the
+    grad, before reading it."""
+
+    def mutate(twin: Twin, k: int) -> None:
+        p = twin.params[R]
+        if k == 0:
+            if layout == "neg":
+                p.data = torch._neg_view(p.data.clone())
+            else:
+                wide = torch.zeros(33, 14, dtype=F64)
+                p.data = wide[:, ::2].copy_(p.data)
+        if k % 2 == 0:
+            p.grad = p.detach()
+
+    return mutate
+
+
 def _grad_is_state(key: str) -> Mutate:
     def mutate(twin: Twin, k: int) -> None:
         p = twin.params[V]
@@ -282,6 +303,8 @@ def cases(family: str) -> list[Case]:
         Case("param-transposed-square", _transpose(S)),
         Case("grad-noncontiguous", _even(_noncontiguous_grads)),
         Case("grad-is-param", _even(_grad_is_param)),
+        Case("grad-is-param-neg-view", _grad_is_staged_param("neg")),
+        Case("grad-is-param-with-gaps", _grad_is_staged_param("gaps")),
     ]
     for target in ("param", "grad", *keys):
         for nbytes in (8, 0):
@@ -345,12 +368,13 @@ def recheck(request: pytest.FixtureRequest) -> Iterator[bool]:
 def _step_twins(
     ferro: Twin, ref: Twin, *, run_torch: bool
 ) -> tuple[BaseException | None, BaseException | None]:
-    before = ferro.storage_snapshot()
+    before, grads = ferro.storage_snapshot(), grad_bytes(ferro)
     ferror = step(ferro)
     if ferror is not None:
         assert_storages_unchanged(before, f"ferroptim ({type(ferror).__name__}: {ferror})")
     else:
         assert_outside_unchanged(before, "ferroptim")
+        assert_grads_untouched(grads)
     return ferror, (step(ref) if run_torch else None)
 
 
