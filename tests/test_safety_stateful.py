@@ -5,9 +5,10 @@ changes and the adversarial mutations torch itself survives (lazily negated grad
 params, non-contiguous grads, a grad that is its param, a param transposed under its
 state, ``swap_tensors``, params and state buffers re-allocated or re-laid out).
 
-Invariant after every rule: params, grads and every state entry equal (grads and step
-counters byte for byte, values within conftest's TOLERANCES: float64 differs from torch's
-for-loop by an ulp at most); after every step, no byte outside a tensor changed in any
+Invariant after every rule: params, grads and every state entry equal (step counters
+exactly, values within conftest's TOLERANCES — float64 differs from torch's for-loop by
+an ulp at most; float32 within ten times them, see ``twins_agree``); after every step no
+grad changed (byte for byte) and no byte outside a tensor changed in any
 storage ferroptim can reach; a step that raises in one raises in both, with the same
 type, and ferroptim's wrote nothing.
 """
@@ -249,7 +250,13 @@ class TwinMachine(RuleBasedStateMachine):
 
     @invariant()
     def twins_agree(self) -> None:
-        assert_twins_equal(self.ferro, self.ref)
+        # float32: ten times conftest's tolerance. torch's vectorised float32 sqrt is not
+        # always correctly rounded (ferroptim's is), and a grad that is its param, fed
+        # back for many steps into RMSprop's momentum buffer, grows that ulp past 1e-5
+        # (conftest's assert_as_exact_as_torch measures it against a float64 shadow;
+        # here the point is memory, not the last bits).
+        scale = 1.0 if self.dtype == torch.float64 else 10.0
+        assert_twins_equal(self.ferro, self.ref, tolerance_scale=scale)
 
 
 def _machine(family: str, dtype: torch.dtype) -> type:
