@@ -922,6 +922,9 @@ class RustStepMixin:
             works.append(work)
             kinds.append((fresh, dtensor))
             written_storages.add(_storage_key(work))
+            # A staged param's own memory is written too (the copy back): a grad in it
+            # (``p.grad = p.detach()``) must be read as torch would, not as it was.
+            written_storages.add(_storage_key(local))
             state_storages.update(_storage_key(s[i]) for s in states)
         written_storages |= state_storages
         written_storages.discard(None)
@@ -941,7 +944,8 @@ class RustStepMixin:
             if _is_dtensor(grad):
                 out.dtensor_grads.append(grad)
             grad = _local(grad)
-            grad = _resolved(grad)
+            # Aliasing is decided on the grad's own memory, before a lazy (negated,
+            # conjugated) grad is resolved into a copy that would hide it.
             storage = _storage_key(grad)
             if storage in state_storages:
                 raise RuntimeError(
@@ -952,6 +956,7 @@ class RustStepMixin:
                 # The gradient shares memory with a buffer the step writes: read
                 # what torch's in-place sequence would have read.
                 grad = self._ferro_aliased_grad(_local(p), grad, group)
+            grad = _resolved(grad)
             grads.append(_laid_out_like(grad, work))
 
         for kind in sorted(set(kinds)):

@@ -45,10 +45,12 @@ pub const MAX_DIMS: usize = 8;
 const INLINE_DIMS: usize = 5;
 /// How far into each object the calibration searches.
 /// (A tensor's Python object is at least 48 bytes: header, impl, two hook
-/// slots; a `TensorImpl` at least 192 — c10 checks its size at compile time
-/// — and a `StorageImpl` at least 96: the searches stay inside them.)
+/// slots; a `TensorImpl` 176 in torch 2.15 — its last word holds the
+/// dispatch keys the re-check reads; 24 words overran the heap block by 16
+/// bytes under valgrind — and a `StorageImpl` at least 96: the searches stay
+/// inside them.)
 const OBJECT_WORDS: usize = 5;
-const IMPL_WORDS: usize = 24;
+const IMPL_WORDS: usize = 22;
 const STORAGE_WORDS: usize = 10;
 /// The flag word's bytes that hold the dtype (2) and the device (3). The
 /// rest holds layout bits (implied by the sizes and strides, which are
@@ -404,7 +406,8 @@ fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
         return Ok(None);
     };
     // `sizes_and_strides_`: the dimension count, 5 sizes, 5 strides.
-    let ndim = (1..IMPL_WORDS - 2 * INLINE_DIMS - 3)
+    // (the key word, `ndim + 2 * INLINE_DIMS + 4`, must lie within the words read)
+    let ndim = (1..IMPL_WORDS - 2 * INLINE_DIMS - 4)
         .find(|&i| wa[i] == 3 && wa[i + 1..i + 4] == [3, 5, 7] && wa[i + 6..i + 9] == [71, 13, 2]);
     let Some(ndim) = ndim else {
         return Ok(None);
