@@ -458,7 +458,7 @@ impl WrittenSet {
         }
         if let Some(tensor) = tensors
             .iter()
-            .position(|t| t.param == 0 || t.states().contains(&0))
+            .position(|t| t.len > 0 && (t.param == 0 || t.states().contains(&0)))
         {
             return Err(EngineError::Null {
                 tensor,
@@ -558,6 +558,11 @@ mod tests {
         let mut twice = t;
         twice.states[0] = t.param;
         assert!(WrittenSet::new(&[twice]).is_err());
+        let mut empty = buffers(&mut [], &[], &mut []);
+        empty.param = 0; // a zero-size tensor: no memory, null allowed
+        assert!(WrittenSet::new(&[t, empty]).is_ok());
+        empty.len = 1;
+        assert!(WrittenSet::new(&[t, empty]).is_err());
     }
 
     #[test]
