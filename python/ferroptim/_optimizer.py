@@ -255,12 +255,12 @@ def _is_dtensor(tensor: Tensor) -> bool:
 
 def _local(tensor: Tensor) -> Tensor:
     """A DTensor's local shard (a view: writing it writes the DTensor), else the tensor."""
-    return tensor._local_tensor if _is_dtensor(tensor) else tensor
+    return tensor._local_tensor if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def _full(tensor: Tensor) -> Tensor:
     """A replicated DTensor as a plain tensor."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def _agree_finite(finite: bool, group: Any) -> bool:
@@ -508,12 +508,12 @@ class RustStepMixin:
             self.__dict__["_ferro_snapshot"] = _core.StateSnapshot(self.state)
         return loss
 
-    step = _hooked(step)  # type: ignore[assignment]
+    step = _hooked(step)
 
     _FERRO_SETTINGS = ("max_grad_norm", "skip_nonfinite", "skipped_steps", "nonfinite_group")
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state: dict[str, Any] = super().__getstate__()  # type: ignore[assignment]
         for name in self._FERRO_SETTINGS:
             state[name] = self.__dict__.get(name)
         return state
@@ -877,8 +877,8 @@ class RustStepMixin:
                 "list each parameter once"
             )
         out = _RustWork()
-        written_storages: set[int] = set()
-        state_storages: set[int] = set()
+        written_storages: set[int | None] = set()
+        state_storages: set[int | None] = set()
         works: list[Tensor] = []
         states: list[list[Tensor]] = [[] for _ in keys]
         kinds: list[tuple[bool, bool]] = []  # (fresh, dtensor) per param

@@ -170,7 +170,7 @@ def clip_grad_value_(
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     params = [p for p in params if p.grad is not None]
     clip_value = float(clip_value)
-    rust, other = _split([p.grad for p in params])
+    rust, other = _split([p.grad for p in params if p.grad is not None])
     plan = _rust_plan(rust) if rust else None
     if plan is None:
         torch.nn.utils.clip_grad_value_(params, clip_value, foreach)

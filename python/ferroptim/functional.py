@@ -39,7 +39,7 @@ Arrays = Any | Sequence[Any]
 
 
 def _listed(arrays: Arrays) -> list[Any]:
-    listed = list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
+    listed: list[Any] = list(arrays) if isinstance(arrays, (list, tuple)) else [arrays]
     # A 0-d array exports no shape; step its one-element view (same memory).
     return [a.reshape(1) if getattr(a, "ndim", None) == 0 else a for a in listed]
 

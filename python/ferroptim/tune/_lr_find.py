@@ -13,7 +13,7 @@ Everything the search changes is restored bit for bit afterwards (see ``_snapsho
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -304,7 +304,7 @@ def _schedule(start_lr: float, end_lr: float, num_iters: int, mode: Mode) -> lis
     return [start_lr + (i / last) * (end_lr - start_lr) for i in range(num_iters)]
 
 
-def _batches(data: Iterable[Any]) -> Iterator[Any]:
+def _batches(data: Iterable[Any]) -> Generator[Any, None, None]:
     """Batches without end: a re-iterable (list, DataLoader) is iterated again (a shuffling
     DataLoader reshuffles); a one-shot iterator's batches are kept and replayed."""
     iterator = iter(data)

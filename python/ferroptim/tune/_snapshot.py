@@ -58,7 +58,7 @@ class ModuleSnapshot:
                     if tensor is not None and id(tensor) not in snap.values:
                         # A tensor shared by several modules (tied weights) is saved once.
                         snap.values[id(tensor)] = (tensor, tensor.detach().clone())
-        params = list(model.parameters())
+        params: list[Tensor] = list(model.parameters())
         for tensor in extra or []:
             if id(tensor) not in snap.values:
                 snap.values[id(tensor)] = (tensor, tensor.detach().clone())
@@ -75,10 +75,10 @@ class ModuleSnapshot:
             slot.container[slot.name] = slot.original
         for tensor, saved in self.values.values():
             _copy_back(tensor, saved)
-        for param, grad, saved in self.grads:
+        for param, grad, saved_grad in self.grads:
             param.grad = grad
-            if grad is not None and saved is not None:
-                _copy_back(grad, saved)
+            if grad is not None and saved_grad is not None:
+                _copy_back(grad, saved_grad)
         for module, training in self.training:
             module.training = training  # not .train(): that would recurse into children
 
