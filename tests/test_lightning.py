@@ -201,16 +201,7 @@ def test_fused_optimizers_refuse_clipping_like_torch(precision):
 
 
 def epochs_trainer(max_epochs: int, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return trainer(-1, max_epochs=max_epochs, **kwargs)  # max_steps=-1: no step limit
 
 
 @pytest.mark.parametrize("first", ["ferroptim", "torch"])
