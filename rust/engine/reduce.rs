@@ -227,6 +227,9 @@ impl<E: ElementTerm, T: FloatGrad> SimdTask for AxisTask<'_, '_, E, T> {
     }
 }
 
+/// A segment's tensor and its `(line, partial sum)` pairs.
+type SegmentLines = (usize, Vec<(usize, f64)>);
+
 /// Row or column sums of every tensor's gradient, each tensor viewed as a
 /// row-major matrix with `cols[t]` columns, accumulated in float64 in element
 /// order within a segment and segment by segment in chunk order: the same
@@ -259,7 +262,7 @@ pub fn reduce_axis<E: ElementTerm>(
             }
         })
         .collect();
-    let partials: Vec<Vec<(usize, Vec<(usize, f64)>)>> = group.for_each_chunk(|segments| {
+    let partials: Vec<Vec<SegmentLines>> = group.for_each_chunk(|segments| {
         segments
             .map(|segment| {
                 let tensor = segment.tensor_index();
