@@ -24,7 +24,7 @@ from conftest import (
 
 FAMILY_IDS = list(ALL_FAMILIES)
 #: One family per kernel (Adam-decoupled and AdamW share Adam's).
-KERNEL_FAMILIES = ["Adam", *NEW_FAMILIES]
+KERNEL_FAMILIES = one_per_kernel()
 
 
 def assert_same_outcome(
@@ -384,7 +384,7 @@ LOAD_MISMATCHES = [
 
 
 @pytest.mark.parametrize(("other_groups", "words"), LOAD_MISMATCHES)
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_load_state_dict_mismatch(family, other_groups, words):
     family = FAMILIES[family]
     kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}

@@ -410,7 +410,7 @@ def test_isinstance():
         assert issubclass(ferro_cls, torch_cls)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_constructor_defaults_match_torch(family):
     family = FAMILIES[family]
     f = family.ferro([torch.nn.Parameter(torch.zeros(3))])
@@ -423,7 +423,7 @@ def test_constructor_defaults_match_torch(family):
     assert f.last_grad_norm is None
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_constructor_signature_is_torchs_plus_keywords(family):
     """torch's parameters, in torch's order, with torch's kinds and defaults; ferroptim's
     own options (``max_grad_norm``, ...) only as extra keyword-only parameters."""
@@ -597,7 +597,7 @@ def _momentum_of(group: dict[str, Any]) -> Any:
     return group.get("momentum")
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_lr_scheduler_trajectory_matches_torch(name, family):
     family = FAMILIES[family]
@@ -749,7 +749,7 @@ def test_adagrad_state_is_created_at_construction(dtype, fused):
             assert torch.equal(sf["state"][index][key], value), key
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 @pytest.mark.parametrize("direction", ["torch-to-ferro", "ferro-to-torch"])
 def test_checkpoint_interchange(direction, family):
     """A checkpoint from one implementation loads into the other and training continues to
@@ -923,7 +923,7 @@ def test_load_state_dict_from_another_optimizer_mid_training(family):
 
 STATE_KEYS = [
     pytest.param(family, key, id=f"{family}-{key}")
-    for family in ["Adam", *NEW_FAMILIES]
+    for family in one_per_kernel()
     for key in FAMILIES[family].state_tensors
 ]
 
@@ -1003,7 +1003,7 @@ def test_in_place_state_edit(family):
 
 
 @pytest.mark.parametrize("how", ["new-tensor", "new-dtype-f64", "transposed-view", "reshaped-view"])
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_param_data_replaced(family, how):
     """``p.data = ...``: fresh memory, or the same memory seen through a new layout."""
     # A square param, so a transposed view keeps the shape (and the state still fits).
@@ -1131,7 +1131,7 @@ def test_grads_toggling_between_none_and_layouts(family):
     "layout",
     ["contiguous", "non-contiguous", "complex"],
 )
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_step_bumps_the_autograd_version_counter(family, layout):
     """A graph that saved a param before ``step()`` must refuse to backprop through it
     afterwards, with torch's "modified by an inplace operation" error, as with

@@ -62,7 +62,8 @@ def test_matches_torch_for_loop(case, dtype):
     "case",
     # Adam's full grid; the other families' representative cases (complex params are
     # stepped as real views: no flag of theirs treats them differently).
-    flag_params(["Adam", "Adam-decoupled", "AdamW"]) + some_flag_params(list(NEW_FAMILIES)),
+    flag_params(list(FULL_GRID))
+    + some_flag_params([f for f in ALL_FAMILIES if f not in FULL_GRID]),
 )
 def test_complex_params_match_torch(case, dtype):
     specs = [
@@ -407,7 +408,7 @@ def test_thread_counts_are_bitwise_identical(case, dtype):
     )
 
 
-@pytest.mark.parametrize("family", ["AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel("AdamW"))
 def test_single_tensor_chunking_is_bitwise_identical_to_small_tensors(family):
     """A long tensor stepped as one param equals the same values stepped as many short
     params: chunk and tensor boundaries never change the arithmetic."""
@@ -518,7 +519,7 @@ def test_forced_torch_backend_matches_reference(case, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS)
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_forced_torch_backend_steps_noncontiguous_grads_correctly(family, impl):
     """Contract 5: non-contiguous grads are stepped correctly on every path. torch's fused
     CPU kernel mis-steps a grad whose strides differ from its param's, so ferroptim must
@@ -567,7 +568,7 @@ def test_forced_torch_backend_steps_noncontiguous_grads_correctly(family, impl):
         assert_same_trajectory(ferro, ref, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_large_tensors_match_torch(family):
     """Half a million float32 elements in tensors of a few hundred thousand, 25 steps,
     every state buffer in play: the contract's tolerance holds element by element (the
@@ -580,7 +581,7 @@ def test_large_tensors_match_torch(family):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS)
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_implementation_kwargs_on_the_rust_path(family, impl):
     """``foreach=`` / ``fused=`` only choose torch's implementation for tensors torch
     steps: CPU float tensors still step in Rust, to the reference numbers."""
@@ -596,7 +597,7 @@ def test_implementation_kwargs_on_the_rust_path(family, impl):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS[:3])
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_forced_torch_backend_steps_non_dense_params_correctly(family, impl):
     """Contract 5 on torch's path: params that are not one run of memory (a strided slice
     of a bigger tensor) are stepped correctly by whatever implementation ferroptim
@@ -626,7 +627,7 @@ def test_forced_torch_backend_steps_non_dense_params_correctly(family, impl):
     assert_same_trajectory(ferro, ref, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("family", ["AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel("AdamW"))
 def test_backend_switch_mid_training_keeps_the_trajectory(family):
     family = FAMILIES[family]
     kwargs = {"lr": 1e-2, **family.common, **family.variants[0]}
@@ -795,7 +796,7 @@ def test_differentiable_matches_torch(family, flags):
     torch.testing.assert_close(fp, q.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_default_dtype_float64(family):
     """With float64 as the default dtype torch keeps ``step`` as a float64 tensor."""
     family = FAMILIES[family]

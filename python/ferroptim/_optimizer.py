@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from ferroptim import _core, _step
+from ferroptim._jobs import CachedPlan, Job
+from ferroptim._prepare import prepare_slow
 from ferroptim._spec import OptimizerSpec
 
 __all__ = ["RustStepMixin"]
@@ -103,6 +105,11 @@ class RustStepMixin:
         return _step.step(self, closure)
 
     step = _step.hooked(step)
+
+    def _prepare_slow(self, group: dict[str, Any], plans: dict[int, CachedPlan]) -> Job:
+        # The step's slow path for one group (a method, so that a test can count the
+        # slow preparations of one optimizer; see tests/_safety.py).
+        return prepare_slow(self, group, plans)
 
     _FERRO_SETTINGS = ("max_grad_norm", "skip_nonfinite", "skipped_steps", "nonfinite_group")
 

@@ -34,7 +34,7 @@ from ferroptim._norms import (
     tensor_norm,
     total_norm,
 )
-from ferroptim._prepare import plan_key, prepare_slow
+from ferroptim._prepare import plan_key
 from ferroptim._torch_compat import (
     full,
     hooks_or_profiler_active,
@@ -74,7 +74,7 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
             job = fast_job(optimizer, group, plans)
             if job is None:
                 slow = True
-                job = prepare_slow(optimizer, group, plans)
+                job = optimizer._prepare_slow(group, plans)
             jobs.append(job)
         factors = grad_factors(optimizer, jobs, grad_scale, found_inf)
     except BaseException:
