@@ -12,9 +12,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from optim_db import FAMILIES
-
 from ferroptim import _core
+from optim_db import FAMILIES
 
 #: Every Rust step entry point the registry names.
 KERNELS = tuple(dict.fromkeys(family.kernel for family in FAMILIES.values()))

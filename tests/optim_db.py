@@ -134,6 +134,12 @@ class Family:
     variant_of: str | None = None
     #: Whether torch steps sparse gradients for it (ferroptim hands them to torch).
     sparse: bool = False
+    #: Configurations (id -> constructor kwargs) whose sparse gradients torch steps
+    #: (test_sparse compares them on an embedding).
+    sparse_cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Configurations whose sparse gradients torch refuses (its error, nothing written);
+    #: empty: ``{"lr": 0.01, **common}`` where torch takes no sparse gradients.
+    sparse_errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Constructor kwargs of the end-to-end suites (AMP, compile, distributed, CUDA):
     #: every state buffer in play, non-default hyperparameters.
     train_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +154,27 @@ class Family:
     functional: Functional | None = None
     #: Whether test_parity sweeps every combination of ``grid`` (else ``representative``).
     full_grid: bool = False
+    #: Constructor arguments torch rejects: ``pytest.param(kwargs, words of its error)``.
+    bad_constructor: Sequence[Any] = ()
+    #: Constructor kwargs of the bad-input tests: every state buffer and every per-step
+    #: term in play.
+    bad_input_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Numeric hyperparameters (a bad-input test sets each to something torch's step
+    #: cannot compute with).
+    numbers: tuple[str, ...] = ("lr",)
+    #: Hyperparameters outside the usual range or of unusual types, stepped to torch's
+    #: numbers: ``pytest.param(kwargs, id=...)`` (test_parity).
+    unusual: Sequence[Any] = ()
+    #: Flags of the mixed float32/float64 groups test (None: not run; one family per
+    #: kernel runs it).
+    mixed_dtype_kwargs: dict[str, Any] | None = None
+    #: Kwargs of the test that mixes Rust-stepped (float32) and torch-routed (bf16/fp16)
+    #: params in one group: an eps float16 represents (None: not run).
+    mixed_routing_kwargs: dict[str, Any] | None = None
+    #: Configurations (id -> flags) stepped with ``differentiable=True`` and compared with
+    #: torch, gradient through the step included (combinations torch's own
+    #: differentiable step cannot backprop through are left out).
+    differentiable_cases: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def make_ferro(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return self.ferro(params, **{**self.fixed, **kwargs})
@@ -223,6 +250,9 @@ def _adam(name: str, ferro: type, torch_cls: type, **extra: Any) -> Family:
         state_tensors=_ADAM_STATE,
         kernel="adam_step",
         full_grid=True,
+        bad_constructor=_ADAM_BAD,
+        unusual=_ADAM_UNUSUAL,
+        numbers=("lr", "eps", "weight_decay"),
         **extra,
     )
 
@@ -249,11 +279,138 @@ def _adagrad_functional_split(
     return hyper, {"state_sums": initial}, {"initial_accumulator_value": initial}
 
 
+#: Constructor arguments torch rejects (kwargs, words of its error), per family: test_bad_input.
+_ADAM_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
+    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="beta1-negative"),
+    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
+    pytest.param({"betas": (0.9, 1.5)}, "beta parameter at index 1", id="beta2-above-one"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+    pytest.param(
+        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+    ),
+]
+
+_SGD_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"nesterov": True}, "Nesterov", id="nesterov-without-momentum"),
+    pytest.param(
+        {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+        "Nesterov",
+        id="nesterov-with-dampening",
+    ),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+    pytest.param(
+        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+    ),
+]
+
+_RMSPROP_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+    pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"alpha": -0.5}, "alpha", id="negative-alpha"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused RMSprop
+]
+
+_ADAGRAD_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"lr_decay": -0.1}, "lr_decay", id="negative-lr-decay"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param(
+        {"initial_accumulator_value": -0.1},
+        "initial_accumulator_value",
+        id="negative-initial-accumulator-value",
+    ),
+    pytest.param({"eps": -1e-10}, "epsilon", id="negative-eps"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
+    pytest.param(
+        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
+    ),
+]
+
+
+#: Hyperparameters outside the usual range or of unusual types (test_parity).
+_TENSOR_LRS = [
+    pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),  # float32 tensor
+    pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
+    pytest.param({"lr": torch.tensor([1e-2])}, id="1-element-tensor-lr"),
+    pytest.param({"lr": 0.0}, id="lr-zero"),
+]
+_ADAM_UNUSUAL = [
+    *_TENSOR_LRS,
+    pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
+    pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param({"weight_decay": 0.1, "amsgrad": True, "maximize": True}, id="all"),
+]
+_SGD_UNUSUAL = [
+    *_TENSOR_LRS,
+    pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
+    pytest.param({"weight_decay": torch.tensor(0.05)}, id="tensor-weight-decay"),
+    pytest.param({"momentum": 1.0, "dampening": 1.0}, id="momentum-one-dampening-one"),
+    pytest.param({"momentum": 0.5, "dampening": 1.5}, id="dampening-above-one"),
+    pytest.param({"momentum": 0.99, "nesterov": True, "lr": 1e-3}, id="nesterov-0.99"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param({"momentum": 0.9, "weight_decay": 1.0, "maximize": True}, id="all"),
+]
+
+_RMSPROP_UNUSUAL = [
+    *_TENSOR_LRS,
+    pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
+    pytest.param({"alpha": 0.0}, id="alpha-zero"),
+    pytest.param({"alpha": 0.5, "centered": True, "eps": 1e-2}, id="alpha-half-centered"),
+    pytest.param({"alpha": 1.0, "eps": 1e-3}, id="alpha-one"),
+    pytest.param({"momentum": 0.99, "eps": 1e-3, "lr": 1e-4}, id="momentum-0.99"),
+    pytest.param({"momentum": 1.0, "eps": 1e-3, "lr": 1e-4}, id="momentum-one"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param(
+        {"momentum": 0.9, "centered": True, "weight_decay": 0.1, "maximize": True}, id="all"
+    ),
+]
+
+_ADAGRAD_UNUSUAL = [
+    *_TENSOR_LRS,
+    pytest.param({"eps": 0.0, "initial_accumulator_value": 0.5}, id="eps-zero"),
+    pytest.param({"eps": 1e-2}, id="big-eps"),
+    pytest.param({"lr_decay": 10.0}, id="huge-lr-decay"),
+    pytest.param({"initial_accumulator_value": 100.0}, id="big-initial-accumulator"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param(
+        {
+            "lr_decay": 0.1,
+            "weight_decay": 0.1,
+            "initial_accumulator_value": 0.1,
+            "maximize": True,
+        },
+        id="all",
+    ),
+]
+
+
 FAMILIES: dict[str, Family] = {
     "Adam": _adam(
         "Adam",
         ferroptim.Adam,
         torch.optim.Adam,
+        bad_input_kwargs={"amsgrad": True},
+        sparse_errors={"Adam": {"lr": 0.01}},
+        mixed_routing_kwargs={"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
+        # torch's own differentiable Adam cannot backprop through amsgrad with L2 decay.
+        differentiable_cases={
+            "Adam-wd": {"weight_decay": 0.1},
+            "Adam-amsgrad-maximize": {"amsgrad": True, "maximize": True},
+        },
         train_kwargs={"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2},
         interop_training=_ADAM_TRAINING,
         live_changes=_ADAM_LIVE_CHANGES,
@@ -279,12 +436,18 @@ FAMILIES: dict[str, Family] = {
         torch.optim.Adam,
         fixed={"decoupled_weight_decay": True},
         variant_of="Adam",
+        bad_input_kwargs={"amsgrad": True, "weight_decay": 0.1},
         functional=_adam_functional("adam_", {"adam-decoupled": {"weight_decay": 0.1}}),
     ),
     "AdamW": _adam(
         "AdamW",
         ferroptim.AdamW,
         torch.optim.AdamW,
+        bad_input_kwargs={"amsgrad": True},
+        sparse_errors={"AdamW-amsgrad": {"lr": 0.01, "amsgrad": True}},
+        mixed_dtype_kwargs={"amsgrad": True},
+        mixed_routing_kwargs={"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
+        differentiable_cases={"AdamW-wd-amsgrad": {"weight_decay": 0.1, "amsgrad": True}},
         train_kwargs={"lr": 1e-2, "weight_decay": 0.1},
         interop_training=_ADAM_TRAINING,
         functional=_adam_functional(
@@ -347,6 +510,23 @@ FAMILIES: dict[str, Family] = {
         state_tensors=("momentum_buffer",),
         has_step=False,
         kernel="sgd_step",
+        sparse_cases={
+            "SGD-plain": {"lr": 0.1},
+            "SGD-momentum": {"lr": 0.1, "momentum": 0.9},
+            "SGD-damp": {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "maximize": True},
+            "SGD-nesterov": {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        },
+        bad_constructor=_SGD_BAD,
+        unusual=_SGD_UNUSUAL,
+        mixed_dtype_kwargs={"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        mixed_routing_kwargs={"lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        differentiable_cases={
+            "SGD-momentum-wd": {"momentum": 0.9, "weight_decay": 0.1},
+            "SGD-nesterov": {"momentum": 0.9, "nesterov": True, "maximize": True},
+            "SGD-plain-wd": {"weight_decay": 0.1},
+        },
+        bad_input_kwargs={"momentum": 0.9, "weight_decay": 0.1},
+        numbers=("lr", "momentum", "weight_decay"),
         sparse=True,
         train_kwargs={"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
         interop_training={"lr": 3e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
@@ -411,6 +591,23 @@ FAMILIES: dict[str, Family] = {
         state_tensors=("step", "square_avg", "momentum_buffer", "grad_avg"),
         has_fused=False,
         kernel="rmsprop_step",
+        sparse_errors={
+            "RMSprop": {"lr": 0.01},
+            "RMSprop-all": {"lr": 0.01, "momentum": 0.5, "centered": True},
+        },
+        bad_constructor=_RMSPROP_BAD,
+        unusual=_RMSPROP_UNUSUAL,
+        mixed_dtype_kwargs={"momentum": 0.5, "centered": True},
+        mixed_routing_kwargs={"lr": 1e-3, "eps": 1e-3, "momentum": 0.5, "centered": True},
+        # torch's own differentiable RMSprop cannot backprop through centered with weight
+        # decay.
+        differentiable_cases={
+            "RMSprop-centered-momentum": {"momentum": 0.5, "centered": True},
+            "RMSprop-momentum-wd": {"momentum": 0.5, "weight_decay": 0.1},
+            "RMSprop-maximize": {"maximize": True},
+        },
+        bad_input_kwargs={"momentum": 0.5, "centered": True},
+        numbers=("lr", "alpha", "eps", "momentum"),
         train_kwargs={"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 1e-3},
         # Centered with momentum (train_kwargs): the buffer accumulates grad / avg where
         # avg = sqrt(E[g^2] - E[g]^2) cancels for elements with steady gradients, an
@@ -470,6 +667,31 @@ FAMILIES: dict[str, Family] = {
         ),
         state_tensors=("step", "sum"),
         kernel="adagrad_step",
+        sparse_cases={
+            "Adagrad-plain": {"lr": 0.1},
+            "Adagrad-all": {
+                "lr": 0.1,
+                "lr_decay": 0.01,
+                "initial_accumulator_value": 0.1,
+                "eps": 1e-6,
+            },
+            "Adagrad-maximize": {"lr": 0.1, "maximize": True},
+        },
+        sparse_errors={"Adagrad-weight-decay": {"lr": 0.1, "weight_decay": 0.01}},
+        bad_constructor=_ADAGRAD_BAD,
+        unusual=_ADAGRAD_UNUSUAL,
+        mixed_dtype_kwargs={"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        mixed_routing_kwargs={
+            "lr": 1e-3,
+            "eps": 1e-3,
+            "weight_decay": 0.01,
+            "lr_decay": 0.01,
+        },
+        differentiable_cases={
+            "Adagrad-all": {"lr_decay": 0.1, "weight_decay": 0.1, "maximize": True}
+        },
+        bad_input_kwargs={"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        numbers=("lr", "lr_decay", "eps", "weight_decay"),
         sparse=True,
         train_kwargs={"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
         interop_training={"lr": 3e-2, "lr_decay": 0.01, "weight_decay": 0.01},

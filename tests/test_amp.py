@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, train_cases
 
 pytestmark = pytest.mark.usefixtures("torch_single_threaded")
 
@@ -40,33 +40,11 @@ F32 = {"rtol": 1e-5, "atol": 1e-6}
 #: kernels (float32 math): a few bf16 ulps apart (as in conftest's TOLERANCES).
 BF16 = {"rtol": 3e-2, "atol": 3e-2}
 
-#: (ferroptim class, torch class, kwargs): every family with its state buffers in play.
+#: (ferroptim class, torch class, kwargs): every optimizer of the registry with its state
+#: buffers in play (``train_kwargs``), and its AMP variants (``train_variants``).
 FAMILIES: dict[str, tuple[type, type, dict[str, Any]]] = {
-    "Adam": (ferroptim.Adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
-    "AdamW": (ferroptim.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "SGD": (
-        ferroptim.SGD,
-        torch.optim.SGD,
-        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
-    ),
-    "RMSprop": (
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        {"lr": 1e-2, "momentum": 0.5, "weight_decay": 1e-3},
-    ),
-    # Centered with momentum: the buffer accumulates grad / avg where
-    # avg = sqrt(E[g^2] - E[g]^2) cancels for elements with steady gradients, an
-    # ill-conditioned value torch's own float32 for-loop gets only to ~4e-4 (vs float64).
-    "RMSprop-centered": (
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        {"lr": 1e-2, "centered": True, "momentum": 0.5, "weight_decay": 1e-3},
-    ),
-    "Adagrad": (
-        ferroptim.Adagrad,
-        torch.optim.Adagrad,
-        {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
-    ),
+    name: (family.ferro, family.torch, {**family.fixed, **kwargs})
+    for name, (family, kwargs) in train_cases(variants=True).items()
 }
 NAMES = tuple(FAMILIES)
 #: Second-group overrides (every family has an ``lr``).
@@ -432,7 +410,7 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
     _assert_grads_as_torch(ferro, ref, recipe_, amp_path, ferro_clip)
     _assert_scales_as_torch(ferro, ref, ref64, init_scale)
     _assert_trajectory_as_exact_as_torch(ferro, ref, ref64)
-    if FAMILIES[family][1] is not torch.optim.SGD:
+    if train_cases(variants=True)[family][0].has_step:
         steps = {float(s["step"]) for s in ferro["opt"].state.values()}
         assert steps == {float(AMP_STEPS - len(AMP_BAD))}
     if recipe != "plain":

@@ -14,10 +14,11 @@ import torch
 from conftest import (
     ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    OPTIMIZERS,
     assert_unchanged,
     error_of,
     ferroptim,
+    one_per_kernel,
     snapshot,
     tol,
 )
@@ -81,65 +82,9 @@ def set_grads(ps, seed: int) -> None:
 # Construction
 # ----------------------------------------------------------------------------------------
 
-_ADAM_BAD = [
-    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
-    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
-    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="beta1-negative"),
-    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
-    pytest.param({"betas": (0.9, 1.5)}, "beta parameter at index 1", id="beta2-above-one"),
-    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-    pytest.param(
-        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-    ),
-]
+#: Constructor arguments torch rejects, per family (the registry's ``bad_constructor``).
 BAD_HYPERPARAMETERS = {
-    "Adam": _ADAM_BAD,
-    "Adam-decoupled": _ADAM_BAD,
-    "AdamW": _ADAM_BAD,
-    "SGD": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param({"nesterov": True}, "Nesterov", id="nesterov-without-momentum"),
-        pytest.param(
-            {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
-            "Nesterov",
-            id="nesterov-with-dampening",
-        ),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-        pytest.param(
-            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-        ),
-    ],
-    "RMSprop": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
-        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param({"alpha": -0.5}, "alpha", id="negative-alpha"),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused RMSprop
-    ],
-    "Adagrad": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"lr_decay": -0.1}, "lr_decay", id="negative-lr-decay"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param(
-            {"initial_accumulator_value": -0.1},
-            "initial_accumulator_value",
-            id="negative-initial-accumulator-value",
-        ),
-        pytest.param({"eps": -1e-10}, "epsilon", id="negative-eps"),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-        pytest.param(
-            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-        ),
-    ],
+    name: family.bad_constructor for name, family in FAMILIES.items() if family.bad_constructor
 }
 
 
@@ -232,14 +177,9 @@ def test_duplicate_params_within_a_group(family):
 
 
 #: Per family: kwargs with every state buffer in play.
-FULL_KWARGS = {
-    "Adam": {"amsgrad": True},
-    "Adam-decoupled": {"amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"amsgrad": True},
-    "SGD": {"momentum": 0.9, "weight_decay": 0.1},
-    "RMSprop": {"momentum": 0.5, "centered": True},
-    "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
-}
+#: Constructor kwargs with every state buffer and per-step term in play (the registry's
+#: ``bad_input_kwargs``).
+FULL_KWARGS = {name: family.bad_input_kwargs for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("warm_steps", [0, 3], ids=["first-step", "after-warmup"])
@@ -669,13 +609,9 @@ def _set_in_group(key: str, value: Any):
     return mutate
 
 
-#: Numeric hyperparameters per family (set to something torch's step cannot compute with).
-NUMBERS = {
-    "Adam": ("lr", "eps", "weight_decay"),
-    "SGD": ("lr", "momentum", "weight_decay"),
-    "RMSprop": ("lr", "alpha", "eps", "momentum"),
-    "Adagrad": ("lr", "lr_decay", "eps", "weight_decay"),
-}
+#: Numeric hyperparameters per family, set to something torch's step cannot compute with
+#: (the registry's ``numbers``).
+NUMBERS = {name: family.numbers for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -27,6 +27,7 @@ from conftest import (
     assign_grads,
     build,
     ferroptim,
+    one_per_kernel,
     some_flag_params,
     standard_layout,
     tol,

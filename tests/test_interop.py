@@ -16,10 +16,11 @@ import torch
 from conftest import (
     ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    OPTIMIZERS,
     assert_unchanged,
     ferroptim,
     iter_tensors,
+    one_per_kernel,
     snapshot,
     structure,
     tol,
@@ -167,7 +168,7 @@ def test_param_groups_with_their_own_hyperparameters(family):
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
     twin.step(100)
     twin.check()
-    if family.startswith("Adam"):
+    if "max_exp_avg_sq" in FAMILIES[family].state_tensors:  # amsgrad in variants[0]
         assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
         assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
 
@@ -186,57 +187,10 @@ def test_add_param_group_mid_training(family):
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
 
 
-#: Per family: (key, value) changes made to a live group between steps, each one a change
-#: torch's own optimizer honours without error.
+#: Per family: (key, value) changes made to a live group between steps (the registry's
+#: ``live_changes``), each one a change torch's own optimizer honours without error.
 HYPERPARAMETER_CHANGES = {
-    "Adam": [
-        ("lr", 0.05),
-        ("betas", (0.5, 0.9)),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("decoupled_weight_decay", True),
-        ("maximize", False),
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "SGD": [
-        ("lr", 0.05),
-        ("momentum", 0.5),
-        ("dampening", 0.3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("dampening", 0.0),
-        ("nesterov", True),
-        ("maximize", False),
-        ("momentum", 0.0),  # the buffers stay in the state, unused
-        ("nesterov", False),
-        ("momentum", 0.9),  # ... and are used again
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "RMSprop": [
-        ("lr", 0.05),
-        ("alpha", 0.9),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("momentum", 0.9),
-        ("centered", False),
-        ("momentum", 0.0),  # the buffers stay in the state, unused
-        ("maximize", False),
-        ("centered", True),  # grad_avg kept from before is used again, as torch does
-        ("momentum", 0.3),
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "Adagrad": [
-        ("lr", 0.05),
-        ("lr_decay", 0.1),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("initial_accumulator_value", 5.0),  # only read when state is created
-        ("maximize", False),
-        ("lr", torch.tensor(3e-3)),
-    ],
+    name: family.live_changes for name, family in FAMILIES.items() if family.live_changes
 }
 
 
@@ -466,13 +420,12 @@ def test_named_parameters(family):
         torch.testing.assert_close(a, b, **F32)
 
 
-#: Per family: kwargs of the small-model training runs (every state buffer in play).
+#: Per family: kwargs of the small-model training runs (the registry's
+#: ``interop_training``: every state buffer in play).
 TRAINING_KWARGS = {
-    "Adam": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
-    "AdamW": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
-    "SGD": {"lr": 3e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"lr": 1e-3, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
-    "Adagrad": {"lr": 3e-2, "lr_decay": 0.01, "weight_decay": 0.01},
+    name: family.interop_training
+    for name, family in FAMILIES.items()
+    if family.interop_training is not None
 }
 
 

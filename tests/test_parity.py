@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import (
+    ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    FULL_GRID,
+    OPTIMIZERS,
     GroupSpec,
     ParamSpec,
     Run,
@@ -28,6 +30,7 @@ from conftest import (
     error_of,
     ferroptim,
     flag_params,
+    one_per_kernel,
     run_pair,
     run_steps,
     run_torch_float64_shadow,
@@ -82,11 +85,12 @@ def test_complex_params_match_torch(case, dtype):
     assert_as_exact_as_torch(ferro, ref, state_keys=case.family.state_keys)
 
 
+#: Per family (one per kernel): flags of the mixed float32/float64 test (the registry's
+#: ``mixed_dtype_kwargs``).
 MIXED_DTYPE_CASES = {
-    "AdamW": {"amsgrad": True},
-    "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"momentum": 0.5, "centered": True},
-    "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    name: FAMILIES[name].mixed_dtype_kwargs
+    for name in one_per_kernel("AdamW")
+    if FAMILIES[name].mixed_dtype_kwargs is not None
 }
 
 
@@ -138,64 +142,9 @@ def test_mixed_float32_float64_groups(family, dtype):
                 assert fo.state[x][key].dtype == y.dtype
 
 
-_TENSOR_LRS = [
-    pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),  # float32 tensor
-    pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
-    pytest.param({"lr": torch.tensor([1e-2])}, id="1-element-tensor-lr"),
-    pytest.param({"lr": 0.0}, id="lr-zero"),
-]
-_ADAM_UNUSUAL = [
-    *_TENSOR_LRS,
-    pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
-    pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
-    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-    pytest.param({"weight_decay": 0.1, "amsgrad": True, "maximize": True}, id="all"),
-]
-UNUSUAL_HYPERPARAMETERS = {
-    "Adam": _ADAM_UNUSUAL,
-    "Adam-decoupled": _ADAM_UNUSUAL,
-    "AdamW": _ADAM_UNUSUAL,
-    "SGD": [
-        *_TENSOR_LRS,
-        pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
-        pytest.param({"weight_decay": torch.tensor(0.05)}, id="tensor-weight-decay"),
-        pytest.param({"momentum": 1.0, "dampening": 1.0}, id="momentum-one-dampening-one"),
-        pytest.param({"momentum": 0.5, "dampening": 1.5}, id="dampening-above-one"),
-        pytest.param({"momentum": 0.99, "nesterov": True, "lr": 1e-3}, id="nesterov-0.99"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param({"momentum": 0.9, "weight_decay": 1.0, "maximize": True}, id="all"),
-    ],
-    "RMSprop": [
-        *_TENSOR_LRS,
-        pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
-        pytest.param({"alpha": 0.0}, id="alpha-zero"),
-        pytest.param({"alpha": 0.5, "centered": True, "eps": 1e-2}, id="alpha-half-centered"),
-        pytest.param({"alpha": 1.0, "eps": 1e-3}, id="alpha-one"),
-        pytest.param({"momentum": 0.99, "eps": 1e-3, "lr": 1e-4}, id="momentum-0.99"),
-        pytest.param({"momentum": 1.0, "eps": 1e-3, "lr": 1e-4}, id="momentum-one"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param(
-            {"momentum": 0.9, "centered": True, "weight_decay": 0.1, "maximize": True}, id="all"
-        ),
-    ],
-    "Adagrad": [
-        *_TENSOR_LRS,
-        pytest.param({"eps": 0.0, "initial_accumulator_value": 0.5}, id="eps-zero"),
-        pytest.param({"eps": 1e-2}, id="big-eps"),
-        pytest.param({"lr_decay": 10.0}, id="huge-lr-decay"),
-        pytest.param({"initial_accumulator_value": 100.0}, id="big-initial-accumulator"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param(
-            {
-                "lr_decay": 0.1,
-                "weight_decay": 0.1,
-                "initial_accumulator_value": 0.1,
-                "maximize": True,
-            },
-            id="all",
-        ),
-    ],
-}
+#: Per family: hyperparameters outside the usual range or of unusual types (the
+#: registry's ``unusual``).
+UNUSUAL_HYPERPARAMETERS = {name: family.unusual for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
@@ -668,14 +617,12 @@ def test_backend_switch_mid_training_keeps_the_trajectory(family):
         assert float(opt.state[p].get("step", 60)) == float(ref.state[q].get("step", 60)) == 60
 
 
-#: Flags for the mixed Rust / torch-routed group test. fp16's for-loop reference
-#: underflows eps=1e-8 to 0 (and then divides 0 by 0): use an eps float16 represents.
+#: Per family: kwargs of the mixed Rust / torch-routed group test (the registry's
+#: ``mixed_routing_kwargs``: an eps float16 represents).
 MIXED_ROUTING_FLAGS = {
-    "Adam": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
-    "AdamW": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
-    "SGD": {"lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"lr": 1e-3, "eps": 1e-3, "momentum": 0.5, "centered": True},
-    "Adagrad": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "lr_decay": 0.01},
+    name: family.mixed_routing_kwargs
+    for name, family in FAMILIES.items()
+    if family.mixed_routing_kwargs is not None
 }
 
 
@@ -741,21 +688,11 @@ def test_group_mixing_rust_and_torch_routed_params(family, low):
                 assert fo.state[x][key].dtype == y.dtype
 
 
+#: Every registry configuration of differentiable=True (``differentiable_cases``).
 DIFFERENTIABLE_CASES = [
-    # torch's own differentiable Adam cannot backprop through amsgrad with L2 decay.
-    pytest.param("Adam", {"weight_decay": 0.1}, id="Adam-wd"),
-    pytest.param("Adam", {"amsgrad": True, "maximize": True}, id="Adam-amsgrad-maximize"),
-    pytest.param("AdamW", {"weight_decay": 0.1, "amsgrad": True}, id="AdamW-wd-amsgrad"),
-    pytest.param("SGD", {"momentum": 0.9, "weight_decay": 0.1}, id="SGD-momentum-wd"),
-    pytest.param("SGD", {"momentum": 0.9, "nesterov": True, "maximize": True}, id="SGD-nesterov"),
-    pytest.param("SGD", {"weight_decay": 0.1}, id="SGD-plain-wd"),
-    # torch's own differentiable RMSprop cannot backprop through centered with weight decay.
-    pytest.param("RMSprop", {"momentum": 0.5, "centered": True}, id="RMSprop-centered-momentum"),
-    pytest.param("RMSprop", {"momentum": 0.5, "weight_decay": 0.1}, id="RMSprop-momentum-wd"),
-    pytest.param("RMSprop", {"maximize": True}, id="RMSprop-maximize"),
-    pytest.param(
-        "Adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "maximize": True}, id="Adagrad-all"
-    ),
+    pytest.param(name, flags, id=case)
+    for name, family in FAMILIES.items()
+    for case, flags in family.differentiable_cases.items()
 ]
 
 
