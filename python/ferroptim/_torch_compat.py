@@ -32,6 +32,7 @@ __all__ = [
     "init_group",
     "is_dtensor",
     "local",
+    "module_tensor_slots",
     "profile_hook_step",
     "run_step_code",
     "scalar_dtype",
@@ -90,6 +91,15 @@ def hooks_or_profiler_active(optimizer: torch.optim.Optimizer) -> bool:
 def run_step_code(optimizer: torch.optim.Optimizer) -> None:
     """What torch's wrapper runs after each step (its profiler's/dynamo's marker)."""
     optimizer._optimizer_step_code()
+
+
+# -- nn.Module internals ------------------------------------------------------------------
+
+
+def module_tensor_slots(module: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The module's own parameter and buffer dicts (name -> tensor or None), as stored:
+    assigning into them restores a slot without the checks ``setattr`` runs."""
+    return module._parameters, module._buffers
 
 
 # -- tensor internals --------------------------------------------------------------------
