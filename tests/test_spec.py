@@ -11,6 +11,7 @@ arithmetic written out here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -101,7 +102,7 @@ def test_optimizer_without_torch_counterpart(backend):
     # A state_dict loaded into a fresh instance continues identically.
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin = HeavyBall(twin_params, 0.05, 0.8)
-    twin.load_state_dict(opt.state_dict())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # (else they share buffers)
     for p, q in zip(params, twin_params, strict=True):
         p.grad = q.grad = torch.randn(p.shape, generator=gen)
     opt.step()
