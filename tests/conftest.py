@@ -45,6 +45,7 @@ from optim_db import (
     flag_params,
     one_per_kernel,
     some_flag_params,
+    taking,
     train_cases,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "flag_params",
     "one_per_kernel",
     "some_flag_params",
+    "taking",
     "train_cases",
 ]
 

@@ -30,6 +30,7 @@ Adding an optimizer: its class and spec in ``python/ferroptim``, one entry in
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -745,6 +746,16 @@ def one_per_kernel(*prefer: str) -> tuple[str, ...]:
 FULL_GRID = tuple(name for name, f in FAMILIES.items() if f.full_grid)
 #: One family per kernel, besides Adam's (the registry's first kernel).
 NEW_FAMILIES = tuple(name for name in one_per_kernel() if FAMILIES[name].kernel != "adam_step")
+
+
+def taking(keyword: str) -> tuple[str, ...]:
+    """The optimizers (no variants) whose torch constructor takes ``keyword`` (``betas``,
+    ``capturable``, ...): the tests of that keyword's behaviour run on them."""
+    return tuple(
+        name
+        for name in OPTIMIZERS
+        if keyword in inspect.signature(FAMILIES[name].torch.__init__).parameters
+    )
 
 
 def train_cases(*, variants: bool = False) -> dict[str, tuple[Family, dict[str, Any]]]:

@@ -20,6 +20,7 @@ from conftest import (
     ferroptim,
     one_per_kernel,
     snapshot,
+    taking,
     tol,
 )
 
@@ -183,7 +184,7 @@ FULL_KWARGS = {name: family.bad_input_kwargs for name, family in FAMILIES.items(
 
 
 @pytest.mark.parametrize("warm_steps", [0, 3], ids=["first-step", "after-warmup"])
-@pytest.mark.parametrize("family", [*FAMILY_IDS[:3], "RMSprop"])
+@pytest.mark.parametrize("family", [n for n, f in FAMILIES.items() if not f.sparse])
 def test_sparse_grad_in_second_group(family, warm_steps):
     """Optimizers without sparse support raise torch's error before writing anything
     (torch itself has stepped the first group by then)."""
@@ -721,7 +722,7 @@ STEP_VALUES = [
 
 @pytest.mark.parametrize("warm_steps", [1, 3])
 @pytest.mark.parametrize("value", STEP_VALUES)
-@pytest.mark.parametrize("family", ["Adam", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("family", [n for n in one_per_kernel() if FAMILIES[n].has_step])
 def test_step_counter_of_another_kind(family, value, warm_steps):
     """``state["step"]`` replaced by a Python number or a tensor of another shape: torch's
     exception (type and message) before anything is written, or torch's step where torch
@@ -758,7 +759,7 @@ BETAS_MID_TRAINING = [
 
 
 @pytest.mark.parametrize(("betas", "warm_steps"), BETAS_MID_TRAINING)
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", taking("betas"))
 def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_steps):
     """torch validates betas only in its constructor. Set afterwards, its for-loop steps
     with them or fails computing its Python scalars (``lr / (1 - 1.0 ** step)``): the
@@ -783,7 +784,7 @@ def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_step
 
 
 @pytest.mark.parametrize("when", ["constructor", "mid-training"])
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("family", taking("capturable"))
 def test_capturable_with_cpu_params_raises_torchs_error(family, when):
     """``capturable=True`` needs params on a device CUDA graphs capture: torch's for-loop
     raises an AssertionError on CPU params; so does ferroptim, before writing."""

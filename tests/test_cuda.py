@@ -229,7 +229,7 @@ def scaled_training(
     return {"opt": opt, "params": params, "scales": scales, "step_calls": step_calls}
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("family", NAMES)
 def test_grad_scaler_on_cuda_default(family):
     """By default GradScaler unscales and skips the overflow steps itself, for ferroptim
     as for torch's default optimizer; the steps match torch's (its fused kernel for
@@ -243,7 +243,7 @@ def test_grad_scaler_on_cuda_default(family):
     assert_state_equal(f["opt"], f["params"], t["opt"], t["params"], **F32)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "SGD", "Adagrad"])
+@pytest.mark.parametrize("family", [n for n in NAMES if FAMILIES[n][3]])
 def test_grad_scaler_on_cuda_fused(family):
     """fused=True: GradScaler hands the step its scale and inf flag; torch's fused
     kernels unscale and skip, bitwise as torch.optim's fused optimizer."""

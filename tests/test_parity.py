@@ -38,6 +38,7 @@ from conftest import (
     small_layout,
     some_flag_params,
     standard_layout,
+    taking,
     threaded_layout,
     tol,
 )
@@ -175,7 +176,7 @@ TENSOR_BETAS = [
 @pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float-lr", "tensor-lr"])
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
 @pytest.mark.parametrize("betas", TENSOR_BETAS)
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", taking("betas"))
 def test_tensor_betas_match_torch_exactly(family, betas, dtype, lr):
     """torch computes with tensor betas in their own (float32) tensor arithmetic
     (``1 - beta2``, ``1 - beta1 ** step``, ``lr / bias_correction1``): float64 params
