@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ferroptim import _core
+from optim_db import FAMILIES
+
+#: Every Rust kernel the registry names, as ``kernel_calls`` keys them (``"adam_step"``).
+KERNELS = tuple(dict.fromkeys(family.kernel for family in FAMILIES.values()))
 
 #: ``on_step(kernel, plan, *args, **kwargs)``: called instead of ``kernel.step``.
 OnStep = Callable[..., Any]

@@ -1,12 +1,8 @@
 """Shared machinery for ferroptim's tests.
 
-* :data:`FAMILIES` — a registry of optimizer families (Adam, Adam with decoupled
-  decay, AdamW, SGD, RMSprop, Adagrad): the ferroptim class, its torch.optim
-  counterpart, the constructor flags to sweep (combinations torch rejects are left
-  out), the state buffers to compare, representative cases for the costlier sweeps,
-  and typical kwargs / group variants for the interop and bad-input tests. The
-  parity, SIMD, threading, backend and clipping tests pick entries up from
-  :func:`flag_cases` / :func:`some_flag_params`.
+* :data:`FAMILIES` — the optimizer registry (defined in ``optim_db``, re-exported
+  here): one entry per optimizer, read by every test file; its docstring lists what
+  one entry gives a new optimizer.
 * :class:`ParamSpec` / :func:`standard_layout` — parameter sets (shapes, param
   layouts, grad layouts, groups with their own hyperparameters) built
   identically, as many times as needed, from a seed.
@@ -23,11 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import itertools
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,20 +30,43 @@ from typing import Any
 import pytest
 import torch
 
+# The optimizer registry lives in optim_db (one entry per optimizer); re-exported here.
+from optim_db import (
+    ALL_FAMILIES,
+    FAMILIES,
+    FULL_GRID,
+    NEW_FAMILIES,
+    OPTIMIZERS,
+    Family,
+    FlagCase,
+    Functional,
+    ferroptim,
+    flag_cases,
+    flag_params,
+    one_per_kernel,
+    some_flag_params,
+    taking,
+    train_cases,
+)
 
-def _import_ferroptim() -> Any:
-    # Another engineer may be reinstalling the package while tests run: retry briefly.
-    last: Exception | None = None
-    for _ in range(30):
-        try:
-            return importlib.import_module("ferroptim")
-        except ImportError as exc:  # pragma: no cover - only during a reinstall
-            last = exc
-            time.sleep(1.0)
-    raise last  # type: ignore[misc]
-
-
-ferroptim = _import_ferroptim()
+#: What test files import from here rather than from optim_db.
+__all__ = [
+    "ALL_FAMILIES",
+    "FAMILIES",
+    "FULL_GRID",
+    "NEW_FAMILIES",
+    "OPTIMIZERS",
+    "Family",
+    "FlagCase",
+    "Functional",
+    "ferroptim",
+    "flag_cases",
+    "flag_params",
+    "one_per_kernel",
+    "some_flag_params",
+    "taking",
+    "train_cases",
+]
 
 
 def _check_installed_package() -> None:
@@ -89,262 +105,6 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     return TOLERANCES[dtype]
-
-
-# ----------------------------------------------------------------------------------------
-# Optimizer families
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Family:
-    """A ferroptim optimizer and the torch.optim class it must match."""
-
-    name: str
-    ferro: type
-    torch: type
-    #: Constructor kwargs that define this family (e.g. Adam's decoupled_weight_decay).
-    fixed: dict[str, Any] = field(default_factory=dict)
-    #: Flag grid swept by the parity tests: kwarg name -> values.
-    grid: dict[str, Sequence[Any]] = field(default_factory=dict)
-    #: ``state_keys(group)``: the state buffers every stepped param must have.
-    state_keys: Callable[[dict[str, Any]], tuple[str, ...]] = lambda group: ()
-    #: Hyperparameter overrides for the second param group of the standard layout.
-    second_group: dict[str, Any] = field(default_factory=dict)
-    #: Kwargs that force torch's single-tensor (for-loop) reference implementation.
-    reference_kwargs: dict[str, Any] = field(default_factory=lambda: {"foreach": False})
-    #: ``valid(kwargs)``: whether a grid combination is one torch accepts (SGD's Nesterov
-    #: needs momentum and zero dampening).
-    valid: Callable[[dict[str, Any]], bool] = lambda kwargs: True
-    #: ``second_group_extra(kwargs)``: more overrides for the standard layout's second
-    #: group, depending on the case's flags (SGD's momentum, ...).
-    second_group_extra: Callable[[dict[str, Any]], dict[str, Any]] = lambda kwargs: {}
-    #: Flag combinations for the costlier sweeps (SIMD levels, threads, torch path);
-    #: empty: every flag at its last grid value ("everything on").
-    representative: tuple[dict[str, Any], ...] = ()
-    #: Typical constructor kwargs for the interop / bad-input tests: every state buffer of
-    #: the family exists (SGD needs a momentum for that).
-    common: dict[str, Any] = field(default_factory=dict)
-    #: Two group hyperparameter sets that change the algorithm (and which state exists),
-    #: for the extra groups of the interop tests.
-    variants: tuple[dict[str, Any], ...] = ()
-    #: Every state tensor the family may create (for reassign / corrupt / swap tests).
-    state_tensors: tuple[str, ...] = ()
-    #: Whether the state has a ``step`` counter (SGD's has none).
-    has_step: bool = True
-    #: Whether torch has a fused implementation (``fused=True`` is accepted).
-    has_fused: bool = True
-
-    def make_ferro(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        return self.ferro(params, **{**self.fixed, **kwargs})
-
-    def make_torch(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        return self.torch(params, **{**self.fixed, **self.reference_kwargs, **kwargs})
-
-
-def _adam_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-    keys = ("step", "exp_avg", "exp_avg_sq")
-    return (*keys, "max_exp_avg_sq") if group["amsgrad"] else keys
-
-
-def _sgd_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-    return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-
-def _rmsprop_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-    keys: tuple[str, ...] = ("step", "square_avg")
-    if group["momentum"] > 0:
-        keys += ("momentum_buffer",)
-    if group["centered"]:
-        keys += ("grad_avg",)
-    return keys
-
-
-_ADAM_GRID: dict[str, Sequence[Any]] = {
-    "amsgrad": (False, True),
-    "maximize": (False, True),
-    "weight_decay": (0.0, 0.05),
-}
-_ADAM_SECOND_GROUP = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6}
-_ADAM_VARIANTS = (
-    {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.3, "amsgrad": True},
-    {"lr": 1e-4, "maximize": True, "weight_decay": 0.0},
-)
-_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _adam(name: str, ferro: type, torch_cls: type, **fixed: Any) -> Family:
-    return Family(
-        name,
-        ferro,
-        torch_cls,
-        fixed=fixed,
-        grid=_ADAM_GRID,
-        state_keys=_adam_state_keys,
-        second_group=_ADAM_SECOND_GROUP,
-        variants=_ADAM_VARIANTS,
-        state_tensors=_ADAM_STATE,
-    )
-
-
-FAMILIES: dict[str, Family] = {
-    "Adam": _adam("Adam", ferroptim.Adam, torch.optim.Adam),
-    "Adam-decoupled": _adam(
-        "Adam-decoupled", ferroptim.Adam, torch.optim.Adam, decoupled_weight_decay=True
-    ),
-    "AdamW": _adam("AdamW", ferroptim.AdamW, torch.optim.AdamW),
-    "SGD": Family(
-        "SGD",
-        ferroptim.SGD,
-        torch.optim.SGD,
-        grid={
-            "momentum": (0.0, 0.9),
-            "dampening": (0.0, 0.1),
-            "nesterov": (False, True),
-            "weight_decay": (0.0, 0.05),
-            "maximize": (False, True),
-        },
-        valid=lambda kw: not kw.get("nesterov") or (kw["momentum"] > 0 and kw["dampening"] == 0),
-        state_keys=_sgd_state_keys,
-        second_group={"lr": 3e-3},
-        # A momentum of its own in the second group (and a dampening where allowed).
-        second_group_extra=lambda kw: (
-            {"momentum": 0.5, **({} if kw.get("nesterov") else {"dampening": 0.3})}
-            if kw.get("momentum")
-            else {}
-        ),
-        representative=(
-            {
-                "momentum": 0.9,
-                "dampening": 0.0,
-                "nesterov": True,
-                "weight_decay": 0.05,
-                "maximize": True,
-            },
-            {
-                "momentum": 0.9,
-                "dampening": 0.1,
-                "nesterov": False,
-                "weight_decay": 0.05,
-                "maximize": True,
-            },
-            {
-                "momentum": 0.0,
-                "dampening": 0.0,
-                "nesterov": False,
-                "weight_decay": 0.05,
-                "maximize": True,
-            },
-        ),
-        common={"momentum": 0.9},
-        variants=(
-            {"lr": 0.05, "momentum": 0.5, "dampening": 0.2, "weight_decay": 0.3},
-            {"lr": 1e-3, "maximize": True, "nesterov": True, "momentum": 0.8, "weight_decay": 0.0},
-        ),
-        state_tensors=("momentum_buffer",),
-        has_step=False,
-    ),
-    "RMSprop": Family(
-        "RMSprop",
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        grid={
-            "centered": (False, True),
-            "momentum": (0.0, 0.9),
-            "weight_decay": (0.0, 0.05),
-            "maximize": (False, True),
-        },
-        state_keys=_rmsprop_state_keys,
-        # A non-default alpha (and eps) in the second group of every parity case.
-        second_group={"lr": 3e-3, "alpha": 0.9, "eps": 1e-6},
-        second_group_extra=lambda kw: {"momentum": 0.5} if kw.get("momentum") else {},
-        common={"momentum": 0.5, "centered": True},
-        variants=(
-            {"lr": 0.05, "alpha": 0.9, "eps": 1e-4, "weight_decay": 0.3},
-            {"lr": 1e-4, "maximize": True, "momentum": 0.8, "weight_decay": 0.0},
-        ),
-        state_tensors=("step", "square_avg", "momentum_buffer", "grad_avg"),
-        has_fused=False,
-    ),
-    "Adagrad": Family(
-        "Adagrad",
-        ferroptim.Adagrad,
-        torch.optim.Adagrad,
-        grid={
-            "lr_decay": (0.0, 0.01),
-            "weight_decay": (0.0, 0.05),
-            "initial_accumulator_value": (0.0, 0.1),
-            "maximize": (False, True),
-        },
-        state_keys=lambda group: ("step", "sum"),
-        second_group={"lr": 3e-3, "eps": 1e-6},
-        second_group_extra=lambda kw: {"lr_decay": 0.05} if kw.get("lr_decay") else {},
-        common={"initial_accumulator_value": 0.1},
-        variants=(
-            {"lr": 0.05, "lr_decay": 0.1, "eps": 1e-4, "weight_decay": 0.3},
-            {"lr": 1e-3, "maximize": True, "weight_decay": 0.0},
-        ),
-        state_tensors=("step", "sum"),
-    ),
-}
-
-#: Families with a kernel of their own (Adam-decoupled shares Adam's).
-NEW_FAMILIES = ("SGD", "RMSprop", "Adagrad")
-ALL_FAMILIES = tuple(FAMILIES)
-
-
-@dataclass(frozen=True)
-class FlagCase:
-    family: Family
-    kwargs: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        parts = [self.family.name]
-        for key, value in self.kwargs.items():
-            if isinstance(value, bool):
-                if value:
-                    parts.append(key)
-            else:
-                parts.append(f"{key}={value}")
-        return "-".join(parts)
-
-
-def flag_cases(families: Sequence[str] | None = None) -> list[FlagCase]:
-    """Every combination of every family's flag grid."""
-    cases = []
-    for name in families or FAMILIES:
-        family = FAMILIES[name]
-        keys = list(family.grid)
-        for values in itertools.product(*(family.grid[k] for k in keys)):
-            kwargs = dict(zip(keys, values, strict=True))
-            if family.valid(kwargs):
-                cases.append(FlagCase(family, kwargs))
-    return cases
-
-
-def flag_params(families: Sequence[str] | None = None) -> list[Any]:
-    """``flag_cases`` as ``pytest.param`` objects with readable ids."""
-    return [pytest.param(c, id=c.id) for c in flag_cases(families)]
-
-
-def some_flag_params(families: Sequence[str] | None = None) -> list[Any]:
-    """A small, representative subset of the flag grid (for the costlier sweeps): every
-    family's representative cases (by default every flag at its last grid value,
-    "everything on"), and the first family with every flag at its first value ("plain")."""
-    picked = []
-    for index, name in enumerate(families or FAMILIES):
-        family = FAMILIES[name]
-        cases = [
-            FlagCase(family, dict(kw))
-            for kw in family.representative or ({k: v[-1] for k, v in family.grid.items()},)
-        ]
-        if index == 0 and families is None:
-            cases.append(FlagCase(family, {k: v[0] for k, v in family.grid.items()}))
-        for case in cases:
-            assert family.valid(case.kwargs), case.id
-            picked.append(pytest.param(case, id=case.id))
-    return picked
 
 
 # ----------------------------------------------------------------------------------------

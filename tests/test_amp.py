@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, train_cases
 
 pytestmark = pytest.mark.usefixtures("torch_single_threaded")
 
@@ -40,33 +40,11 @@ F32 = {"rtol": 1e-5, "atol": 1e-6}
 #: kernels (float32 math): a few bf16 ulps apart (as in conftest's TOLERANCES).
 BF16 = {"rtol": 3e-2, "atol": 3e-2}
 
-#: (ferroptim class, torch class, kwargs): every family with its state buffers in play.
+#: (ferroptim class, torch class, kwargs): every optimizer of the registry with its state
+#: buffers in play (``train_kwargs``), and its AMP variants (``train_variants``).
 FAMILIES: dict[str, tuple[type, type, dict[str, Any]]] = {
-    "Adam": (ferroptim.Adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
-    "AdamW": (ferroptim.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "SGD": (
-        ferroptim.SGD,
-        torch.optim.SGD,
-        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
-    ),
-    "RMSprop": (
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        {"lr": 1e-2, "momentum": 0.5, "weight_decay": 1e-3},
-    ),
-    # Centered with momentum: the buffer accumulates grad / avg where
-    # avg = sqrt(E[g^2] - E[g]^2) cancels for elements with steady gradients, an
-    # ill-conditioned value torch's own float32 for-loop gets only to ~4e-4 (vs float64).
-    "RMSprop-centered": (
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        {"lr": 1e-2, "centered": True, "momentum": 0.5, "weight_decay": 1e-3},
-    ),
-    "Adagrad": (
-        ferroptim.Adagrad,
-        torch.optim.Adagrad,
-        {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
-    ),
+    name: (family.ferro, family.torch, {**family.fixed, **kwargs})
+    for name, (family, kwargs) in train_cases(variants=True).items()
 }
 NAMES = tuple(FAMILIES)
 #: Second-group overrides (every family has an ``lr``).
@@ -324,28 +302,16 @@ def train_with_scaler(
 RECIPES = ["plain", "unscale_clip", "unscale_ferroclip", "max_grad_norm"]
 
 
-@pytest.mark.parametrize("amp_path", AMP_PATHS)
-@pytest.mark.parametrize("init_scale", [2.0**12, 1000.0], ids=["pow2-scale", "scale-1000"])
-@pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("family", NAMES)
-def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
-    ferro_clip = recipe == "unscale_ferroclip"
-    recipe_ = "unscale_clip" if ferro_clip else recipe
-    with kernel_calls() as calls:
-        ferro = train_with_scaler(
-            family, recipe_, init_scale, torch_ref=False, ferro_clip=ferro_clip, amp_path=amp_path
-        )
-    ref = train_with_scaler(family, recipe_, init_scale, torch_ref=True)
-    ref64 = train_with_scaler(family, recipe_, init_scale, torch_ref=True, dtype=torch.float64)
-    # The Rust kernel ran on every non-skipped step, once per group.
-    assert calls.total() == 2 * (AMP_STEPS - len(AMP_BAD))
-    # The gradients after scaler.step: unscaled in place by GradScaler on the default path
-    # and whenever the recipe called scaler.unscale_ (as torch's); still scaled where the
-    # kernel unscaled them as it read them.
-    # (max_grad_norm: torch's clip rewrote its gradients, ferroptim's kept them.)
-    unscaled = amp_path == "default" or recipe_ == "unscale_clip"
+def _assert_grads_as_torch(
+    ferro: dict[str, Any], ref: dict[str, Any], recipe: str, amp_path: str, ferro_clip: bool
+) -> None:
+    """The gradients after scaler.step: unscaled in place by GradScaler on the default path
+    and whenever the recipe called scaler.unscale_ (as torch's); still scaled where the
+    kernel unscaled them as it read them.
+    (max_grad_norm: torch's clip rewrote its gradients, ferroptim's kept them.)"""
+    unscaled = amp_path == "default" or recipe == "unscale_clip"
     for step, (hf, ht) in enumerate(zip(ferro["history"], ref["history"], strict=True)):
-        if step in AMP_BAD or recipe_ == "max_grad_norm":
+        if step in AMP_BAD or recipe == "max_grad_norm":
             continue
         expected = 1.0 if unscaled else hf["step_scale"]
         for i, (gf, gt) in enumerate(zip(hf["grads"], ht["grads"], strict=True)):
@@ -358,6 +324,10 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
                 f"step {step}: grad {i} is {ratio} x torch's, expected {expected}"
             )
 
+
+def _assert_scales_as_torch(
+    ferro: dict[str, Any], ref: dict[str, Any], ref64: dict[str, Any], init_scale: float
+) -> None:
     scales_f = [h["scale"] for h in ferro["history"]]
     scales_t = [h["scale"] for h in ref["history"]]
     assert scales_f == scales_t
@@ -366,9 +336,11 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
         previous = scales_f[step - 1] if step else init_scale
         assert scales_f[step] == previous * 0.5, f"step {step}: no backoff"
     assert max(scales_f) > init_scale
-
     assert scales_f == [h["scale"] for h in ref64["history"]]
-    # torch's own float32 error over the run, per kind of value (params, each state key).
+
+
+def _torch_noise(ref: dict[str, Any], ref64: dict[str, Any]) -> dict[str, float]:
+    """torch's own float32 error over the run, per kind of value (params, each state key)."""
     noise: dict[str, float] = {}
     for ht, h64 in zip(ref["history"], ref64["history"], strict=True):
         pairs = [("params", a, b) for a, b in zip(ht["params"], h64["params"], strict=True)]
@@ -380,6 +352,13 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
         ]
         for key, a, b in pairs:
             noise[key] = max(noise.get(key, 0.0), float((a.double() - b.double()).abs().max()))
+    return noise
+
+
+def _assert_trajectory_as_exact_as_torch(
+    ferro: dict[str, Any], ref: dict[str, Any], ref64: dict[str, Any]
+) -> None:
+    noise = _torch_noise(ref, ref64)
     histories = zip(ferro["history"], ref["history"], ref64["history"], strict=True)
     for step, (hf, ht, h64) in enumerate(histories):
         for i, (a, b, c) in enumerate(zip(hf["params"], ht["params"], h64["params"], strict=True)):
@@ -396,20 +375,46 @@ def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
                     assert_close_to_torch(
                         sf[i][key], vt, s64[i][key], f"step {step}: {i} {key}", noise[key]
                     )
-    if FAMILIES[family][1] is not torch.optim.SGD:
+
+
+def _assert_clip_norms_as_torch(
+    ferro: dict[str, Any], ref: dict[str, Any], ref64: dict[str, Any]
+) -> None:
+    """The norms the clip saw (ferroptim: last_grad_norm) are torch's."""
+    norms = zip(ferro["clip_norms"], ref["clip_norms"], ref64["clip_norms"], strict=True)
+    for step, (nf, nt, n64) in enumerate(norms):
+        if step in AMP_BAD:
+            assert not math.isfinite(float(nt))
+            continue
+        assert_close_to_torch(nf, nt, n64, f"norm at step {step}")
+    assert any(float(n) > MAX_NORM for s, n in enumerate(ref["clip_norms"]) if s not in AMP_BAD), (
+        "clipping never kicked in"
+    )
+
+
+@pytest.mark.parametrize("amp_path", AMP_PATHS)
+@pytest.mark.parametrize("init_scale", [2.0**12, 1000.0], ids=["pow2-scale", "scale-1000"])
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("family", NAMES)
+def test_grad_scaler_matches_torch(family, recipe, init_scale, amp_path):
+    ferro_clip = recipe == "unscale_ferroclip"
+    recipe_ = "unscale_clip" if ferro_clip else recipe
+    with kernel_calls() as calls:
+        ferro = train_with_scaler(
+            family, recipe_, init_scale, torch_ref=False, ferro_clip=ferro_clip, amp_path=amp_path
+        )
+    ref = train_with_scaler(family, recipe_, init_scale, torch_ref=True)
+    ref64 = train_with_scaler(family, recipe_, init_scale, torch_ref=True, dtype=torch.float64)
+    # The Rust kernel ran on every non-skipped step, once per group.
+    assert calls.total() == 2 * (AMP_STEPS - len(AMP_BAD))
+    _assert_grads_as_torch(ferro, ref, recipe_, amp_path, ferro_clip)
+    _assert_scales_as_torch(ferro, ref, ref64, init_scale)
+    _assert_trajectory_as_exact_as_torch(ferro, ref, ref64)
+    if train_cases(variants=True)[family][0].has_step:
         steps = {float(s["step"]) for s in ferro["opt"].state.values()}
         assert steps == {float(AMP_STEPS - len(AMP_BAD))}
     if recipe != "plain":
-        # The norms the clip saw (ferroptim: last_grad_norm) are torch's.
-        norms = zip(ferro["clip_norms"], ref["clip_norms"], ref64["clip_norms"], strict=True)
-        for step, (nf, nt, n64) in enumerate(norms):
-            if step in AMP_BAD:
-                assert not math.isfinite(float(nt))
-                continue
-            assert_close_to_torch(nf, nt, n64, f"norm at step {step}")
-        assert any(
-            float(n) > MAX_NORM for s, n in enumerate(ref["clip_norms"]) if s not in AMP_BAD
-        ), "clipping never kicked in"
+        _assert_clip_norms_as_torch(ferro, ref, ref64)
 
 
 def train_mixed_routes(

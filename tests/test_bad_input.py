@@ -15,17 +15,19 @@ from _kernels import intercept_steps
 from conftest import (
     ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    OPTIMIZERS,
     assert_unchanged,
     error_of,
     ferroptim,
+    one_per_kernel,
     snapshot,
+    taking,
     tol,
 )
 
 FAMILY_IDS = list(ALL_FAMILIES)
 #: One family per kernel (Adam-decoupled and AdamW share Adam's).
-KERNEL_FAMILIES = ["Adam", *NEW_FAMILIES]
+KERNEL_FAMILIES = one_per_kernel()
 
 
 def assert_same_outcome(
@@ -82,65 +84,9 @@ def set_grads(ps, seed: int) -> None:
 # Construction
 # ----------------------------------------------------------------------------------------
 
-_ADAM_BAD = [
-    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
-    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
-    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="beta1-negative"),
-    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
-    pytest.param({"betas": (0.9, 1.5)}, "beta parameter at index 1", id="beta2-above-one"),
-    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-    pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-    pytest.param(
-        {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-    ),
-]
+#: Constructor arguments torch rejects, per family (the registry's ``bad_constructor``).
 BAD_HYPERPARAMETERS = {
-    "Adam": _ADAM_BAD,
-    "Adam-decoupled": _ADAM_BAD,
-    "AdamW": _ADAM_BAD,
-    "SGD": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param({"nesterov": True}, "Nesterov", id="nesterov-without-momentum"),
-        pytest.param(
-            {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
-            "Nesterov",
-            id="nesterov-with-dampening",
-        ),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-        pytest.param(
-            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-        ),
-    ],
-    "RMSprop": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
-        pytest.param({"momentum": -0.9}, "momentum", id="negative-momentum"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param({"alpha": -0.5}, "alpha", id="negative-alpha"),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused RMSprop
-    ],
-    "Adagrad": [
-        pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
-        pytest.param({"lr_decay": -0.1}, "lr_decay", id="negative-lr-decay"),
-        pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
-        pytest.param(
-            {"initial_accumulator_value": -0.1},
-            "initial_accumulator_value",
-            id="negative-initial-accumulator-value",
-        ),
-        pytest.param({"eps": -1e-10}, "epsilon", id="negative-eps"),
-        pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
-        pytest.param({"fused": True, "foreach": True}, "fused.*foreach", id="fused-and-foreach"),
-        pytest.param(
-            {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
-        ),
-    ],
+    name: family.bad_constructor for name, family in FAMILIES.items() if family.bad_constructor
 }
 
 
@@ -233,18 +179,13 @@ def test_duplicate_params_within_a_group(family):
 
 
 #: Per family: kwargs with every state buffer in play.
-FULL_KWARGS = {
-    "Adam": {"amsgrad": True},
-    "Adam-decoupled": {"amsgrad": True, "weight_decay": 0.1},
-    "AdamW": {"amsgrad": True},
-    "SGD": {"momentum": 0.9, "weight_decay": 0.1},
-    "RMSprop": {"momentum": 0.5, "centered": True},
-    "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
-}
+#: Constructor kwargs with every state buffer and per-step term in play (the registry's
+#: ``bad_input_kwargs``).
+FULL_KWARGS = {name: family.bad_input_kwargs for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("warm_steps", [0, 3], ids=["first-step", "after-warmup"])
-@pytest.mark.parametrize("family", [*FAMILY_IDS[:3], "RMSprop"])
+@pytest.mark.parametrize("family", [n for n, f in FAMILIES.items() if not f.sparse])
 def test_sparse_grad_in_second_group(family, warm_steps):
     """Optimizers without sparse support raise torch's error before writing anything
     (torch itself has stepped the first group by then)."""
@@ -385,7 +326,7 @@ LOAD_MISMATCHES = [
 
 
 @pytest.mark.parametrize(("other_groups", "words"), LOAD_MISMATCHES)
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_load_state_dict_mismatch(family, other_groups, words):
     family = FAMILIES[family]
     kwargs = {"lr": 0.1, **FULL_KWARGS[family.name]}
@@ -670,13 +611,9 @@ def _set_in_group(key: str, value: Any):
     return mutate
 
 
-#: Numeric hyperparameters per family (set to something torch's step cannot compute with).
-NUMBERS = {
-    "Adam": ("lr", "eps", "weight_decay"),
-    "SGD": ("lr", "momentum", "weight_decay"),
-    "RMSprop": ("lr", "alpha", "eps", "momentum"),
-    "Adagrad": ("lr", "lr_decay", "eps", "weight_decay"),
-}
+#: Numeric hyperparameters per family, set to something torch's step cannot compute with
+#: (the registry's ``numbers``).
+NUMBERS = {name: family.numbers for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
@@ -786,7 +723,7 @@ STEP_VALUES = [
 
 @pytest.mark.parametrize("warm_steps", [1, 3])
 @pytest.mark.parametrize("value", STEP_VALUES)
-@pytest.mark.parametrize("family", ["Adam", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("family", [n for n in one_per_kernel() if FAMILIES[n].has_step])
 def test_step_counter_of_another_kind(family, value, warm_steps):
     """``state["step"]`` replaced by a Python number or a tensor of another shape: torch's
     exception (type and message) before anything is written, or torch's step where torch
@@ -823,7 +760,7 @@ BETAS_MID_TRAINING = [
 
 
 @pytest.mark.parametrize(("betas", "warm_steps"), BETAS_MID_TRAINING)
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", taking("betas"))
 def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_steps):
     """torch validates betas only in its constructor. Set afterwards, its for-loop steps
     with them or fails computing its Python scalars (``lr / (1 - 1.0 ** step)``): the
@@ -848,7 +785,7 @@ def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_step
 
 
 @pytest.mark.parametrize("when", ["constructor", "mid-training"])
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("family", taking("capturable"))
 def test_capturable_with_cpu_params_raises_torchs_error(family, when):
     """``capturable=True`` needs params on a device CUDA graphs capture: torch's for-loop
     raises an AssertionError on CPU params; so does ferroptim, before writing."""

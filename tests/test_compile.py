@@ -18,16 +18,14 @@ import pytest
 import torch
 import torch._dynamo
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, train_cases
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
+#: (ferroptim class, kwargs): every optimizer of the registry, state buffers in play.
 FAMILIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "Adam": (ferroptim.Adam, {"lr": 1e-2, "amsgrad": True}),
-    "AdamW": (ferroptim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "SGD": (ferroptim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
-    "RMSprop": (ferroptim.RMSprop, {"lr": 1e-2, "momentum": 0.5, "centered": True}),
-    "Adagrad": (ferroptim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
+    name: (family.ferro, {**family.fixed, **kwargs})
+    for name, (family, kwargs) in train_cases().items()
 }
 NAMES = tuple(FAMILIES)
 

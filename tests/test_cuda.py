@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import train_cases
 
 pytestmark = [
     pytest.mark.cuda,
@@ -35,24 +35,11 @@ DEVICE = "cuda"
 #: for-loop, or vs ferroptim's Rust kernel): a few float32 ulps apart per step.
 F32 = {"rtol": 1e-5, "atol": 1e-5}
 
-#: (ferroptim class, torch class, kwargs, torch has a fused kernel)
+#: (ferroptim class, torch class, kwargs, torch has a fused kernel): every optimizer of
+#: the registry, state buffers in play.
 FAMILIES: dict[str, tuple[type, type, dict[str, Any], bool]] = {
-    "Adam": (ferroptim.Adam, torch.optim.Adam, {"lr": 1e-2, "weight_decay": 1e-2}, True),
-    "Adam-amsgrad": (ferroptim.Adam, torch.optim.Adam, {"lr": 1e-2, "amsgrad": True}, True),
-    "AdamW": (ferroptim.AdamW, torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, True),
-    "SGD": (
-        ferroptim.SGD,
-        torch.optim.SGD,
-        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
-        True,
-    ),
-    "Adagrad": (ferroptim.Adagrad, torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}, True),
-    "RMSprop": (
-        ferroptim.RMSprop,
-        torch.optim.RMSprop,
-        {"lr": 1e-2, "momentum": 0.5, "centered": True},
-        False,
-    ),
+    name: (family.ferro, family.torch, {**family.fixed, **kwargs}, family.has_fused)
+    for name, (family, kwargs) in train_cases().items()
 }
 NAMES = list(FAMILIES)
 SHAPES = [(64, 32), (32,), (17, 5, 3), (1,)]
@@ -242,7 +229,7 @@ def scaled_training(
     return {"opt": opt, "params": params, "scales": scales, "step_calls": step_calls}
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "SGD", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("family", NAMES)
 def test_grad_scaler_on_cuda_default(family):
     """By default GradScaler unscales and skips the overflow steps itself, for ferroptim
     as for torch's default optimizer; the steps match torch's (its fused kernel for
@@ -256,7 +243,7 @@ def test_grad_scaler_on_cuda_default(family):
     assert_state_equal(f["opt"], f["params"], t["opt"], t["params"], **F32)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", "SGD", "Adagrad"])
+@pytest.mark.parametrize("family", [n for n in NAMES if FAMILIES[n][3]])
 def test_grad_scaler_on_cuda_fused(family):
     """fused=True: GradScaler hands the step its scale and inf flag; torch's fused
     kernels unscale and skip, bitwise as torch.optim's fused optimizer."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 from _dist import run_workers
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, train_cases
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -42,12 +42,11 @@ BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
 # Families, models, data (shared by the workers and the parent's references)
 # ----------------------------------------------------------------------------------------
 
+#: (class name, kwargs): every optimizer of the registry, state buffers in play (by class
+#: name: the spawned workers look the class up in ferroptim or torch.optim).
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "Adam": ("Adam", {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-2}),
-    "AdamW": ("AdamW", {"lr": 1e-2, "weight_decay": 0.1}),
-    "SGD": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
-    "RMSprop": ("RMSprop", {"lr": 1e-2, "momentum": 0.5, "centered": True, "weight_decay": 1e-3}),
-    "Adagrad": ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    name: (family.ferro.__name__, {**family.fixed, **kwargs})
+    for name, (family, kwargs) in train_cases().items()
 }
 NAMES = tuple(FAMILIES)
 

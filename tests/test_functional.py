@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_tensors_as_exact_as_torch, ferroptim
+from conftest import FAMILIES, Family, Functional, assert_tensors_as_exact_as_torch, ferroptim
 
 F = ferroptim.functional
 
@@ -56,85 +56,32 @@ class Case:
     first_step: bool = False
 
 
-ADAM_STATES = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq"}
-AMS_STATES = {**ADAM_STATES, "max_exp_avg_sqs": "max_exp_avg_sq"}
-
-
-def _adam(fn: str, cls: type, **hyper: Any) -> Case:
-    states = AMS_STATES if hyper.get("amsgrad") else ADAM_STATES
-    return Case(fn, cls, {"lr": 3e-3, **hyper}, states)
-
-
-def _sgd(**hyper: Any) -> Case:
-    momentum = hyper.get("momentum", 0.0)
-    states = {"momentum_buffers": "momentum_buffer"} if momentum else {}
+def _case(family: Family, functional: Functional, hyper: dict[str, Any]) -> Case:
+    both, init, torch_only = functional.split({**functional.base, **family.fixed, **hyper})
     return Case(
-        "sgd_",
-        torch.optim.SGD,
-        {"lr": 1e-2, **hyper},
-        states,
-        has_step=False,
-        first_step=bool(momentum),
+        functional.fn,
+        family.torch,
+        both,
+        functional.states(both),
+        init=init,
+        torch_only=torch_only,
+        has_step=functional.has_step,
+        first_step=functional.first_step(both),
     )
 
 
-def _rmsprop(**hyper: Any) -> Case:
-    states = {"square_avgs": "square_avg"}
-    if hyper.get("momentum"):
-        states["momentum_buffers"] = "momentum_buffer"
-    if hyper.get("centered"):
-        states["grad_avgs"] = "grad_avg"
-    return Case("rmsprop_", torch.optim.RMSprop, {"lr": 1e-3, **hyper}, states)
-
-
-def _adagrad(initial: float = 0.0, **hyper: Any) -> Case:
-    return Case(
-        "adagrad_",
-        torch.optim.Adagrad,
-        {"lr": 1e-2, **hyper},
-        {"state_sums": "sum"},
-        init={"state_sums": initial},
-        torch_only={"initial_accumulator_value": initial},
-    )
-
-
+#: Every functional case of the registry (test id -> case).
 CASES: dict[str, Case] = {
-    "adam": _adam("adam_", torch.optim.Adam),
-    "adam-amsgrad": _adam("adam_", torch.optim.Adam, amsgrad=True),
-    "adam-maximize-wd": _adam("adam_", torch.optim.Adam, maximize=True, weight_decay=0.05),
-    "adam-amsgrad-maximize-wd": _adam(
-        "adam_",
-        torch.optim.Adam,
-        amsgrad=True,
-        maximize=True,
-        weight_decay=0.05,
-        betas=(0.8, 0.99),
-        eps=1e-6,
-    ),
-    "adam-decoupled": _adam(
-        "adam_", torch.optim.Adam, decoupled_weight_decay=True, weight_decay=0.1
-    ),
-    "adamw": _adam("adamw_", torch.optim.AdamW),
-    "adamw-amsgrad-maximize": _adam(
-        "adamw_", torch.optim.AdamW, amsgrad=True, maximize=True, weight_decay=0.1
-    ),
-    "adamw-no-wd": _adam("adamw_", torch.optim.AdamW, weight_decay=0.0),
-    "sgd": _sgd(),
-    "sgd-wd-maximize": _sgd(weight_decay=0.05, maximize=True),
-    "sgd-momentum": _sgd(momentum=0.9),
-    "sgd-momentum-dampening-wd": _sgd(momentum=0.9, dampening=0.1, weight_decay=0.05),
-    "sgd-nesterov-wd-maximize": _sgd(momentum=0.8, nesterov=True, weight_decay=0.05, maximize=True),
-    "rmsprop": _rmsprop(),
-    "rmsprop-centered": _rmsprop(centered=True),
-    "rmsprop-momentum": _rmsprop(momentum=0.9, alpha=0.9),
-    "rmsprop-centered-momentum-wd-maximize": _rmsprop(
-        centered=True, momentum=0.5, weight_decay=0.05, maximize=True, eps=1e-6
-    ),
-    "adagrad": _adagrad(),
-    "adagrad-lr_decay": _adagrad(lr_decay=0.01),
-    "adagrad-lr_decay-wd-maximize-init": _adagrad(
-        initial=0.1, lr_decay=0.05, weight_decay=0.05, maximize=True, eps=1e-6
-    ),
+    name: _case(family, family.functional, hyper)
+    for family in FAMILIES.values()
+    if family.functional is not None
+    for name, hyper in family.functional.cases.items()
+}
+#: One family per functional call: (family, functional) by function name.
+FUNCTIONALS: dict[str, tuple[Family, Functional]] = {
+    family.functional.fn: (family, family.functional)
+    for family in FAMILIES.values()
+    if family.functional is not None and family.variant_of is None
 }
 
 
@@ -229,15 +176,16 @@ def test_matches_torch(name, dtype):
             runner.check()
 
 
-@pytest.mark.parametrize("fn", ["adamw_", "sgd_", "rmsprop_", "adagrad_"])
+@pytest.mark.parametrize("fn", list(FUNCTIONALS))
 def test_single_arrays_and_lists_agree(fn):
     """One array (not in a list) steps like a one-element list; a 2-D array like its
     flattening."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((17, 9)).astype(np.float32)
     g = rng.standard_normal((17, 9)).astype(np.float32)
-    n_states = {"adamw_": 2, "sgd_": 1, "rmsprop_": 1, "adagrad_": 1}[fn]
-    kwargs: dict[str, Any] = {"momentum": 0.9, "first_step": True} if fn == "sgd_" else {"step": 1}
+    functional = FUNCTIONALS[fn][1]
+    kwargs: dict[str, Any] = dict(functional.smoke)
+    n_states = len(functional.states(kwargs))
     single = [w.copy(), g.copy()] + [np.zeros_like(w) for _ in range(n_states)]
     listed = [[a.copy().reshape(-1)] for a in single]
     getattr(F, fn)(*single, **kwargs)

@@ -16,10 +16,11 @@ import torch
 from conftest import (
     ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    OPTIMIZERS,
     assert_unchanged,
     ferroptim,
     iter_tensors,
+    one_per_kernel,
     snapshot,
     structure,
     tol,
@@ -167,7 +168,7 @@ def test_param_groups_with_their_own_hyperparameters(family):
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
     twin.step(100)
     twin.check()
-    if family.startswith("Adam"):
+    if "max_exp_avg_sq" in FAMILIES[family].state_tensors:  # amsgrad in variants[0]
         assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
         assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
 
@@ -186,57 +187,10 @@ def test_add_param_group_mid_training(family):
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
 
 
-#: Per family: (key, value) changes made to a live group between steps, each one a change
-#: torch's own optimizer honours without error.
+#: Per family: (key, value) changes made to a live group between steps (the registry's
+#: ``live_changes``), each one a change torch's own optimizer honours without error.
 HYPERPARAMETER_CHANGES = {
-    "Adam": [
-        ("lr", 0.05),
-        ("betas", (0.5, 0.9)),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("decoupled_weight_decay", True),
-        ("maximize", False),
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "SGD": [
-        ("lr", 0.05),
-        ("momentum", 0.5),
-        ("dampening", 0.3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("dampening", 0.0),
-        ("nesterov", True),
-        ("maximize", False),
-        ("momentum", 0.0),  # the buffers stay in the state, unused
-        ("nesterov", False),
-        ("momentum", 0.9),  # ... and are used again
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "RMSprop": [
-        ("lr", 0.05),
-        ("alpha", 0.9),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("momentum", 0.9),
-        ("centered", False),
-        ("momentum", 0.0),  # the buffers stay in the state, unused
-        ("maximize", False),
-        ("centered", True),  # grad_avg kept from before is used again, as torch does
-        ("momentum", 0.3),
-        ("lr", torch.tensor(3e-3)),
-    ],
-    "Adagrad": [
-        ("lr", 0.05),
-        ("lr_decay", 0.1),
-        ("eps", 1e-3),
-        ("weight_decay", 0.1),
-        ("maximize", True),
-        ("initial_accumulator_value", 5.0),  # only read when state is created
-        ("maximize", False),
-        ("lr", torch.tensor(3e-3)),
-    ],
+    name: family.live_changes for name, family in FAMILIES.items() if family.live_changes
 }
 
 
@@ -410,7 +364,7 @@ def test_isinstance():
         assert issubclass(ferro_cls, torch_cls)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_constructor_defaults_match_torch(family):
     family = FAMILIES[family]
     f = family.ferro([torch.nn.Parameter(torch.zeros(3))])
@@ -423,7 +377,7 @@ def test_constructor_defaults_match_torch(family):
     assert f.last_grad_norm is None
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_constructor_signature_is_torchs_plus_keywords(family):
     """torch's parameters, in torch's order, with torch's kinds and defaults; ferroptim's
     own options (``max_grad_norm``, ...) only as extra keyword-only parameters."""
@@ -466,13 +420,12 @@ def test_named_parameters(family):
         torch.testing.assert_close(a, b, **F32)
 
 
-#: Per family: kwargs of the small-model training runs (every state buffer in play).
+#: Per family: kwargs of the small-model training runs (the registry's
+#: ``interop_training``: every state buffer in play).
 TRAINING_KWARGS = {
-    "Adam": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
-    "AdamW": {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
-    "SGD": {"lr": 3e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"lr": 1e-3, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
-    "Adagrad": {"lr": 3e-2, "lr_decay": 0.01, "weight_decay": 0.01},
+    name: family.interop_training
+    for name, family in FAMILIES.items()
+    if family.interop_training is not None
 }
 
 
@@ -597,7 +550,7 @@ def _momentum_of(group: dict[str, Any]) -> Any:
     return group.get("momentum")
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_lr_scheduler_trajectory_matches_torch(name, family):
     family = FAMILIES[family]
@@ -749,7 +702,7 @@ def test_adagrad_state_is_created_at_construction(dtype, fused):
             assert torch.equal(sf["state"][index][key], value), key
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 @pytest.mark.parametrize("direction", ["torch-to-ferro", "ferro-to-torch"])
 def test_checkpoint_interchange(direction, family):
     """A checkpoint from one implementation loads into the other and training continues to
@@ -923,7 +876,7 @@ def test_load_state_dict_from_another_optimizer_mid_training(family):
 
 STATE_KEYS = [
     pytest.param(family, key, id=f"{family}-{key}")
-    for family in ["Adam", *NEW_FAMILIES]
+    for family in one_per_kernel()
     for key in FAMILIES[family].state_tensors
 ]
 
@@ -1003,7 +956,7 @@ def test_in_place_state_edit(family):
 
 
 @pytest.mark.parametrize("how", ["new-tensor", "new-dtype-f64", "transposed-view", "reshaped-view"])
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_param_data_replaced(family, how):
     """``p.data = ...``: fresh memory, or the same memory seen through a new layout."""
     # A square param, so a transposed view keeps the shape (and the state still fits).
@@ -1131,7 +1084,7 @@ def test_grads_toggling_between_none_and_layouts(family):
     "layout",
     ["contiguous", "non-contiguous", "complex"],
 )
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_step_bumps_the_autograd_version_counter(family, layout):
     """A graph that saved a param before ``step()`` must refuse to backprop through it
     afterwards, with torch's "modified by an inplace operation" error, as with

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import (
+    ALL_FAMILIES,
     FAMILIES,
-    NEW_FAMILIES,
+    FULL_GRID,
+    OPTIMIZERS,
     GroupSpec,
     ParamSpec,
     Run,
@@ -28,6 +30,7 @@ from conftest import (
     error_of,
     ferroptim,
     flag_params,
+    one_per_kernel,
     run_pair,
     run_steps,
     run_torch_float64_shadow,
@@ -35,6 +38,7 @@ from conftest import (
     small_layout,
     some_flag_params,
     standard_layout,
+    taking,
     threaded_layout,
     tol,
 )
@@ -62,7 +66,8 @@ def test_matches_torch_for_loop(case, dtype):
     "case",
     # Adam's full grid; the other families' representative cases (complex params are
     # stepped as real views: no flag of theirs treats them differently).
-    flag_params(["Adam", "Adam-decoupled", "AdamW"]) + some_flag_params(list(NEW_FAMILIES)),
+    flag_params(list(FULL_GRID))
+    + some_flag_params([f for f in ALL_FAMILIES if f not in FULL_GRID]),
 )
 def test_complex_params_match_torch(case, dtype):
     specs = [
@@ -81,11 +86,12 @@ def test_complex_params_match_torch(case, dtype):
     assert_as_exact_as_torch(ferro, ref, state_keys=case.family.state_keys)
 
 
+#: Per family (one per kernel): flags of the mixed float32/float64 test (the registry's
+#: ``mixed_dtype_kwargs``).
 MIXED_DTYPE_CASES = {
-    "AdamW": {"amsgrad": True},
-    "SGD": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"momentum": 0.5, "centered": True},
-    "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    name: FAMILIES[name].mixed_dtype_kwargs
+    for name in one_per_kernel("AdamW")
+    if FAMILIES[name].mixed_dtype_kwargs is not None
 }
 
 
@@ -137,64 +143,9 @@ def test_mixed_float32_float64_groups(family, dtype):
                 assert fo.state[x][key].dtype == y.dtype
 
 
-_TENSOR_LRS = [
-    pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),  # float32 tensor
-    pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
-    pytest.param({"lr": torch.tensor([1e-2])}, id="1-element-tensor-lr"),
-    pytest.param({"lr": 0.0}, id="lr-zero"),
-]
-_ADAM_UNUSUAL = [
-    *_TENSOR_LRS,
-    pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
-    pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
-    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-    pytest.param({"weight_decay": 0.1, "amsgrad": True, "maximize": True}, id="all"),
-]
-UNUSUAL_HYPERPARAMETERS = {
-    "Adam": _ADAM_UNUSUAL,
-    "Adam-decoupled": _ADAM_UNUSUAL,
-    "AdamW": _ADAM_UNUSUAL,
-    "SGD": [
-        *_TENSOR_LRS,
-        pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
-        pytest.param({"weight_decay": torch.tensor(0.05)}, id="tensor-weight-decay"),
-        pytest.param({"momentum": 1.0, "dampening": 1.0}, id="momentum-one-dampening-one"),
-        pytest.param({"momentum": 0.5, "dampening": 1.5}, id="dampening-above-one"),
-        pytest.param({"momentum": 0.99, "nesterov": True, "lr": 1e-3}, id="nesterov-0.99"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param({"momentum": 0.9, "weight_decay": 1.0, "maximize": True}, id="all"),
-    ],
-    "RMSprop": [
-        *_TENSOR_LRS,
-        pytest.param({"lr": torch.tensor(1e-2), "momentum": 0.9}, id="tensor-lr-momentum"),
-        pytest.param({"alpha": 0.0}, id="alpha-zero"),
-        pytest.param({"alpha": 0.5, "centered": True, "eps": 1e-2}, id="alpha-half-centered"),
-        pytest.param({"alpha": 1.0, "eps": 1e-3}, id="alpha-one"),
-        pytest.param({"momentum": 0.99, "eps": 1e-3, "lr": 1e-4}, id="momentum-0.99"),
-        pytest.param({"momentum": 1.0, "eps": 1e-3, "lr": 1e-4}, id="momentum-one"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param(
-            {"momentum": 0.9, "centered": True, "weight_decay": 0.1, "maximize": True}, id="all"
-        ),
-    ],
-    "Adagrad": [
-        *_TENSOR_LRS,
-        pytest.param({"eps": 0.0, "initial_accumulator_value": 0.5}, id="eps-zero"),
-        pytest.param({"eps": 1e-2}, id="big-eps"),
-        pytest.param({"lr_decay": 10.0}, id="huge-lr-decay"),
-        pytest.param({"initial_accumulator_value": 100.0}, id="big-initial-accumulator"),
-        pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-        pytest.param(
-            {
-                "lr_decay": 0.1,
-                "weight_decay": 0.1,
-                "initial_accumulator_value": 0.1,
-                "maximize": True,
-            },
-            id="all",
-        ),
-    ],
-}
+#: Per family: hyperparameters outside the usual range or of unusual types (the
+#: registry's ``unusual``).
+UNUSUAL_HYPERPARAMETERS = {name: family.unusual for name, family in FAMILIES.items()}
 
 
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
@@ -225,7 +176,7 @@ TENSOR_BETAS = [
 @pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float-lr", "tensor-lr"])
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
 @pytest.mark.parametrize("betas", TENSOR_BETAS)
-@pytest.mark.parametrize("family", ["Adam", "AdamW"])
+@pytest.mark.parametrize("family", taking("betas"))
 def test_tensor_betas_match_torch_exactly(family, betas, dtype, lr):
     """torch computes with tensor betas in their own (float32) tensor arithmetic
     (``1 - beta2``, ``1 - beta1 ** step``, ``lr / bias_correction1``): float64 params
@@ -407,7 +358,7 @@ def test_thread_counts_are_bitwise_identical(case, dtype):
     )
 
 
-@pytest.mark.parametrize("family", ["AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel("AdamW"))
 def test_single_tensor_chunking_is_bitwise_identical_to_small_tensors(family):
     """A long tensor stepped as one param equals the same values stepped as many short
     params: chunk and tensor boundaries never change the arithmetic."""
@@ -518,7 +469,7 @@ def test_forced_torch_backend_matches_reference(case, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS)
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_forced_torch_backend_steps_noncontiguous_grads_correctly(family, impl):
     """Contract 5: non-contiguous grads are stepped correctly on every path. torch's fused
     CPU kernel mis-steps a grad whose strides differ from its param's, so ferroptim must
@@ -567,7 +518,7 @@ def test_forced_torch_backend_steps_noncontiguous_grads_correctly(family, impl):
         assert_same_trajectory(ferro, ref, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_large_tensors_match_torch(family):
     """Half a million float32 elements in tensors of a few hundred thousand, 25 steps,
     every state buffer in play: the contract's tolerance holds element by element (the
@@ -580,7 +531,7 @@ def test_large_tensors_match_torch(family):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS)
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_implementation_kwargs_on_the_rust_path(family, impl):
     """``foreach=`` / ``fused=`` only choose torch's implementation for tensors torch
     steps: CPU float tensors still step in Rust, to the reference numbers."""
@@ -596,7 +547,7 @@ def test_implementation_kwargs_on_the_rust_path(family, impl):
 
 
 @pytest.mark.parametrize("impl", TORCH_IMPLS[:3])
-@pytest.mark.parametrize("family", ["Adam", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel())
 def test_forced_torch_backend_steps_non_dense_params_correctly(family, impl):
     """Contract 5 on torch's path: params that are not one run of memory (a strided slice
     of a bigger tensor) are stepped correctly by whatever implementation ferroptim
@@ -626,7 +577,7 @@ def test_forced_torch_backend_steps_non_dense_params_correctly(family, impl):
     assert_same_trajectory(ferro, ref, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("family", ["AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", one_per_kernel("AdamW"))
 def test_backend_switch_mid_training_keeps_the_trajectory(family):
     family = FAMILIES[family]
     kwargs = {"lr": 1e-2, **family.common, **family.variants[0]}
@@ -667,14 +618,12 @@ def test_backend_switch_mid_training_keeps_the_trajectory(family):
         assert float(opt.state[p].get("step", 60)) == float(ref.state[q].get("step", 60)) == 60
 
 
-#: Flags for the mixed Rust / torch-routed group test. fp16's for-loop reference
-#: underflows eps=1e-8 to 0 (and then divides 0 by 0): use an eps float16 represents.
+#: Per family: kwargs of the mixed Rust / torch-routed group test (the registry's
+#: ``mixed_routing_kwargs``: an eps float16 represents).
 MIXED_ROUTING_FLAGS = {
-    "Adam": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
-    "AdamW": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "amsgrad": True},
-    "SGD": {"lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "RMSprop": {"lr": 1e-3, "eps": 1e-3, "momentum": 0.5, "centered": True},
-    "Adagrad": {"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01, "lr_decay": 0.01},
+    name: family.mixed_routing_kwargs
+    for name, family in FAMILIES.items()
+    if family.mixed_routing_kwargs is not None
 }
 
 
@@ -740,21 +689,11 @@ def test_group_mixing_rust_and_torch_routed_params(family, low):
                 assert fo.state[x][key].dtype == y.dtype
 
 
+#: Every registry configuration of differentiable=True (``differentiable_cases``).
 DIFFERENTIABLE_CASES = [
-    # torch's own differentiable Adam cannot backprop through amsgrad with L2 decay.
-    pytest.param("Adam", {"weight_decay": 0.1}, id="Adam-wd"),
-    pytest.param("Adam", {"amsgrad": True, "maximize": True}, id="Adam-amsgrad-maximize"),
-    pytest.param("AdamW", {"weight_decay": 0.1, "amsgrad": True}, id="AdamW-wd-amsgrad"),
-    pytest.param("SGD", {"momentum": 0.9, "weight_decay": 0.1}, id="SGD-momentum-wd"),
-    pytest.param("SGD", {"momentum": 0.9, "nesterov": True, "maximize": True}, id="SGD-nesterov"),
-    pytest.param("SGD", {"weight_decay": 0.1}, id="SGD-plain-wd"),
-    # torch's own differentiable RMSprop cannot backprop through centered with weight decay.
-    pytest.param("RMSprop", {"momentum": 0.5, "centered": True}, id="RMSprop-centered-momentum"),
-    pytest.param("RMSprop", {"momentum": 0.5, "weight_decay": 0.1}, id="RMSprop-momentum-wd"),
-    pytest.param("RMSprop", {"maximize": True}, id="RMSprop-maximize"),
-    pytest.param(
-        "Adagrad", {"lr_decay": 0.1, "weight_decay": 0.1, "maximize": True}, id="Adagrad-all"
-    ),
+    pytest.param(name, flags, id=case)
+    for name, family in FAMILIES.items()
+    for case, flags in family.differentiable_cases.items()
 ]
 
 
@@ -795,7 +734,7 @@ def test_differentiable_matches_torch(family, flags):
     torch.testing.assert_close(fp, q.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["Adam", "AdamW", *NEW_FAMILIES])
+@pytest.mark.parametrize("family", OPTIMIZERS)
 def test_default_dtype_float64(family):
     """With float64 as the default dtype torch keeps ``step`` as a float64 tensor."""
     family = FAMILIES[family]

@@ -14,11 +14,13 @@ import math
 import torch
 from torch import Tensor
 
+from ferroptim._torch_compat import sparse_values
+
 
 def tensor_norm(tensor: Tensor, norm_type: float) -> Tensor:
     """torch's per-tensor norm (sparse gradients: the norm of their values)."""
     if tensor.is_sparse:
-        tensor = tensor.coalesce()._values()
+        tensor = sparse_values(tensor)
     return torch.linalg.vector_norm(tensor, norm_type)
 
 

@@ -9,9 +9,100 @@ from torch import Tensor
 from torch.optim import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
-from ferroptim._optimizer import Gathered, RustStepMixin
+from ferroptim import _core
+from ferroptim._optimizer import RustStepMixin
+from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
+from ferroptim._torch_compat import init_group
 
 __all__ = ["Adagrad"]
+
+
+# -- the Rust kernel call (hyperparameters converted and checked in the prepare phase) --
+
+
+def adagrad_kernel(group: dict[str, Any]) -> KernelCall:
+    """The group's Rust kernel, its hyperparameters read by name from the group now
+    (a missing or non-numeric one raises torch's KeyError/TypeError here)."""
+    return _core.Kernel("adagrad", group).step
+
+
+# -- the rest of the family ---------------------------------------------------------------
+
+
+def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    return ("sum",)
+
+
+def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered:
+    g = Gathered(keys=("sum",))
+    sums: list[Tensor] = []
+    g.has_sparse_grad, g.has_complex = init_group(
+        optimizer, group, g.params, g.grads, sums, g.steps
+    )
+    g.states = [sums]
+    return g
+
+
+def _usual(group: dict[str, Any]) -> bool:
+    # (a tensor lr_decay divides in tensor arithmetic: inf, no exception)
+    lr_decay = group["lr_decay"]
+    return type(lr_decay) not in (int, float) or lr_decay >= 0
+
+
+def _check_step_scalars(group: dict[str, Any], gathered: Gathered) -> None:
+    # torch's `clr = lr / (1 + (step - 1) * lr_decay)`, in Python floats (a negative
+    # lr_decay set after construction can make it divide by zero).
+    lr, lr_decay = group["lr"], group["lr_decay"]
+    if isinstance(lr, Tensor):
+        return
+    for step in {float(s) + 1 for s in gathered.steps}:
+        _ = lr / (1 + (step - 1) * lr_decay)
+
+
+def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
+    if gathered.has_sparse_grad and group["weight_decay"] != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+
+
+def _torch_step(
+    optimizer: torch.optim.Optimizer,
+    gathered: Gathered,
+    group: dict[str, Any],
+    *,
+    foreach: bool,
+    fused: bool,
+) -> None:
+    torch_adagrad.adagrad(
+        gathered.params,
+        gathered.grads,
+        gathered.states[0],
+        gathered.steps,
+        fused=fused,
+        grad_scale=gathered.grad_scale,
+        found_inf=gathered.found_inf,
+        has_sparse_grad=gathered.has_sparse_grad,
+        foreach=foreach,
+        differentiable=group["differentiable"],
+        has_complex=gathered.has_complex,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        lr_decay=group["lr_decay"],
+        eps=group["eps"],
+        maximize=group["maximize"],
+    )
+
+
+ADAGRAD_SPEC = OptimizerSpec(
+    state_keys=_state_keys,
+    kernel=adagrad_kernel,
+    torch_step=_torch_step,
+    gather=_gather,
+    sparse_to_torch=True,
+    numbers=("lr", "lr_decay", "weight_decay", "eps"),
+    usual=_usual,
+    check_step_scalars=_check_step_scalars,
+    check_torch_path=_check_torch_path,
+)
 
 
 class Adagrad(RustStepMixin, torch.optim.Adagrad):
@@ -26,7 +117,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
     inside the step (see :mod:`ferroptim.clip`).
     """
 
-    _ferro_sparse_to_torch = True
+    _ferro_spec = ADAGRAD_SPEC
 
     def __init__(
         self,
@@ -58,57 +149,3 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             fused=fused,
         )
         self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
-
-    def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("sum",)
-
-    def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
-        g = Gathered(keys=("sum",))
-        sums: list[Tensor] = []
-        g.has_sparse_grad, g.has_complex = self._init_group(group, g.params, g.grads, sums, g.steps)
-        g.states = [sums]
-        return g
-
-    _ferro_numbers = ("lr", "lr_decay", "weight_decay", "eps")
-
-    _ferro_kernel_name = "adagrad"
-
-    def _ferro_usual(self, group: dict[str, Any]) -> bool:
-        # (a tensor lr_decay divides in tensor arithmetic: inf, no exception)
-        lr_decay = group["lr_decay"]
-        return type(lr_decay) not in (int, float) or lr_decay >= 0
-
-    def _ferro_check_step_scalars(self, group: dict[str, Any], gathered: Gathered) -> None:
-        # torch's `clr = lr / (1 + (step - 1) * lr_decay)`, in Python floats (a negative
-        # lr_decay set after construction can make it divide by zero).
-        lr, lr_decay = group["lr"], group["lr_decay"]
-        if isinstance(lr, Tensor):
-            return
-        for step in {float(s) + 1 for s in gathered.steps}:
-            _ = lr / (1 + (step - 1) * lr_decay)
-
-    def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
-        if gathered.has_sparse_grad and group["weight_decay"] != 0:
-            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-
-    def _ferro_torch_step(
-        self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
-    ) -> None:
-        torch_adagrad.adagrad(
-            gathered.params,
-            gathered.grads,
-            gathered.states[0],
-            gathered.steps,
-            fused=fused,
-            grad_scale=gathered.grad_scale,
-            found_inf=gathered.found_inf,
-            has_sparse_grad=gathered.has_sparse_grad,
-            foreach=foreach,
-            differentiable=group["differentiable"],
-            has_complex=gathered.has_complex,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            lr_decay=group["lr_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )

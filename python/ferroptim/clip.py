@@ -32,7 +32,7 @@ from ferroptim._norms import (
     tensor_norm,
     total_norm,
 )
-from ferroptim._optimizer import _is_dtensor
+from ferroptim._torch_compat import is_dtensor
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm"]
 
@@ -45,7 +45,7 @@ def _split(grads: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     DTensor gradients (FSDP2) take torch's path for the whole call: their norm is
     reduced across ranks by torch's DTensor machinery.
     """
-    if _config.get_backend() == "torch" or any(_is_dtensor(g) for g in grads):
+    if _config.get_backend() == "torch" or any(is_dtensor(g) for g in grads):
         return [], grads
     rust: list[Tensor] = []
     other: list[Tensor] = []

@@ -9,9 +9,92 @@ from torch import Tensor
 from torch.optim import rmsprop as torch_rmsprop
 from torch.optim.optimizer import ParamsT
 
-from ferroptim._optimizer import Gathered, RustStepMixin
+from ferroptim import _core
+from ferroptim._optimizer import RustStepMixin
+from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
+from ferroptim._torch_compat import init_group
 
 __all__ = ["RMSprop"]
+
+
+# -- the Rust kernel call (hyperparameters converted and checked in the prepare phase) --
+
+
+def rmsprop_kernel(group: dict[str, Any]) -> KernelCall:
+    """The group's Rust kernel, its hyperparameters read by name from the group now
+    (a missing or non-numeric one raises torch's KeyError/TypeError here)."""
+    return _core.Kernel("rmsprop", group).step
+
+
+# -- the rest of the family ---------------------------------------------------------------
+
+
+def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    keys: tuple[str, ...] = ("square_avg",)
+    if group["momentum"] > 0:
+        keys += ("momentum_buffer",)
+    if group["centered"]:
+        keys += ("grad_avg",)
+    return keys
+
+
+def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered:
+    g = Gathered(keys=_state_keys(group))
+    square_avgs: list[Tensor] = []
+    buffers: list[Tensor] = []
+    grad_avgs: list[Tensor] = []
+    g.has_complex = init_group(
+        optimizer, group, g.params, g.grads, square_avgs, buffers, grad_avgs, g.steps
+    )
+    g.states = [square_avgs]
+    if group["momentum"] > 0:
+        g.states.append(buffers)
+    if group["centered"]:
+        g.states.append(grad_avgs)
+    return g
+
+
+def _torch_step(
+    optimizer: torch.optim.Optimizer,
+    gathered: Gathered,
+    group: dict[str, Any],
+    *,
+    foreach: bool,
+    fused: bool,
+) -> None:
+    by_key = dict(zip(gathered.keys, gathered.states, strict=True))
+    torch_rmsprop.rmsprop(
+        gathered.params,
+        gathered.grads,
+        by_key["square_avg"],
+        by_key.get("grad_avg", []),
+        by_key.get("momentum_buffer", []),
+        gathered.steps,
+        foreach=foreach,
+        maximize=group["maximize"],
+        differentiable=group["differentiable"],
+        capturable=group["capturable"],
+        has_complex=gathered.has_complex,
+        lr=group["lr"],
+        alpha=group["alpha"],
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        centered=group["centered"],
+    )
+
+
+RMSPROP_SPEC = OptimizerSpec(
+    state_keys=_state_keys,
+    kernel=rmsprop_kernel,
+    torch_step=_torch_step,
+    gather=_gather,
+    # torch's RMSprop only increments the step counter.
+    reads_step=False,
+    # torch has no fused RMSprop: other devices use its foreach implementation.
+    has_fused=False,
+    numbers=("lr", "alpha", "eps", "weight_decay", "momentum"),
+)
 
 
 class RMSprop(RustStepMixin, torch.optim.RMSprop):
@@ -26,7 +109,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
     inside the step (see :mod:`ferroptim.clip`).
     """
 
-    _ferro_has_fused = False
+    _ferro_spec = RMSPROP_SPEC
 
     def __init__(
         self,
@@ -60,56 +143,3 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             differentiable,
         )
         self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
-
-    def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        keys: tuple[str, ...] = ("square_avg",)
-        if group["momentum"] > 0:
-            keys += ("momentum_buffer",)
-        if group["centered"]:
-            keys += ("grad_avg",)
-        return keys
-
-    def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
-        g = Gathered(keys=self._ferro_state_keys(group))
-        square_avgs: list[Tensor] = []
-        buffers: list[Tensor] = []
-        grad_avgs: list[Tensor] = []
-        g.has_complex = self._init_group(
-            group, g.params, g.grads, square_avgs, buffers, grad_avgs, g.steps
-        )
-        g.states = [square_avgs]
-        if group["momentum"] > 0:
-            g.states.append(buffers)
-        if group["centered"]:
-            g.states.append(grad_avgs)
-        return g
-
-    _ferro_numbers = ("lr", "alpha", "eps", "weight_decay", "momentum")
-    # torch's RMSprop only increments the step counter.
-    _ferro_reads_step = False
-
-    _ferro_kernel_name = "rmsprop"
-
-    def _ferro_torch_step(
-        self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
-    ) -> None:
-        by_key = dict(zip(gathered.keys, gathered.states, strict=True))
-        torch_rmsprop.rmsprop(
-            gathered.params,
-            gathered.grads,
-            by_key["square_avg"],
-            by_key.get("grad_avg", []),
-            by_key.get("momentum_buffer", []),
-            gathered.steps,
-            foreach=foreach,
-            maximize=group["maximize"],
-            differentiable=group["differentiable"],
-            capturable=group["capturable"],
-            has_complex=gathered.has_complex,
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=group["centered"],
-        )

@@ -9,15 +9,126 @@ from torch import Tensor
 from torch.optim import sgd as torch_sgd
 from torch.optim.optimizer import ParamsT
 
-from ferroptim._optimizer import (
-    Gathered,
-    RustStepMixin,
-    _is_number,
-    check_number,
-    flag,
-)
+from ferroptim import _core
+from ferroptim._hyper import check_number, flag, is_number
+from ferroptim._optimizer import RustStepMixin
+from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
+from ferroptim._torch_compat import init_group
 
 __all__ = ["SGD"]
+
+
+# -- the Rust kernel call (hyperparameters converted and checked in the prepare phase) --
+
+
+def sgd_kernel(group: dict[str, Any]) -> KernelCall:
+    """The group's Rust kernel, its hyperparameters read by name from the group now
+    (a missing or non-numeric one raises torch's KeyError/TypeError here)."""
+    return _core.Kernel("sgd", group).step
+
+
+# -- the rest of the family ---------------------------------------------------------------
+
+
+def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+
+def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered:
+    g = Gathered(keys=_state_keys(group))
+    buffers: list[Tensor | None] = []
+    g.has_sparse_grad = init_group(optimizer, group, g.params, g.grads, buffers)
+    g.states = [buffers] if g.keys else []
+    return g
+
+
+def _rust_unsupported(group: dict[str, Any]) -> bool:
+    # torch's first momentum step only clones the grad: it steps with a momentum or
+    # dampening it could not compute with (`momentum=None` set mid-training), and
+    # fails at the next step. Its for-loop gives exactly that.
+    return not all(is_number(group[k]) for k in ("momentum", "dampening"))
+
+
+def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
+    # momentum and dampening are read only once a momentum buffer exists (or, for
+    # momentum, with Nesterov).
+    momentum = group["momentum"] != 0
+    buffers = gathered.states[0] if gathered.states else [None] * len(gathered.params)
+    if momentum and any(b is not None for b in buffers):  # buf.mul_(momentum).add_(...)
+        check_number(group["momentum"], "momentum")
+        check_number(group["dampening"], "dampening")
+    if momentum and flag(group["nesterov"]):  # grad.add(buf, alpha=momentum)
+        check_number(group["momentum"], "momentum")
+    if gathered.has_sparse_grad or any(b is not None and b.is_sparse for b in buffers):
+        _check_sparse_adds(gathered, group, buffers)
+
+
+def _check_sparse_adds(gathered: Gathered, group: dict[str, Any], buffers: list[Any]) -> None:
+    # torch's for-loop adds a sparse grad to dense tensors (weight decay, Nesterov's
+    # look-ahead) and a dense grad to a sparse momentum buffer: "add(sparse, dense)"
+    # after earlier params were stepped. Raised here, before anything is written.
+    momentum = group["momentum"] != 0
+    for grad, buffer in zip(gathered.grads, buffers, strict=True):
+        if (
+            (grad.is_sparse and group["weight_decay"] != 0)
+            or (momentum and buffer is not None and buffer.is_sparse and not grad.is_sparse)
+            or (
+                momentum
+                and flag(group["nesterov"])
+                and grad.is_sparse
+                and buffer is not None
+                and not buffer.is_sparse
+            )
+        ):
+            raise RuntimeError(
+                "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
+            )
+
+
+def _torch_step(
+    optimizer: torch.optim.Optimizer,
+    gathered: Gathered,
+    group: dict[str, Any],
+    *,
+    foreach: bool,
+    fused: bool,
+) -> None:
+    buffers = gathered.states[0] if gathered.states else [None] * len(gathered.params)
+    torch_sgd.sgd(
+        gathered.params,
+        gathered.grads,
+        buffers,
+        has_sparse_grad=gathered.has_sparse_grad,
+        foreach=foreach,
+        fused=fused,
+        grad_scale=gathered.grad_scale,
+        found_inf=gathered.found_inf,
+        weight_decay=group["weight_decay"],
+        momentum=group["momentum"],
+        lr=group["lr"],
+        dampening=group["dampening"],
+        nesterov=group["nesterov"],
+        maximize=group["maximize"],
+    )
+    if group["momentum"] != 0:
+        # torch's functional creates first-step buffers in the list; keep them.
+        for p, buffer in zip(gathered.params, buffers, strict=True):
+            optimizer.state[p]["momentum_buffer"] = buffer
+
+
+SGD_SPEC = OptimizerSpec(
+    state_keys=_state_keys,
+    kernel=sgd_kernel,
+    torch_step=_torch_step,
+    gather=_gather,
+    step_key=None,
+    sparse_to_torch=True,
+    # momentum and dampening are read only once a momentum buffer exists (or, for
+    # momentum, with Nesterov): see _check_torch_path.
+    numbers=("lr", "weight_decay"),
+    rust_unsupported=_rust_unsupported,
+    check_torch_path=_check_torch_path,
+)
 
 
 class SGD(RustStepMixin, torch.optim.SGD):
@@ -34,8 +145,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
     inside the step (see :mod:`ferroptim.clip`).
     """
 
-    _ferro_step_key = None
-    _ferro_sparse_to_torch = True
+    _ferro_spec = SGD_SPEC
 
     def __init__(
         self,
@@ -67,79 +177,3 @@ class SGD(RustStepMixin, torch.optim.SGD):
             fused=fused,
         )
         self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
-
-    def _ferro_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
-    def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
-        g = Gathered(keys=self._ferro_state_keys(group))
-        buffers: list[Tensor | None] = []
-        g.has_sparse_grad = self._init_group(group, g.params, g.grads, buffers)
-        g.states = [buffers] if g.keys else []
-        return g
-
-    # momentum and dampening are read only once a momentum buffer exists (or, for
-    # momentum, with Nesterov): see _ferro_check_torch_path.
-    _ferro_numbers = ("lr", "weight_decay")
-
-    def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
-        # torch's first momentum step only clones the grad: it steps with a momentum or
-        # dampening it could not compute with (`momentum=None` set mid-training), and
-        # fails at the next step. Its for-loop gives exactly that.
-        return not all(_is_number(group[k]) for k in ("momentum", "dampening"))
-
-    _ferro_kernel_name = "sgd"
-
-    def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
-        # torch's for-loop adds a sparse grad to dense tensors (weight decay, Nesterov's
-        # look-ahead) and a dense grad to a sparse momentum buffer: "add(sparse, dense)"
-        # after earlier params were stepped. Raised here, before anything is written.
-        momentum = group["momentum"] != 0
-        buffers = gathered.states[0] if gathered.states else [None] * len(gathered.params)
-        if momentum and any(b is not None for b in buffers):  # buf.mul_(momentum).add_(...)
-            check_number(group["momentum"], "momentum")
-            check_number(group["dampening"], "dampening")
-        if momentum and flag(group["nesterov"]):  # grad.add(buf, alpha=momentum)
-            check_number(group["momentum"], "momentum")
-        if not gathered.has_sparse_grad and not any(b is not None and b.is_sparse for b in buffers):
-            return
-        for grad, buffer in zip(gathered.grads, buffers, strict=True):
-            if (
-                (grad.is_sparse and group["weight_decay"] != 0)
-                or (momentum and buffer is not None and buffer.is_sparse and not grad.is_sparse)
-                or (
-                    momentum
-                    and flag(group["nesterov"])
-                    and grad.is_sparse
-                    and buffer is not None
-                    and not buffer.is_sparse
-                )
-            ):
-                raise RuntimeError(
-                    "add(sparse, dense) is not supported. Use add(dense, sparse) instead."
-                )
-
-    def _ferro_torch_step(
-        self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
-    ) -> None:
-        buffers = gathered.states[0] if gathered.states else [None] * len(gathered.params)
-        torch_sgd.sgd(
-            gathered.params,
-            gathered.grads,
-            buffers,
-            has_sparse_grad=gathered.has_sparse_grad,
-            foreach=foreach,
-            fused=fused,
-            grad_scale=gathered.grad_scale,
-            found_inf=gathered.found_inf,
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            lr=group["lr"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
-        if group["momentum"] != 0:
-            # torch's functional creates first-step buffers in the list; keep them.
-            for p, buffer in zip(gathered.params, buffers, strict=True):
-                self.state[p]["momentum_buffer"] = buffer

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ferroptim._torch_compat import module_tensor_slots
+
 _MISSING = object()
 
 
@@ -52,7 +54,7 @@ class ModuleSnapshot:
         snap = cls()
         for module in model.modules():
             snap.training.append((module, module.training))
-            for container in (module._parameters, module._buffers):
+            for container in module_tensor_slots(module):
                 for name, tensor in container.items():
                     snap.slots.append(_TensorSlot(container, name, tensor))
                     if tensor is not None and id(tensor) not in snap.values:

@@ -1,0 +1,589 @@
+"""The slow path of the prepare phase: a group without a valid cached plan.
+
+1. **Route** each param to Rust (CPU float32/float64, complex as real views, plain
+   tensors or DTensors) or to torch (other devices and dtypes, sparse grads where
+   torch takes them, tensor subclasses, ``differentiable=True``, the backend forced to
+   ``"torch"``, hyperparameters the kernels cannot reproduce).
+2. **Check** what torch would raise mid-step (hyperparameters, step counters,
+   capturable devices, per-step scalars), before any tensor is written.
+3. **Gather** with the spec (torch's ``_init_group``, creating state lazily).
+4. **Lay out** the Rust-routed tensors (:func:`prepare_rust`: staged copies, state
+   re-laid out, aliased grads) and build one-shot plans; choose torch's implementation
+   for the rest (:func:`prepare_torch`).
+5. After the run, **cache** a plan (:func:`cache_plan`) the next step re-checks instead.
+
+Every function reads the optimizer's family from its ``_ferro_spec``
+(:class:`~ferroptim._spec.OptimizerSpec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor
+
+from ferroptim import _config, _core
+from ferroptim._hyper import flag
+from ferroptim._jobs import CachedPlan, GradFactors, Job
+from ferroptim._layout import (
+    is_dense,
+    is_lazy,
+    is_plain,
+    laid_out_like,
+    real,
+    resolved,
+    same_layout,
+    staged,
+    storage_key,
+)
+from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
+from ferroptim._torch_compat import (
+    capturable_devices,
+    foreach_kernel_devices,
+    foreach_mul_,
+    fused_kernel_devices,
+    is_dtensor,
+    local,
+    scalar_dtype,
+)
+
+if TYPE_CHECKING:
+    from ferroptim._optimizer import RustStepMixin
+
+__all__ = ["cache_plan", "plan_key", "prepare_slow"]
+
+RUST_DTYPES = (torch.float32, torch.float64)
+_COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+NO_STATE: dict[str, Any] = {}
+
+
+def _as_torch(optimizer: RustStepMixin) -> torch.optim.Optimizer:
+    # Every RustStepMixin is also a torch.optim.Optimizer (the class mixes both in).
+    return cast("torch.optim.Optimizer", optimizer)
+
+
+def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a cached plan was made for; None: this group always takes the slow path
+    (where torch's errors are raised and torch's path is chosen)."""
+    spec = optimizer._ferro_spec
+    if (
+        flag(group.get("capturable", False))
+        or spec.rust_unsupported(group)
+        or not spec.usual(group)
+    ):
+        return None
+    return (spec.state_keys(group), group.get("differentiable", False), _config.get_backend())
+
+
+# -- the slow path ------------------------------------------------------------------------
+
+
+def prepare_slow(
+    optimizer: RustStepMixin, group: dict[str, Any], plans: dict[int, CachedPlan]
+) -> Job:
+    """Prepares ``group`` from scratch (see module docs); the job caches a plan after it
+    runs."""
+    spec = optimizer._ferro_spec
+    differentiable = group.get("differentiable", False)
+    new_state = [p for p in group["params"] if p.grad is not None and not optimizer.state.get(p)]
+    with torch.set_grad_enabled(differentiable):
+        rust_params, torch_params = route(optimizer, group)
+        has_grads = any(p.grad is not None for p in rust_params)
+        # Hyperparameters first: converted (or refused) before any state is made.
+        kernel = spec.kernel(group) if has_grads else None
+        if torch_params:
+            spec.check_hyperparameters(group)
+        gathered = (
+            spec.gather_group(_as_torch(optimizer), {**group, "params": rust_params})
+            if has_grads
+            else None
+        )
+        torch_run, torch_grads = (
+            prepare_torch(optimizer, group, torch_params) if torch_params else (None, [])
+        )
+        rust = None
+        if gathered is not None and gathered.params:
+            check_torch_step(spec, gathered, group)
+            rust = prepare_rust(optimizer, gathered, group)
+
+    def run(factors: GradFactors) -> None:
+        if rust is not None and kernel is not None:
+            rust.run(kernel, factors)
+        if torch_run is not None:
+            with torch.set_grad_enabled(differentiable):
+                torch_run(factors)
+        cache_plan(optimizer, group, plans)
+
+    if rust is None:
+        return Job([], torch_grads, run, new_state)
+    return Job(
+        [plan for plan, _ in rust.plans],
+        torch_grads,
+        run,
+        new_state,
+        rust.norm_plans,
+        rust.dtensor_grads,
+    )
+
+
+def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    """Splits the group's params into (Rust, torch) by device, dtype, type, grad, state
+    and settings."""
+    if (
+        group.get("differentiable", False)
+        or _config.get_backend() == "torch"
+        or optimizer._ferro_spec.rust_unsupported(group)
+    ):
+        return [], list(group["params"])
+    rust: list[Tensor] = []
+    other: list[Tensor] = []
+    for p in group["params"]:
+        if _steps_in_rust(optimizer, p):
+            rust.append(p)
+            continue
+        if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: a parameter of dtype {p.dtype} has a gradient; "
+                "only floating-point and complex parameters can be optimized"
+            )
+        other.append(p)
+    return rust, other
+
+
+def _steps_in_rust(optimizer: RustStepMixin, p: Tensor) -> bool:
+    grad = p.grad
+    return (
+        p.device.type == "cpu"
+        and (p.dtype in RUST_DTYPES or p.dtype in _COMPLEX_DTYPES)
+        and not (optimizer._ferro_spec.sparse_to_torch and grad is not None and grad.is_sparse)
+        and (is_plain(p) or is_dtensor(p))
+        and (grad is None or is_plain(grad) or is_dtensor(grad))
+        and step_plannable(optimizer, p)
+        and not any(
+            isinstance(v, Tensor) and v.is_sparse for v in optimizer.state.get(p, NO_STATE).values()
+        )
+    )
+
+
+def step_plannable(optimizer: RustStepMixin, param: Tensor) -> bool:
+    """Whether the param's step counter is one the Rust step can keep: a family whose
+    torch step only increments it (RMSprop) steps any other shape of counter torch's
+    way; the others raise torch's error in the prepare phase."""
+    spec = optimizer._ferro_spec
+    if spec.step_key is None or spec.reads_step:
+        return True
+    step = optimizer.state.get(param, NO_STATE).get(spec.step_key)
+    return not isinstance(step, Tensor) or step.numel() == 1
+
+
+# -- what torch would raise mid-step ----------------------------------------------------
+
+
+def check_torch_step(
+    spec: OptimizerSpec, gathered: Gathered, group: dict[str, Any], *, for_loop: bool = True
+) -> None:
+    """Raises now what torch's functional (``for_loop``: its for-loop) would raise
+    while stepping ``gathered``: a step counter that is not a tensor, a capturable step
+    on CPU, a counter that is not a 1-element tensor (where the step reads it),
+    per-step scalars its Python cannot compute."""
+    if spec.step_key is not None and not all(isinstance(s, Tensor) for s in gathered.steps):
+        raise RuntimeError(
+            "API has changed, `state_steps` argument must contain a list of singleton tensors"
+        )
+    _check_capturable(gathered, group)
+    if spec.step_key is not None and for_loop and spec.reads_step:
+        for s in gathered.steps:
+            if s.numel() != 1:  # torch's `step_t.item()`
+                raise RuntimeError(
+                    f"a Tensor with {s.numel()} elements cannot be converted to Scalar"
+                )
+        if not spec.usual(group):
+            spec.check_step_scalars(group, gathered)
+
+
+def _check_capturable(gathered: Gathered, group: dict[str, Any]) -> None:
+    """torch's check (an AssertionError) that a capturable step runs on a device CUDA
+    graphs can capture, with the step counter on the param's device."""
+    if not flag(group.get("capturable", False)):
+        return
+    devices = capturable_devices()
+    for param, step in zip(gathered.params, gathered.steps, strict=False):
+        if not (
+            isinstance(step, Tensor)
+            and param.device.type == step.device.type
+            and param.device.type in devices
+        ):
+            raise AssertionError(
+                "If capturable=True, params and state_steps must be on supported devices: "
+                f"{devices}."
+            )
+
+
+# -- torch's path -------------------------------------------------------------------------
+
+
+def _foreach_supported(params: list[Tensor]) -> bool:
+    devices = foreach_kernel_devices()
+    return all(p.device.type in devices for p in params)
+
+
+def torch_implementation(
+    spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor], has_sparse_grad: bool
+) -> tuple[bool, bool]:
+    """(foreach, fused) for torch's implementation: the user's choice if made, else
+    torch's fused kernels where they exist, else foreach, else the for-loop. Tensor
+    subclasses and CPU groups the Rust kernels cannot reproduce take the for-loop, as
+    in torch's own default."""
+    if group.get("differentiable", False) or has_sparse_grad:
+        return False, False
+    fused, foreach = group.get("fused"), group.get("foreach")
+    if fused:
+        return False, True
+    if fused is not None or foreach is not None:
+        return bool(foreach), False
+    if not all(is_plain(p) for p in params) or (
+        spec.rust_unsupported(group) and all(p.device.type == "cpu" for p in params)
+    ):
+        return False, False
+    fused_devices = fused_kernel_devices()
+    if spec.has_fused and all(
+        p.device.type in fused_devices and p.is_floating_point() for p in params
+    ):
+        return False, True
+    return _foreach_supported(params), False
+
+
+def _fused_fits(spec: OptimizerSpec, gathered: Gathered) -> bool:
+    """Whether the gathered state (made earlier, perhaps for another implementation)
+    and params suit torch's fused kernels, which we chose for the user."""
+    if spec.step_key is not None and not all(
+        s.dtype == torch.float32 and s.device == p.device
+        for s, p in zip(gathered.steps, gathered.params, strict=True)
+    ):
+        return False  # foreach takes any step tensor
+    if any(
+        any(b is None for b in buffers) and not all(b is None for b in buffers)
+        for buffers in gathered.states
+    ):
+        return False  # torch's fused SGD creates momentum buffers only when all are new
+    return True
+
+
+def _lay_out_for_fused(optimizer: RustStepMixin, gathered: Gathered) -> None:
+    """torch's fused kernels walk a grad (and each state buffer) in its param's memory
+    order: anything laid out differently would be mis-stepped."""
+    gathered.grads = [
+        g if g.is_sparse else laid_out_like(g, p)
+        for g, p in zip(gathered.grads, gathered.params, strict=True)
+    ]
+    # Our state buffers (SGD's, cloned from a grad, keep its layout): re-laid out once,
+    # for good, values unchanged.
+    for key, buffers in zip(gathered.keys, gathered.states, strict=True):
+        for i, (param, buffer) in enumerate(zip(gathered.params, buffers, strict=True)):
+            if buffer is not None and not same_layout(buffer, param):
+                buffers[i] = optimizer.state[param][key] = laid_out_like(buffer, param)
+
+
+def prepare_torch(
+    optimizer: RustStepMixin, group: dict[str, Any], params: list[Tensor]
+) -> tuple[Callable[[GradFactors], None], list[Tensor]]:
+    """Gathers ``params`` for torch's implementation (or the spec's own torch-op code)
+    and returns the run function and the grads it reads."""
+    spec = optimizer._ferro_spec
+    has_sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
+    foreach, fused = torch_implementation(spec, group, params, has_sparse)
+    implied_fused = fused and not group.get("fused")
+    # torch creates state for fused kernels on the param's device; ask for
+    # that when we choose fused for the user.
+    init_group = {**group, "params": params}
+    if implied_fused:
+        init_group["fused"] = True
+    gathered = spec.gather_group(_as_torch(optimizer), init_group)
+    check_torch_step(spec, gathered, group, for_loop=not foreach and not fused)
+    spec.check_torch_path(gathered, group)
+    if (implied_fused and not _fused_fits(spec, gathered)) or (
+        # torch's fused kernels walk a param as one run of memory: a strided view
+        # (a slice with gaps) would be mis-stepped. foreach steps it correctly.
+        fused and not all(is_dense(p) for p in gathered.params)
+    ):
+        foreach, fused = _foreach_supported(gathered.params), False
+    if fused:
+        _lay_out_for_fused(optimizer, gathered)
+
+    def run(factors: GradFactors) -> None:
+        dense = [g for g in gathered.grads if not g.is_sparse]
+        if factors.unscale_tensor is not None and not fused and dense:
+            # What GradScaler.unscale_ would have done (torch's fused kernels take
+            # grad_scale themselves).
+            foreach_mul_(dense, factors.unscale_tensor.to(dense[0].device))
+        if factors.clip_tensor is not None:
+            for g in gathered.grads:  # as clip_grad_norm_ does
+                g.mul_(factors.clip_tensor.to(g.device))
+        if fused:
+            gathered.grad_scale, gathered.found_inf = factors.grad_scale, factors.found_inf
+        spec.torch_step(_as_torch(optimizer), gathered, group, foreach=foreach, fused=fused)
+
+    return run, list(gathered.grads)
+
+
+# -- the Rust path ------------------------------------------------------------------------
+
+
+@dataclass
+class RustWork:
+    """A group's Rust-routed tensors, ready to run: one-shot plans (``fresh``: their
+    lazily created buffers are new), staged copies of params that are not one run
+    of memory (written back after the step), and buffers to add to the state."""
+
+    plans: list[tuple[_core.GroupPlan, bool]] = field(default_factory=list)
+    staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    created: list[tuple[dict[str, Any], str, Tensor]] = field(default_factory=list)
+    #: Plans whose gradients count in a norm computed on this rank alone.
+    norm_plans: list[_core.GroupPlan] = field(default_factory=list)
+    #: DTensor params (stepped through their local shards) and their grads.
+    dtensors: list[Tensor] = field(default_factory=list)
+    dtensor_grads: list[Tensor] = field(default_factory=list)
+
+    def run(self, kernel: KernelCall, factors: GradFactors) -> None:
+        for plan, fresh in self.plans:
+            kernel(plan, factors.unscale, factors.clip, fresh)
+        for state, key, buffer in self.created:
+            # Lazily created buffers join the state only now that the kernel has
+            # written them: a failed call leaves no uninitialised buffer behind
+            # (torch stores nothing on a failed step).
+            state[key] = buffer
+        with torch.no_grad():
+            for original, work in self.staged:
+                original.copy_(work)
+        if self.dtensors:  # their local shards were bumped; the wrappers too
+            torch.autograd.graph.increment_version(self.dtensors)
+
+
+@dataclass
+class _LaidOut:
+    """The Rust-routed params of a group as the kernel walks them: ``works`` (the param
+    or its staged copy), ``states[k][i]``, ``kinds[i]`` = (fresh, dtensor), and the
+    storages the step writes (``written``) or the state owns (``state_storages``)."""
+
+    states: list[list[Tensor]]
+    works: list[Tensor] = field(default_factory=list)
+    kinds: list[tuple[bool, bool]] = field(default_factory=list)
+    written: set[int | None] = field(default_factory=set)
+    state_storages: set[int | None] = field(default_factory=set)
+
+
+def prepare_rust(optimizer: RustStepMixin, gathered: Gathered, group: dict[str, Any]) -> RustWork:
+    """Lays the gathered tensors out for the kernel — one run of memory per tensor,
+    the same layout for a param, its grad and its states (DTensors: their local
+    shards) — and builds one-shot plans, split by whether their lazily created
+    buffers are new (``fresh``) and by whether they hold DTensor shards (whose
+    norms only make sense across ranks)."""
+    if len({id(p) for p in gathered.params}) != len(gathered.params):
+        raise ValueError(
+            f"{type(optimizer).__name__}: a parameter appears more than once in a param "
+            "group; list each parameter once"
+        )
+    out = RustWork()
+    laid = _lay_out_params(optimizer, gathered, out)
+    grads = _lay_out_grads(optimizer, gathered, group, laid, out)
+    _build_plans(optimizer, gathered, laid, grads, out)
+    return out
+
+
+def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork) -> _LaidOut:
+    step_key = optimizer._ferro_spec.step_key
+    laid = _LaidOut(states=[[] for _ in gathered.keys])
+    for i, p in enumerate(gathered.params):
+        dtensor = is_dtensor(p)
+        local_p = local(p)
+        # A param that is not one run of memory, or a lazily negated/conjugated
+        # view, steps in a staged copy written back through the original.
+        work = local_p if is_dense(local_p) and not is_lazy(local_p) else staged(local_p)
+        if work is not local_p:
+            out.staged.append((local_p, work))
+        if dtensor:
+            out.dtensors.append(p)
+        # (touching optimizer.state[p] would create an entry: torch's SGD without
+        # momentum keeps none)
+        state = optimizer.state[p] if gathered.keys or step_key is not None else NO_STATE
+        fresh = _lay_out_states(optimizer, gathered, i, work, state, laid, out)
+        if step_key is not None:
+            step = gathered.steps[i]
+            if step.device.type != "cpu" or step.dtype not in RUST_DTYPES:
+                step = torch.tensor(float(step), dtype=scalar_dtype())
+                state[step_key] = gathered.steps[i] = step
+        laid.works.append(work)
+        laid.kinds.append((fresh, dtensor))
+        laid.written.add(storage_key(work))
+        # A staged param's own memory is written too (the copy back): a grad in it
+        # (``p.grad = p.detach()``) must be read as torch would, not as it was.
+        laid.written.add(storage_key(local_p))
+        laid.state_storages.update(storage_key(s[i]) for s in laid.states)
+    laid.written |= laid.state_storages
+    laid.written.discard(None)
+    laid.state_storages.discard(None)
+    return laid
+
+
+def _lay_out_states(
+    optimizer: RustStepMixin,
+    gathered: Gathered,
+    i: int,
+    work: Tensor,
+    state: dict[str, Any],
+    laid: _LaidOut,
+    out: RustWork,
+) -> bool:
+    """Appends param ``i``'s state buffers to ``laid.states``; True when one is created
+    by this step (SGD's momentum buffer: the plan is ``fresh``)."""
+    p = gathered.params[i]
+    dtensor = is_dtensor(p)
+    fresh = False
+    for k, key in enumerate(gathered.keys):
+        buffer = gathered.states[k][i]
+        if buffer is None:  # created by the step itself (SGD's momentum buffer)
+            buffer = torch.empty_like(p)
+            out.created.append((state, key, buffer))
+            fresh = True
+        elif buffer.dtype != p.dtype or buffer.shape != p.shape:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: state {key!r} of a parameter of shape "
+                f"{tuple(p.shape)} and dtype {p.dtype} has shape {tuple(buffer.shape)} and "
+                f"dtype {buffer.dtype}"
+            )
+        elif not dtensor and (
+            buffer.device != p.device or not same_layout(buffer, work) or is_lazy(buffer)
+        ):
+            # Our own state: re-lay it out once, for good.
+            buffer = torch.empty_like(work).copy_(buffer)
+            state[key] = buffer
+        laid.states[k].append(local(buffer))
+    return fresh
+
+
+def _check_grad(name: str, p: Tensor, grad: Tensor) -> None:
+    if grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+        # torch's setter rules this out; `p.grad.data = ...` does not.
+        raise RuntimeError(
+            f"{name}: a gradient of shape {tuple(grad.shape)}, dtype {grad.dtype} on "
+            f"{grad.device} does not match its parameter (shape {tuple(p.shape)}, "
+            f"dtype {p.dtype} on {p.device})"
+        )
+
+
+def _lay_out_grads(
+    optimizer: RustStepMixin,
+    gathered: Gathered,
+    group: dict[str, Any],
+    laid: _LaidOut,
+    out: RustWork,
+) -> list[Tensor]:
+    name = type(optimizer).__name__
+    grads: list[Tensor] = []
+    for p, work, grad in zip(gathered.params, laid.works, gathered.grads, strict=True):
+        _check_grad(name, p, grad)
+        if is_dtensor(grad):
+            out.dtensor_grads.append(grad)
+        grad = local(grad)
+        # Aliasing is decided on the grad's own memory, before a lazy (negated,
+        # conjugated) grad is resolved into a copy that would hide it.
+        storage = storage_key(grad)
+        if storage in laid.state_storages:
+            raise RuntimeError(
+                f"{name}: a gradient shares memory with the optimizer's own state "
+                "(e.g. p.grad = opt.state[p][...]); give it a gradient of its own"
+            )
+        if storage in laid.written:
+            # The gradient shares memory with a buffer the step writes: read
+            # what torch's in-place sequence would have read.
+            grad = optimizer._ferro_spec.aliased_grad(local(p), grad, group)
+        grad = resolved(grad)
+        grads.append(laid_out_like(grad, work))
+    return grads
+
+
+def _build_plans(
+    optimizer: RustStepMixin,
+    gathered: Gathered,
+    laid: _LaidOut,
+    grads: list[Tensor],
+    out: RustWork,
+) -> None:
+    """One plan per kind (fresh, dtensor) of param."""
+    step_key = optimizer._ferro_spec.step_key
+    scalars = ([gathered.steps] if step_key is not None else []) + gathered.scalars
+    for kind in sorted(set(laid.kinds)):
+        index = [i for i, k in enumerate(laid.kinds) if k == kind]
+        plan = _one_shot_plan(
+            type(optimizer).__name__,
+            [laid.works[i] for i in index],
+            [grads[i] for i in index],
+            [[s[i] for i in index] for s in laid.states],
+            [[s[i] for i in index] for s in scalars],
+        )
+        fresh, dtensor = kind
+        out.plans.append((plan, fresh))
+        if not dtensor:
+            out.norm_plans.append(plan)
+
+
+def _one_shot_plan(
+    name: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor]],
+    scalars: list[list[Tensor]],
+) -> _core.GroupPlan:
+    """A plan for one step of tensors already laid out for the kernel; ``scalars[k]``:
+    every param's scalar state slot ``k`` (the step counter first)."""
+    try:
+        return _core.GroupPlan.from_tensors(
+            real(params), real(grads), [real(s) for s in states], scalars
+        )
+    except ValueError as error:
+        raise RuntimeError(f"{name}: {error}") from error
+
+
+# -- the plan the next step re-checks ----------------------------------------------------
+
+
+def scalar_keys(spec: OptimizerSpec) -> list[str]:
+    """The kernel's per-tensor scalar state keys, the step counter first."""
+    step = [spec.step_key] if spec.step_key is not None else []
+    return step + list(spec.scalar_keys)
+
+
+def cache_plan(
+    optimizer: RustStepMixin, group: dict[str, Any], plans: dict[int, CachedPlan]
+) -> None:
+    """Builds the plan the next step re-checks instead of taking the slow path."""
+    plans.pop(id(group), None)
+    if group.get("differentiable", False) or _config.get_backend() == "torch":
+        return
+    params = group["params"]
+    if not all(
+        p.device.type == "cpu"
+        and p.dtype in RUST_DTYPES
+        and is_plain(p)
+        and step_plannable(optimizer, p)
+        for p in params
+    ):
+        return
+    key = plan_key(optimizer, group)
+    if key is None:
+        return
+    try:
+        plan = _core.GroupPlan(
+            params,
+            [optimizer.state.get(p, NO_STATE) for p in params],
+            list(key[0]),
+            scalar_keys(optimizer._ferro_spec),
+        )
+    except (ValueError, RuntimeError):
+        return  # not plannable (odd layout, foreign state): the slow path stays correct
+    plans[id(group)] = CachedPlan(group, params, key, plan)

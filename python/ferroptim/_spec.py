@@ -1,0 +1,207 @@
+"""What an optimizer family tells the shared step machinery: one :class:`OptimizerSpec`.
+
+An optimizer class is its torch constructor (a ``torch.optim.Optimizer`` subclass,
+torch's own class where torch has one) plus :class:`~ferroptim._optimizer.RustStepMixin`
+plus one spec, its ``_ferro_spec``. The spec is data: names, flags and small functions
+of the param group. The machinery (``_step``, ``_prepare``) reads it; a family overrides
+nothing.
+
+The fields, in the order a step uses them::
+
+    route       rust_unsupported, sparse_to_torch, step_key/reads_step
+    check       numbers/more_numbers, usual, check_step_scalars, check_torch_path
+    gather      gather (torch's ``_init_group``) or init_state (optimizers torch lacks)
+    Rust        state_keys, kernel, aliased_grad
+    torch       torch_step (torch's functional, or torch-op code of ours), has_fused
+
+An optimizer torch lacks subclasses ``torch.optim.Optimizer`` directly, builds its
+``defaults`` in ``__init__``, and gives ``init_state`` (how a param's state is created
+on its first step) and a ``torch_step`` written with torch ops (what runs on other
+devices, with ``differentiable=True`` or with the backend forced to ``"torch"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import Tensor
+
+from ferroptim._hyper import check_number
+
+if TYPE_CHECKING:
+    import torch
+
+    from ferroptim import _core
+
+__all__ = ["Gathered", "KernelCall", "OptimizerSpec", "TorchStep"]
+
+
+@dataclass
+class Gathered:
+    """Tensors of a group's params that have a grad, as torch's ``_init_group`` lists them.
+
+    ``states[k][i]`` is state buffer ``keys[k]`` of ``params[i]``; it is ``None``
+    when torch creates that buffer during the step (SGD's momentum buffer).
+    """
+
+    keys: tuple[str, ...]
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    states: list[list[Any]] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    #: ``scalars[k][i]``: scalar state ``spec.scalar_keys[k]`` (a 0-d tensor beyond the
+    #: step counter, such as NAdam's ``mu_product``) of ``params[i]``.
+    scalars: list[list[Tensor]] = field(default_factory=list)
+    has_complex: bool = False
+    has_sparse_grad: bool = False
+    #: GradScaler's scale and inf flag, for torch's fused kernels.
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+#: A prepared Rust kernel call: ``kernel(plan, unscale, clip, fresh)`` steps ``plan``;
+#: every gradient is multiplied by ``unscale`` then ``clip`` as it is read; ``fresh``:
+#: the plan's lazily created buffers are new and must be written first.
+KernelCall = Callable[["_core.GroupPlan", float, float, bool], None]
+
+
+class TorchStep(Protocol):
+    """Steps ``gathered`` with torch ops: torch's functional (``foreach``/``fused`` select
+    its implementation) or, for an optimizer torch lacks, torch-op code of ours."""
+
+    def __call__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gathered: Gathered,
+        group: dict[str, Any],
+        *,
+        foreach: bool,
+        fused: bool,
+    ) -> None: ...
+
+
+def _never(group: dict[str, Any]) -> bool:
+    return False
+
+
+def _always(group: dict[str, Any]) -> bool:
+    return True
+
+
+def _no_step_scalar_check(group: dict[str, Any], gathered: Gathered) -> None:
+    return None
+
+
+def _no_torch_path_check(gathered: Gathered, group: dict[str, Any]) -> None:
+    return None
+
+
+def _copy_of_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+    return grad.clone()
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer family, as the shared step machinery needs to know it."""
+
+    #: ``state_keys(group)``: the state buffers the kernel reads and writes, in kernel
+    #: order (e.g. Adam's ``exp_avg``, ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq``).
+    state_keys: Callable[[dict[str, Any]], tuple[str, ...]]
+    #: ``kernel(group)``: the group's Rust kernel with its hyperparameters converted (and
+    #: checked) now, in the prepare phase, so that running it cannot fail on them.
+    kernel: Callable[[dict[str, Any]], KernelCall]
+    #: Steps params routed to torch (other devices and dtypes, sparse grads,
+    #: ``differentiable=True``, the backend forced to ``"torch"``).
+    torch_step: TorchStep
+    #: ``gather(optimizer, group)``: torch's ``_init_group`` for ``group["params"]``
+    #: (creates missing state, lists tensors). None: gather with :attr:`init_state`.
+    gather: Callable[[torch.optim.Optimizer, dict[str, Any]], Gathered] | None = None
+    #: ``init_state(param, group)``: a param's state on its first step (step counter
+    #: included), for optimizers torch lacks (no ``_init_group`` to borrow).
+    init_state: Callable[[Tensor, dict[str, Any]], dict[str, Any]] | None = None
+    #: Name of the per-parameter step counter in the state, or None (SGD has none).
+    step_key: str | None = "step"
+    #: Per-tensor scalar state the kernel reads and writes besides the step counter
+    #: (0-d tensors, e.g. NAdam's ``mu_product``), in the kernel's slot order.
+    scalar_keys: tuple[str, ...] = ()
+    #: Whether torch's for-loop reads the step counter's value (``step_t.item()``);
+    #: RMSprop's only increments it, so any shape of counter steps.
+    reads_step: bool = True
+    #: Whether torch has a fused implementation of this optimizer (chosen by default on
+    #: devices torch fuses for).
+    has_fused: bool = True
+    #: Whether torch supports sparse gradients for this optimizer: they take its path
+    #: (otherwise a sparse gradient raises torch's error).
+    sparse_to_torch: bool = False
+    #: Numeric hyperparameters checked (torch's TypeError) before anything is written.
+    numbers: tuple[str, ...] = ("lr",)
+    #: ``more_numbers(group)``: (name, value) of numeric hyperparameters that are not
+    #: group keys of their own (Adam's ``beta1`` and ``beta2``).
+    more_numbers: Callable[[dict[str, Any]], Iterable[tuple[str, Any]]] | None = None
+    #: ``rust_unsupported(group)``: the kernels cannot reproduce torch's arithmetic for
+    #: these hyperparameters (Adam's tensor betas): the group takes torch's for-loop.
+    rust_unsupported: Callable[[dict[str, Any]], bool] = _never
+    #: ``usual(group)``: the hyperparameters are in the range torch's constructor
+    #: accepts, so the per-step scalars cannot raise and a cached plan may run.
+    usual: Callable[[dict[str, Any]], bool] = _always
+    #: ``check_step_scalars(group, gathered)``: raises what torch's for-loop raises
+    #: computing its per-step scalars for an unusual group (``beta1 = 1`` set
+    #: mid-training: ZeroDivisionError).
+    check_step_scalars: Callable[[dict[str, Any], Gathered], None] = _no_step_scalar_check
+    #: ``check_torch_path(gathered, group)``: raises now what torch's functional would
+    #: raise mid-step for the params routed to it (so that nothing is written first).
+    check_torch_path: Callable[[Gathered, dict[str, Any]], None] = _no_torch_path_check
+    #: ``aliased_grad(param, grad, group)``: the gradient values torch's for-loop reads
+    #: when ``grad`` shares memory with a buffer the step writes (``p.grad = p.detach()``).
+    #: torch's in-place updates of the param come after it has read the gradient, except
+    #: where a family says otherwise (AdamW decays the param first).
+    aliased_grad: Callable[[Tensor, Tensor, dict[str, Any]], Tensor] = _copy_of_grad
+
+    def __post_init__(self) -> None:
+        if (self.gather is None) == (self.init_state is None):
+            raise TypeError("an OptimizerSpec needs exactly one of gather and init_state")
+
+    def check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Raises now what torch's step raises mid-step for the group's hyperparameters
+        (for params torch's path steps: the Rust path converts them in :attr:`kernel`)."""
+        for name in self.numbers:
+            check_number(group[name], name)
+        if self.more_numbers is not None:
+            for name, value in self.more_numbers(group):
+                check_number(value, name)
+
+    def gather_group(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered:
+        """The group's params that have a grad, their grads, states and step counters
+        (missing state created first)."""
+        if self.gather is not None:
+            return self.gather(optimizer, group)
+        return self._gather_own_state(optimizer, group)
+
+    def _gather_own_state(
+        self, optimizer: torch.optim.Optimizer, group: dict[str, Any]
+    ) -> Gathered:
+        assert self.init_state is not None
+        keys = self.state_keys(group)
+        gathered = Gathered(
+            keys=keys, states=[[] for _ in keys], scalars=[[] for _ in self.scalar_keys]
+        )
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            gathered.has_complex |= param.is_complex()
+            gathered.has_sparse_grad |= grad.is_sparse
+            state = optimizer.state[param]
+            if not state:
+                state.update(self.init_state(param, group))
+            gathered.params.append(param)
+            gathered.grads.append(grad)
+            for buffers, key in zip(gathered.states, keys, strict=True):
+                buffers.append(state[key])
+            if self.step_key is not None:
+                gathered.steps.append(state[self.step_key])
+            for slot, key in zip(gathered.scalars, self.scalar_keys, strict=True):
+                slot.append(state[key])
+        return gathered

@@ -1,0 +1,132 @@
+"""Every use of torch's private (underscore or undocumented) APIs, in one place.
+
+ferroptim is a drop-in for ``torch.optim``: to raise torch's errors, create state
+exactly as torch does and hand other devices to torch's own kernels, it reaches
+into a few of torch's internals. They are gathered here so that a torch upgrade
+that moves one breaks one file, and so that a reader sees at a glance what
+ferroptim depends on beyond torch's public API.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import optimizer as _torch_optimizer
+from torch.optim.optimizer import _get_capturable_supported_devices, _get_scalar_dtype
+from torch.utils._foreach_utils import (
+    _get_foreach_kernels_supported_devices,
+    _get_fused_kernels_supported_devices,
+)
+
+__all__ = [
+    "capturable_devices",
+    "foreach_kernel_devices",
+    "foreach_mul_",
+    "full",
+    "fused_kernel_devices",
+    "hooks_or_profiler_active",
+    "init_group",
+    "is_dtensor",
+    "local",
+    "module_tensor_slots",
+    "profile_hook_step",
+    "run_step_code",
+    "scalar_dtype",
+    "sparse_values",
+]
+
+
+# -- torch.optim internals ------------------------------------------------------------
+
+
+def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], *lists: Any) -> Any:
+    """torch's ``Optimizer._init_group``: creates missing state lazily (raising torch's
+    errors) and fills ``lists`` with the group's params that have a grad, their grads,
+    state buffers and step counters, in the order each torch class defines; returns what
+    that class's ``_init_group`` returns (``has_complex``, ``has_sparse_grad``, ...)."""
+    return optimizer._init_group(group, *lists)  # type: ignore[attr-defined]
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch gives a fresh step counter (float32, or float64 by default dtype)."""
+    return _get_scalar_dtype()
+
+
+def capturable_devices() -> list[str]:
+    """Device types on which torch accepts ``capturable=True``."""
+    return _get_capturable_supported_devices()
+
+
+def foreach_kernel_devices() -> list[str]:
+    """Device types with torch's foreach (multi-tensor) kernels."""
+    return _get_foreach_kernels_supported_devices()
+
+
+def fused_kernel_devices() -> list[str]:
+    """Device types with torch's fused optimizer kernels."""
+    return _get_fused_kernels_supported_devices()
+
+
+def profile_hook_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's own ``step`` wrapper (step pre/post hooks, a profiler range)."""
+    return torch.optim.Optimizer.profile_hook_step(step)
+
+
+def hooks_or_profiler_active(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any step hook (the optimizer's own or torch's global ones) is registered or
+    the autograd profiler is on: only then is torch's step wrapper worth its cost."""
+    return bool(
+        optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or _torch_optimizer._global_optimizer_pre_hooks
+        or _torch_optimizer._global_optimizer_post_hooks
+        or torch._C._autograd._profiler_enabled()
+    )
+
+
+def run_step_code(optimizer: torch.optim.Optimizer) -> None:
+    """What torch's wrapper runs after each step (its profiler's/dynamo's marker)."""
+    optimizer._optimizer_step_code()
+
+
+# -- nn.Module internals ------------------------------------------------------------------
+
+
+def module_tensor_slots(module: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The module's own parameter and buffer dicts (name -> tensor or None), as stored:
+    assigning into them restores a slot without the checks ``setattr`` runs."""
+    return module._parameters, module._buffers
+
+
+# -- tensor internals --------------------------------------------------------------------
+
+
+def foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
+    """``torch._foreach_mul_``: multiplies every tensor in place (GradScaler's unscale)."""
+    torch._foreach_mul_(tensors, factor)
+
+
+def sparse_values(tensor: Tensor) -> Tensor:
+    """The values of a sparse tensor, duplicates summed."""
+    return tensor.coalesce()._values()
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (only possible once the user has imported
+    ``torch.distributed.tensor``: this never imports it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: writing it writes the DTensor), else the tensor."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def full(tensor: Tensor) -> Tensor:
+    """A replicated DTensor as a plain tensor."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
