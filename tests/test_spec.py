@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, flag_params
 from ferroptim._optimizer import RustStepMixin
 from ferroptim._spec import Gathered, OptimizerSpec
 from ferroptim.sgd import sgd_kernel
@@ -109,3 +109,18 @@ def test_optimizer_without_torch_counterpart(backend):
     twin.step()
     for p, q in zip(params, twin_params, strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("case", flag_params())
+def test_spec_state_keys_are_the_kernels(case):
+    """The Python spec lists the state buffers the plan gathers; the Rust kernel, read
+    from the same group by name, lists the ones it steps: for every flag combination of
+    every registered optimizer they must be the same keys in the same order."""
+    family = case.family
+    opt = family.make_ferro([torch.nn.Parameter(torch.zeros(3))], **case.kwargs)
+    group = opt.param_groups[0]
+    kernel = ferroptim._core.Kernel(family.kernel.removesuffix("_step"), group)
+    assert tuple(kernel.state_keys) == tuple(opt._ferro_spec.state_keys(group))
+    spec = opt._ferro_spec
+    step = [spec.step_key] if spec.step_key is not None else []
+    assert list(kernel.scalar_keys) == step + list(spec.scalar_keys)
