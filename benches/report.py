@@ -28,7 +28,7 @@ import argparse
 import gc
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ferroptim
 import torch
@@ -561,12 +561,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cases", default=None, help=f"comma-separated subset of: {', '.join(CASES)}"
     )
-    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds per case")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="round-robin rounds per case (and timed iterations per loop contender)",
+    )
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else FULL
     if args.rounds is not None:
-        settings = Settings(args.rounds, max(3, args.rounds // 2), settings.warmup, settings.budget)
+        settings = replace(
+            settings,
+            rounds=args.rounds,
+            scaling_rounds=max(3, args.rounds // 2),
+            loop_rounds=args.rounds,
+        )
     names = [*SUITES, LOOP] if args.suite == "all" else args.suite.split(",")
     unknown = [s for s in names if s not in SUITES and s != LOOP]
     if unknown:
