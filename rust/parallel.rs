@@ -6,6 +6,12 @@
 //! [`max_threads`]: every configured thread is a real OS thread, and a typo'd
 //! `10**6` would otherwise spawn threads until the machine stalls.
 //!
+//! Where torch's OpenMP runtime (GNU libgomp) is loaded and torch runs on as
+//! many threads as ferroptim, chunks run on OpenMP's team instead (see
+//! [`openmp`]): right after backward its workers are still spinning, hot,
+//! and a helper of ours woken then would share a core with one of them.
+//! `FERROPTIM_OPENMP=0` keeps every step on the pool.
+//!
 //! A forked child (a DataLoader worker, say) inherits the pool's memory but
 //! none of its threads, so handing it work would wait forever. A
 //! `pthread_atfork` child handler marks the pool unusable in the child, which
@@ -21,6 +27,9 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// Environment variable for the pool size.
 pub const ENV_VAR: &str = "FERROPTIM_NUM_THREADS";
+
+/// Environment variable that, set to `0`, keeps steps off OpenMP's team (see [`openmp`]).
+pub const OPENMP_ENV_VAR: &str = "FERROPTIM_OPENMP";
 
 /// Elements per chunk of parallel work: big enough to amortise scheduling,
 /// small enough (~1.8 MB of Adam traffic in float32) to balance across cores.
@@ -45,12 +54,17 @@ static POOL: Mutex<PoolState> = Mutex::new(PoolState {
     pool: None,
 });
 static FORKED_CHILD: AtomicBool = AtomicBool::new(false);
+/// Set in a forked child for good: libgomp's team does not survive `fork`
+/// (its threads are gone, its state says otherwise), so a child never uses it,
+/// even after `set_num_threads` re-arms our pool.
+static OPENMP_FORKED: AtomicBool = AtomicBool::new(false);
 static ATFORK: Once = Once::new();
 
 extern "C" fn after_fork_in_child() {
     // Only an atomic store: this runs in the child between fork and return,
     // where little else is async-signal-safe.
     FORKED_CHILD.store(true, Ordering::SeqCst);
+    OPENMP_FORKED.store(true, Ordering::SeqCst);
 }
 
 fn install_fork_handler() {
@@ -275,7 +289,10 @@ impl ChunkPlan {
                     let result = work(self.chunk(c));
                     *lock(&slots[c]) = Some(result);
                 };
-                run_shared(&pool, helpers.min(chunks - 1), chunks, &task);
+                let team = helpers.min(chunks - 1) + 1;
+                if !openmp::run(team, helpers + 1, chunks, &task) {
+                    run_shared(&pool, team - 1, chunks, &task);
+                }
                 slots
                     .into_iter()
                     .map(|slot| {
@@ -393,6 +410,190 @@ fn run_shared(pool: &ThreadPool, helpers: usize, chunks: usize, task: &(dyn Fn(u
     let panic = lock(&shared.panic).take();
     if let Some(payload) = panic {
         resume_unwind(payload);
+    }
+}
+
+/// Chunks on the process's OpenMP team (torch's libgomp), claimed one at a time
+/// by every member as on the pool.
+///
+/// Why: after backward, torch's OpenMP workers spin-wait (libgomp's
+/// `GOMP_SPINCOUNT`, milliseconds on some CPUs) before they sleep. A helper of
+/// ours woken then shares a core with a spinning worker; the scheduler keeps
+/// it on that core while it is cache-hot, so a chunk it has claimed can stall
+/// for a scheduler slice while the caller, out of chunks, waits for it. The
+/// spinning workers themselves start at once and leave no core to share.
+///
+/// When: only where libgomp is already loaded (this module never loads it),
+/// the calling thread is not inside an OpenMP region (`omp_in_parallel`), and
+/// OpenMP's thread count for this thread (`torch.set_num_threads` sets it) is
+/// ferroptim's: the team torch keeps is then the one we use, and a different
+/// count would make libgomp start or idle threads behind torch's back. A
+/// forked child never uses it (`OPENMP_FORKED`). Results do not
+/// change: the chunks are the plan's, and each result goes to its chunk's slot.
+#[cfg(target_os = "linux")]
+mod openmp {
+    use super::{catch_unwind, lock, resume_unwind, Any, AssertUnwindSafe, AtomicUsize, Mutex};
+    use super::{Ordering, OPENMP_ENV_VAR, OPENMP_FORKED};
+    use std::ffi::{c_int, c_uint, c_void, CStr, CString};
+    use std::sync::OnceLock;
+
+    type Body = extern "C" fn(*mut c_void);
+    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
+    type Query = unsafe extern "C" fn() -> c_int;
+
+    /// The libgomp entry points used: `GOMP_parallel` (the call behind
+    /// `#pragma omp parallel`: runs the body on every member, returns after
+    /// the closing barrier), `omp_in_parallel` and `omp_get_max_threads`.
+    struct Gomp {
+        parallel: Parallel,
+        in_parallel: Query,
+        max_threads: Query,
+    }
+
+    static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
+
+    /// `dl_iterate_phdr` callback: the path of the first loaded `libgomp*`.
+    unsafe extern "C" fn find_libgomp(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        found: *mut c_void,
+    ) -> c_int {
+        // SAFETY: `dl_iterate_phdr` passes a valid `info` whose `dlpi_name` is
+        // null or a C string, and `found` is the `Option<CString>` `load` passed.
+        unsafe {
+            let name = (*info).dlpi_name;
+            if name.is_null() {
+                return 0;
+            }
+            let name = CStr::from_ptr(name);
+            let file = name.to_bytes().rsplit(|&b| b == b'/').next().unwrap_or(b"");
+            if file.starts_with(b"libgomp") {
+                *found.cast::<Option<CString>>() = Some(name.to_owned());
+                return 1;
+            }
+        }
+        0
+    }
+
+    fn load() -> Option<Gomp> {
+        let mut found: Option<CString> = None;
+        // SAFETY: the callback only reads the entries and writes `found`.
+        unsafe {
+            libc::dl_iterate_phdr(Some(find_libgomp), (&raw mut found).cast());
+        }
+        let path = found?;
+        // SAFETY: RTLD_NOLOAD returns a handle to the library only if it is
+        // already loaded (it never loads one); the handle is kept for the
+        // process's life (never `dlclose`d), so the symbols stay valid. The
+        // symbols have libgomp's documented C signatures, as typed above.
+        unsafe {
+            let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if handle.is_null() {
+                return None;
+            }
+            let symbol = |name: &CStr| libc::dlsym(handle, name.as_ptr());
+            let (parallel, in_parallel, max_threads) = (
+                symbol(c"GOMP_parallel"),
+                symbol(c"omp_in_parallel"),
+                symbol(c"omp_get_max_threads"),
+            );
+            if parallel.is_null() || in_parallel.is_null() || max_threads.is_null() {
+                return None;
+            }
+            Some(Gomp {
+                parallel: std::mem::transmute::<*mut c_void, Parallel>(parallel),
+                in_parallel: std::mem::transmute::<*mut c_void, Query>(in_parallel),
+                max_threads: std::mem::transmute::<*mut c_void, Query>(max_threads),
+            })
+        }
+    }
+
+    fn enabled() -> bool {
+        // Read at every parallel run (a few hundred nanoseconds on runs of at
+        // least `INLINE_ELEMENTS`), so a process can compare both schedulers.
+        std::env::var(OPENMP_ENV_VAR).map_or(true, |v| v.trim() != "0")
+    }
+
+    struct Team<'a> {
+        next: AtomicUsize,
+        chunks: usize,
+        task: &'a (dyn Fn(usize) + Sync),
+        panic: Mutex<Option<Box<dyn Any + Send>>>,
+    }
+
+    /// The body every member runs: claim chunks until none are left. Never
+    /// unwinds (a panic must not cross libgomp's C frames): the first payload
+    /// is kept for the caller and the remaining chunks are given up.
+    extern "C" fn member(data: *mut c_void) {
+        // SAFETY: `data` is the `Team` on `run`'s stack, alive until
+        // `GOMP_parallel` returns, which is after every member has left here.
+        let team = unsafe { &*data.cast_const().cast::<Team>() };
+        loop {
+            let chunk = team.next.fetch_add(1, Ordering::Relaxed);
+            if chunk >= team.chunks {
+                return;
+            }
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (team.task)(chunk))) {
+                team.next.store(team.chunks, Ordering::Relaxed);
+                lock(&team.panic).get_or_insert(payload);
+                return;
+            }
+        }
+    }
+
+    /// Runs chunks `0..chunks` on a team of `team` OpenMP threads and returns
+    /// true, or returns false (nothing run) where OpenMP's team is not ours to
+    /// use: see the module's conditions; `threads` is ferroptim's thread count.
+    pub(super) fn run(
+        team: usize,
+        threads: usize,
+        chunks: usize,
+        task: &(dyn Fn(usize) + Sync),
+    ) -> bool {
+        if OPENMP_FORKED.load(Ordering::SeqCst) || !enabled() {
+            return false;
+        }
+        let Some(gomp) = GOMP.get_or_init(load) else {
+            return false;
+        };
+        // SAFETY: plain queries of the calling thread's OpenMP state.
+        let (nested, omp_threads) = unsafe { ((gomp.in_parallel)(), (gomp.max_threads)()) };
+        if nested != 0 || usize::try_from(omp_threads) != Ok(threads) {
+            return false;
+        }
+        let Ok(team) = c_uint::try_from(team) else {
+            return false;
+        };
+        let shared = Team {
+            next: AtomicUsize::new(0),
+            chunks,
+            task,
+            panic: Mutex::new(None),
+        };
+        // SAFETY: every member (this thread included) runs `member` on `shared`,
+        // which outlives the call: `GOMP_parallel` returns after the region's
+        // closing barrier. `member` never unwinds. Flags 0: default binding.
+        unsafe {
+            (gomp.parallel)(member, (&raw const shared).cast_mut().cast(), team, 0);
+        }
+        if let Some(payload) = lock(&shared.panic).take() {
+            resume_unwind(payload);
+        }
+        true
+    }
+}
+
+/// Off Linux there is no OpenMP path (torch's macOS wheels use LLVM's libomp,
+/// untested here): every step runs on the pool.
+#[cfg(not(target_os = "linux"))]
+mod openmp {
+    pub(super) fn run(
+        _team: usize,
+        _threads: usize,
+        _chunks: usize,
+        _task: &(dyn Fn(usize) + Sync),
+    ) -> bool {
+        false
     }
 }
 
