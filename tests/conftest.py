@@ -1,7 +1,7 @@
 """Shared machinery for ferroptim's tests.
 
 * :data:`FAMILIES` — a registry of optimizer families (Adam, Adam with decoupled
-  decay, AdamW, SGD, RMSprop, Adagrad): the ferroptim class, its torch.optim
+  decay, AdamW, SGD, RMSprop, Adagrad, Adamax, NAdam): the ferroptim class, its torch.optim
   counterpart, the constructor flags to sweep (combinations torch rejects are left
   out), the state buffers to compare, representative cases for the costlier sweeps,
   and typical kwargs / group variants for the interop and bad-input tests. The
@@ -130,10 +130,16 @@ class Family:
     variants: tuple[dict[str, Any], ...] = ()
     #: Every state tensor the family may create (for reassign / corrupt / swap tests).
     state_tensors: tuple[str, ...] = ()
+    #: Per-tensor scalar state (0-d tensors in torch's scalar dtype, not the param's):
+    #: the step counter and, for NAdam, ``mu_product``.
+    scalar_state: tuple[str, ...] = ("step",)
     #: Whether the state has a ``step`` counter (SGD's has none).
     has_step: bool = True
     #: Whether torch has a fused implementation (``fused=True`` is accepted).
     has_fused: bool = True
+    #: Whether CPU float32/float64 params step in Rust (False: ferroptim hands every step
+    #: to torch's implementation; tests of what only the Rust path does skip the family).
+    rust: bool = True
 
     def make_ferro(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return self.ferro(params, **{**self.fixed, **kwargs})
@@ -285,6 +291,52 @@ FAMILIES: dict[str, Family] = {
             {"lr": 1e-3, "maximize": True, "weight_decay": 0.0},
         ),
         state_tensors=("step", "sum"),
+    ),
+    "Adamax": Family(
+        "Adamax",
+        ferroptim.Adamax,
+        torch.optim.Adamax,
+        grid={"weight_decay": (0.0, 0.05), "maximize": (False, True)},
+        state_keys=lambda group: ("step", "exp_avg", "exp_inf"),
+        second_group={"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+        ),
+        state_tensors=("step", "exp_avg", "exp_inf"),
+        has_fused=False,
+        rust=False,  # until its kernel lands on the new engine (issue 9)
+    ),
+    "NAdam": Family(
+        "NAdam",
+        ferroptim.NAdam,
+        torch.optim.NAdam,
+        grid={
+            "weight_decay": (0.0, 0.05),
+            "decoupled_weight_decay": (False, True),
+            "maximize": (False, True),
+        },
+        # (decoupled decay without weight decay is plain NAdam)
+        valid=lambda kw: not kw.get("decoupled_weight_decay") or kw["weight_decay"] != 0,
+        state_keys=lambda group: ("step", "mu_product", "exp_avg", "exp_avg_sq"),
+        # Its own momentum schedule in the second group of every parity case.
+        second_group={"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "momentum_decay": 0.02},
+        variants=(
+            {
+                "lr": 0.05,
+                "betas": (0.5, 0.9),
+                "eps": 1e-4,
+                "weight_decay": 0.3,
+                "momentum_decay": 0.01,
+            },
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ),
+        # (the per-tensor scalar mu_product last: tests that pick "a state buffer" take
+        # the first non-step key)
+        state_tensors=("step", "exp_avg", "exp_avg_sq", "mu_product"),
+        scalar_state=("step", "mu_product"),
+        has_fused=False,
+        rust=False,  # until its kernel lands on the new engine (issue 9)
     ),
 }
 
@@ -899,8 +951,8 @@ def assert_unchanged(
 ) -> None:
     """Every param, grad and state value is byte for byte what :func:`snapshot` saw; state
     the failing step created lazily (as torch's ``_init_group`` does before its step
-    raises) is allowed only if pristine (all zeros: nothing uninitialised, nothing
-    stepped)."""
+    raises) is allowed only if pristine (zeros, or :data:`PRISTINE_STATE`: nothing
+    uninitialised, nothing stepped)."""
     after = snapshot(opt, params)
     for i, (x, y) in enumerate(zip(before["params"], after["params"], strict=True)):
         assert _same_bytes(x, y), f"param {i} was written by a failing step"
@@ -920,9 +972,15 @@ def assert_unchanged(
         for key in set(sa) - set(sb):
             value = sa[key]
             if isinstance(value, torch.Tensor):
-                assert not value.count_nonzero(), (
+                pristine = PRISTINE_STATE.get(key, 0.0)
+                assert not (value != pristine).count_nonzero(), (
                     f"state {key!r} of param {i} was created and written by a failing step"
                 )
+
+
+#: State values torch's ``_init_group`` creates other than zeros (NAdam's running
+#: product of its momentum schedule starts at 1).
+PRISTINE_STATE: dict[str, float] = {"mu_product": 1.0}
 
 
 def structure(obj: Any) -> Any:

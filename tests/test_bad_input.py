@@ -95,6 +95,17 @@ _ADAM_BAD = [
         {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
     ),
 ]
+#: Adamax and NAdam (no fused or foreach-only arguments to combine).
+_ADAMAX_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="negative-beta1"),
+    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
+    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Adamax/NAdam
+]
 BAD_HYPERPARAMETERS = {
     "Adam": _ADAM_BAD,
     "Adam-decoupled": _ADAM_BAD,
@@ -139,6 +150,11 @@ BAD_HYPERPARAMETERS = {
         pytest.param(
             {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
         ),
+    ],
+    "Adamax": _ADAMAX_BAD,
+    "NAdam": [
+        *_ADAMAX_BAD,
+        pytest.param({"momentum_decay": -4e-3}, "momentum_decay", id="negative-momentum-decay"),
     ],
 }
 
@@ -239,6 +255,8 @@ FULL_KWARGS = {
     "SGD": {"momentum": 0.9, "weight_decay": 0.1},
     "RMSprop": {"momentum": 0.5, "centered": True},
     "Adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "Adamax": {"weight_decay": 0.1},
+    "NAdam": {"weight_decay": 0.1, "decoupled_weight_decay": True},
 }
 
 
@@ -353,8 +371,9 @@ def test_complex_params_step_correctly(family, dtype):
         assert list(fopt.state[a]) == list(topt.state[b])
         assert topt.state[b]
         for key, value in topt.state[b].items():
-            if key == "step":
+            if key in family.scalar_state:
                 assert float(fopt.state[a][key]) == float(value)
+                assert fopt.state[a][key].dtype == value.dtype
             else:
                 assert fopt.state[a][key].dtype == b.dtype
                 torch.testing.assert_close(fopt.state[a][key], value, **tol(b.dtype))
@@ -530,7 +549,17 @@ ALIASING_FLAGS = {
     ],
     "RMSprop": [{}, {"weight_decay": 0.1}, {"momentum": 0.5, "centered": True, "maximize": True}],
     "Adagrad": [{}, {"weight_decay": 0.1}, {"lr_decay": 0.1, "maximize": True}],
+    "Adamax": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
+    "NAdam": [
+        {},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
 }
+
+#: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
+_ALIASING_OF = {"Adam-decoupled": "Adam", "AdamW": "Adam"}
 
 
 @pytest.mark.parametrize(
@@ -538,7 +567,7 @@ ALIASING_FLAGS = {
     [
         pytest.param(family, flags, id=f"{family}-{'-'.join(flags) or 'plain'}")
         for family in FAMILY_IDS
-        for flags in ALIASING_FLAGS["Adam" if family.startswith("Adam") else family]
+        for flags in ALIASING_FLAGS[_ALIASING_OF.get(family, family)]
     ],
 )
 def test_grad_aliasing_its_own_param(family, flags):
@@ -675,6 +704,8 @@ NUMBERS = {
     "SGD": ("lr", "momentum", "weight_decay"),
     "RMSprop": ("lr", "alpha", "eps", "momentum"),
     "Adagrad": ("lr", "lr_decay", "eps", "weight_decay"),
+    "Adamax": ("lr", "eps", "weight_decay"),
+    "NAdam": ("lr", "eps", "weight_decay", "momentum_decay"),
 }
 
 
@@ -707,6 +738,8 @@ FLAGS = {
     "SGD": ("maximize", "nesterov"),
     "RMSprop": ("maximize", "centered"),
     "Adagrad": ("maximize",),
+    "Adamax": ("maximize",),
+    "NAdam": ("maximize", "decoupled_weight_decay"),
 }
 
 

@@ -167,7 +167,7 @@ def test_param_groups_with_their_own_hyperparameters(family):
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
     twin.step(100)
     twin.check()
-    if family.startswith("Adam"):
+    if variants[0].get("amsgrad"):
         assert "max_exp_avg_sq" in twin.f.state[twin.fp[2]]
         assert "max_exp_avg_sq" not in twin.f.state[twin.fp[0]]
 
@@ -234,6 +234,26 @@ HYPERPARAMETER_CHANGES = {
         ("weight_decay", 0.1),
         ("maximize", True),
         ("initial_accumulator_value", 5.0),  # only read when state is created
+        ("maximize", False),
+        ("lr", torch.tensor(3e-3)),
+    ],
+    "Adamax": [
+        ("lr", 0.05),
+        ("betas", (0.5, 0.9)),
+        ("eps", 1e-3),
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("maximize", False),
+        ("lr", torch.tensor(3e-3)),
+    ],
+    "NAdam": [
+        ("lr", 0.05),
+        ("betas", (0.5, 0.9)),
+        ("eps", 1e-3),
+        ("momentum_decay", 0.02),  # mu_product keeps the product of the old schedule
+        ("weight_decay", 0.1),
+        ("maximize", True),
+        ("decoupled_weight_decay", True),
         ("maximize", False),
         ("lr", torch.tensor(3e-3)),
     ],
@@ -473,6 +493,8 @@ TRAINING_KWARGS = {
     "SGD": {"lr": 3e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
     "RMSprop": {"lr": 1e-3, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
     "Adagrad": {"lr": 3e-2, "lr_decay": 0.01, "weight_decay": 0.01},
+    "Adamax": {"lr": 3e-3, "weight_decay": 0.01},
+    "NAdam": {"lr": 3e-3, "weight_decay": 0.05, "decoupled_weight_decay": True},
 }
 
 
@@ -929,7 +951,7 @@ STATE_KEYS = [
 
 
 def _twin_with_every_state(family: str) -> Twin:
-    extra = {"amsgrad": True} if family.startswith("Adam") else {}
+    extra = {"amsgrad": True} if "amsgrad" in FAMILIES[family].grid else {}
     return Twin(family, lr=1e-2, **extra)
 
 
