@@ -340,6 +340,13 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+
+def runs_in_rust(name: str) -> bool:
+    """Whether family ``name`` (or a variant named ``"<family>-<what>"``, as the other test
+    files' tables name them) steps CPU float params in Rust."""
+    return FAMILIES[name if name in FAMILIES else name.split("-")[0]].rust
+
+
 #: Families with a kernel of their own (Adam-decoupled shares Adam's).
 NEW_FAMILIES = ("SGD", "RMSprop", "Adagrad")
 ALL_FAMILIES = tuple(FAMILIES)
