@@ -6,10 +6,11 @@
 
 use std::time::Instant;
 
-use _core::engine::{DType, Group, StepCounter, TensorBuffers, MAX_STATES};
-use _core::kernels::adam::{adam_step, AdamHyper};
-use _core::kernels::clip::{tensor_norms, GradSource, NormType};
-use _core::kernels::probe::stream_probe;
+use _core::engine::elementwise::step;
+use _core::engine::{Buffer, Format, Group, ScalarSlot, StepContext, TensorBuffers};
+use _core::kernels::adam::{Adam, AdamHyper};
+use _core::kernels::clip::{tensor_norms, NormType};
+use _core::kernels::probe::{ProbeHyper, StreamProbe};
 use _core::parallel::set_num_threads;
 use _core::simd::SimdLevel;
 
@@ -37,21 +38,20 @@ fn group(tensors: &mut [Tensor]) -> Group<'_> {
     let buffers = tensors
         .iter_mut()
         .map(|t| {
-            let mut states = [0; MAX_STATES];
-            states[0] = t.m.as_mut_ptr() as usize;
-            states[1] = t.v.as_mut_ptr() as usize;
-            TensorBuffers {
-                dtype: DType::F32,
-                len: t.p.len(),
-                param: t.p.as_mut_ptr() as usize,
-                grad: Some(t.g.as_ptr() as usize),
-                states,
-                num_states: 2,
-                step: Some(StepCounter {
-                    addr: &mut t.step as *mut f32 as usize,
-                    dtype: DType::F32,
-                }),
-            }
+            let f32_buffer = |addr: usize| Buffer::new(addr, Format::F32);
+            TensorBuffers::param(
+                t.p.len(),
+                f32_buffer(t.p.as_mut_ptr() as usize),
+                Some(f32_buffer(t.g.as_ptr() as usize)),
+            )
+            .with_states(&[
+                f32_buffer(t.m.as_mut_ptr() as usize),
+                f32_buffer(t.v.as_mut_ptr() as usize),
+            ])
+            .with_scalars(&[ScalarSlot {
+                addr: &mut t.step as *mut f32 as usize,
+                format: Format::F32,
+            }])
         })
         .collect();
     // SAFETY: every address points into `tensors`, borrowed mutably for the group's life.
@@ -95,20 +95,14 @@ fn main() {
             for level in SimdLevel::supported() {
                 let seconds = median_seconds(
                     || {
-                        let mut g = group(&mut tensors);
-                        adam_step(&mut g, &hyper, level);
+                        let g = group(&mut tensors);
+                        step::<Adam>(&g, &hyper, &StepContext::default(), level).unwrap();
                     },
                     reps,
                 );
                 let norm = median_seconds(
                     || {
-                        tensor_norms(
-                            &group(&mut tensors),
-                            NormType::Two,
-                            GradSource::Grad,
-                            1.0,
-                            level,
-                        );
+                        tensor_norms(&group(&mut tensors), NormType::Two, 1.0, level);
                     },
                     reps,
                 );
@@ -117,7 +111,14 @@ fn main() {
                     norm * 1e6,
                     4.0 * elements as f64 / norm / 1e9,
                 );
-                let probe = median_seconds(|| stream_probe(&group(&mut tensors), level), reps);
+                let probe = median_seconds(
+                    || {
+                        let g = group(&mut tensors);
+                        step::<StreamProbe>(&g, &ProbeHyper {}, &StepContext::default(), level)
+                            .unwrap();
+                    },
+                    reps,
+                );
                 println!(
                     "{name:>12} threads={threads} {level:>7}: adam {:>9.1} us {:>6.1} GB/s | probe {:>9.1} us {:>6.1} GB/s",
                     seconds * 1e6,

@@ -48,6 +48,9 @@ Shape = tuple[int, ...]
 # -- cases ------------------------------------------------------------------------------
 
 
+_PROBE = _core.Kernel("stream_probe", {})
+
+
 def gpt2_like_shapes(
     layers: int = 12, d_model: int = 384, vocab: int = 8192, context: int = 512
 ) -> tuple[Shape, ...]:
@@ -323,10 +326,10 @@ def adam_floor(params: list[Tensor]) -> Runner:
     plan: list[_core.GroupPlan] = []
 
     def prepare() -> None:
-        plan[:] = [_core.GroupPlan.from_tensors(work, grads, [m, v], [None] * len(work))]
+        plan[:] = [_core.GroupPlan.from_tensors(work, grads, [m, v], [])]
 
     def step() -> None:
-        _core.stream_probe(plan.pop())
+        _PROBE.step(plan.pop())
 
     return Runner(step, prepare, keep=(work, grads, m, v))
 

@@ -1,39 +1,62 @@
-"""Counting calls into ferroptim's Rust step kernels.
+"""Counting (or intercepting) calls into ferroptim's Rust step kernels.
 
 Parity with torch proves nothing about *where* a step ran if ferroptim quietly
-handed it to torch; :func:`kernel_calls` wraps the ``_core.*_step`` functions (the
-optimizer modules look them up on ``_core`` at call time) and counts calls.
+handed it to torch. Every Rust step goes through ``_core.Kernel(name, group).step``
+(the optimizer modules look ``_core.Kernel`` up at call time), so replacing
+``_core.Kernel`` with a factory of proxies sees every step: :func:`intercept_steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ferroptim import _core
 
-KERNELS = ("adam_step", "sgd_step", "rmsprop_step", "adagrad_step")
+#: ``on_step(kernel, plan, *args, **kwargs)``: called instead of ``kernel.step``.
+OnStep = Callable[..., Any]
+
+
+class _Proxy:
+    """A kernel whose ``step`` goes through ``on_step``."""
+
+    def __init__(self, kernel: Any, on_step: OnStep) -> None:
+        self._kernel = kernel
+        self._on_step = on_step
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernel, name)
+
+    def step(self, plan: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._on_step(self._kernel, plan, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def intercept_steps(on_step: OnStep) -> Iterator[None]:
+    """Routes every Rust kernel step through ``on_step`` while the block runs."""
+    real = _core.Kernel
+
+    def factory(name: str, group: Any) -> _Proxy:
+        return _Proxy(real(name, group), on_step)
+
+    _core.Kernel = factory  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        _core.Kernel = real  # type: ignore[misc]
 
 
 @contextlib.contextmanager
 def kernel_calls() -> Iterator[Counter[str]]:
-    """Counts calls of each Rust step kernel while the block runs."""
+    """Counts steps of each Rust kernel (keyed ``"<name>_step"``, e.g. ``"adam_step"``)
+    while the block runs."""
     counts: Counter[str] = Counter()
-    originals = {name: getattr(_core, name) for name in KERNELS}
 
-    def wrap(name: str, fn: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
-            return fn(*args, **kwargs)
+    def count(kernel: Any, plan: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[f"{kernel.name}_step"] += 1
+        return kernel.step(plan, *args, **kwargs)
 
-        return counted
-
-    for name, fn in originals.items():
-        setattr(_core, name, wrap(name, fn))
-    try:
+    with intercept_steps(count):
         yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(_core, name, fn)

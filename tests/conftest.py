@@ -1017,25 +1017,11 @@ def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]
 
 @contextlib.contextmanager
 def rust_calls() -> Iterator[Counter]:
-    """Counts calls into ferroptim's Rust step kernels (the optimizer modules look them up
-    on ``ferroptim._core`` at each call)."""
-    core = ferroptim._core
-    counts: Counter = Counter()
-    originals = {}
-    for name in ("sgd_step", "adagrad_step", "rmsprop_step", "adam_step"):
-        original = getattr(core, name)
-        originals[name] = original
+    """Counts calls into ferroptim's Rust step kernels, keyed ``"<kernel>_step"``."""
+    from _kernels import kernel_calls
 
-        def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
-            counts[_name] += 1
-            return _original(*args, **kwargs)
-
-        setattr(core, name, spy)
-    try:
+    with kernel_calls() as counts:
         yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(core, name, original)
 
 
 # ----------------------------------------------------------------------------------------

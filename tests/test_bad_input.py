@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from _kernels import intercept_steps
 from conftest import (
     ALL_FAMILIES,
     FAMILIES,
@@ -995,29 +996,28 @@ def test_failed_sgd_step_stores_no_uninitialised_momentum(monkeypatch, warm_step
 
     fps, fopt = setup(family.make_ferro)
     tps, topt = setup(family.make_torch)
-    real = ferroptim._core.sgd_step
     calls = []
 
-    def fail_once(*args: Any, **kw: Any) -> None:
+    def fail_once(kernel: Any, plan: Any, *args: Any, **kw: Any) -> None:
         calls.append(args)
         if len(calls) == 1:
             raise RuntimeError("injected kernel failure")
-        real(*args, **kw)
+        kernel.step(plan, *args, **kw)
 
-    monkeypatch.setattr(ferroptim._core, "sgd_step", fail_once)
-    set_grads(fps, 10)
-    before = snapshot(fopt, fps)
-    with pytest.raises(RuntimeError, match="injected"):
-        fopt.step()
-    assert_unchanged(before, fopt, fps)
-    for p in fps[2:] if warm_steps else fps:
-        assert "momentum_buffer" not in fopt.state.get(p, {}), "a buffer the kernel never wrote"
-    # The failed step never happened, for torch as for ferroptim: carry on.
-    for step in (10, 11, 12):
-        set_grads(fps, step)
-        set_grads(tps, step)
-        fopt.step()
-        topt.step()
+    with intercept_steps(fail_once):
+        set_grads(fps, 10)
+        before = snapshot(fopt, fps)
+        with pytest.raises(RuntimeError, match="injected"):
+            fopt.step()
+        assert_unchanged(before, fopt, fps)
+        for p in fps[2:] if warm_steps else fps:
+            assert "momentum_buffer" not in fopt.state.get(p, {}), "a buffer the kernel never wrote"
+        # The failed step never happened, for torch as for ferroptim: carry on.
+        for step in (10, 11, 12):
+            set_grads(fps, step)
+            set_grads(tps, step)
+            fopt.step()
+            topt.step()
     assert len(calls) >= 4
     for a, b in zip(fps, tps, strict=True):
         assert a.abs().max() < 10, "the step used an uninitialised momentum buffer"

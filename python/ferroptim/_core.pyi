@@ -1,6 +1,6 @@
 """Type stub for ferroptim's Rust extension (rust/py/). Internal: use the public API."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -14,14 +14,14 @@ class GroupPlan:
         params: list[torch.Tensor],
         states: Sequence[dict[str, object]],
         state_keys: Sequence[str],
-        step_key: str | None,
+        scalar_keys: Sequence[str],
     ) -> None: ...
     @staticmethod
     def from_tensors(
         params: Sequence[torch.Tensor],
         grads: Sequence[torch.Tensor],
         states: Sequence[Sequence[torch.Tensor]],
-        steps: Sequence[torch.Tensor | None],
+        scalars: Sequence[Sequence[torch.Tensor]],
     ) -> GroupPlan: ...
     @staticmethod
     def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...
@@ -41,62 +41,27 @@ class StateSnapshot:
     def __init__(self, state: dict[object, object]) -> None: ...
     def matches(self, state: dict[object, object]) -> bool: ...
 
-def adam_step(
-    plan: GroupPlan,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    unscale: float,
-    clip: float,
-    lr_is_f32: bool,
-) -> None: ...
-def sgd_step(
-    plan: GroupPlan,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-    unscale: float,
-    clip: float,
-) -> None: ...
-def rmsprop_step(
-    plan: GroupPlan,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-    unscale: float,
-    clip: float,
-) -> None: ...
-def adagrad_step(
-    plan: GroupPlan,
-    lr: float,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    unscale: float,
-    clip: float,
-    lr_is_f32: bool,
-) -> None: ...
+class Kernel:
+    """A registered Rust kernel with its hyperparameters read by name from a group."""
+
+    def __init__(self, name: str, group: Mapping[str, object]) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def state_keys(self) -> list[str]: ...
+    @property
+    def scalar_keys(self) -> list[str]: ...
+    def step(
+        self, plan: GroupPlan, unscale: float = 1.0, clip: float = 1.0, fresh: bool = False
+    ) -> None: ...
+
+def kernel_names() -> list[str]: ...
 def grad_norms(
-    plans: Sequence[GroupPlan], norm_type: float, grads_only: bool, unscale: float = 1.0
+    plans: Sequence[GroupPlan], norm_type: float, unscale: float = 1.0
 ) -> tuple[list[float], bool]: ...
-def grads_finite(plans: Sequence[GroupPlan], grads_only: bool) -> bool: ...
+def grads_finite(plans: Sequence[GroupPlan]) -> bool: ...
 def scale_grads(plan: GroupPlan, factor: float) -> None: ...
 def clamp_grads(plan: GroupPlan, clip: float) -> None: ...
-def stream_probe(plan: GroupPlan) -> None: ...
 def simd_level() -> str: ...
 def set_simd_level(level: str | None) -> str: ...
 def supported_simd_levels() -> list[str]: ...

@@ -415,13 +415,17 @@ class RustStepMixin:
         """torch's ``_init_group`` for ``group["params"]``: create missing state, list tensors."""
         raise NotImplementedError
 
+    #: The Rust kernel's name in its registry (rust/kernels/registry.rs).
+    _ferro_kernel_name: ClassVar[str]
+
     def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
-        """The group's Rust kernel with its hyperparameters converted (and checked) now,
-        in the prepare phase, so that running it cannot fail on them: called as
+        """The group's Rust kernel with its hyperparameters read by name from the group
+        now, in the prepare phase, so that running it cannot fail on them (a missing or
+        non-numeric hyperparameter raises torch's KeyError/TypeError here): called as
         ``kernel(plan, unscale, clip, fresh)``, it steps the plan; every gradient is
         multiplied by ``unscale`` then ``clip`` as it is read. ``fresh``: the plan's
         lazily created buffers are new and must be written first."""
-        raise NotImplementedError
+        return _core.Kernel(self._ferro_kernel_name, group).step
 
     def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
         """Raises now what torch's step raises mid-step for the group's hyperparameters
@@ -602,7 +606,7 @@ class RustStepMixin:
         finite = True
         if self.max_grad_norm is not None or (self.skip_nonfinite and dtensor_grads):
             values, float64 = (
-                _core.grad_norms(rust_plans, 2.0, False, unscale) if rust_plans else ([], False)
+                _core.grad_norms(rust_plans, 2.0, unscale) if rust_plans else ([], False)
             )
             others = [tensor_norm(g, 2.0) for g in torch_grads]
             if dtensor_grads:  # sharded: torch reduces the norm across ranks
@@ -621,7 +625,7 @@ class RustStepMixin:
         if self.skip_nonfinite and (self.max_grad_norm is None or not finite):
             # (a norm can overflow with finite float64 grads: ask again)
             finite = (
-                (not rust_plans or _core.grads_finite(rust_plans, False))
+                (not rust_plans or _core.grads_finite(rust_plans))
                 and all(
                     bool(torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all())
                     for g in torch_grads
@@ -966,7 +970,7 @@ class RustStepMixin:
                     _real([works[i] for i in index]),
                     _real([grads[i] for i in index]),
                     [_real([s[i] for i in index]) for s in states],
-                    [gathered.steps[i] if step_key is not None else None for i in index],
+                    [[gathered.steps[i] for i in index]] if step_key is not None else [],
                 )
             except ValueError as error:
                 raise RuntimeError(f"{name}: {error}") from error
@@ -998,7 +1002,7 @@ class RustStepMixin:
                 params,
                 [self.state.get(p, _NO_STATE) for p in params],
                 list(key[0]),
-                self._ferro_step_key,
+                [self._ferro_step_key] if self._ferro_step_key is not None else [],
             )
         except (ValueError, RuntimeError):
             return  # not plannable (odd layout, foreign state): the slow path stays correct

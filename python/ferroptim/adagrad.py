@@ -9,8 +9,7 @@ from torch import Tensor
 from torch.optim import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
-from ferroptim import _core
-from ferroptim._optimizer import Gathered, KernelCall, RustStepMixin, flag, lr_is_f32, scalar
+from ferroptim._optimizer import Gathered, RustStepMixin
 
 __all__ = ["Adagrad"]
 
@@ -72,17 +71,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
 
     _ferro_numbers = ("lr", "lr_decay", "weight_decay", "eps")
 
-    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
-        lr = scalar(group["lr"], "lr")
-        lr_decay = scalar(group["lr_decay"], "lr_decay")
-        weight_decay = scalar(group["weight_decay"], "weight_decay")
-        eps = scalar(group["eps"], "eps")
-        maximize, f32 = flag(group["maximize"]), lr_is_f32(group["lr"])
-
-        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
-            _core.adagrad_step(plan, lr, lr_decay, weight_decay, eps, maximize, unscale, clip, f32)
-
-        return kernel
+    _ferro_kernel_name = "adagrad"
 
     def _ferro_usual(self, group: dict[str, Any]) -> bool:
         # (a tensor lr_decay divides in tensor arithmetic: inf, no exception)

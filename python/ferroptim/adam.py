@@ -9,14 +9,10 @@ from torch import Tensor
 from torch.optim import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
-from ferroptim import _core
 from ferroptim._optimizer import (
     Gathered,
-    KernelCall,
     RustStepMixin,
     check_number,
-    flag,
-    lr_is_f32,
     scalar,
 )
 
@@ -67,33 +63,7 @@ class _AdamFamily(RustStepMixin):
 
     _ferro_numbers = ("lr", "eps", "weight_decay")
 
-    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
-        beta1, beta2 = group["betas"]
-        lr = scalar(group["lr"], "lr")
-        b1, b2 = scalar(beta1, "beta1"), scalar(beta2, "beta2")
-        eps = scalar(group["eps"], "eps")
-        weight_decay = scalar(group["weight_decay"], "weight_decay")
-        decoupled = flag(group["decoupled_weight_decay"])
-        amsgrad, maximize = flag(group["amsgrad"]), flag(group["maximize"])
-        f32 = lr_is_f32(group["lr"])
-
-        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
-            _core.adam_step(
-                plan,
-                lr,
-                b1,
-                b2,
-                eps,
-                weight_decay,
-                decoupled,
-                amsgrad,
-                maximize,
-                unscale,
-                clip,
-                f32,
-            )
-
-        return kernel
+    _ferro_kernel_name = "adam"
 
     def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._ferro_check_hyperparameters(group)

@@ -75,7 +75,7 @@ def _rust_plan(grads: list[Tensor]) -> _core.GroupPlan | None:
 def _norm(
     plan: _core.GroupPlan | None, rust: list[Tensor], other: list[Tensor], norm_type: float
 ) -> Tensor:
-    values, float64 = _core.grad_norms([plan], norm_type, True) if plan else ([], False)
+    values, float64 = _core.grad_norms([plan], norm_type) if plan else ([], False)
     others = [tensor_norm(g, norm_type) for g in (other if plan else rust + other)]
     return total_norm(values, float64, others, norm_type)
 

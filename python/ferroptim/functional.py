@@ -102,20 +102,18 @@ def adam_(
     if max_exp_avg_sqs is not None:
         states.append(("max_exp_avg_sqs", max_exp_avg_sqs))
     plan = _plan(params, grads, states, _step_number(step))
-    _core.adam_step(
-        plan,
-        float(lr),
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        bool(decoupled_weight_decay),
-        bool(amsgrad),
-        bool(maximize),
-        1.0,
-        1.0,
-        False,
-    )
+    _core.Kernel(
+        "adam",
+        {
+            "lr": float(lr),
+            "betas": (float(beta1), float(beta2)),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "amsgrad": bool(amsgrad),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
 
 
 def adamw_(
@@ -181,18 +179,17 @@ def sgd_(
             )
         states.append(("momentum_buffers", momentum_buffers))
     plan = _plan(params, grads, states, None)
-    _core.sgd_step(
-        plan,
-        float(lr),
-        float(momentum),
-        float(dampening),
-        float(weight_decay),
-        bool(nesterov),
-        bool(maximize),
-        bool(first_step),
-        1.0,
-        1.0,
-    )
+    _core.Kernel(
+        "sgd",
+        {
+            "lr": float(lr),
+            "momentum": float(momentum),
+            "dampening": float(dampening),
+            "weight_decay": float(weight_decay),
+            "nesterov": bool(nesterov),
+            "maximize": bool(maximize),
+        },
+    ).step(plan, fresh=bool(first_step))
 
 
 def rmsprop_(
@@ -227,18 +224,18 @@ def rmsprop_(
     if grad_avgs is not None:
         states.append(("grad_avgs", grad_avgs))
     plan = _plan(params, grads, states, _step_number(step))
-    _core.rmsprop_step(
-        plan,
-        float(lr),
-        float(alpha),
-        float(eps),
-        float(weight_decay),
-        float(momentum),
-        bool(centered),
-        bool(maximize),
-        1.0,
-        1.0,
-    )
+    _core.Kernel(
+        "rmsprop",
+        {
+            "lr": float(lr),
+            "alpha": float(alpha),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "momentum": float(momentum),
+            "centered": bool(centered),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
 
 
 def adagrad_(
@@ -259,14 +256,13 @@ def adagrad_(
     """
     _check_nonnegative(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps)
     plan = _plan(params, grads, [("state_sums", state_sums)], _step_number(step))
-    _core.adagrad_step(
-        plan,
-        float(lr),
-        float(lr_decay),
-        float(weight_decay),
-        float(eps),
-        bool(maximize),
-        1.0,
-        1.0,
-        False,
-    )
+    _core.Kernel(
+        "adagrad",
+        {
+            "lr": float(lr),
+            "lr_decay": float(lr_decay),
+            "weight_decay": float(weight_decay),
+            "eps": float(eps),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)

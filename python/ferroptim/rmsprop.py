@@ -9,8 +9,7 @@ from torch import Tensor
 from torch.optim import rmsprop as torch_rmsprop
 from torch.optim.optimizer import ParamsT
 
-from ferroptim import _core
-from ferroptim._optimizer import Gathered, KernelCall, RustStepMixin, flag, scalar
+from ferroptim._optimizer import Gathered, RustStepMixin
 
 __all__ = ["RMSprop"]
 
@@ -89,20 +88,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
     # torch's RMSprop only increments the step counter.
     _ferro_reads_step = False
 
-    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
-        lr = scalar(group["lr"], "lr")
-        alpha = scalar(group["alpha"], "alpha")
-        eps = scalar(group["eps"], "eps")
-        weight_decay = scalar(group["weight_decay"], "weight_decay")
-        momentum = scalar(group["momentum"], "momentum")
-        centered, maximize = flag(group["centered"]), flag(group["maximize"])
-
-        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
-            _core.rmsprop_step(
-                plan, lr, alpha, eps, weight_decay, momentum, centered, maximize, unscale, clip
-            )
-
-        return kernel
+    _ferro_kernel_name = "rmsprop"
 
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool

@@ -9,15 +9,12 @@ from torch import Tensor
 from torch.optim import sgd as torch_sgd
 from torch.optim.optimizer import ParamsT
 
-from ferroptim import _core
 from ferroptim._optimizer import (
     Gathered,
-    KernelCall,
     RustStepMixin,
     _is_number,
     check_number,
     flag,
-    scalar,
 )
 
 __all__ = ["SGD"]
@@ -91,28 +88,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
         # fails at the next step. Its for-loop gives exactly that.
         return not all(_is_number(group[k]) for k in ("momentum", "dampening"))
 
-    def _ferro_kernel(self, group: dict[str, Any]) -> KernelCall:
-        lr = scalar(group["lr"], "lr")
-        momentum = scalar(group["momentum"], "momentum")
-        dampening = scalar(group["dampening"], "dampening")
-        weight_decay = scalar(group["weight_decay"], "weight_decay")
-        nesterov, maximize = flag(group["nesterov"]), flag(group["maximize"])
-
-        def kernel(plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool) -> None:
-            _core.sgd_step(
-                plan,
-                lr,
-                momentum,
-                dampening,
-                weight_decay,
-                nesterov,
-                maximize,
-                fresh,
-                unscale,
-                clip,
-            )
-
-        return kernel
+    _ferro_kernel_name = "sgd"
 
     def _ferro_check_torch_path(self, gathered: Gathered, group: dict[str, Any]) -> None:
         # torch's for-loop adds a sparse grad to dense tensors (weight decay, Nesterov's

@@ -3,9 +3,7 @@
 //! Reference: `torch/optim/adagrad.py::_single_tensor_adagrad`, per element:
 //!
 //! ```text
-//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
-//! g = -grad if maximize else grad
-//! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
+//! (engine: grad * inv_scale * clip_coef, maximize, L2 decay g = p*wd + g)
 //! clr = lr / (1 + (step - 1) * lr_decay)        (float64, per tensor)
 //! sum = g*g + sum   (fused)                     state_sum.addcmul_(grad, grad, value=1)
 //! std = sqrt(sum) + eps                         state_sum.sqrt().add_(eps)
@@ -14,127 +12,108 @@
 //!
 //! Sparse gradients take torch's own path (see the Python layer).
 
-use super::{consts_for, run_segments, GradScale, GradScaleOf, Real, SegmentKernel, Storage};
-use crate::engine::{Group, Slices};
-use crate::simd::SimdLevel;
+use crate::engine::elementwise::{Elementwise, FlagRunner, GradPrep, StepContext, L2};
+use crate::engine::{Real, TensorScalar, MAXIMIZE as M, MAX_STATES};
 
-/// Hyperparameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdagradHyper {
-    pub lr: f64,
-    pub lr_decay: f64,
-    pub weight_decay: f64,
-    pub eps: f64,
-    pub maximize: bool,
-    /// Unscaling and clipping applied to every gradient as it is read.
-    pub grad_scale: GradScale,
-    /// `lr` is a float32 tensor: torch then computes `clr` in float32.
-    pub lr_is_f32: bool,
+crate::hyper_record! {
+    /// Adagrad's hyperparameters, under torch's param-group names.
+    pub struct AdagradHyper {
+        /// A float32 tensor `lr` makes torch compute `clr` in float32.
+        lr: TensorScalar,
+        lr_decay: f64,
+        weight_decay: f64,
+        eps: f64,
+        maximize: bool,
+    }
 }
 
 impl Default for AdagradHyper {
     fn default() -> Self {
         AdagradHyper {
-            lr: 1e-2,
+            lr: TensorScalar::of(1e-2),
             lr_decay: 0.0,
             weight_decay: 0.0,
             eps: 1e-10,
             maximize: false,
-            grad_scale: GradScale::default(),
-            lr_is_f32: false,
         }
     }
 }
 
 #[derive(Clone, Copy, Debug)]
-struct AdagradConsts<C> {
-    grad_scale: GradScaleOf<C>,
-    weight_decay: C,
+pub struct AdagradConsts<C> {
     eps: C,
     neg_clr: C,
 }
 
-impl<C: Real> AdagradConsts<C> {
-    fn new(h: &AdagradHyper, step: f64) -> Self {
+/// Adagrad (dense gradients).
+pub struct Adagrad;
+
+impl Elementwise for Adagrad {
+    const NAME: &'static str = "adagrad";
+    const SCALARS: &'static [&'static str] = &["step"];
+    type Hyper = AdagradHyper;
+    type Consts<C: Real> = AdagradConsts<C>;
+
+    fn state_keys(_h: &AdagradHyper) -> &'static [&'static str] {
+        &["sum"]
+    }
+
+    fn grad_prep(h: &AdagradHyper) -> GradPrep {
+        GradPrep {
+            maximize: h.maximize,
+            l2: h.weight_decay,
+        }
+    }
+
+    fn flags(h: &AdagradHyper, _ctx: &StepContext) -> u32 {
+        Self::grad_prep(h).flags()
+    }
+
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
+        crate::flag_match!(flags, runner, [0, M, L2, M | L2])
+    }
+
+    #[inline(always)]
+    fn num_states(_flags: u32) -> usize {
+        1
+    }
+
+    fn consts<C: Real>(h: &AdagradHyper, scalars: &[f64]) -> AdagradConsts<C> {
+        let step = scalars[0];
         let decay = 1.0 + (step - 1.0) * h.lr_decay;
-        let clr = if h.lr_is_f32 {
-            f64::from(h.lr as f32 / decay as f32)
+        let clr = if h.lr.is_f32_tensor {
+            f64::from(h.lr.value as f32 / decay as f32)
         } else {
-            h.lr / decay
+            h.lr.value / decay
         };
         AdagradConsts {
-            grad_scale: GradScaleOf::new(&h.grad_scale),
-            weight_decay: C::from_f64(h.weight_decay),
             eps: C::from_f64(h.eps),
             neg_clr: C::from_f64(-clr),
         }
     }
-}
 
-struct AdagradKernel<C, const MAXIMIZE: bool, const WD: bool> {
-    consts: Vec<AdagradConsts<C>>,
-}
-
-impl<T, const MAXIMIZE: bool, const WD: bool> SegmentKernel<T> for AdagradKernel<T, MAXIMIZE, WD>
-where
-    T: Storage<Compute = T> + Real,
-{
     #[inline(always)]
-    fn apply(&self, tensor: usize, s: Slices<'_, T>) {
-        let k = &self.consts[tensor];
-        let n = s.param.len();
-        let param = &mut s.param[..n];
-        let grad = &s.grad[..n];
-        let [sum, _, _] = s.states;
-        let sum = &mut sum[..n];
-        for i in 0..n {
-            let p = param[i];
-            let grad = k.grad_scale.apply(grad[i]);
-            let mut g = if MAXIMIZE { -grad } else { grad };
-            if WD {
-                g = p.mul_add(k.weight_decay, g);
-            }
-            let total = g.mul_add(g, sum[i]);
-            sum[i] = total;
-            let std = total.sqrt() + k.eps;
-            param[i] = p + k.neg_clr * g / std;
-        }
+    fn update<C: Real, const FLAGS: u32>(
+        k: &AdagradConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+    ) {
+        let total = g.mul_add(g, s[0]);
+        s[0] = total;
+        let std = total.sqrt() + k.eps;
+        *param = *param + k.neg_clr * g / std;
     }
-}
-
-/// Steps a whole group: increments the step counters, then updates every tensor.
-///
-/// # Panics
-/// If a tensor lacks its `sum` buffer or step counter.
-pub fn adagrad_step(group: &mut Group<'_>, h: &AdagradHyper, level: SimdLevel) {
-    for t in group.tensors() {
-        assert_eq!(t.num_states, 1, "Adagrad needs its `sum` buffer");
-        assert!(
-            t.step.is_some(),
-            "Adagrad needs a step counter per parameter"
-        );
-    }
-    let steps = group.increment_steps();
-    let group = &*group;
-    crate::const_bool!(h.maximize, MAXIMIZE, {
-        crate::const_bool!(h.weight_decay != 0.0, WD, {
-            let k32 = AdagradKernel::<f32, MAXIMIZE, WD> {
-                consts: consts_for::<f32, _>(group, &steps, |step| AdagradConsts::new(h, step)),
-            };
-            let k64 = AdagradKernel::<f64, MAXIMIZE, WD> {
-                consts: consts_for::<f64, _>(group, &steps, |step| AdagradConsts::new(h, step)),
-            };
-            run_segments(group, level, &k32, &k64);
-        })
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::StepContext;
     use crate::kernels::testing::{
-        assert_bitwise_everywhere, assert_close, buffers, group_of, set_grads,
+        assert_bitwise_everywhere, assert_close, buffers, set_grads, step_with,
     };
+    use crate::simd::SimdLevel;
 
     /// torch's `_single_tensor_adagrad` (dense branch), transcribed in float64.
     fn reference_step(h: &AdagradHyper, step: f64, p: &mut [f64], g: &[f64], sum: &mut [f64]) {
@@ -143,7 +122,7 @@ mod tests {
             if h.weight_decay != 0.0 {
                 grad = p[i].mul_add(h.weight_decay, grad);
             }
-            let clr = h.lr / (1.0 + (step - 1.0) * h.lr_decay);
+            let clr = h.lr.value / (1.0 + (step - 1.0) * h.lr_decay);
             sum[i] = grad.mul_add(grad, sum[i]);
             let std = sum[i].sqrt() + h.eps;
             p[i] += -clr * grad / std;
@@ -171,12 +150,17 @@ mod tests {
     fn float64_matches_the_transcribed_reference() {
         let lens = [1, 17, 1000, 70_001];
         for h in all_hypers() {
-            let mut ours = buffers::<f64>(&lens, 1, 0.1);
-            let mut reference = buffers::<f64>(&lens, 1, 0.1);
+            let mut ours = buffers::<f64, f64>(&lens, 1, 0.1, &[0.0]);
+            let mut reference = buffers::<f64, f64>(&lens, 1, 0.1, &[0.0]);
             for step in 1..=20 {
                 set_grads(&mut ours, step);
                 set_grads(&mut reference, step);
-                adagrad_step(&mut group_of(&mut ours, true), &h, SimdLevel::detect());
+                step_with::<Adagrad, _, _>(
+                    &mut ours,
+                    &h,
+                    &StepContext::default(),
+                    SimdLevel::detect(),
+                );
                 for r in reference.iter_mut() {
                     reference_step(&h, step as f64, &mut r.p, &r.g, &mut r.states[0]);
                 }
@@ -190,7 +174,7 @@ mod tests {
     #[test]
     fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
-            assert_bitwise_everywhere(1, 0.1, &|group, level| adagrad_step(group, &h, level));
+            assert_bitwise_everywhere::<Adagrad>(&h, 0.1, &[0.0]);
         }
     }
 }

@@ -11,8 +11,8 @@
 //! rounded to its tensor's dtype first.
 
 use super::{prefetch_ahead, two_streams, two_streams_mut};
-use super::{reduce_segments, run_segments, Real, SegmentKernel, SegmentReducer, Storage};
-use crate::engine::{Group, Slices};
+use crate::engine::reduce::{map_grads, reduce_grads, FloatGrad, GradMapper, GradReducer};
+use crate::engine::{Compute, Group, Real, Storage};
 use crate::simd::SimdLevel;
 
 /// Which vector norm (`norm_type` of `clip_grad_norm_`).
@@ -287,33 +287,10 @@ where
     }
 }
 
-/// Bit-level view of a float for the finiteness scan: with the sign cleared,
-/// bit patterns order like magnitudes, and every inf/NaN pattern is at least
-/// infinity's. An integer max over a block then answers "any non-finite?"
-/// without converting or branching.
-trait AbsBits: Copy {
-    type Bits: Copy + Ord + Default;
-    const INFINITY: Self::Bits;
-    fn abs_bits(self) -> Self::Bits;
-}
-
-impl AbsBits for f32 {
-    type Bits = u32;
-    const INFINITY: u32 = 0x7f80_0000;
-    #[inline(always)]
-    fn abs_bits(self) -> u32 {
-        self.to_bits() & 0x7fff_ffff
-    }
-}
-
-impl AbsBits for f64 {
-    type Bits = u64;
-    const INFINITY: u64 = 0x7ff0_0000_0000_0000;
-    #[inline(always)]
-    fn abs_bits(self) -> u64 {
-        self.to_bits() & 0x7fff_ffff_ffff_ffff
-    }
-}
+// The finiteness scan reads bit patterns (`FloatGrad::abs_bits`): with the
+// sign cleared, they order like magnitudes, and every inf/NaN pattern is at
+// least infinity's. An integer max over a block then answers "any
+// non-finite?" without converting or branching.
 
 /// Lanes of the finiteness scan: four full vectors of 32-bit lanes, so
 /// several loads are in flight (a max is exact in any order, so the lane count
@@ -322,7 +299,7 @@ const SCAN_LANES: usize = 64;
 
 /// Whether every value is finite.
 #[inline(always)]
-fn all_finite<T: AbsBits>(values: &[T]) -> bool {
+fn all_finite<T: FloatGrad>(values: &[T]) -> bool {
     let (blocks, tail) = values.as_chunks::<SCAN_LANES>();
     let mut lanes = [T::Bits::default(); SCAN_LANES];
     let (first, second, rest) = two_streams(blocks);
@@ -342,24 +319,15 @@ fn all_finite<T: AbsBits>(values: &[T]) -> bool {
         .into_iter()
         .chain(tail.iter().map(|v| v.abs_bits()))
         .max();
-    largest.is_none_or(|bits| bits < T::INFINITY)
+    largest.is_none_or(|bits| bits < T::INFINITY_BITS)
 }
 
-struct FiniteScan {
-    source: GradSource,
-}
+struct FiniteScan;
 
-impl<T> SegmentReducer<T> for FiniteScan
-where
-    T: Storage<Compute = T> + Real + AbsBits,
-{
+impl GradReducer for FiniteScan {
     #[inline(always)]
-    fn reduce(&self, _tensor: usize, s: Slices<'_, T>) -> f64 {
-        let finite = match self.source {
-            GradSource::Grad => all_finite(s.grad),
-            GradSource::Param => all_finite(&*s.param),
-        };
-        if finite {
+    fn reduce<T: FloatGrad>(&self, grad: &[T]) -> f64 {
+        if all_finite(grad) {
             0.0
         } else {
             1.0
@@ -369,70 +337,41 @@ where
 
 /// Whether every gradient element of the group is finite: one parallel read,
 /// on integer bit patterns (no conversion), early-out free but cheap.
-pub fn grads_finite(group: &Group<'_>, source: GradSource, level: SimdLevel) -> bool {
-    let scan = FiniteScan { source };
-    reduce_segments(group, level, &scan, &scan, 0.0, f64::max)
+pub fn grads_finite(group: &Group<'_>, level: SimdLevel) -> bool {
+    reduce_grads(group, level, &FiniteScan, 0.0, f64::max)
         .iter()
         .all(|&flag| flag == 0.0)
 }
 
-/// Which buffer of a group holds the gradients to reduce.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradSource {
-    /// The optimizer's read-only gradient buffer.
-    Grad,
-    /// The written buffer (groups built from gradients alone, for clipping).
-    Param,
-}
-
 struct NormReducer {
     kind: NormType,
-    source: GradSource,
     /// Multiplies each value first (GradScaler's inverse scale), rounded as
     /// torch's in-place unscale rounds it.
     unscale: f64,
 }
 
-impl<T> SegmentReducer<T> for NormReducer
-where
-    T: Storage<Compute = T> + Real,
-{
+impl GradReducer for NormReducer {
     #[inline(always)]
-    fn reduce(&self, _tensor: usize, s: Slices<'_, T>) -> f64 {
-        let scale = T::from_f64(self.unscale);
-        match self.source {
-            GradSource::Grad => reduce_kind(self.kind, s.grad, scale),
-            GradSource::Param => reduce_kind(self.kind, &*s.param, scale),
-        }
+    fn reduce<T: FloatGrad>(&self, grad: &[T]) -> f64 {
+        reduce_kind(self.kind, grad, T::from_f64(self.unscale))
     }
 }
 
 /// Per-tensor norms of a group's gradients, each rounded to its tensor's dtype
 /// (as torch's per-tensor norms are tensors of that dtype).
-pub fn tensor_norms(
-    group: &Group<'_>,
-    kind: NormType,
-    source: GradSource,
-    unscale: f64,
-    level: SimdLevel,
-) -> Vec<f64> {
-    let reducer = NormReducer {
-        kind,
-        source,
-        unscale,
-    };
-    let accumulators =
-        reduce_segments(group, level, &reducer, &reducer, kind.identity(), |a, b| {
-            kind.combine(a, b)
-        });
+pub fn tensor_norms(group: &Group<'_>, kind: NormType, unscale: f64, level: SimdLevel) -> Vec<f64> {
+    let reducer = NormReducer { kind, unscale };
+    let accumulators = reduce_grads(group, level, &reducer, kind.identity(), |a, b| {
+        kind.combine(a, b)
+    });
     accumulators
         .into_iter()
         .zip(group.tensors())
         .map(|(acc, t)| {
             let norm = kind.finish(acc);
-            match t.dtype {
-                crate::engine::DType::F32 => f64::from(norm as f32),
-                crate::engine::DType::F64 => norm,
+            match t.compute() {
+                Compute::F32 => f64::from(norm as f32),
+                Compute::F64 => norm,
             }
         })
         .collect()
@@ -465,46 +404,37 @@ fn map_in_place<T: Copy>(values: &mut [T], f: impl Fn(T) -> T) {
         .for_each(|x| *x = f(*x));
 }
 
-struct ScaleKernel<C> {
-    factor: C,
+struct ScaleKernel {
+    factor: f64,
 }
 
-impl<T> SegmentKernel<T> for ScaleKernel<T>
-where
-    T: Storage<Compute = T> + Real,
-{
+impl GradMapper for ScaleKernel {
     #[inline(always)]
-    fn apply(&self, _tensor: usize, s: Slices<'_, T>) {
-        map_in_place(s.param, |x| x * self.factor);
+    fn map<T: FloatGrad>(&self, grad: &mut [T]) {
+        let factor = T::from_f64(self.factor);
+        map_in_place(grad, |x| x * factor);
     }
 }
 
-/// Multiplies the written buffer of every tensor by `factor` (rounded to each
-/// tensor's dtype): torch's `grad.mul_(clip_coef)`.
+/// Multiplies every gradient of a gradient-only group by `factor` (rounded
+/// to each tensor's dtype): torch's `grad.mul_(clip_coef)`.
 pub fn scale(group: &Group<'_>, factor: f64, level: SimdLevel) {
-    let k32 = ScaleKernel {
-        factor: factor as f32,
-    };
-    let k64 = ScaleKernel { factor };
-    run_segments(group, level, &k32, &k64);
+    map_grads(group, level, &ScaleKernel { factor });
 }
 
-struct ClampKernel<C> {
-    low: C,
-    high: C,
+struct ClampKernel {
+    clip: f64,
 }
 
-impl<T> SegmentKernel<T> for ClampKernel<T>
-where
-    T: Storage<Compute = T> + Real,
-{
+impl GradMapper for ClampKernel {
     #[inline(always)]
-    fn apply(&self, _tensor: usize, s: Slices<'_, T>) {
-        map_in_place(s.param, |x| {
+    fn map<T: FloatGrad>(&self, grad: &mut [T]) {
+        let (low, high) = (T::from_f64(-self.clip), T::from_f64(self.clip));
+        map_in_place(grad, |x| {
             // clamp_min then clamp_max; a NaN stays NaN, as in torch.
-            let v = if x < self.low { self.low } else { x };
-            if v > self.high {
-                self.high
+            let v = if x < low { low } else { x };
+            if v > high {
+                high
             } else {
                 v
             }
@@ -512,38 +442,24 @@ where
     }
 }
 
-/// Clamps the written buffer of every tensor to `[-clip, clip]`:
+/// Clamps every gradient of a gradient-only group to `[-clip, clip]`:
 /// torch's `clip_grad_value_`.
 pub fn clamp(group: &Group<'_>, clip: f64, level: SimdLevel) {
-    let k32 = ClampKernel {
-        low: -clip as f32,
-        high: clip as f32,
-    };
-    let k64 = ClampKernel {
-        low: -clip,
-        high: clip,
-    };
-    run_segments(group, level, &k32, &k64);
+    map_grads(group, level, &ClampKernel { clip });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{DType, TensorBuffers, MAX_STATES};
+    use crate::engine::{Buffer, Format, TensorBuffers};
     use crate::kernels::testing::random;
     use crate::parallel::set_num_threads;
 
     fn grad_group(grads: &mut [Vec<f32>]) -> Group<'_> {
         let tensors = grads
             .iter_mut()
-            .map(|g| TensorBuffers {
-                dtype: DType::F32,
-                len: g.len(),
-                param: g.as_mut_ptr() as usize,
-                grad: None,
-                states: [0; MAX_STATES],
-                num_states: 0,
-                step: None,
+            .map(|g| {
+                TensorBuffers::grad_only(g.len(), Buffer::new(g.as_mut_ptr() as usize, Format::F32))
             })
             .collect();
         // SAFETY: each address points into a Vec borrowed mutably for the group's life.
@@ -582,13 +498,7 @@ mod tests {
         let copies = g.clone();
         for p in [2.0, 1.0, 3.0, 0.5, 0.0, f64::INFINITY, f64::NEG_INFINITY] {
             let kind = NormType::new(p);
-            let norms = tensor_norms(
-                &grad_group(&mut g),
-                kind,
-                GradSource::Param,
-                1.0,
-                SimdLevel::detect(),
-            );
+            let norms = tensor_norms(&grad_group(&mut g), kind, 1.0, SimdLevel::detect());
             for (norm, values) in norms.iter().zip(&copies) {
                 let want = naive(values, p);
                 assert!(
@@ -611,18 +521,11 @@ mod tests {
         let mut g = grads();
         for p in [2.0, 1.0, 3.0, f64::INFINITY] {
             let kind = NormType::new(p);
-            let want = tensor_norms(
-                &grad_group(&mut g),
-                kind,
-                GradSource::Param,
-                1.0,
-                SimdLevel::Scalar,
-            );
+            let want = tensor_norms(&grad_group(&mut g), kind, 1.0, SimdLevel::Scalar);
             for level in SimdLevel::supported() {
                 for threads in [1, 2, 3] {
                     set_num_threads(threads).unwrap();
-                    let got =
-                        tensor_norms(&grad_group(&mut g), kind, GradSource::Param, 1.0, level);
+                    let got = tensor_norms(&grad_group(&mut g), kind, 1.0, level);
                     assert_eq!(got, want, "p={p} {level} {threads} threads");
                 }
             }
@@ -633,22 +536,10 @@ mod tests {
     #[test]
     fn inf_norm_propagates_nan_and_nonfinite_values() {
         let mut g = vec![vec![1.0f32, f32::NAN, 2.0], vec![f32::INFINITY, 0.0]];
-        let norms = tensor_norms(
-            &grad_group(&mut g),
-            NormType::Inf,
-            GradSource::Param,
-            1.0,
-            SimdLevel::detect(),
-        );
+        let norms = tensor_norms(&grad_group(&mut g), NormType::Inf, 1.0, SimdLevel::detect());
         assert!(norms[0].is_nan());
         assert_eq!(norms[1], f64::INFINITY);
-        let two = tensor_norms(
-            &grad_group(&mut g),
-            NormType::Two,
-            GradSource::Param,
-            1.0,
-            SimdLevel::detect(),
-        );
+        let two = tensor_norms(&grad_group(&mut g), NormType::Two, 1.0, SimdLevel::detect());
         assert!(two[0].is_nan() && two[1].is_infinite());
     }
 
@@ -660,20 +551,12 @@ mod tests {
                 let big = g.len() - 2; // the 70_001-element tensor
                 let at = position.min(g[big].len() - 1);
                 g[big][at] = bad;
-                assert!(!grads_finite(
-                    &grad_group(&mut g),
-                    GradSource::Param,
-                    SimdLevel::detect()
-                ));
+                assert!(!grads_finite(&grad_group(&mut g), SimdLevel::detect()));
             }
         }
         let mut g = grads();
         g[0][0] = f32::MAX;
-        assert!(grads_finite(
-            &grad_group(&mut g),
-            GradSource::Param,
-            SimdLevel::detect()
-        ));
+        assert!(grads_finite(&grad_group(&mut g), SimdLevel::detect()));
     }
 
     #[test]

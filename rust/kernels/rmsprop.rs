@@ -3,9 +3,7 @@
 //! Reference: `torch/optim/rmsprop.py::_single_tensor_rmsprop`, per element:
 //!
 //! ```text
-//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
-//! g = -grad if maximize else grad
-//! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
+//! (engine: grad * inv_scale * clip_coef, maximize, L2 decay g = p*wd + g)
 //! sq = ((1 - alpha)*g)*g + sq*alpha  (fused)   square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
 //! centered:  ga = lerp(ga, g, 1 - alpha)        grad_avg.lerp_(grad, 1 - alpha)
 //!            avg = sqrt((-ga)*ga + sq) (fused) square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
@@ -19,22 +17,21 @@
 //! State buffers, in order: square_avg, momentum_buffer (momentum > 0),
 //! grad_avg (centered).
 
-use super::{run_segments, GradScale, GradScaleOf, Lerp, Real, SegmentKernel, Storage};
-use crate::engine::{Group, Slices};
-use crate::simd::SimdLevel;
+use super::Lerp;
+use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
+use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
 
-/// Hyperparameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RmspropHyper {
-    pub lr: f64,
-    pub alpha: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub momentum: f64,
-    pub centered: bool,
-    pub maximize: bool,
-    /// Unscaling and clipping applied to every gradient as it is read.
-    pub grad_scale: GradScale,
+crate::hyper_record! {
+    /// RMSprop's hyperparameters, under torch's param-group names.
+    pub struct RmspropHyper {
+        lr: f64,
+        alpha: f64,
+        eps: f64,
+        weight_decay: f64,
+        momentum: f64,
+        centered: bool,
+        maximize: bool,
+    }
 }
 
 impl Default for RmspropHyper {
@@ -47,21 +44,17 @@ impl Default for RmspropHyper {
             momentum: 0.0,
             centered: false,
             maximize: false,
-            grad_scale: GradScale::default(),
         }
     }
 }
 
-impl RmspropHyper {
-    pub fn num_states(&self) -> usize {
-        1 + usize::from(self.momentum > 0.0) + usize::from(self.centered)
-    }
-}
+/// A momentum buffer is kept (`momentum > 0`).
+const MOMENTUM: u32 = 1 << 2;
+/// Centered: a running mean of the gradient is kept and subtracted.
+const CENTERED: u32 = 1 << 3;
 
 #[derive(Clone, Copy, Debug)]
-struct RmspropConsts<C> {
-    grad_scale: GradScaleOf<C>,
-    weight_decay: C,
+pub struct RmspropConsts<C> {
     alpha: C,
     one_minus_alpha: C,
     lerp: Lerp<C>,
@@ -70,11 +63,70 @@ struct RmspropConsts<C> {
     neg_lr: C,
 }
 
-impl<C: Real> RmspropConsts<C> {
-    fn new(h: &RmspropHyper) -> Self {
+/// RMSprop.
+pub struct Rmsprop;
+
+impl Elementwise for Rmsprop {
+    const NAME: &'static str = "rmsprop";
+    const SCALARS: &'static [&'static str] = &["step"];
+    type Hyper = RmspropHyper;
+    type Consts<C: Real> = RmspropConsts<C>;
+
+    fn state_keys(h: &RmspropHyper) -> &'static [&'static str] {
+        match (h.momentum > 0.0, h.centered) {
+            (true, true) => &["square_avg", "momentum_buffer", "grad_avg"],
+            (true, false) => &["square_avg", "momentum_buffer"],
+            (false, true) => &["square_avg", "grad_avg"],
+            (false, false) => &["square_avg"],
+        }
+    }
+
+    fn grad_prep(h: &RmspropHyper) -> GradPrep {
+        GradPrep {
+            maximize: h.maximize,
+            l2: h.weight_decay,
+        }
+    }
+
+    fn flags(h: &RmspropHyper, _ctx: &StepContext) -> u32 {
+        Self::grad_prep(h).flags()
+            | if h.momentum > 0.0 { MOMENTUM } else { 0 }
+            | if h.centered { CENTERED } else { 0 }
+    }
+
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
+        const MC: u32 = MOMENTUM | CENTERED;
+        crate::flag_match!(
+            flags,
+            runner,
+            [
+                0,
+                M,
+                L2,
+                M | L2,
+                MOMENTUM,
+                M | MOMENTUM,
+                L2 | MOMENTUM,
+                M | L2 | MOMENTUM,
+                CENTERED,
+                M | CENTERED,
+                L2 | CENTERED,
+                M | L2 | CENTERED,
+                MC,
+                M | MC,
+                L2 | MC,
+                M | L2 | MC,
+            ]
+        )
+    }
+
+    #[inline(always)]
+    fn num_states(flags: u32) -> usize {
+        1 + usize::from(has(flags, MOMENTUM)) + usize::from(has(flags, CENTERED))
+    }
+
+    fn consts<C: Real>(h: &RmspropHyper, _scalars: &[f64]) -> RmspropConsts<C> {
         RmspropConsts {
-            grad_scale: GradScaleOf::new(&h.grad_scale),
-            weight_decay: C::from_f64(h.weight_decay),
             alpha: C::from_f64(h.alpha),
             one_minus_alpha: C::from_f64(1.0 - h.alpha),
             lerp: Lerp::new(1.0 - h.alpha),
@@ -83,103 +135,51 @@ impl<C: Real> RmspropConsts<C> {
             neg_lr: C::from_f64(-h.lr),
         }
     }
-}
 
-struct RmspropKernel<
-    C,
-    const MAXIMIZE: bool,
-    const WD: bool,
-    const CENTERED: bool,
-    const MOMENTUM: bool,
-> {
-    consts: RmspropConsts<C>,
-}
-
-impl<T, const MAXIMIZE: bool, const WD: bool, const CENTERED: bool, const MOMENTUM: bool>
-    SegmentKernel<T> for RmspropKernel<T, MAXIMIZE, WD, CENTERED, MOMENTUM>
-where
-    T: Storage<Compute = T> + Real,
-{
     #[inline(always)]
-    fn apply(&self, _tensor: usize, s: Slices<'_, T>) {
-        let k = &self.consts;
-        let n = s.param.len();
-        let param = &mut s.param[..n];
-        let grad = &s.grad[..n];
-        let [square_avg, second, third] = s.states;
-        let square_avg = &mut square_avg[..n];
+    fn update<C: Real, const FLAGS: u32>(
+        k: &RmspropConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+    ) {
         // Optional buffers sit after square_avg in the order momentum, grad_avg.
-        let (momentum_buffer, grad_avg): (&mut [T], &mut [T]) = match (MOMENTUM, CENTERED) {
-            (true, true) => (&mut second[..n], &mut third[..n]),
-            (true, false) => (&mut second[..n], &mut []),
-            (false, true) => (&mut [], &mut second[..n]),
-            (false, false) => (&mut [], &mut []),
-        };
-        for i in 0..n {
-            let p = param[i];
-            let grad = k.grad_scale.apply(grad[i]);
-            let mut g = if MAXIMIZE { -grad } else { grad };
-            if WD {
-                g = p.mul_add(k.weight_decay, g);
+        const fn grad_avg_slot(flags: u32) -> usize {
+            if has(flags, MOMENTUM) {
+                2
+            } else {
+                1
             }
-            let sq = (k.one_minus_alpha * g).mul_add(g, square_avg[i] * k.alpha);
-            square_avg[i] = sq;
-            let avg = if CENTERED {
-                let ga = k.lerp.apply(grad_avg[i], g);
-                grad_avg[i] = ga;
-                (-ga).mul_add(ga, sq).sqrt()
-            } else {
-                sq.sqrt()
-            } + k.eps;
-            param[i] = if MOMENTUM {
-                let buf = momentum_buffer[i] * k.momentum + g / avg;
-                momentum_buffer[i] = buf;
-                buf.mul_add(k.neg_lr, p)
-            } else {
-                p + k.neg_lr * g / avg
-            };
         }
+        let p = *param;
+        let sq = (k.one_minus_alpha * g).mul_add(g, s[0] * k.alpha);
+        s[0] = sq;
+        let avg = if has(FLAGS, CENTERED) {
+            let slot = grad_avg_slot(FLAGS);
+            let ga = k.lerp.apply(s[slot], g);
+            s[slot] = ga;
+            (-ga).mul_add(ga, sq).sqrt()
+        } else {
+            sq.sqrt()
+        } + k.eps;
+        *param = if has(FLAGS, MOMENTUM) {
+            let buf = s[1] * k.momentum + g / avg;
+            s[1] = buf;
+            buf.mul_add(k.neg_lr, p)
+        } else {
+            p + k.neg_lr * g / avg
+        };
     }
-}
-
-/// Steps a whole group: increments the step counters (torch keeps one for
-/// RMSprop, though the update does not use it), then updates every tensor.
-///
-/// # Panics
-/// If tensors do not carry `h.num_states()` state buffers.
-pub fn rmsprop_step(group: &mut Group<'_>, h: &RmspropHyper, level: SimdLevel) {
-    for t in group.tensors() {
-        assert_eq!(
-            t.num_states,
-            h.num_states(),
-            "RMSprop state buffers missing"
-        );
-    }
-    group.increment_steps();
-    let group = &*group;
-    crate::const_bool!(h.maximize, MAXIMIZE, {
-        crate::const_bool!(h.weight_decay != 0.0, WD, {
-            crate::const_bool!(h.centered, CENTERED, {
-                crate::const_bool!(h.momentum > 0.0, MOMENTUM, {
-                    let k32 = RmspropKernel::<f32, MAXIMIZE, WD, CENTERED, MOMENTUM> {
-                        consts: RmspropConsts::new(h),
-                    };
-                    let k64 = RmspropKernel::<f64, MAXIMIZE, WD, CENTERED, MOMENTUM> {
-                        consts: RmspropConsts::new(h),
-                    };
-                    run_segments(group, level, &k32, &k64);
-                })
-            })
-        })
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::StepContext;
     use crate::kernels::testing::{
-        assert_bitwise_everywhere, assert_close, buffers, group_of, set_grads,
+        assert_bitwise_everywhere, assert_close, buffers, set_grads, step_with,
     };
+    use crate::simd::SimdLevel;
 
     /// torch's `_single_tensor_rmsprop`, transcribed in float64 (states:
     /// square_avg, momentum_buffer, grad_avg — all always present here).
@@ -231,19 +231,24 @@ mod tests {
     fn float64_matches_the_transcribed_reference() {
         let lens = [1, 17, 1000, 70_001];
         for h in all_hypers() {
-            let mut ours = buffers::<f64>(&lens, h.num_states(), 0.0);
-            let mut reference = buffers::<f64>(&lens, 3, 0.0);
+            let mut ours = buffers::<f64, f64>(&lens, Rmsprop::state_keys(&h).len(), 0.0, &[0.0]);
+            let mut reference = buffers::<f64, f64>(&lens, 3, 0.0, &[0.0]);
             for step in 1..=20 {
                 set_grads(&mut ours, step);
                 set_grads(&mut reference, step);
-                rmsprop_step(&mut group_of(&mut ours, true), &h, SimdLevel::detect());
+                step_with::<Rmsprop, _, _>(
+                    &mut ours,
+                    &h,
+                    &StepContext::default(),
+                    SimdLevel::detect(),
+                );
                 for r in reference.iter_mut() {
                     reference_step(&h, &mut r.p, &r.g, &mut r.states);
                 }
             }
             for (b, r) in ours.iter().zip(reference.iter()) {
                 assert_close(&b.p, &r.p, 1e-12, &format!("{h:?}"));
-                assert_eq!(b.step, 20.0);
+                assert_eq!(b.scalars, vec![20.0]);
             }
         }
     }
@@ -251,9 +256,7 @@ mod tests {
     #[test]
     fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
-            assert_bitwise_everywhere(h.num_states(), 0.0, &|group, level| {
-                rmsprop_step(group, &h, level);
-            });
+            assert_bitwise_everywhere::<Rmsprop>(&h, 0.0, &[0.0]);
         }
     }
 }

@@ -3,9 +3,7 @@
 //! Reference: `torch/optim/sgd.py::_single_tensor_sgd`, per element:
 //!
 //! ```text
-//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
-//! g = -grad if maximize else grad
-//! g = p*wd + g   (fused)                        grad.add(param, alpha=weight_decay)
+//! (engine: grad * inv_scale * clip_coef, maximize, L2 decay g = p*wd + g)
 //! momentum:
 //!   first step:  buf = g                        buf = grad.detach().clone()
 //!   later:       buf = g*(1 - dampening) + buf*momentum   buf.mul_(momentum).add_(grad, alpha=1 - dampening)
@@ -14,24 +12,22 @@
 //! ```
 //!
 //! torch creates the momentum buffer on a parameter's first step; the Python
-//! layer allocates it and runs that step with `first_step`, which writes the
-//! buffer instead of reading it.
+//! layer allocates it and runs that step with `StepContext::fresh`, which
+//! writes the buffer instead of reading it.
 
-use super::{run_segments, GradScale, GradScaleOf, Real, SegmentKernel, Storage};
-use crate::engine::{Group, Slices};
-use crate::simd::SimdLevel;
+use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
+use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
 
-/// Hyperparameters of one parameter group.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdHyper {
-    pub lr: f64,
-    pub momentum: f64,
-    pub dampening: f64,
-    pub weight_decay: f64,
-    pub nesterov: bool,
-    pub maximize: bool,
-    /// Unscaling and clipping applied to every gradient as it is read.
-    pub grad_scale: GradScale,
+crate::hyper_record! {
+    /// SGD's hyperparameters, under torch's param-group names.
+    pub struct SgdHyper {
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+        nesterov: bool,
+        maximize: bool,
+    }
 }
 
 impl Default for SgdHyper {
@@ -43,154 +39,137 @@ impl Default for SgdHyper {
             weight_decay: 0.0,
             nesterov: false,
             maximize: false,
-            grad_scale: GradScale::default(),
         }
     }
 }
 
-impl SgdHyper {
-    /// State buffers per parameter: the momentum buffer when momentum is on.
-    pub fn num_states(&self) -> usize {
-        usize::from(self.momentum != 0.0)
-    }
-}
+/// A momentum buffer is kept.
+const MOMENTUM: u32 = 1 << 2;
+/// Nesterov momentum.
+const NESTEROV: u32 = 1 << 3;
+/// The momentum buffer is new: written from the gradient, not read.
+const FIRST: u32 = 1 << 4;
 
 #[derive(Clone, Copy, Debug)]
-struct SgdConsts<C> {
-    grad_scale: GradScaleOf<C>,
-    weight_decay: C,
+pub struct SgdConsts<C> {
     momentum: C,
     one_minus_dampening: C,
     neg_lr: C,
 }
 
-impl<C: Real> SgdConsts<C> {
-    fn new(h: &SgdHyper) -> Self {
+/// SGD.
+pub struct Sgd;
+
+impl Elementwise for Sgd {
+    const NAME: &'static str = "sgd";
+    const SCALARS: &'static [&'static str] = &[];
+    type Hyper = SgdHyper;
+    type Consts<C: Real> = SgdConsts<C>;
+
+    fn state_keys(h: &SgdHyper) -> &'static [&'static str] {
+        if h.momentum != 0.0 {
+            &["momentum_buffer"]
+        } else {
+            &[]
+        }
+    }
+
+    fn grad_prep(h: &SgdHyper) -> GradPrep {
+        GradPrep {
+            maximize: h.maximize,
+            l2: h.weight_decay,
+        }
+    }
+
+    fn flags(h: &SgdHyper, ctx: &StepContext) -> u32 {
+        let momentum = if h.momentum == 0.0 {
+            0
+        } else {
+            MOMENTUM | if h.nesterov { NESTEROV } else { 0 } | if ctx.fresh { FIRST } else { 0 }
+        };
+        Self::grad_prep(h).flags() | momentum
+    }
+
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
+        const MN: u32 = MOMENTUM | NESTEROV;
+        crate::flag_match!(
+            flags,
+            runner,
+            [
+                0,
+                M,
+                L2,
+                M | L2,
+                MOMENTUM,
+                M | MOMENTUM,
+                L2 | MOMENTUM,
+                M | L2 | MOMENTUM,
+                MN,
+                M | MN,
+                L2 | MN,
+                M | L2 | MN,
+                MOMENTUM | FIRST,
+                M | MOMENTUM | FIRST,
+                L2 | MOMENTUM | FIRST,
+                M | L2 | MOMENTUM | FIRST,
+                MN | FIRST,
+                M | MN | FIRST,
+                L2 | MN | FIRST,
+                M | L2 | MN | FIRST,
+            ]
+        )
+    }
+
+    #[inline(always)]
+    fn num_states(flags: u32) -> usize {
+        usize::from(has(flags, MOMENTUM))
+    }
+
+    #[inline(always)]
+    fn reads_state(flags: u32, _k: usize) -> bool {
+        !has(flags, FIRST)
+    }
+
+    fn consts<C: Real>(h: &SgdHyper, _scalars: &[f64]) -> SgdConsts<C> {
         SgdConsts {
-            grad_scale: GradScaleOf::new(&h.grad_scale),
-            weight_decay: C::from_f64(h.weight_decay),
             momentum: C::from_f64(h.momentum),
             one_minus_dampening: C::from_f64(1.0 - h.dampening),
             neg_lr: C::from_f64(-h.lr),
         }
     }
-}
 
-struct SgdKernel<
-    C,
-    const MAXIMIZE: bool,
-    const WD: bool,
-    const MOMENTUM: bool,
-    const NESTEROV: bool,
-    const FIRST: bool,
-> {
-    consts: SgdConsts<C>,
-}
-
-impl<
-        T,
-        const MAXIMIZE: bool,
-        const WD: bool,
-        const MOMENTUM: bool,
-        const NESTEROV: bool,
-        const FIRST: bool,
-    > SegmentKernel<T> for SgdKernel<T, MAXIMIZE, WD, MOMENTUM, NESTEROV, FIRST>
-where
-    T: Storage<Compute = T> + Real,
-{
     #[inline(always)]
-    fn apply(&self, _tensor: usize, s: Slices<'_, T>) {
-        let k = &self.consts;
-        let n = s.param.len();
-        let param = &mut s.param[..n];
-        let grad = &s.grad[..n];
-        let [buffer, _, _] = s.states;
-        let element = |p: T, grad: T, buf: T| -> (T, T) {
-            let grad = k.grad_scale.apply(grad);
-            let mut g = if MAXIMIZE { -grad } else { grad };
-            if WD {
-                g = p.mul_add(k.weight_decay, g);
-            }
-            let mut buf = buf;
-            if MOMENTUM {
-                buf = if FIRST {
-                    g
-                } else {
-                    g.mul_add(k.one_minus_dampening, buf * k.momentum)
-                };
-                g = if NESTEROV {
-                    buf.mul_add(k.momentum, g)
-                } else {
-                    buf
-                };
-            }
-            (g.mul_add(k.neg_lr, p), buf)
-        };
-        if MOMENTUM {
-            let buffer = &mut buffer[..n];
-            for i in 0..n {
-                let (p, buf) = element(param[i], grad[i], buffer[i]);
-                param[i] = p;
-                buffer[i] = buf;
-            }
-        } else {
-            for i in 0..n {
-                param[i] = element(param[i], grad[i], T::ZERO).0;
-            }
-        }
-    }
-}
-
-/// Steps a whole group. `first_step`: the momentum buffers are new and are
-/// written (as torch's `clone(grad)`) rather than read.
-///
-/// # Panics
-/// If tensors do not carry `h.num_states()` state buffers.
-pub fn sgd_step(group: &Group<'_>, h: &SgdHyper, first_step: bool, level: SimdLevel) {
-    for t in group.tensors() {
-        assert_eq!(t.num_states, h.num_states(), "SGD momentum buffer missing");
-    }
-    crate::const_bool!(h.maximize, MAXIMIZE, {
-        crate::const_bool!(h.weight_decay != 0.0, WD, {
-            if h.momentum == 0.0 {
-                run::<MAXIMIZE, WD, false, false, false>(group, h, level)
+    fn update<C: Real, const FLAGS: u32>(
+        k: &SgdConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+    ) {
+        let mut g = g;
+        if has(FLAGS, MOMENTUM) {
+            let buf = if has(FLAGS, FIRST) {
+                g
             } else {
-                crate::const_bool!(h.nesterov, NESTEROV, {
-                    crate::const_bool!(first_step, FIRST, {
-                        run::<MAXIMIZE, WD, true, NESTEROV, FIRST>(group, h, level)
-                    })
-                })
-            }
-        })
-    })
-}
-
-fn run<
-    const MAXIMIZE: bool,
-    const WD: bool,
-    const MOMENTUM: bool,
-    const NESTEROV: bool,
-    const FIRST: bool,
->(
-    group: &Group<'_>,
-    h: &SgdHyper,
-    level: SimdLevel,
-) {
-    let k32 = SgdKernel::<f32, MAXIMIZE, WD, MOMENTUM, NESTEROV, FIRST> {
-        consts: SgdConsts::new(h),
-    };
-    let k64 = SgdKernel::<f64, MAXIMIZE, WD, MOMENTUM, NESTEROV, FIRST> {
-        consts: SgdConsts::new(h),
-    };
-    run_segments(group, level, &k32, &k64);
+                g.mul_add(k.one_minus_dampening, s[0] * k.momentum)
+            };
+            s[0] = buf;
+            g = if has(FLAGS, NESTEROV) {
+                buf.mul_add(k.momentum, g)
+            } else {
+                buf
+            };
+        }
+        *param = g.mul_add(k.neg_lr, *param);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testing::{
-        assert_bitwise_everywhere, assert_close, buffers, group_of, set_grads,
+        assert_bitwise_everywhere, assert_close, buffers, set_grads, step_with,
     };
+    use crate::simd::SimdLevel;
 
     /// torch's `_single_tensor_sgd`, transcribed in float64.
     fn reference_step(h: &SgdHyper, first: bool, p: &mut [f64], g: &[f64], buf: &mut [f64]) {
@@ -232,7 +211,6 @@ mod tests {
                         weight_decay,
                         nesterov,
                         maximize,
-                        grad_scale: GradScale::default(),
                     });
                 }
             }
@@ -240,21 +218,24 @@ mod tests {
         out
     }
 
+    fn ctx(first: bool) -> StepContext {
+        StepContext {
+            fresh: first,
+            ..StepContext::default()
+        }
+    }
+
     #[test]
     fn float64_matches_the_transcribed_reference() {
         let lens = [1, 17, 1000, 70_001];
         for h in all_hypers() {
-            let mut ours = buffers::<f64>(&lens, h.num_states(), 0.0);
-            let mut reference = buffers::<f64>(&lens, 1, 0.0);
+            let states = Sgd::state_keys(&h).len();
+            let mut ours = buffers::<f64, f64>(&lens, states, 0.0, &[]);
+            let mut reference = buffers::<f64, f64>(&lens, 1, 0.0, &[]);
             for step in 1..=20 {
                 set_grads(&mut ours, step);
                 set_grads(&mut reference, step);
-                sgd_step(
-                    &group_of(&mut ours, false),
-                    &h,
-                    step == 1,
-                    SimdLevel::detect(),
-                );
+                step_with::<Sgd, _, _>(&mut ours, &h, &ctx(step == 1), SimdLevel::detect());
                 for r in reference.iter_mut() {
                     reference_step(&h, step == 1, &mut r.p, &r.g, &mut r.states[0]);
                 }
@@ -268,10 +249,8 @@ mod tests {
     #[test]
     fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
-            // Buffers start at 0.5 so the non-first-step path reads real values.
-            assert_bitwise_everywhere(h.num_states(), 0.5, &|group, level| {
-                sgd_step(group, &h, false, level);
-            });
+            // Buffers start at 0.5 so the non-first steps read real values.
+            assert_bitwise_everywhere::<Sgd>(&h, 0.5, &[]);
         }
     }
 
@@ -283,10 +262,10 @@ mod tests {
             weight_decay: 0.1,
             ..SgdHyper::default()
         };
-        let mut bufs = buffers::<f32>(&[100], 1, f64::NAN);
+        let mut bufs = buffers::<f32, f32>(&[100], 1, f64::NAN, &[]);
         set_grads(&mut bufs, 1);
         let before = bufs[0].p.clone();
-        sgd_step(&group_of(&mut bufs, false), &h, true, SimdLevel::detect());
+        step_with::<Sgd, _, _>(&mut bufs, &h, &ctx(true), SimdLevel::detect());
         let b = &bufs[0];
         for ((&p0, &g), (&buf, &p)) in before.iter().zip(&b.g).zip(b.states[0].iter().zip(&b.p)) {
             let g = p0.mul_add(0.1, g);

@@ -2,15 +2,17 @@
 //! pseudo-random data, groups over them, and the cross-level / cross-thread
 //! bitwise check every kernel must pass.
 
-use crate::engine::{Element, Group, StepCounter, TensorBuffers, MAX_STATES};
+use crate::engine::elementwise::step;
+use crate::engine::{Buffer, Elementwise, Group, ScalarSlot, StepContext, Storage, TensorBuffers};
 use crate::simd::SimdLevel;
 
-/// One parameter's buffers, owned by the test.
-pub struct Buffers<T> {
+/// One parameter's buffers, owned by the test: param and grad stored as `T`,
+/// states as `S`, scalar slots (step first) as float64 unless `T` is float32.
+pub struct Buffers<T, S = T> {
     pub p: Vec<T>,
     pub g: Vec<T>,
-    pub states: Vec<Vec<T>>,
-    pub step: T,
+    pub states: Vec<Vec<S>>,
+    pub scalars: Vec<T>,
 }
 
 /// Deterministic values in [-1, 1).
@@ -28,116 +30,123 @@ pub fn random(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
-pub trait FromF64: Copy {
-    fn from_f64(x: f64) -> Self;
+/// A value rounded into storage type `T`.
+pub fn stored<T: Storage>(x: f64) -> T {
+    T::store(<T::Compute as crate::engine::Real>::from_f64(x))
 }
 
-impl FromF64 for f32 {
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-}
-
-impl FromF64 for f64 {
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-}
-
-/// Buffers for tensors of the given lengths: random params, states filled with `state_init`.
-pub fn buffers<T: FromF64>(lens: &[usize], num_states: usize, state_init: f64) -> Vec<Buffers<T>> {
+/// Buffers for tensors of the given lengths: random params, states filled
+/// with `state_init`, `scalars` scalar slots holding `scalar_init`.
+pub fn buffers<T: Storage, S: Storage>(
+    lens: &[usize],
+    num_states: usize,
+    state_init: f64,
+    scalar_init: &[f64],
+) -> Vec<Buffers<T, S>> {
     lens.iter()
         .enumerate()
         .map(|(i, &n)| Buffers {
-            p: random(n, i as u64).into_iter().map(T::from_f64).collect(),
-            g: vec![T::from_f64(0.0); n],
-            states: vec![vec![T::from_f64(state_init); n]; num_states],
-            step: T::from_f64(0.0),
+            p: random(n, i as u64).into_iter().map(stored).collect(),
+            g: vec![stored(0.0); n],
+            states: vec![vec![stored(state_init); n]; num_states],
+            scalars: scalar_init.iter().map(|&v| stored(v)).collect(),
         })
         .collect()
 }
 
 /// Fresh random gradients for step `step`.
-pub fn set_grads<T: FromF64>(bufs: &mut [Buffers<T>], step: u64) {
+pub fn set_grads<T: Storage, S>(bufs: &mut [Buffers<T, S>], step: u64) {
     for (i, b) in bufs.iter_mut().enumerate() {
         b.g = random(b.p.len(), 1000 + step * 31 + i as u64)
             .into_iter()
-            .map(T::from_f64)
+            .map(stored)
             .collect();
     }
 }
 
-/// A group over the buffers (with step counters when `with_step`).
-pub fn group_of<T: Element>(bufs: &mut [Buffers<T>], with_step: bool) -> Group<'_> {
+fn buffer<T: Storage>(values: &[T]) -> Buffer {
+    Buffer::new(values.as_ptr() as usize, T::FORMAT)
+}
+
+/// A group over the buffers.
+pub fn group_of<T: Storage, S: Storage>(bufs: &mut [Buffers<T, S>]) -> Group<'_> {
     let tensors = bufs
         .iter_mut()
         .map(|b| {
-            let mut states = [0; MAX_STATES];
-            for (slot, s) in states.iter_mut().zip(b.states.iter_mut()) {
-                *slot = s.as_mut_ptr() as usize;
-            }
-            TensorBuffers {
-                dtype: T::DTYPE,
-                len: b.p.len(),
-                param: b.p.as_mut_ptr() as usize,
-                grad: Some(b.g.as_ptr() as usize),
-                states,
-                num_states: b.states.len(),
-                step: with_step.then_some(StepCounter {
-                    addr: &mut b.step as *mut T as usize,
-                    dtype: T::DTYPE,
-                }),
-            }
+            let states: Vec<Buffer> = b.states.iter().map(|s| buffer(s)).collect();
+            let scalars: Vec<ScalarSlot> = b
+                .scalars
+                .iter_mut()
+                .map(|s| ScalarSlot {
+                    addr: s as *mut T as usize,
+                    format: T::FORMAT,
+                })
+                .collect();
+            TensorBuffers::param(b.p.len(), buffer(&b.p), Some(buffer(&b.g)))
+                .with_states(&states)
+                .with_scalars(&scalars)
         })
         .collect();
-    // SAFETY: every address points into a Vec (or field) borrowed mutably for the group's life.
+    // SAFETY: every address points into a Vec borrowed mutably for the group's life.
     unsafe { Group::new(tensors) }.unwrap()
 }
 
-/// Runs `steps` float32 steps of `step` at `level` from fixed initial data.
-pub fn run_f32(
+/// One step of kernel `K` over the buffers.
+pub fn step_with<K: Elementwise, T: Storage, S: Storage>(
+    bufs: &mut [Buffers<T, S>],
+    h: &K::Hyper,
+    ctx: &StepContext,
+    level: SimdLevel,
+) {
+    step::<K>(&group_of(bufs), h, ctx, level).unwrap();
+}
+
+/// Runs `steps` float32 steps of `K` at `level` from fixed initial data.
+pub fn run_f32<K: Elementwise>(
     lens: &[usize],
-    num_states: usize,
+    h: &K::Hyper,
     state_init: f64,
+    scalar_init: &[f64],
     steps: u64,
     level: SimdLevel,
-    step: &dyn Fn(&mut Group<'_>, SimdLevel),
 ) -> Vec<Buffers<f32>> {
-    let mut bufs = buffers::<f32>(lens, num_states, state_init);
+    let num_states = K::state_keys(h).len();
+    let mut bufs = buffers::<f32, f32>(lens, num_states, state_init, scalar_init);
     for s in 1..=steps {
         set_grads(&mut bufs, s);
-        let mut group = group_of(&mut bufs, true);
-        step(&mut group, level);
+        let ctx = StepContext {
+            fresh: s == 1,
+            ..StepContext::default()
+        };
+        step_with::<K, _, _>(&mut bufs, h, &ctx, level);
     }
     bufs
 }
 
 /// Asserts that every supported SIMD level and several thread counts give
-/// bitwise-identical params and states.
-pub fn assert_bitwise_everywhere(
-    num_states: usize,
+/// bitwise-identical params, states and scalar state.
+pub fn assert_bitwise_everywhere<K: Elementwise>(
+    h: &K::Hyper,
     state_init: f64,
-    step: &dyn Fn(&mut Group<'_>, SimdLevel),
+    scalar_init: &[f64],
 ) {
     let lens = [3, 64, 100, 4099, 70_001, 64 * 1024 + 5];
-    let want = run_f32(&lens, num_states, state_init, 4, SimdLevel::Scalar, step);
+    let run = |level| run_f32::<K>(&lens, h, state_init, scalar_init, 4, level);
+    let want = run(SimdLevel::Scalar);
     let mut runs = Vec::new();
     for level in SimdLevel::supported() {
-        runs.push((
-            format!("{level}"),
-            run_f32(&lens, num_states, state_init, 4, level, step),
-        ));
+        runs.push((format!("{level}"), run(level)));
     }
     for threads in [1, 3] {
         crate::parallel::set_num_threads(threads).unwrap();
-        let got = run_f32(&lens, num_states, state_init, 4, SimdLevel::detect(), step);
-        runs.push((format!("{threads} threads"), got));
+        runs.push((format!("{threads} threads"), run(SimdLevel::detect())));
     }
     crate::parallel::set_num_threads(2).unwrap();
     for (what, got) in runs {
         for (a, b) in got.iter().zip(want.iter()) {
-            assert_eq!(a.p, b.p, "{what}: params differ");
-            assert_eq!(a.states, b.states, "{what}: states differ");
+            assert_eq!(a.p, b.p, "{what}: params differ ({h:?})");
+            assert_eq!(a.states, b.states, "{what}: states differ ({h:?})");
+            assert_eq!(a.scalars, b.scalars, "{what}: scalar state differs ({h:?})");
         }
     }
 }

@@ -10,12 +10,12 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::plan::GroupPlan;
-use crate::engine::{check_buffers, DType, TensorBuffers, MAX_STATES};
+use crate::engine::{check_buffers, Buffer, Format, TensorBuffers, MAX_STATES};
 
 /// One exported buffer, checked.
 struct Array {
     buffer: PyUntypedBuffer,
-    dtype: DType,
+    dtype: Format,
     len: usize,
 }
 
@@ -30,8 +30,8 @@ impl Array {
         let format = buffer.format().to_string_lossy().to_string();
         let code = format.trim_start_matches(['@', '=', '<']);
         let dtype = match (code, buffer.item_size()) {
-            ("f", 4) => DType::F32,
-            ("d", 8) => DType::F64,
+            ("f", 4) => Format::F32,
+            ("d", 8) => Format::F64,
             _ => {
                 return Err(PyTypeError::new_err(format!(
                     "{what} has element format {format:?}; expected float32 or float64 (native byte order)"
@@ -98,12 +98,12 @@ pub fn plan_arrays(
     for i in 0..n {
         let param = Array::get(&params[i], &format!("params[{i}]"), true)?;
         let grad = Array::get(&grads[i], &format!("grads[{i}]"), false)?;
-        let mut addrs = [0usize; MAX_STATES];
+        let mut buffers = Vec::with_capacity(states.len());
         let mut companions = vec![(format!("grads[{i}]"), grad)];
-        for (k, (name, list)) in states.iter().enumerate() {
+        for (name, list) in states {
             let what = format!("{name}[{i}]");
             let state = Array::get(&list[i], &what, true)?;
-            addrs[k] = state.addr();
+            buffers.push(Buffer::new(state.addr(), state.dtype));
             if state.len > 0 {
                 written.push((state.addr(), what.clone()));
             }
@@ -127,15 +127,14 @@ pub fn plan_arrays(
         if param.len > 0 {
             written.push((param.addr(), format!("params[{i}]")));
         }
-        tensors.push(TensorBuffers {
-            dtype: param.dtype,
-            len: param.len,
-            param: param.addr(),
-            grad: Some(companions[0].1.addr()),
-            states: addrs,
-            num_states: states.len(),
-            step: None,
-        });
+        tensors.push(
+            TensorBuffers::param(
+                param.len,
+                Buffer::new(param.addr(), param.dtype),
+                Some(Buffer::new(companions[0].1.addr(), param.dtype)),
+            )
+            .with_states(&buffers),
+        );
         exports.push(param.buffer);
         exports.extend(companions.into_iter().map(|(_, array)| array.buffer));
     }

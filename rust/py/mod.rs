@@ -4,6 +4,7 @@
 
 mod arrays;
 mod clip;
+mod error;
 mod hot;
 mod native;
 mod optimizers;
@@ -92,7 +93,7 @@ fn max_num_threads() -> usize {
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
     let mut plan = plan::GroupPlan::from_tensors_unchecked_empty();
-    plan.run(py, None, false, true, |_, _| {
+    plan.run(py, true, |_, _| -> Result<(), crate::engine::EngineError> {
         panic!("deliberate test panic")
     })
 }
@@ -101,11 +102,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<plan::GroupPlan>()?;
     m.add_class::<plan::StateSnapshot>()?;
-    m.add_function(wrap_pyfunction!(optimizers::adam_step, m)?)?;
-    m.add_function(wrap_pyfunction!(optimizers::sgd_step, m)?)?;
-    m.add_function(wrap_pyfunction!(optimizers::rmsprop_step, m)?)?;
-    m.add_function(wrap_pyfunction!(optimizers::adagrad_step, m)?)?;
-    m.add_function(wrap_pyfunction!(optimizers::stream_probe, m)?)?;
+    m.add_class::<optimizers::Kernel>()?;
+    m.add_function(wrap_pyfunction!(optimizers::kernel_names, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grad_norms, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grads_finite, m)?)?;
     m.add_function(wrap_pyfunction!(clip::scale_grads, m)?)?;

@@ -37,7 +37,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
-use crate::engine::DType;
+use crate::engine::Format;
 
 /// Most dimensions a fingerprint records (more: the tensor is not cached).
 pub const MAX_DIMS: usize = 8;
@@ -167,13 +167,13 @@ impl Layout {
     /// The engine dtype the flag word names, if it is a plain CPU tensor of
     /// one (and not negated, conjugated, a subclass dispatching to Python or
     /// an inference tensor).
-    pub fn plain_dtype(&self, fp: &Fingerprint) -> Option<DType> {
+    pub fn plain_dtype(&self, fp: &Fingerprint) -> Option<Format> {
         if fp.keys != self.plain_keys {
             return None;
         }
         match fp.flags {
-            f if f == self.float32_flags => Some(DType::F32),
-            f if f == self.float64_flags => Some(DType::F64),
+            f if f == self.float32_flags => Some(Format::F32),
+            f if f == self.float64_flags => Some(Format::F64),
             _ => None,
         }
     }
@@ -185,7 +185,7 @@ impl Fingerprint {
     /// for a tensor that is one run of memory (the caller knows its layout),
     /// with the storage offset non-negative and the run inside the storage's
     /// bytes.
-    pub fn owned_run(&self, dtype: DType) -> Option<(usize, usize)> {
+    pub fn owned_run(&self, dtype: Format) -> Option<(usize, usize)> {
         let size = dtype.size() as u128;
         let offset = u128::try_from(self.storage_offset).ok()?;
         let numel = u128::try_from(self.numel).ok()?;
@@ -217,7 +217,7 @@ impl Fingerprint {
     /// offset, element count, shape, strides, dtype, and no negation or
     /// conjugation bit. `None` if anything disagrees (or the layout is
     /// unknown): such a tensor is not cached.
-    pub fn verified(tensor: &Bound<'_, PyAny>, dtype: DType) -> PyResult<Option<Fingerprint>> {
+    pub fn verified(tensor: &Bound<'_, PyAny>, dtype: Format) -> PyResult<Option<Fingerprint>> {
         let Some(layout) = layout(tensor.py()) else {
             return Ok(None);
         };
@@ -242,7 +242,7 @@ fn agrees<'py>(
     tensor: &Bound<'py, PyAny>,
     fp: &Fingerprint,
     layout: &Layout,
-    dtype: DType,
+    dtype: Format,
 ) -> PyResult<bool> {
     let py = tensor.py();
     let call = |name: &Bound<'py, pyo3::types::PyString>| tensor.call_method0(name);

@@ -1,158 +1,148 @@
-//! One entry point per optimizer family: run its kernel over a gathered plan.
-//! Scalars are the group's hyperparameters as torch keeps them; every
-//! gradient is multiplied by `unscale` (GradScaler's inverse scale) and then
-//! by `clip` (the `max_grad_norm` coefficient) as it is read (1.0: off).
+//! The one entry point of every element-wise optimizer: a [`Kernel`] is a
+//! registered kernel (see `kernels/registry.rs`) with its hyperparameters
+//! read *by name* from a param-group mapping, in the prepare phase (so a bad
+//! value raises before anything is written); `Kernel.step` runs it over a
+//! gathered plan.
 
 use pyo3::prelude::*;
+use pyo3::types::{PyMapping, PyString};
 
+use super::error::{hyper_error, unknown_kernel};
 use super::plan::GroupPlan;
-use crate::kernels::adagrad::{adagrad_step as adagrad_kernel, AdagradHyper};
-use crate::kernels::adam::{adam_step as adam_kernel, AdamHyper};
-use crate::kernels::probe;
-use crate::kernels::rmsprop::{rmsprop_step as rmsprop_kernel, RmspropHyper};
-use crate::kernels::sgd::{sgd_step as sgd_kernel, SgdHyper};
-use crate::kernels::GradScale;
+use crate::engine::{HyperError, HyperSource, StepContext, TensorScalar};
+use crate::kernels::registry::{Configured, NAMES};
 
-/// Adam, or AdamW with `decoupled_weight_decay`.
-#[pyfunction]
-#[pyo3(signature = (plan, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize, unscale, clip, lr_is_f32))]
-#[allow(clippy::too_many_arguments)]
-pub fn adam_step(
-    py: Python<'_>,
-    plan: &Bound<'_, GroupPlan>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    decoupled_weight_decay: bool,
-    amsgrad: bool,
-    maximize: bool,
-    unscale: f64,
-    clip: f64,
-    lr_is_f32: bool,
-) -> PyResult<()> {
-    let hyper = AdamHyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        decoupled_weight_decay,
-        amsgrad,
-        maximize,
-        grad_scale: GradScale { unscale, clip },
-        lr_is_f32,
-    };
-    plan.borrow_mut()
-        .run(py, Some(hyper.num_states()), true, true, |group, level| {
-            adam_kernel(group, &hyper, level);
-        })
+/// A param group (or any mapping) as a source of hyperparameters.
+struct GroupSource<'a, 'py> {
+    group: &'a Bound<'py, PyMapping>,
 }
 
-/// SGD; `first_step`: the momentum buffers are new and get written, not read.
-#[pyfunction]
-#[pyo3(signature = (plan, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, unscale, clip))]
-#[allow(clippy::too_many_arguments)]
-pub fn sgd_step(
-    py: Python<'_>,
-    plan: &Bound<'_, GroupPlan>,
-    lr: f64,
-    momentum: f64,
-    dampening: f64,
-    weight_decay: f64,
-    nesterov: bool,
-    maximize: bool,
-    first_step: bool,
-    unscale: f64,
-    clip: f64,
-) -> PyResult<()> {
-    let hyper = SgdHyper {
-        lr,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        maximize,
-        grad_scale: GradScale { unscale, clip },
-    };
-    plan.borrow_mut()
-        .run(py, Some(hyper.num_states()), false, true, |group, level| {
-            sgd_kernel(group, &hyper, first_step, level);
-        })
+impl GroupSource<'_, '_> {
+    fn item(&self, name: &str) -> Result<Bound<'_, PyAny>, HyperError> {
+        self.group
+            .get_item(name)
+            .map_err(|_| HyperError::Missing(name.to_string()))
+    }
 }
 
-/// RMSprop; state buffers in the order square_avg, momentum_buffer, grad_avg.
-#[pyfunction]
-#[pyo3(signature = (plan, lr, alpha, eps, weight_decay, momentum, centered, maximize, unscale, clip))]
-#[allow(clippy::too_many_arguments)]
-pub fn rmsprop_step(
-    py: Python<'_>,
-    plan: &Bound<'_, GroupPlan>,
-    lr: f64,
-    alpha: f64,
-    eps: f64,
-    weight_decay: f64,
-    momentum: f64,
-    centered: bool,
-    maximize: bool,
-    unscale: f64,
-    clip: f64,
-) -> PyResult<()> {
-    let hyper = RmspropHyper {
-        lr,
-        alpha,
-        eps,
-        weight_decay,
-        momentum,
-        centered,
-        maximize,
-        grad_scale: GradScale { unscale, clip },
-    };
-    plan.borrow_mut()
-        .run(py, Some(hyper.num_states()), true, true, |group, level| {
-            rmsprop_kernel(group, &hyper, level);
-        })
+fn type_error(name: &str, value: &Bound<'_, PyAny>) -> HyperError {
+    let type_name = value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_string(), |n| n.to_string());
+    let repr = value
+        .repr()
+        .map_or_else(|_| "?".to_string(), |r| r.to_string());
+    HyperError::Type {
+        name: name.to_string(),
+        found: format!("{type_name}: {repr}"),
+    }
 }
 
-/// Adagrad (dense gradients).
-#[pyfunction]
-#[pyo3(signature = (plan, lr, lr_decay, weight_decay, eps, maximize, unscale, clip, lr_is_f32))]
-#[allow(clippy::too_many_arguments)]
-pub fn adagrad_step(
-    py: Python<'_>,
-    plan: &Bound<'_, GroupPlan>,
-    lr: f64,
-    lr_decay: f64,
-    weight_decay: f64,
-    eps: f64,
-    maximize: bool,
-    unscale: f64,
-    clip: f64,
-    lr_is_f32: bool,
-) -> PyResult<()> {
-    let hyper = AdagradHyper {
-        lr,
-        lr_decay,
-        weight_decay,
-        eps,
-        maximize,
-        grad_scale: GradScale { unscale, clip },
-        lr_is_f32,
-    };
-    plan.borrow_mut()
-        .run(py, Some(1), true, true, |group, level| {
-            adagrad_kernel(group, &hyper, level);
-        })
+/// A real number as torch's step computes with it: Python numbers and
+/// 1-element tensors (via `__float__`); strings and `None` are refused.
+fn number(name: &str, value: &Bound<'_, PyAny>) -> Result<f64, HyperError> {
+    if value.is_instance_of::<PyString>() {
+        return Err(type_error(name, value));
+    }
+    value.extract::<f64>().map_err(|_| type_error(name, value))
 }
 
-/// Bandwidth probe: Adam's memory traffic (read param, grad, two states; write
-/// param and both states) without its arithmetic, on the same engine. For
-/// benchmarks: it measures the streaming floor a step cannot beat.
-#[pyfunction]
-pub fn stream_probe(py: Python<'_>, plan: &Bound<'_, GroupPlan>) -> PyResult<()> {
-    plan.borrow_mut()
-        .run(py, Some(2), false, true, |group, level| {
-            probe::stream_probe(group, level);
+impl HyperSource for GroupSource<'_, '_> {
+    fn number(&self, name: &str) -> Result<TensorScalar, HyperError> {
+        let value = self.item(name)?;
+        let result = number(name, &value)?;
+        let is_f32_tensor = super::tensor::is_float32_tensor(&value);
+        Ok(TensorScalar {
+            value: result,
+            is_f32_tensor,
         })
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, HyperError> {
+        let value = self.item(name)?;
+        value.is_truthy().map_err(|_| type_error(name, &value))
+    }
+
+    fn pair(&self, name: &str) -> Result<[f64; 2], HyperError> {
+        let value = self.item(name)?;
+        let items: Vec<Bound<'_, PyAny>> = value
+            .try_iter()
+            .and_then(|it| it.collect::<PyResult<Vec<_>>>())
+            .map_err(|_| type_error(name, &value))?;
+        match items.as_slice() {
+            [a, b] => Ok([number(name, a)?, number(name, b)?]),
+            _ => Err(type_error(name, &value)),
+        }
+    }
+}
+
+/// A registered kernel with its hyperparameters read from a param group.
+#[pyclass(module = "ferroptim._core", frozen)]
+pub struct Kernel {
+    configured: Configured,
+}
+
+#[pymethods]
+impl Kernel {
+    /// Reads kernel `name`'s hyperparameters from `group` by name. Raises
+    /// `KeyError` for a missing entry and `TypeError` for one that is not a
+    /// number (torch's errors for the same group).
+    #[new]
+    fn new(name: &str, group: &Bound<'_, PyMapping>) -> PyResult<Kernel> {
+        let source = GroupSource { group };
+        match Configured::read(name, &source).map_err(hyper_error)? {
+            Some(configured) => Ok(Kernel { configured }),
+            None => Err(unknown_kernel(name, NAMES)),
+        }
+    }
+
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.configured.name()
+    }
+
+    /// State buffers this group's step reads and writes, in kernel order.
+    #[getter]
+    fn state_keys(&self) -> Vec<&'static str> {
+        self.configured.state_keys().to_vec()
+    }
+
+    /// Per-tensor scalar state (`step` first where the kernel counts steps).
+    #[getter]
+    fn scalar_keys(&self) -> Vec<&'static str> {
+        self.configured.scalar_keys().to_vec()
+    }
+
+    /// Steps the gathered plan: every gradient multiplied by `unscale` then
+    /// `clip` as it is read; `fresh`: the plan's lazily created state
+    /// buffers are new (written, not read).
+    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, fresh = false))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        plan: &Bound<'_, GroupPlan>,
+        unscale: f64,
+        clip: f64,
+        fresh: bool,
+    ) -> PyResult<()> {
+        let ctx = StepContext {
+            unscale,
+            clip,
+            fresh,
+        };
+        let configured = &self.configured;
+        plan.borrow_mut()
+            .run(py, true, |group, level| configured.step(group, &ctx, level))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Kernel({:?})", self.configured)
+    }
+}
+
+/// Names of every registered kernel.
+#[pyfunction]
+pub fn kernel_names() -> Vec<&'static str> {
+    NAMES.to_vec()
 }

@@ -16,20 +16,20 @@
 //! A one-shot plan ([`GroupPlan::from_tensors`]) is what the slow path hands
 //! over: explicit tensors for one step, fully checked.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use pyo3::buffer::PyUntypedBuffer;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyString};
 
+use super::error::{engine_error, internal, not_plannable, run_caught};
 use super::hot::{Hot, Ref};
 use super::native::{self, Fingerprint};
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
-    check_buffers, DType, Group, StepCounter, TensorBuffers, WrittenSet, MAX_STATES,
+    check_buffers, Buffer, EngineError, Format, Group, ScalarSlot, TensorBuffers, WrittenSet,
+    MAX_SCALARS, MAX_STATES,
 };
 use crate::simd::{self, SimdLevel};
 
@@ -41,7 +41,7 @@ struct Tracked {
 
 impl Tracked {
     /// Records `tensor`, confirming the raw reading against torch's API.
-    fn new(tensor: &Bound<'_, PyAny>, dtype: DType, what: &str) -> PyResult<Tracked> {
+    fn new(tensor: &Bound<'_, PyAny>, dtype: Format, what: &str) -> PyResult<Tracked> {
         let fingerprint = Fingerprint::verified(tensor, dtype)?.ok_or_else(|| {
             not_plannable(format!("{what}'s metadata cannot be re-checked cheaply"))
         })?;
@@ -70,8 +70,8 @@ impl Tracked {
 struct EntryState {
     dict: Py<PyDict>,
     buffers: Vec<Tracked>,
-    addrs: [usize; MAX_STATES],
-    step: Option<(Tracked, StepCounter)>,
+    states: Vec<Buffer>,
+    scalars: Vec<(Tracked, ScalarSlot)>,
 }
 
 /// One parameter of a cached plan.
@@ -79,7 +79,7 @@ struct Entry {
     param: Tracked,
     addr: usize,
     len: usize,
-    dtype: DType,
+    dtype: Format,
     /// `None` until the parameter has been stepped once (state is lazy).
     state: Option<EntryState>,
     /// Where the re-check will read (see `Entry::prefetch`).
@@ -139,6 +139,9 @@ impl StateSnapshot {
 }
 
 /// What [`GroupPlan::gather`] found for one parameter.
+// A transient return value, moved once: boxing the large variant would cost an
+// allocation per parameter per step.
+#[allow(clippy::large_enum_variant)]
 enum Gathered {
     /// Something changed since the plan was built: the slow path must look.
     Changed,
@@ -154,7 +157,7 @@ pub struct GroupPlan {
     /// The group's `params` list, for cached plans.
     params: Option<Py<PyList>>,
     state_keys: Vec<Py<PyString>>,
-    step_key: Option<Py<PyString>>,
+    scalar_keys: Vec<Py<PyString>>,
     entries: Vec<Entry>,
     written: WrittenSet,
     /// Buffers gathered for the next run, and what keeps them alive.
@@ -173,18 +176,13 @@ pub struct GroupPlan {
     owned_steps: Vec<f64>,
 }
 
-/// Runs `work` with the GIL released; a Rust panic becomes a `RuntimeError`
-/// (never an abort, and catchable as `Exception`).
-pub fn run_caught<R: Send>(py: Python<'_>, work: impl FnOnce() -> R + Send) -> PyResult<R> {
-    py.detach(|| catch_unwind(AssertUnwindSafe(work)))
-        .map_err(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            PyRuntimeError::new_err(format!("ferroptim internal error (Rust panic): {message}"))
-        })
+/// The one-shot plan arguments for one parameter (see `from_tensors`).
+struct OneShot<'a, 'py> {
+    index: usize,
+    param: &'a Bound<'py, PyAny>,
+    grad: &'a Bound<'py, PyAny>,
+    states: Vec<&'a Bound<'py, PyAny>>,
+    scalars: Vec<&'a Bound<'py, PyAny>>,
 }
 
 /// `torch.autograd.graph.increment_version(tensors)`: records that the
@@ -203,21 +201,21 @@ fn bump_versions(py: Python<'_>, tensors: Vec<Py<PyAny>>) -> PyResult<()> {
     Ok(())
 }
 
-fn not_plannable(message: String) -> PyErr {
-    PyValueError::new_err(message)
-}
-
-fn step_counter(info: &TensorInfo<'_>, what: &str) -> PyResult<StepCounter> {
+fn scalar_slot(info: &TensorInfo<'_>, what: &str) -> PyResult<ScalarSlot> {
     if info.len != 1 {
         return Err(not_plannable(format!(
             "{what} has {} elements, not 1",
             info.len
         )));
     }
-    Ok(StepCounter {
+    Ok(ScalarSlot {
         addr: info.addr,
-        dtype: info.dtype,
+        format: info.dtype,
     })
+}
+
+fn buffer(info: &TensorInfo<'_>) -> Buffer {
+    Buffer::new(info.addr, info.dtype)
 }
 
 /// Checks that `other` can be stepped element by element with `param`.
@@ -249,11 +247,11 @@ fn check_companion(param: &TensorInfo<'_>, other: &TensorInfo<'_>, what: &str) -
 }
 
 impl GroupPlan {
-    fn empty(state_keys: Vec<Py<PyString>>, step_key: Option<Py<PyString>>) -> GroupPlan {
+    fn empty(state_keys: Vec<Py<PyString>>, scalar_keys: Vec<Py<PyString>>) -> GroupPlan {
         GroupPlan {
             params: None,
             state_keys,
-            step_key,
+            scalar_keys,
             entries: Vec::new(),
             written: WrittenSet::default(),
             ready: Vec::new(),
@@ -272,14 +270,14 @@ impl GroupPlan {
         exports: Vec<PyUntypedBuffer>,
         step: Option<f64>,
     ) -> GroupPlan {
-        let mut plan = GroupPlan::empty(Vec::new(), None);
+        let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         if let Some(step) = step {
             plan.owned_steps = vec![step - 1.0; tensors.len()];
             for (t, counter) in tensors.iter_mut().zip(plan.owned_steps.iter_mut()) {
-                t.step = Some(StepCounter {
+                *t = t.with_scalars(&[ScalarSlot {
                     addr: counter as *mut f64 as usize,
-                    dtype: DType::F64,
-                });
+                    format: Format::F64,
+                }]);
             }
         }
         plan.ready = tensors;
@@ -290,7 +288,7 @@ impl GroupPlan {
 
     /// An empty, gathered plan (drives the panic-conversion test).
     pub fn from_tensors_unchecked_empty() -> GroupPlan {
-        let mut plan = GroupPlan::empty(Vec::new(), None);
+        let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         plan.gathered = true;
         plan
     }
@@ -305,28 +303,16 @@ impl GroupPlan {
     /// Runs `step` on the gathered buffers with the GIL released. With
     /// `consume`, the buffers (and the gradients they keep alive) are
     /// forgotten afterwards; otherwise they stay gathered for another pass
-    /// (a norm before the update). `num_states`: what the kernel needs per
-    /// tensor (`None`: any). A panic becomes a `RuntimeError`.
+    /// (a norm before the update). An engine error (raised before anything
+    /// is written) or a panic becomes a Python exception.
     pub fn run<R: Send>(
         &mut self,
         py: Python<'_>,
-        num_states: Option<usize>,
-        needs_step: bool,
         consume: bool,
-        step: impl FnOnce(&mut Group<'_>, SimdLevel) -> R + Send,
+        step: impl FnOnce(&Group<'_>, SimdLevel) -> Result<R, EngineError> + Send,
     ) -> PyResult<R> {
         if !self.gathered {
-            return Err(PyRuntimeError::new_err(
-                "ferroptim internal error: plan run without gathered buffers",
-            ));
-        }
-        if let Some(t) = self.ready.iter().find(|t| {
-            num_states.is_some_and(|n| t.num_states != n) || (needs_step && t.step.is_none())
-        }) {
-            return Err(PyRuntimeError::new_err(format!(
-                "ferroptim internal error: plan has {} state buffers per parameter, the kernel needs {num_states:?}",
-                t.num_states
-            )));
+            return Err(internal("plan run without gathered buffers"));
         }
         let (tensors, keepalive, written) = if consume {
             self.gathered = false;
@@ -343,15 +329,52 @@ impl GroupPlan {
         // alive by `self.entries` and `keepalive` until this function returns.
         // Overlaps were refused by `check_buffers` (one-shot plans) or by
         // `WrittenSet` plus the per-gradient check in `gather` (cached plans).
-        let mut group = unsafe { Group::new_prechecked(tensors) };
+        let group = unsafe { Group::new_prechecked(tensors) };
         let level = simd::active_level();
-        let result = run_caught(py, || step(&mut group, level));
+        let result = run_caught(py, || step(&group, level));
         drop(group);
         drop(keepalive);
-        if !written.is_empty() {
+        let result = result?.map_err(engine_error);
+        if result.is_ok() && !written.is_empty() {
             bump_versions(py, written)?;
         }
         result
+    }
+
+    /// Checks one parameter of a one-shot plan and adds its buffers.
+    fn add_one_shot(&mut self, one: OneShot<'_, '_>) -> PyResult<()> {
+        let i = one.index;
+        let info = TensorInfo::inspect(one.param, &format!("parameter {i}"))?;
+        if info.layout == Layout::Strided {
+            return Err(not_plannable(format!(
+                "parameter {i} has gaps or overlaps in memory"
+            )));
+        }
+        let what = format!("gradient of parameter {i}");
+        let grad = TensorInfo::inspect(one.grad, &what)?;
+        check_companion(&info, &grad, &what)?;
+        let mut states = Vec::with_capacity(one.states.len());
+        for (k, tensor) in one.states.into_iter().enumerate() {
+            let what = format!("state {k} of parameter {i}");
+            let state = TensorInfo::inspect(tensor, &what)?;
+            check_companion(&info, &state, &what)?;
+            states.push(buffer(&state));
+            self.keepalive.push(tensor.clone().unbind());
+        }
+        let mut scalars = Vec::with_capacity(one.scalars.len());
+        for (k, tensor) in one.scalars.into_iter().enumerate() {
+            let what = format!("scalar state {k} of parameter {i}");
+            scalars.push(scalar_slot(&TensorInfo::inspect(tensor, &what)?, &what)?);
+            self.keepalive.push(tensor.clone().unbind());
+        }
+        self.written_tensors.push(one.param.clone().unbind());
+        self.keepalive.push(one.grad.clone().unbind());
+        self.ready.push(
+            TensorBuffers::param(info.len, buffer(&info), Some(buffer(&grad)))
+                .with_states(&states)
+                .with_scalars(&scalars),
+        );
+        Ok(())
     }
 
     fn inspect_state<'py>(
@@ -361,13 +384,13 @@ impl GroupPlan {
         dict: &Bound<'py, PyDict>,
         index: usize,
     ) -> PyResult<Option<EntryState>> {
-        let needs_state = !self.state_keys.is_empty() || self.step_key.is_some();
+        let needs_state = !self.state_keys.is_empty() || !self.scalar_keys.is_empty();
         if dict.is_empty() && needs_state {
             return Ok(None); // lazily created on the parameter's first step
         }
         let mut buffers = Vec::with_capacity(self.state_keys.len());
-        let mut addrs = [0usize; MAX_STATES];
-        for (slot, key) in addrs.iter_mut().zip(&self.state_keys) {
+        let mut states = Vec::with_capacity(self.state_keys.len());
+        for key in &self.state_keys {
             let key = key.bind(py);
             let what = format!("state {key:?} of parameter {index}");
             let tensor = dict
@@ -375,25 +398,24 @@ impl GroupPlan {
                 .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
             let info = TensorInfo::inspect(&tensor, &what)?;
             check_companion(param, &info, &what)?;
-            *slot = info.addr;
+            states.push(buffer(&info));
             buffers.push(Tracked::new(&tensor, info.dtype, &what)?);
         }
-        let step = match &self.step_key {
-            None => None,
-            Some(key) => {
-                let what = format!("step of parameter {index}");
-                let tensor = dict
-                    .get_item(key.bind(py))?
-                    .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
-                let counter = step_counter(&TensorInfo::inspect(&tensor, &what)?, &what)?;
-                Some((Tracked::new(&tensor, counter.dtype, &what)?, counter))
-            }
-        };
+        let mut scalars = Vec::with_capacity(self.scalar_keys.len());
+        for key in &self.scalar_keys {
+            let key = key.bind(py);
+            let what = format!("state {key:?} of parameter {index}");
+            let tensor = dict
+                .get_item(key)?
+                .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
+            let slot = scalar_slot(&TensorInfo::inspect(&tensor, &what)?, &what)?;
+            scalars.push((Tracked::new(&tensor, slot.format, &what)?, slot));
+        }
         Ok(Some(EntryState {
             dict: dict.clone().unbind(),
             buffers,
-            addrs,
-            step,
+            states,
+            scalars,
         }))
     }
 
@@ -424,21 +446,23 @@ impl GroupPlan {
                 return Some(Gathered::Changed);
             }
         }
-        if let (Some(key), Some((step, _))) = (&self.step_key, &state.step) {
-            if !step.unchanged(layout, hot.dict_get(dict, key.as_ptr())) {
+        for (key, (tracked, _)) in self.scalar_keys.iter().zip(&state.scalars) {
+            if !tracked.unchanged(layout, hot.dict_get(dict, key.as_ptr())) {
                 return Some(Gathered::Changed);
             }
         }
         let grad_addr = self.grad_address(hot, entry, &grad)?;
-        let buffers = TensorBuffers {
-            dtype: entry.dtype,
-            len: entry.len,
-            param: entry.addr,
-            grad: Some(grad_addr),
-            states: state.addrs,
-            num_states: self.state_keys.len(),
-            step: state.step.as_ref().map(|(_, counter)| *counter),
-        };
+        let mut slots = [ScalarSlot::NONE; MAX_SCALARS];
+        for (slot, (_, scalar)) in slots.iter_mut().zip(&state.scalars) {
+            *slot = *scalar;
+        }
+        let buffers = TensorBuffers::param(
+            entry.len,
+            Buffer::new(entry.addr, entry.dtype),
+            Some(Buffer::new(grad_addr, entry.dtype)),
+        )
+        .with_states(&state.states)
+        .with_scalars(&slots[..state.scalars.len()]);
         Some(Gathered::Ready(buffers, grad))
     }
 
@@ -480,27 +504,27 @@ impl GroupPlan {
     /// dict of `params[i]` (empty until its first step). Raises `ValueError`
     /// if the group cannot be planned (the caller then keeps the slow path).
     #[new]
-    #[pyo3(signature = (params, states, state_keys, step_key))]
+    #[pyo3(signature = (params, states, state_keys, scalar_keys))]
     fn new(
         py: Python<'_>,
         params: &Bound<'_, PyList>,
         states: Vec<Bound<'_, PyDict>>,
         state_keys: Vec<Bound<'_, PyString>>,
-        step_key: Option<Bound<'_, PyString>>,
+        scalar_keys: Vec<Bound<'_, PyString>>,
     ) -> PyResult<GroupPlan> {
         if states.len() != params.len() {
             return Err(PyValueError::new_err(
                 "one state dict per parameter expected",
             ));
         }
-        if state_keys.len() > MAX_STATES {
+        if state_keys.len() > MAX_STATES || scalar_keys.len() > MAX_SCALARS {
             return Err(PyValueError::new_err(
                 "too many state buffers per parameter",
             ));
         }
         let mut plan = GroupPlan::empty(
             state_keys.into_iter().map(Bound::unbind).collect(),
-            step_key.map(Bound::unbind),
+            scalar_keys.into_iter().map(Bound::unbind).collect(),
         );
         let mut written = Vec::with_capacity(params.len());
         for (index, (param, dict)) in params.iter().zip(&states).enumerate() {
@@ -513,28 +537,19 @@ impl GroupPlan {
             }
             let tracked = Tracked::new(&param, info.dtype, &what)?;
             let state = plan.inspect_state(py, &info, dict, index)?;
-            let (addrs, num_states) = state
-                .as_ref()
-                .map_or(([0; MAX_STATES], 0), |s| (s.addrs, plan.state_keys.len()));
-            written.push(TensorBuffers {
-                dtype: info.dtype,
-                len: info.len,
-                param: info.addr,
-                grad: None,
-                states: addrs,
-                num_states,
-                step: None,
-            });
+            let states_now = state.as_ref().map_or(&[][..], |s| &s.states[..]);
+            written
+                .push(TensorBuffers::param(info.len, buffer(&info), None).with_states(states_now));
             let mut hints = Vec::new();
             tracked.hints(&mut hints);
             if let Some(state) = &state {
                 hints.push(state.dict.as_ptr() as usize);
-                for buffer in state
+                for tracked in state
                     .buffers
                     .iter()
-                    .chain(state.step.as_ref().map(|(t, _)| t))
+                    .chain(state.scalars.iter().map(|(t, _)| t))
                 {
-                    buffer.hints(&mut hints);
+                    tracked.hints(&mut hints);
                 }
             }
             plan.entries.push(Entry {
@@ -553,64 +568,35 @@ impl GroupPlan {
 
     /// A one-shot plan over explicit tensors (already validated and laid out
     /// by the caller; re-checked here): `states[k][i]` is state buffer `k` of
-    /// parameter `i`, `steps[i]` its step counter.
+    /// parameter `i`, `scalars[k][i]` its scalar state slot `k` (a 0-d tensor).
     #[staticmethod]
-    #[pyo3(signature = (params, grads, states, steps))]
+    #[pyo3(signature = (params, grads, states, scalars))]
     fn from_tensors(
         params: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
         states: Vec<Vec<Bound<'_, PyAny>>>,
-        steps: Vec<Option<Bound<'_, PyAny>>>,
+        scalars: Vec<Vec<Bound<'_, PyAny>>>,
     ) -> PyResult<GroupPlan> {
         let n = params.len();
-        if grads.len() != n || steps.len() != n || states.iter().any(|s| s.len() != n) {
+        if grads.len() != n || states.iter().chain(&scalars).any(|s| s.len() != n) {
             return Err(PyValueError::new_err(
-                "params, grads, steps and every state list must have the same length",
+                "params, grads and every state and scalar list must have the same length",
             ));
         }
-        if states.len() > MAX_STATES {
+        if states.len() > MAX_STATES || scalars.len() > MAX_SCALARS {
             return Err(PyValueError::new_err(
                 "too many state buffers per parameter",
             ));
         }
-        let mut plan = GroupPlan::empty(Vec::new(), None);
+        let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         for i in 0..n {
-            let info = TensorInfo::inspect(&params[i], &format!("parameter {i}"))?;
-            if info.layout == Layout::Strided {
-                return Err(not_plannable(format!(
-                    "parameter {i} has gaps or overlaps in memory"
-                )));
-            }
-            let grad = TensorInfo::inspect(&grads[i], &format!("gradient of parameter {i}"))?;
-            check_companion(&info, &grad, &format!("gradient of parameter {i}"))?;
-            let mut addrs = [0usize; MAX_STATES];
-            for (k, (slot, list)) in addrs.iter_mut().zip(&states).enumerate() {
-                let what = format!("state {k} of parameter {i}");
-                let state = TensorInfo::inspect(&list[i], &what)?;
-                check_companion(&info, &state, &what)?;
-                *slot = state.addr;
-                plan.keepalive.push(list[i].clone().unbind());
-            }
-            let step = match &steps[i] {
-                None => None,
-                Some(tensor) => {
-                    let what = format!("step of parameter {i}");
-                    let counter = step_counter(&TensorInfo::inspect(tensor, &what)?, &what)?;
-                    plan.keepalive.push(tensor.clone().unbind());
-                    Some(counter)
-                }
-            };
-            plan.written_tensors.push(params[i].clone().unbind());
-            plan.keepalive.push(grads[i].clone().unbind());
-            plan.ready.push(TensorBuffers {
-                dtype: info.dtype,
-                len: info.len,
-                param: info.addr,
-                grad: Some(grad.addr),
-                states: addrs,
-                num_states: states.len(),
-                step,
-            });
+            plan.add_one_shot(OneShot {
+                index: i,
+                param: &params[i],
+                grad: &grads[i],
+                states: states.iter().map(|list| &list[i]).collect(),
+                scalars: scalars.iter().map(|list| &list[i]).collect(),
+            })?;
         }
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
         plan.gathered = true;
@@ -635,7 +621,7 @@ impl GroupPlan {
     /// tensors, each one run of memory.
     #[staticmethod]
     fn from_grads(grads: Vec<Bound<'_, PyAny>>) -> PyResult<GroupPlan> {
-        let mut plan = GroupPlan::empty(Vec::new(), None);
+        let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         for (i, grad) in grads.iter().enumerate() {
             let info = TensorInfo::inspect(grad, &format!("gradient {i}"))?;
             if info.layout == Layout::Strided {
@@ -643,15 +629,8 @@ impl GroupPlan {
                     "gradient {i} has gaps or overlaps in memory"
                 )));
             }
-            plan.ready.push(TensorBuffers {
-                dtype: info.dtype,
-                len: info.len,
-                param: info.addr,
-                grad: None,
-                states: [0; MAX_STATES],
-                num_states: 0,
-                step: None,
-            });
+            plan.ready
+                .push(TensorBuffers::grad_only(info.len, buffer(&info)));
             plan.written_tensors.push(grad.clone().unbind());
         }
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
-use crate::engine::{is_dense, DType};
+use crate::engine::{is_dense, Format};
 
 /// torch's dtype objects, fetched once.
 pub struct TorchDtypes {
@@ -34,15 +34,30 @@ pub fn torch(py: Python<'_>) -> PyResult<&TorchDtypes> {
 }
 
 /// The engine dtype for a torch dtype object, if the engine handles it.
-pub fn engine_dtype(py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<DType>> {
+pub fn engine_dtype(py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<Format>> {
     let torch = torch(py)?;
     Ok(if dtype.is(&torch.float32) {
-        Some(DType::F32)
+        Some(Format::F32)
     } else if dtype.is(&torch.float64) {
-        Some(DType::F64)
+        Some(Format::F64)
     } else {
         None
     })
+}
+
+/// Whether `value` is a float32 torch tensor (a learning rate torch computes
+/// per-step scalars with in float32 tensor arithmetic).
+pub fn is_float32_tensor(value: &Bound<'_, PyAny>) -> bool {
+    let py = value.py();
+    let Ok(torch) = torch(py) else {
+        return false;
+    };
+    value
+        .is_instance(torch.tensor_type.bind(py))
+        .unwrap_or(false)
+        && value
+            .getattr(pyo3::intern!(py, "dtype"))
+            .is_ok_and(|dtype| dtype.is(&torch.float32))
 }
 
 /// How a tensor's elements sit in memory.
@@ -62,7 +77,7 @@ pub struct TensorInfo<'py> {
     pub tensor: Bound<'py, PyAny>,
     pub addr: usize,
     pub len: usize,
-    pub dtype: DType,
+    pub dtype: Format,
     pub layout: Layout,
 }
 
@@ -123,7 +138,7 @@ impl<'py> TensorInfo<'py> {
 fn check_inside_storage(
     tensor: &Bound<'_, PyAny>,
     addr: usize,
-    dtype: DType,
+    dtype: Format,
     what: &str,
 ) -> PyResult<()> {
     let py = tensor.py();

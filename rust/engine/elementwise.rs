@@ -1,0 +1,473 @@
+//! The one trait every element-wise optimizer implements, and the driver that
+//! runs it: per-tensor scalar state, per-step constants, gradient
+//! preparation, the loops, and the (storage format × SIMD level) dispatch.
+//!
+//! A kernel file holds its hyperparameter record ([`Elementwise::Hyper`],
+//! read by name), its per-step constants ([`Elementwise::consts`], float64
+//! rounded where torch rounds) and its per-element update
+//! ([`Elementwise::update`]). Everything else is here, once:
+//!
+//! * step counters (`step += 1` in the counter's dtype) and any other scalar
+//!   state ([`Elementwise::advance`], e.g. NAdam's `mu_product`);
+//! * gradient preparation, in torch's order: GradScaler's unscale and the
+//!   clip coefficient (`grad * inv_scale * clip_coef`, each rounded), then
+//!   `maximize` (negation), then L2 decay (`grad + weight_decay * param`,
+//!   one fused multiply-add, as torch's `grad.add(param, alpha=wd)`);
+//! * flags as compile-time specialisations: a kernel maps its hyperparameters
+//!   to a bit set ([`Elementwise::flags`]) and lists the bit sets it compiles
+//!   with [`flag_match!`]; the update is monomorphised per bit set;
+//! * loads and stores in each buffer's format, computing in float32 (float32,
+//!   bfloat16, float16 storage) or float64.
+
+use super::buffers::{EngineError, ScalarSlot, MAX_SCALARS, MAX_STATES};
+use super::format::{Format, Real, Storage};
+use super::group::{ChunkSlices, Group, Slices};
+use super::hyper::HyperRecord;
+use crate::simd::{dispatch, SimdLevel, SimdTask};
+
+/// Flag bit owned by the engine: negate the gradient (`maximize=True`).
+pub const MAXIMIZE: u32 = 1;
+/// Flag bit owned by the engine: L2 weight decay added to the gradient.
+pub const L2: u32 = 1 << 1;
+/// The first bit a kernel may use for its own flags.
+pub const FIRST_KERNEL_FLAG: u32 = 1 << 2;
+
+/// Whether `flags` has `bit` (for `const` flag sets inside `update`).
+#[inline(always)]
+pub const fn has(flags: u32, bit: u32) -> bool {
+    flags & bit != 0
+}
+
+/// The engine's part of the gradient preparation, read from the kernel's
+/// hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradPrep {
+    pub maximize: bool,
+    /// L2 decay (`grad + l2 * param`); 0: off.
+    pub l2: f64,
+}
+
+impl GradPrep {
+    pub fn flags(self) -> u32 {
+        (if self.maximize { MAXIMIZE } else { 0 }) | (if self.l2 != 0.0 { L2 } else { 0 })
+    }
+}
+
+/// How a step reads its gradients and whether lazily created state is new.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepContext {
+    /// GradScaler's inverse scale (1.0: off).
+    pub unscale: f64,
+    /// The clip coefficient of `max_grad_norm` (1.0: off).
+    pub clip: f64,
+    /// The plan's lazily created state buffers are new: kernels that create
+    /// state on the first step (SGD's momentum buffer) write, not read, them.
+    pub fresh: bool,
+}
+
+impl Default for StepContext {
+    fn default() -> Self {
+        StepContext {
+            unscale: 1.0,
+            clip: 1.0,
+            fresh: false,
+        }
+    }
+}
+
+/// An element-wise optimizer (see the module docs).
+pub trait Elementwise: Sized + Send + Sync + 'static {
+    /// Its name in the registry (what Python asks for).
+    const NAME: &'static str;
+    /// Per-tensor scalar state, in slot order, under torch's state-dict keys.
+    /// `"step"` first means the engine increments it before every step.
+    const SCALARS: &'static [&'static str];
+
+    type Hyper: HyperRecord;
+    /// Per-step constants, in the tensor's compute type.
+    type Consts<C: Real>: Copy + Send + Sync;
+
+    /// State buffers, in kernel order, under torch's state-dict keys.
+    fn state_keys(h: &Self::Hyper) -> &'static [&'static str];
+
+    /// The engine's gradient preparation for these hyperparameters.
+    fn grad_prep(h: &Self::Hyper) -> GradPrep;
+
+    /// The flag set to compile for: `grad_prep(h).flags()` plus the kernel's
+    /// own bits (from [`FIRST_KERNEL_FLAG`] up).
+    fn flags(h: &Self::Hyper, ctx: &StepContext) -> u32;
+
+    /// Runs `runner` with `flags` as a constant: implemented with
+    /// [`flag_match!`] over every flag set the kernel supports.
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output;
+
+    /// Number of state buffers under `flags` (must equal `state_keys`' length;
+    /// a constant once `flags` is).
+    fn num_states(flags: u32) -> usize;
+
+    /// Whether the update reads state buffer `k` under `flags` (false for a
+    /// buffer written before it is ever read, like a new momentum buffer).
+    #[inline(always)]
+    fn reads_state(flags: u32, k: usize) -> bool {
+        let _ = (flags, k);
+        true
+    }
+
+    /// Updates the tensor's scalar state (after the step counter, if any, was
+    /// incremented), in place in each slot's dtype.
+    fn advance(h: &Self::Hyper, scalars: &[ScalarSlot]) {
+        let _ = (h, scalars);
+    }
+
+    /// The constants of one tensor's update from its scalar state (as read
+    /// after `advance`), computed in float64 as torch's Python does and
+    /// rounded to `C` where torch rounds.
+    fn consts<C: Real>(h: &Self::Hyper, scalars: &[f64]) -> Self::Consts<C>;
+
+    /// One element: `grad` prepared, `param` and `states` updated in place.
+    fn update<C: Real, const FLAGS: u32>(
+        k: &Self::Consts<C>,
+        param: &mut C,
+        grad: C,
+        states: &mut [C; MAX_STATES],
+    );
+}
+
+/// Something run with a flag set as a constant.
+pub trait FlagRunner {
+    type Output;
+    fn run<const FLAGS: u32>(self) -> Self::Output;
+}
+
+/// Matches a run-time flag set against the listed constants and calls
+/// `$runner.run::<F>()` for the one that matches; any other set panics (a
+/// kernel must list every set its `flags` can return).
+#[macro_export]
+macro_rules! flag_match {
+    ($flags:expr, $runner:expr, [$($value:expr),+ $(,)?]) => {{
+        let flags: u32 = $flags;
+        $(
+            if flags == $value {
+                const F: u32 = $value;
+                return $runner.run::<F>();
+            }
+        )+
+        panic!("flag set {flags:#b} is not compiled for this kernel")
+    }};
+}
+
+/// The engine's per-tensor constants of gradient preparation.
+#[derive(Clone, Copy, Debug)]
+pub struct PrepConsts<C> {
+    unscale: C,
+    clip: C,
+    l2: C,
+}
+
+impl<C: Real> PrepConsts<C> {
+    pub fn new(prep: &GradPrep, ctx: &StepContext) -> Self {
+        PrepConsts {
+            unscale: C::from_f64(ctx.unscale),
+            clip: C::from_f64(ctx.clip),
+            l2: C::from_f64(prep.l2),
+        }
+    }
+
+    /// The gradient as the kernel sees it.
+    #[inline(always)]
+    pub fn apply<const FLAGS: u32>(&self, grad: C, param: C) -> C {
+        let grad = grad * self.unscale * self.clip;
+        let g = if has(FLAGS, MAXIMIZE) { -grad } else { grad };
+        if has(FLAGS, L2) {
+            param.mul_add(self.l2, g)
+        } else {
+            g
+        }
+    }
+}
+
+/// Per-tensor constants, computed once per distinct scalar state (tensors of
+/// a group usually share one step count, and the `pow` calls behind bias
+/// corrections are not free at a thousand tensors per step).
+fn per_tensor<K: Elementwise, C: Real>(
+    h: &K::Hyper,
+    scalars: &[[f64; MAX_SCALARS]],
+    wanted: bool,
+) -> Vec<K::Consts<C>> {
+    if !wanted {
+        return Vec::new();
+    }
+    let mut out: Vec<K::Consts<C>> = Vec::with_capacity(scalars.len());
+    let mut previous: Option<(&[f64; MAX_SCALARS], K::Consts<C>)> = None;
+    for values in scalars {
+        let consts = match previous {
+            Some((seen, consts)) if seen == values => consts,
+            _ => K::consts(h, &values[..K::SCALARS.len()]),
+        };
+        previous = Some((values, consts));
+        out.push(consts);
+    }
+    out
+}
+
+/// Steps a whole group with kernel `K`: scalar state first (every tensor),
+/// then every element, chunk by chunk, on the pool.
+///
+/// Errors (before anything is written) when the buffers do not carry what the
+/// kernel needs or their formats are a combination no loop is compiled for.
+pub fn step<K: Elementwise>(
+    group: &Group<'_>,
+    h: &K::Hyper,
+    ctx: &StepContext,
+    level: SimdLevel,
+) -> Result<(), EngineError> {
+    let flags = K::flags(h, ctx);
+    let keys = K::state_keys(h);
+    if K::num_states(flags) != keys.len() {
+        return Err(EngineError::Mismatch {
+            what: format!("{}: flag set and state keys disagree", K::NAME),
+        });
+    }
+    for (index, t) in group.tensors().iter().enumerate() {
+        check_tensor::<K>(index, t, keys.len())?;
+    }
+    let mut scalars = vec![[0.0; MAX_SCALARS]; group.len()];
+    for (t, values) in group.tensors().iter().zip(scalars.iter_mut()) {
+        let slots = t.scalars();
+        if K::SCALARS.first() == Some(&"step") {
+            slots[0].set(slots[0].get() + 1.0);
+        }
+        K::advance(h, slots);
+        for (value, slot) in values.iter_mut().zip(slots) {
+            *value = slot.get();
+        }
+    }
+    let prep = K::grad_prep(h);
+    let has_f32 = group
+        .tensors()
+        .iter()
+        .any(|t| t.compute() == super::Compute::F32);
+    let has_f64 = group
+        .tensors()
+        .iter()
+        .any(|t| t.compute() == super::Compute::F64);
+    let runner = Runner::<K> {
+        group,
+        level,
+        consts32: per_tensor::<K, f32>(h, &scalars, has_f32),
+        consts64: per_tensor::<K, f64>(h, &scalars, has_f64),
+        prep32: PrepConsts::new(&prep, ctx),
+        prep64: PrepConsts::new(&prep, ctx),
+    };
+    K::dispatch_flags(flags, runner);
+    Ok(())
+}
+
+/// Refuses a tensor whose buffers the kernel cannot step.
+fn check_tensor<K: Elementwise>(
+    index: usize,
+    t: &super::TensorBuffers,
+    num_states: usize,
+) -> Result<(), EngineError> {
+    let mismatch = |what: String| {
+        Err(EngineError::Mismatch {
+            what: format!("{}: parameter {index}: {what}", K::NAME),
+        })
+    };
+    let (Some(param), Some(grad)) = (t.param, t.grad) else {
+        return mismatch("a parameter and its gradient are needed".to_string());
+    };
+    if t.num_states != num_states {
+        return mismatch(format!(
+            "{} state buffers, the kernel needs {num_states}",
+            t.num_states
+        ));
+    }
+    if t.num_scalars != K::SCALARS.len() {
+        return mismatch(format!(
+            "{} scalar state slots, the kernel needs {}",
+            t.num_scalars,
+            K::SCALARS.len()
+        ));
+    }
+    if grad.format != param.format {
+        return mismatch("the gradient's dtype differs from the parameter's".to_string());
+    }
+    if t.master.is_some() {
+        return Err(EngineError::Unsupported {
+            what: format!("{}: master copies are not supported yet", K::NAME),
+        });
+    }
+    let state_format = t.states().first().map_or(param.format, |s| s.format);
+    if t.states().iter().any(|s| s.format != state_format)
+        || !supported_formats(param.format, state_format)
+    {
+        return Err(EngineError::Unsupported {
+            what: format!(
+                "{}: parameter {index}: {} parameters with {} states",
+                K::NAME,
+                param.format.name(),
+                state_format.name()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The (parameter, state) format pairs the loops are compiled for.
+pub fn supported_formats(param: Format, state: Format) -> bool {
+    use Format::*;
+    matches!(
+        (param, state),
+        (F32, F32)
+            | (F64, F64)
+            | (F32, BF16)
+            | (BF16, BF16)
+            | (BF16, F32)
+            | (F16, F16)
+            | (F16, F32)
+    )
+}
+
+struct Runner<'g, 'a, K: Elementwise> {
+    group: &'g Group<'a>,
+    level: SimdLevel,
+    consts32: Vec<K::Consts<f32>>,
+    consts64: Vec<K::Consts<f64>>,
+    prep32: PrepConsts<f32>,
+    prep64: PrepConsts<f64>,
+}
+
+impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
+    type Output = ();
+
+    fn run<const FLAGS: u32>(self) {
+        let level = self.level;
+        self.group.for_each_chunk(|segments| {
+            for segment in segments {
+                let t = segment.buffers();
+                let param = t.param.map_or(Format::F32, |b| b.format);
+                let state = t.states().first().map_or(param, |s| s.format);
+                let i = segment.tensor_index();
+                match (param, state) {
+                    (Format::F64, _) => {
+                        let k = (&self.consts64[i], &self.prep64);
+                        run_segment::<K, f64, f64, FLAGS>(level, k, segment)
+                    }
+                    (Format::F32, Format::BF16) => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, f32, half::bf16, FLAGS>(level, k, segment)
+                    }
+                    (Format::BF16, Format::BF16) => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, half::bf16, half::bf16, FLAGS>(level, k, segment)
+                    }
+                    (Format::BF16, _) => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, half::bf16, f32, FLAGS>(level, k, segment)
+                    }
+                    (Format::F16, Format::F16) => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, half::f16, half::f16, FLAGS>(level, k, segment)
+                    }
+                    (Format::F16, _) => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, half::f16, f32, FLAGS>(level, k, segment)
+                    }
+                    _ => {
+                        let k = (&self.consts32[i], &self.prep32);
+                        run_segment::<K, f32, f32, FLAGS>(level, k, segment)
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[inline(always)]
+fn run_segment<K, P, S, const FLAGS: u32>(
+    level: SimdLevel,
+    (consts, prep): (&K::Consts<P::Compute>, &PrepConsts<P::Compute>),
+    segment: ChunkSlices<'_>,
+) where
+    K: Elementwise,
+    P: Storage,
+    S: Storage<Compute = P::Compute>,
+{
+    dispatch(
+        level,
+        UpdateTask::<K, P, S, FLAGS> {
+            consts,
+            prep,
+            slices: segment.slices(),
+        },
+    )
+}
+
+struct UpdateTask<'s, K: Elementwise, P: Storage, S, const FLAGS: u32> {
+    consts: &'s K::Consts<P::Compute>,
+    prep: &'s PrepConsts<P::Compute>,
+    slices: Slices<'s, P, S>,
+}
+
+impl<K, P, S, const FLAGS: u32> SimdTask for UpdateTask<'_, K, P, S, FLAGS>
+where
+    K: Elementwise,
+    P: Storage,
+    S: Storage<Compute = P::Compute>,
+{
+    type Output = ();
+
+    /// The loop every optimizer runs: one pass, each element loaded, updated
+    /// and stored once. `num_states` and `reads_state` are constants here, so
+    /// the unused slots vanish and the loop vectorises.
+    #[inline(always)]
+    fn run(self) {
+        let Slices {
+            param,
+            grad,
+            states,
+        } = self.slices;
+        let n = param.len();
+        let grad = &grad[..n];
+        let used = K::num_states(FLAGS);
+        let [s0, s1, s2, s3] = states;
+        let s0 = if used > 0 { &mut s0[..n] } else { s0 };
+        let s1 = if used > 1 { &mut s1[..n] } else { s1 };
+        let s2 = if used > 2 { &mut s2[..n] } else { s2 };
+        let s3 = if used > 3 { &mut s3[..n] } else { s3 };
+        let reads = |k: usize| used > k && K::reads_state(FLAGS, k);
+        let zero = <P::Compute as Real>::ZERO;
+        for i in 0..n {
+            let mut p = param[i].load();
+            let g = self.prep.apply::<FLAGS>(grad[i].load(), p);
+            let mut s = [zero; MAX_STATES];
+            if reads(0) {
+                s[0] = s0[i].load();
+            }
+            if reads(1) {
+                s[1] = s1[i].load();
+            }
+            if reads(2) {
+                s[2] = s2[i].load();
+            }
+            if reads(3) {
+                s[3] = s3[i].load();
+            }
+            K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
+            param[i] = P::store(p);
+            if used > 0 {
+                s0[i] = S::store(s[0]);
+            }
+            if used > 1 {
+                s1[i] = S::store(s[1]);
+            }
+            if used > 2 {
+                s2[i] = S::store(s[2]);
+            }
+            if used > 3 {
+                s3[i] = S::store(s[3]);
+            }
+        }
+    }
+}

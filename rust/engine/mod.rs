@@ -1,0 +1,25 @@
+//! The engine: one driver for every optimizer and every storage format.
+//!
+//! * [`format`]: storage formats and the compute types they load into;
+//! * [`buffers`]: a tensor's buffers by role and format, scalar state slots,
+//!   and the checks that make raw addresses safe;
+//! * [`group`]: a parameter group cut into chunks across all its tensors;
+//! * [`hyper`]: hyperparameter records read by name;
+//! * [`elementwise`]: the `Elementwise` trait and the step driver;
+//! * [`reduce`]: reductions and maps over gradients (norms, clipping).
+
+pub mod buffers;
+pub mod elementwise;
+pub mod format;
+pub mod group;
+pub mod hyper;
+pub mod reduce;
+
+pub use buffers::{
+    check_buffers, is_dense, Buffer, EngineError, GradAccess, ScalarSlot, TensorBuffers,
+    WrittenSet, MAX_SCALARS, MAX_STATES,
+};
+pub use elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2, MAXIMIZE};
+pub use format::{Compute, Format, Real, Storage};
+pub use group::{ChunkSlices, Group, Slices};
+pub use hyper::{HyperError, HyperMap, HyperRecord, HyperSource, TensorScalar};
