@@ -305,7 +305,6 @@ FAMILIES: dict[str, Family] = {
         ),
         state_tensors=("step", "exp_avg", "exp_inf"),
         has_fused=False,
-        rust=False,  # until its kernel lands on the new engine (issue 9)
     ),
     "NAdam": Family(
         "NAdam",
@@ -336,7 +335,6 @@ FAMILIES: dict[str, Family] = {
         state_tensors=("step", "exp_avg", "exp_avg_sq", "mu_product"),
         scalar_state=("step", "mu_product"),
         has_fused=False,
-        rust=False,  # until its kernel lands on the new engine (issue 9)
     ),
 }
 
@@ -348,7 +346,7 @@ def runs_in_rust(name: str) -> bool:
 
 
 #: Families with a kernel of their own (Adam-decoupled shares Adam's).
-NEW_FAMILIES = ("SGD", "RMSprop", "Adagrad")
+NEW_FAMILIES = ("SGD", "RMSprop", "Adagrad", "Adamax", "NAdam")
 ALL_FAMILIES = tuple(FAMILIES)
 
 

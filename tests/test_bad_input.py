@@ -601,6 +601,8 @@ STATE_ALIASES = [
     pytest.param("RMSprop", {"momentum": 0.5, "centered": True}, "grad_avg", id="RMSprop-grad_avg"),
     pytest.param("RMSprop", {"momentum": 0.5}, "momentum_buffer", id="RMSprop-momentum_buffer"),
     pytest.param("Adagrad", {}, "sum", id="Adagrad-sum"),
+    pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
+    pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
 ]
 
 

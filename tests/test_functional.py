@@ -54,6 +54,10 @@ class Case:
     has_step: bool = True
     #: SGD with momentum: pass ``first_step=True`` on the first call.
     first_step: bool = False
+    #: Functional scalar-state argument -> torch state key: one 1-element float32 array
+    #: per param, starting at 1 (NAdam's ``mu_products``, float32 as torch's 0-d state
+    #: tensors under its default dtype, whatever the params' dtype).
+    scalars: dict[str, str] = field(default_factory=dict)
 
 
 ADAM_STATES = {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq"}
@@ -98,6 +102,21 @@ def _adagrad(initial: float = 0.0, **hyper: Any) -> Case:
     )
 
 
+def _adamax(**hyper: Any) -> Case:
+    states = {"exp_avgs": "exp_avg", "exp_infs": "exp_inf"}
+    return Case("adamax_", torch.optim.Adamax, {"lr": 3e-3, **hyper}, states)
+
+
+def _nadam(**hyper: Any) -> Case:
+    return Case(
+        "nadam_",
+        torch.optim.NAdam,
+        {"lr": 3e-3, **hyper},
+        ADAM_STATES,
+        scalars={"mu_products": "mu_product"},
+    )
+
+
 CASES: dict[str, Case] = {
     "adam": _adam("adam_", torch.optim.Adam),
     "adam-amsgrad": _adam("adam_", torch.optim.Adam, amsgrad=True),
@@ -135,6 +154,13 @@ CASES: dict[str, Case] = {
     "adagrad-lr_decay-wd-maximize-init": _adagrad(
         initial=0.1, lr_decay=0.05, weight_decay=0.05, maximize=True, eps=1e-6
     ),
+    "adamax": _adamax(),
+    "adamax-wd-maximize": _adamax(weight_decay=0.05, maximize=True, betas=(0.8, 0.99), eps=1e-6),
+    "nadam": _nadam(),
+    "nadam-wd-maximize": _nadam(weight_decay=0.05, maximize=True, momentum_decay=0.02),
+    "nadam-decoupled": _nadam(
+        weight_decay=0.1, decoupled_weight_decay=True, betas=(0.8, 0.99), eps=1e-6
+    ),
 }
 
 
@@ -162,6 +188,7 @@ class Runner:
             name: [np.full(s, case.init.get(name, 0.0), dtype) for s in shapes]
             for name in case.states
         }
+        self.scalars = {name: [np.ones(1, np.float32) for _ in shapes] for name in case.scalars}
         self.tparams = [torch.from_numpy(p.copy()).requires_grad_() for p in self.params]
         self.topt = case.torch_cls(self.tparams, **case.hyper, **case.torch_only, foreach=False)
         self.rng = np.random.default_rng(seed + 1)
@@ -176,7 +203,7 @@ class Runner:
             kwargs["step"] = self.t
         if self.case.first_step:
             kwargs["first_step"] = self.t == 1
-        getattr(F, self.case.fn)(self.params, grads, **self.states, **kwargs)
+        getattr(F, self.case.fn)(self.params, grads, **self.states, **self.scalars, **kwargs)
         for p, g in zip(self.tparams, grads, strict=True):
             p.grad = torch.from_numpy(g.copy())
         self.topt.step()
@@ -217,6 +244,10 @@ class Runner:
         if self.case.has_step:
             for tp in self.tparams:
                 assert float(self.topt.state[tp]["step"]) == self.t
+        for name, key in self.case.scalars.items():
+            for value, tp in zip(self.scalars[name], self.tparams, strict=True):
+                assert value.dtype == np.float32 and value.shape == (1,)
+                assert float(value[0]) == float(self.topt.state[tp][key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,14 +260,14 @@ def test_matches_torch(name, dtype):
             runner.check()
 
 
-@pytest.mark.parametrize("fn", ["adamw_", "sgd_", "rmsprop_", "adagrad_"])
+@pytest.mark.parametrize("fn", ["adamw_", "sgd_", "rmsprop_", "adagrad_", "adamax_"])
 def test_single_arrays_and_lists_agree(fn):
     """One array (not in a list) steps like a one-element list; a 2-D array like its
     flattening."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((17, 9)).astype(np.float32)
     g = rng.standard_normal((17, 9)).astype(np.float32)
-    n_states = {"adamw_": 2, "sgd_": 1, "rmsprop_": 1, "adagrad_": 1}[fn]
+    n_states = {"adamw_": 2, "sgd_": 1, "rmsprop_": 1, "adagrad_": 1, "adamax_": 2}[fn]
     kwargs: dict[str, Any] = {"momentum": 0.9, "first_step": True} if fn == "sgd_" else {"step": 1}
     single = [w.copy(), g.copy()] + [np.zeros_like(w) for _ in range(n_states)]
     listed = [[a.copy().reshape(-1)] for a in single]
@@ -542,6 +573,20 @@ def _adagrad_args(**over: Any) -> dict[str, Any]:
     return args
 
 
+def _nadam_args(**over: Any) -> dict[str, Any]:
+    params = _good()
+    args: dict[str, Any] = {
+        "params": params,
+        "grads": _good(),
+        "exp_avgs": _zeros2(),
+        "exp_avg_sqs": _zeros2(),
+        "mu_products": [np.ones(1, np.float32) for _ in range(2)],
+        "step": 1,
+    }
+    args.update(over)
+    return args
+
+
 def _zeros2() -> list[np.ndarray]:
     return [np.zeros(100, np.float32), np.zeros(100, np.float32)]
 
@@ -610,6 +655,57 @@ BAD_OTHER: dict[str, tuple[str, Callable[[], dict[str, Any]], type, str]] = {
         "lr_decay",
     ),
     "adagrad-step-bool": ("adagrad_", lambda: _adagrad_args(step=True), ValueError, "step"),
+    "adamax-beta1-one": (
+        "adamax_",
+        lambda: {
+            "params": _good(),
+            "grads": _good(),
+            "exp_avgs": _zeros2(),
+            "exp_infs": _zeros2(),
+            "step": 1,
+            "betas": (1.0, 0.999),
+        },
+        ValueError,
+        "beta parameter at index 0",
+    ),
+    "nadam-negative-momentum_decay": (
+        "nadam_",
+        lambda: _nadam_args(momentum_decay=-1e-3),
+        ValueError,
+        "Invalid momentum_decay value",
+    ),
+    "nadam-mu_product-two-elements": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32), np.ones(2, np.float32)]),
+        ValueError,
+        r"mu_products\[1\] has 2 elements",
+    ),
+    "nadam-mu_product-missing": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32)]),
+        ValueError,
+        "1 mu_products",
+    ),
+    "nadam-mu_product-inside-a-param": (
+        "nadam_",
+        lambda: (lambda a: {**a, "mu_products": [a["params"][0][5:6], np.ones(1, np.float32)]})(
+            _nadam_args()
+        ),
+        ValueError,
+        "share memory",
+    ),
+    "nadam-mu_product-twice": (
+        "nadam_",
+        lambda: (lambda m: _nadam_args(mu_products=[m, m]))(np.ones(1, np.float32)),
+        ValueError,
+        "same array",
+    ),
+    "nadam-mu_product-float16": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32), np.ones(1, np.float16)]),
+        TypeError,
+        "float32",
+    ),
     "adagrad-float16-state": (
         "adagrad_",
         lambda: _adagrad_args(state_sums=[np.zeros(100, np.float32), np.zeros(100, np.float16)]),

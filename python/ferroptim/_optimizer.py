@@ -117,6 +117,9 @@ class Gathered:
     grads: list[Tensor] = field(default_factory=list)
     states: list[list[Any]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
+    #: Per-tensor scalar state after the step counter (``_ferro_scalar_keys``), by key:
+    #: ``scalars[key][i]`` is ``params[i]``'s 0-d tensor (NAdam's ``mu_product``).
+    scalars: dict[str, list[Tensor]] = field(default_factory=dict)
     has_complex: bool = False
     has_sparse_grad: bool = False
     #: GradScaler's scale and inf flag, for torch's fused kernels.
@@ -303,6 +306,15 @@ def _check_capturable(gathered: Gathered, group: dict[str, Any]) -> None:
             )
 
 
+def _cpu_scalar(state: dict[str, Any], key: str, value: Tensor) -> Tensor:
+    """Per-tensor scalar state the kernel can keep: a CPU float32/float64 tensor (one on
+    another device, from a capturable or fused step, is replaced in the state by a CPU
+    tensor of torch's scalar dtype holding its value)."""
+    if value.device.type != "cpu" or value.dtype not in _RUST_DTYPES:
+        value = state[key] = torch.tensor(float(value), dtype=_get_scalar_dtype())
+    return value
+
+
 def _real(tensors: list[Tensor]) -> list[Tensor]:
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
@@ -351,6 +363,10 @@ class RustStepMixin:
 
     #: Name of the per-parameter step counter in the state, or None.
     _ferro_step_key: ClassVar[str | None] = "step"
+    #: More per-tensor scalar state the kernel keeps after the step counter, in its
+    #: slot order (NAdam's ``mu_product``); ``_ferro_gather`` lists it in
+    #: ``Gathered.scalars``.
+    _ferro_scalar_keys: ClassVar[tuple[str, ...]] = ()
     #: Whether torch has a fused implementation of this optimizer.
     _ferro_has_fused: ClassVar[bool] = True
     #: Whether torch supports sparse gradients for this optimizer (they take its path).
@@ -919,10 +935,10 @@ class RustStepMixin:
                     state[key] = buffer
                 states[k].append(_local(buffer))
             if step_key is not None:
-                step = gathered.steps[i]
-                if step.device.type != "cpu" or step.dtype not in _RUST_DTYPES:
-                    step = torch.tensor(float(step), dtype=_get_scalar_dtype())
-                    state[step_key] = gathered.steps[i] = step
+                gathered.steps[i] = _cpu_scalar(state, step_key, gathered.steps[i])
+            for key in self._ferro_scalar_keys:
+                scalars = gathered.scalars[key]
+                scalars[i] = _cpu_scalar(state, key, scalars[i])
             works.append(work)
             kinds.append((fresh, dtensor))
             written_storages.add(_storage_key(work))
@@ -970,7 +986,8 @@ class RustStepMixin:
                     _real([works[i] for i in index]),
                     _real([grads[i] for i in index]),
                     [_real([s[i] for i in index]) for s in states],
-                    [[gathered.steps[i] for i in index]] if step_key is not None else [],
+                    [[gathered.steps[i] for i in index]] * (step_key is not None)
+                    + [[gathered.scalars[k][i] for i in index] for k in self._ferro_scalar_keys],
                 )
             except ValueError as error:
                 raise RuntimeError(f"{name}: {error}") from error
@@ -1002,7 +1019,8 @@ class RustStepMixin:
                 params,
                 [self.state.get(p, _NO_STATE) for p in params],
                 list(key[0]),
-                [self._ferro_step_key] if self._ferro_step_key is not None else [],
+                [self._ferro_step_key] * (self._ferro_step_key is not None)
+                + list(self._ferro_scalar_keys),
             )
         except (ValueError, RuntimeError):
             return  # not plannable (odd layout, foreign state): the slow path stays correct

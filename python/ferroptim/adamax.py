@@ -1,10 +1,4 @@
-"""Adamax: torch.optim's class, with ferroptim's step machinery.
-
-Until Adamax's Rust kernel lands on the new engine (issue 9), every group steps
-through torch's own implementation (its for-loop on CPU): the numbers are torch's,
-and everything else ferroptim adds (``max_grad_norm``, ``skip_nonfinite``, GradScaler,
-the plans' checks) already works.
-"""
+"""Adamax: torch.optim's class with the CPU step in Rust (``rust/kernels/adamax.rs``)."""
 
 from __future__ import annotations
 
@@ -22,6 +16,17 @@ __all__ = ["Adamax"]
 _PLAIN = (float, int)
 
 
+def tensor_betas(group: dict[str, Any]) -> bool:
+    """Whether the group's betas hold a tensor: torch then computes ``1 - beta1``,
+    ``beta1 ** step`` and what follows in the tensors' own (float32) arithmetic, which
+    the kernels (float64 scalars, as from Python floats) do not reproduce: such groups
+    take torch's for-loop, exactly torch's numbers."""
+    betas = group["betas"]
+    if type(betas) is not tuple and type(betas) is not list:
+        return False
+    return any(isinstance(b, Tensor) for b in betas)
+
+
 def usual_betas(betas: Any) -> bool:
     """Whether ``betas`` is a pair of plain numbers in ``[0, 1)`` (what torch's constructor
     accepts): then the for-loop's per-step scalars cannot raise."""
@@ -31,10 +36,13 @@ def usual_betas(betas: Any) -> bool:
 
 
 class Adamax(RustStepMixin, torch.optim.Adamax):
-    """Drop-in :class:`torch.optim.Adamax`.
+    """Drop-in :class:`torch.optim.Adamax` whose CPU step runs in Rust.
 
     Same signature, defaults, param_group keys and ``state_dict`` format (``step``,
-    ``exp_avg``, ``exp_inf``); results are torch's for-loop implementation's.
+    ``exp_avg``, ``exp_inf``); results match torch's for-loop implementation. CPU
+    float32/float64 (and complex) parameters step in Rust; parameters on other devices,
+    in other dtypes, or with ``differentiable=True`` step through torch's own
+    implementation (foreach where it can: torch has no fused Adamax).
 
     Extra keywords: ``max_grad_norm`` clips the global L2 norm of all gradients inside
     the step (see :mod:`ferroptim.clip`); ``skip_nonfinite`` skips steps whose gradients
@@ -85,6 +93,8 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
 
     _ferro_numbers = ("lr", "eps", "weight_decay")
 
+    _ferro_kernel_name = "adamax"
+
     def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._ferro_check_hyperparameters(group)
         beta1, beta2 = group["betas"]
@@ -92,8 +102,7 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
         check_number(beta2, "beta2")
 
     def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
-        # No Rust kernel yet (it lands with the new engine): torch's implementation steps.
-        return True
+        return tensor_betas(group)
 
     def _ferro_usual(self, group: dict[str, Any]) -> bool:
         return usual_betas(group["betas"])

@@ -1,17 +1,12 @@
-"""NAdam: torch.optim's class, with ferroptim's step machinery.
-
-Until NAdam's Rust kernel lands on the new engine (issue 9), every group steps
-through torch's own implementation (its for-loop on CPU): the numbers are torch's,
-and everything else ferroptim adds (``max_grad_norm``, ``skip_nonfinite``, GradScaler,
-the plans' checks) already works.
+"""NAdam: torch.optim's class with the CPU step in Rust (``rust/kernels/nadam.rs``).
 
 Besides ``step``, each parameter's state keeps a per-tensor scalar ``mu_product`` (a
-0-d tensor, the running product of the momentum schedule).
+0-d tensor, the running product of the momentum schedule): the kernel's second scalar
+slot.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,23 +15,20 @@ from torch.optim import nadam as torch_nadam
 from torch.optim.optimizer import ParamsT
 
 from ferroptim._optimizer import Gathered, RustStepMixin, check_number, scalar
-from ferroptim.adamax import usual_betas
+from ferroptim.adamax import tensor_betas, usual_betas
 
 __all__ = ["NAdam"]
 
 
-@dataclass
-class _NAdamGathered(Gathered):
-    #: Each param's ``mu_product`` (a 0-d tensor, like its step counter).
-    mu_products: list[Tensor] = field(default_factory=list)
-
-
 class NAdam(RustStepMixin, torch.optim.NAdam):
-    """Drop-in :class:`torch.optim.NAdam`.
+    """Drop-in :class:`torch.optim.NAdam` whose CPU step runs in Rust.
 
     Same signature, defaults, param_group keys and ``state_dict`` format (``step``,
-    ``mu_product``, ``exp_avg``, ``exp_avg_sq``); results are torch's for-loop
-    implementation's. ``decoupled_weight_decay=True`` is NAdamW.
+    ``mu_product``, ``exp_avg``, ``exp_avg_sq``); results match torch's for-loop
+    implementation. ``decoupled_weight_decay=True`` is NAdamW. CPU float32/float64 (and
+    complex) parameters step in Rust; parameters on other devices, in other dtypes, or
+    with ``differentiable=True`` step through torch's own implementation (foreach where
+    it can: torch has no fused NAdam).
 
     Extra keywords: ``max_grad_norm`` clips the global L2 norm of all gradients inside
     the step (see :mod:`ferroptim.clip`); ``skip_nonfinite`` skips steps whose gradients
@@ -44,6 +36,8 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
     """
 
     _ferro_has_fused = False
+    _ferro_scalar_keys = ("mu_product",)
+    _ferro_kernel_name = "nadam"
 
     def __init__(
         self,
@@ -82,16 +76,25 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         return ("exp_avg", "exp_avg_sq")
 
     def _ferro_gather(self, group: dict[str, Any]) -> Gathered:
-        g = _NAdamGathered(keys=("exp_avg", "exp_avg_sq"))
+        g = Gathered(keys=("exp_avg", "exp_avg_sq"))
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
+        mu_products: list[Tensor] = []
         g.has_complex = self._init_group(
-            group, g.params, g.grads, exp_avgs, exp_avg_sqs, g.mu_products, g.steps
+            group, g.params, g.grads, exp_avgs, exp_avg_sqs, mu_products, g.steps
         )
         g.states = [exp_avgs, exp_avg_sqs]
+        g.scalars = {"mu_product": mu_products}
         return g
 
     _ferro_numbers = ("lr", "eps", "weight_decay", "momentum_decay")
+
+    def _ferro_aliased_grad(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+        # torch's NAdamW decays the param before reading the (un-negated) grad.
+        decays_first = group["decoupled_weight_decay"] and group["weight_decay"] != 0
+        if decays_first and not group["maximize"] and grad.data_ptr() == param.data_ptr():
+            return grad.mul(1 - scalar(group["lr"]) * scalar(group["weight_decay"]))
+        return grad.clone()
 
     def _ferro_check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._ferro_check_hyperparameters(group)
@@ -100,8 +103,8 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         check_number(beta2, "beta2")
 
     def _ferro_rust_unsupported(self, group: dict[str, Any]) -> bool:
-        # No Rust kernel yet (it lands with the new engine): torch's implementation steps.
-        return True
+        # Tensor betas or momentum_decay: torch's tensor arithmetic (see tensor_betas).
+        return tensor_betas(group) or isinstance(group["momentum_decay"], Tensor)
 
     def _ferro_usual(self, group: dict[str, Any]) -> bool:
         momentum_decay = group["momentum_decay"]
@@ -116,11 +119,10 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         # `mu_product` as its float32 tensor product leaves it: hyperparameters set
         # outside the constructor's ranges can overflow (`1.5 ** 2000`) or divide by zero
         # (`1 - mu_product == 0`).
-        if not isinstance(gathered, _NAdamGathered):
-            return
         beta1, beta2 = group["betas"]
         lr, momentum_decay = group["lr"], group["momentum_decay"]
-        for step_t, mu_product in zip(gathered.steps, gathered.mu_products, strict=True):
+        mu_products = gathered.scalars["mu_product"]
+        for step_t, mu_product in zip(gathered.steps, mu_products, strict=True):
             step = float(step_t) + 1
             _ = 1 - beta2**step
             mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
@@ -133,14 +135,13 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
     def _ferro_torch_step(
         self, gathered: Gathered, group: dict[str, Any], *, foreach: bool, fused: bool
     ) -> None:
-        assert isinstance(gathered, _NAdamGathered)
         beta1, beta2 = group["betas"]
         torch_nadam.nadam(
             gathered.params,
             gathered.grads,
             gathered.states[0],
             gathered.states[1],
-            gathered.mu_products,
+            gathered.scalars["mu_product"],
             gathered.steps,
             decoupled_weight_decay=group["decoupled_weight_decay"],
             foreach=foreach,

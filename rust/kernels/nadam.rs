@@ -8,8 +8,7 @@
 //! torch rounds them:
 //!
 //! ```text
-//! grad = grad * inv_scale * clip_coef         (GradScaler unscale, clipping; 1.0 when off)
-//! g = -grad if maximize else grad
+//! (engine: grad * inv_scale * clip_coef, maximize, L2 decay — see engine::elementwise)
 //! decoupled: p = p * (1 - lr*wd)              param.mul_(1 - lr * weight_decay)
 //! L2:        g = p*wd + g   (fused)           grad.add(param, alpha=weight_decay)
 //! m = lerp(m, g, 1 - beta1)                   exp_avg.lerp_(grad, 1 - beta1)
@@ -25,8 +24,9 @@
 //! bc2 = 1 - beta2 ** step
 //! mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
 //! mu_next = beta1 * (1 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
-//! mu_product *= mu                            a 0-d tensor op: rounded to the tensor's dtype
-//!                                             (float32 unless torch's default dtype is float64)
+//! mu_product *= mu                            a 0-d tensor op: `mu` and the product rounded to
+//!                                             the tensor's dtype (float32 unless torch's default
+//!                                             dtype is float64): [`Nadam::advance`]
 //! c1 = -lr * (1 - mu) / (1 - mu_product)
 //! c2 = (-lr * mu_next) / (1 - mu_product * mu_next)
 //! ```
@@ -34,7 +34,7 @@
 //! Complex params step as their real views (torch takes `view_as_real` before the
 //! weight decay, so the L2 term is the same fused multiply-add as for real params).
 //! A float32 tensor `lr` makes torch compute `1 - lr*wd`, `c1` and `c2` in float32
-//! tensor arithmetic ([`NadamHyper::lr_is_f32`]).
+//! tensor arithmetic (`lr.is_f32_tensor`).
 //!
 //! Rounding checked element by element against torch 2.15's float32 for-loop
 //! (30 steps, sizes 1..4099, every flag): bitwise equal where torch's vectorised
@@ -43,91 +43,70 @@
 //!
 //! One pass over memory: read p, g, m, v; write p, m, v.
 
-use super::{GradScale, GradScaleOf, Lerp, Real};
-use crate::engine::DType;
+use super::Lerp;
+use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
+use crate::engine::{Format, Real, ScalarSlot, TensorScalar, MAX_STATES};
 
-/// Hyperparameters of one parameter group, as torch keeps them.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct NadamHyper {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub momentum_decay: f64,
-    /// NAdamW: `param *= 1 - lr * wd` instead of L2 (`grad += wd * param`).
-    pub decoupled_weight_decay: bool,
-    pub maximize: bool,
-    /// Unscaling and clipping applied to every gradient as it is read.
-    pub grad_scale: GradScale,
-    /// `lr` is a float32 tensor: torch computes `1 - lr * wd`, `c1` and `c2` in
-    /// float32 tensor arithmetic.
-    pub lr_is_f32: bool,
+crate::hyper_record! {
+    /// NAdam's hyperparameters, under torch's param-group names.
+    pub struct NadamHyper {
+        /// A float32 tensor `lr` makes torch compute `1 - lr * wd`, `c1` and `c2`
+        /// in float32 tensor arithmetic.
+        lr: TensorScalar,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+        momentum_decay: f64,
+        /// NAdamW: `param *= 1 - lr * wd` instead of L2 (`grad += wd * param`).
+        decoupled_weight_decay: bool,
+        maximize: bool,
+    }
 }
 
 impl Default for NadamHyper {
     fn default() -> Self {
         NadamHyper {
-            lr: 2e-3,
-            beta1: 0.9,
-            beta2: 0.999,
+            lr: TensorScalar::of(2e-3),
+            betas: [0.9, 0.999],
             eps: 1e-8,
             weight_decay: 0.0,
             momentum_decay: 4e-3,
             decoupled_weight_decay: false,
             maximize: false,
-            grad_scale: GradScale::default(),
-            lr_is_f32: false,
         }
     }
 }
-
-/// Weight-decay variants, specialised at compile time.
-pub const WD_NONE: u8 = 0;
-pub const WD_L2: u8 = 1;
-pub const WD_DECOUPLED: u8 = 2;
 
 impl NadamHyper {
-    /// State buffers per parameter: exp_avg, exp_avg_sq.
-    pub const NUM_STATES: usize = 2;
-
-    pub fn weight_decay_mode(&self) -> u8 {
-        if self.weight_decay == 0.0 {
-            WD_NONE
-        } else if self.decoupled_weight_decay {
-            WD_DECOUPLED
-        } else {
-            WD_L2
-        }
-    }
-
     /// `mu_t` of step `step`: `beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))`.
     pub fn mu(&self, step: f64) -> f64 {
-        self.beta1 * (1.0 - 0.5 * 0.96f64.powf(step * self.momentum_decay))
+        self.betas[0] * (1.0 - 0.5 * 0.96f64.powf(step * self.momentum_decay))
     }
 
-    /// The tensor's `mu_product` after step `step` (`mu_product *= mu`), from its value
-    /// before, rounded to the dtype of torch's 0-d tensor: the Python float `mu` is
-    /// rounded to that dtype and the product rounded again.
-    pub fn next_mu_product(&self, step: f64, previous: f64, dtype: DType) -> f64 {
+    /// `mu_product` after step `step` (`mu_product *= mu`), from its value before, in
+    /// the dtype of torch's 0-d tensor: the Python float `mu` is rounded to that dtype,
+    /// the product too.
+    pub fn next_mu_product(&self, step: f64, previous: f64, format: Format) -> f64 {
         let mu = self.mu(step);
-        match dtype {
-            DType::F32 => f64::from(previous as f32 * mu as f32),
-            DType::F64 => previous * mu,
+        match format {
+            Format::F32 => f64::from(previous as f32 * mu as f32),
+            _ => previous * mu,
         }
     }
 }
+
+/// Decoupled weight decay (`param *= 1 - lr * wd` before the update).
+const DECOUPLED: u32 = 1 << 2;
 
 /// The constants of one tensor's update, rounded to its compute type.
 #[derive(Clone, Copy, Debug)]
 pub struct NadamConsts<C> {
-    grad_scale: GradScaleOf<C>,
     lerp: Lerp<C>,
     beta2: C,
     one_minus_beta2: C,
     eps: C,
-    /// L2: `alpha` of `grad.add(param, alpha=wd)`; decoupled: `1 - lr * wd`.
-    weight_decay: C,
+    /// `1 - lr * wd` (decoupled decay).
+    decay: C,
     bias_correction2: C,
     /// `value` of the first `addcdiv_` (on the gradient).
     grad_coefficient: C,
@@ -135,78 +114,118 @@ pub struct NadamConsts<C> {
     exp_avg_coefficient: C,
 }
 
-impl<C: Real> NadamConsts<C> {
-    /// Constants for step `step` (already incremented) of a tensor whose `mu_product`
-    /// is `mu_product` after this step's update ([`NadamHyper::next_mu_product`]),
-    /// computed in float64 exactly as torch's Python code computes them.
-    pub fn new(h: &NadamHyper, step: f64, mu_product: f64) -> Self {
-        let bias_correction2 = 1.0 - h.beta2.powf(step);
+/// NAdam (and NAdamW with `decoupled_weight_decay`).
+pub struct Nadam;
+
+impl Elementwise for Nadam {
+    const NAME: &'static str = "nadam";
+    const SCALARS: &'static [&'static str] = &["step", "mu_product"];
+    type Hyper = NadamHyper;
+    type Consts<C: Real> = NadamConsts<C>;
+
+    fn state_keys(_h: &NadamHyper) -> &'static [&'static str] {
+        &["exp_avg", "exp_avg_sq"]
+    }
+
+    fn grad_prep(h: &NadamHyper) -> GradPrep {
+        GradPrep {
+            maximize: h.maximize,
+            l2: if h.decoupled_weight_decay {
+                0.0
+            } else {
+                h.weight_decay
+            },
+        }
+    }
+
+    fn flags(h: &NadamHyper, _ctx: &StepContext) -> u32 {
+        let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+        Self::grad_prep(h).flags() | if decoupled { DECOUPLED } else { 0 }
+    }
+
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
+        use crate::engine::MAXIMIZE as M;
+        crate::flag_match!(flags, runner, [0, M, L2, M | L2, DECOUPLED, M | DECOUPLED])
+    }
+
+    #[inline(always)]
+    fn num_states(_flags: u32) -> usize {
+        2
+    }
+
+    /// `mu_product *= mu`, in the slot's dtype (the step counter is already
+    /// incremented).
+    fn advance(h: &NadamHyper, scalars: &[ScalarSlot]) {
+        let [step, mu_product] = [scalars[0], scalars[1]];
+        mu_product.set(h.next_mu_product(step.get(), mu_product.get(), mu_product.format));
+    }
+
+    /// Computed in float64 exactly as torch's Python code computes them, from the
+    /// step number (already incremented) and `mu_product` (already advanced).
+    fn consts<C: Real>(h: &NadamHyper, scalars: &[f64]) -> NadamConsts<C> {
+        let [step, mu_product] = [scalars[0], scalars[1]];
+        let [beta1, beta2] = h.betas;
+        let lr = h.lr.value;
+        let bias_correction2 = 1.0 - beta2.powf(step);
         let mu = h.mu(step);
         let mu_next = h.mu(step + 1.0);
         let mu_product_next = mu_product * mu_next;
-        let (weight_decay, grad_coefficient, exp_avg_coefficient) = if h.lr_is_f32 {
+        let (decay, grad_coefficient, exp_avg_coefficient) = if h.lr.is_f32_tensor {
             // Tensor arithmetic on a 0-d float32 `lr`: each Python float operand is
             // rounded to float32, each operation's result too.
-            let lr = h.lr as f32;
-            let weight_decay = 1.0 - lr * h.weight_decay as f32;
+            let lr = lr as f32;
+            let decay = 1.0 - lr * h.weight_decay as f32;
             let c1 = -lr * (1.0 - mu) as f32 / (1.0 - mu_product) as f32;
             let c2 = -lr * mu_next as f32 / (1.0 - mu_product_next) as f32;
-            (f64::from(weight_decay), f64::from(c1), f64::from(c2))
+            (f64::from(decay), f64::from(c1), f64::from(c2))
         } else {
             (
-                1.0 - h.lr * h.weight_decay,
-                -h.lr * (1.0 - mu) / (1.0 - mu_product),
-                (-h.lr * mu_next) / (1.0 - mu_product_next),
+                1.0 - lr * h.weight_decay,
+                -lr * (1.0 - mu) / (1.0 - mu_product),
+                (-lr * mu_next) / (1.0 - mu_product_next),
             )
         };
         NadamConsts {
-            grad_scale: GradScaleOf::new(&h.grad_scale),
-            lerp: Lerp::new(1.0 - h.beta1),
-            beta2: C::from_f64(h.beta2),
-            one_minus_beta2: C::from_f64(1.0 - h.beta2),
+            lerp: Lerp::new(1.0 - beta1),
+            beta2: C::from_f64(beta2),
+            one_minus_beta2: C::from_f64(1.0 - beta2),
             eps: C::from_f64(h.eps),
-            weight_decay: C::from_f64(if h.decoupled_weight_decay {
-                weight_decay
-            } else {
-                h.weight_decay
-            }),
+            decay: C::from_f64(decay),
             bias_correction2: C::from_f64(bias_correction2),
             grad_coefficient: C::from_f64(grad_coefficient),
             exp_avg_coefficient: C::from_f64(exp_avg_coefficient),
         }
     }
-}
 
-/// One element's update: `(param, grad, exp_avg, exp_avg_sq)` in, the new
-/// `(param, exp_avg, exp_avg_sq)` out.
-#[inline(always)]
-pub fn update<C: Real, const MAXIMIZE: bool, const WD: u8>(
-    k: &NadamConsts<C>,
-    param: C,
-    grad: C,
-    exp_avg: C,
-    exp_avg_sq: C,
-) -> (C, C, C) {
-    let mut p = param;
-    let grad = k.grad_scale.apply(grad);
-    let mut g = if MAXIMIZE { -grad } else { grad };
-    if WD == WD_DECOUPLED {
-        p = p * k.weight_decay;
-    } else if WD == WD_L2 {
-        g = p.mul_add(k.weight_decay, g);
+    #[inline(always)]
+    fn update<C: Real, const FLAGS: u32>(
+        k: &NadamConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = p * k.decay;
+        }
+        let m = k.lerp.apply(s[0], g);
+        let v = (k.one_minus_beta2 * g).mul_add(g, s[1] * k.beta2);
+        let denom = (v / k.bias_correction2).sqrt() + k.eps;
+        p = p + k.grad_coefficient * g / denom;
+        *param = p + k.exp_avg_coefficient * m / denom;
+        s[0] = m;
+        s[1] = v;
     }
-    let m = k.lerp.apply(exp_avg, g);
-    let v = (k.one_minus_beta2 * g).mul_add(g, exp_avg_sq * k.beta2);
-    let denom = (v / k.bias_correction2).sqrt() + k.eps;
-    p = p + k.grad_coefficient * g / denom;
-    p = p + k.exp_avg_coefficient * m / denom;
-    (p, m, v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::{assert_close, random};
+    use crate::engine::elementwise::StepContext;
+    use crate::kernels::testing::{
+        assert_bitwise_everywhere, assert_close, buffers, set_grads, step_with,
+    };
+    use crate::simd::SimdLevel;
 
     /// A straightforward transcription of torch's `_single_tensor_nadam`
     /// (non-capturable branch) in float64, one tensor op per pass, as torch runs them.
@@ -217,10 +236,13 @@ mod tests {
         mu_product: &mut f64,
         param: &mut [f64],
         grad: &[f64],
-        exp_avg: &mut [f64],
-        exp_avg_sq: &mut [f64],
+        s: &mut [Vec<f64>],
     ) {
+        let [beta1, beta2] = h.betas;
+        let lr = h.lr.value;
         let n = param.len();
+        let (exp_avg, rest) = s.split_first_mut().unwrap();
+        let exp_avg_sq = &mut rest[0];
         // grad = grads[i] if not maximize else -grads[i]
         let mut grad: Vec<f64> = grad
             .iter()
@@ -229,11 +251,11 @@ mod tests {
         // step_t += 1; step = _get_value(step_t)
         *step_t += 1.0;
         let step = *step_t;
-        let bias_correction2 = 1.0 - h.beta2.powf(step);
+        let bias_correction2 = 1.0 - beta2.powf(step);
         if h.weight_decay != 0.0 {
             if h.decoupled_weight_decay {
                 // param.mul_(1 - lr * weight_decay)
-                let factor = 1.0 - h.lr * h.weight_decay;
+                let factor = 1.0 - lr * h.weight_decay;
                 param.iter_mut().for_each(|p| *p *= factor);
             } else {
                 // grad = grad.add(param, alpha=weight_decay)  (one fused multiply-add)
@@ -242,12 +264,12 @@ mod tests {
                 }
             }
         }
-        let mu = h.beta1 * (1.0 - 0.5 * 0.96f64.powf(step * h.momentum_decay));
-        let mu_next = h.beta1 * (1.0 - 0.5 * 0.96f64.powf((step + 1.0) * h.momentum_decay));
+        let mu = beta1 * (1.0 - 0.5 * 0.96f64.powf(step * h.momentum_decay));
+        let mu_next = beta1 * (1.0 - 0.5 * 0.96f64.powf((step + 1.0) * h.momentum_decay));
         // mu_product *= mu
         *mu_product *= mu;
         // exp_avg.lerp_(grad, 1 - beta1): start + weight * (end - start), weight < 0.5
-        let weight = 1.0 - h.beta1;
+        let weight = 1.0 - beta1;
         assert!(
             weight < 0.5,
             "the reference transcribes lerp's small-weight branch"
@@ -256,9 +278,9 @@ mod tests {
             exp_avg[i] = weight.mul_add(grad[i] - exp_avg[i], exp_avg[i]);
         }
         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        exp_avg_sq.iter_mut().for_each(|v| *v *= h.beta2);
+        exp_avg_sq.iter_mut().for_each(|v| *v *= beta2);
         for i in 0..n {
-            exp_avg_sq[i] = ((1.0 - h.beta2) * grad[i]).mul_add(grad[i], exp_avg_sq[i]);
+            exp_avg_sq[i] = ((1.0 - beta2) * grad[i]).mul_add(grad[i], exp_avg_sq[i]);
         }
         // denom = exp_avg_sq.div(bias_correction2).sqrt(); denom.add_(eps)
         let mut denom: Vec<f64> = exp_avg_sq
@@ -268,12 +290,12 @@ mod tests {
         denom.iter_mut().for_each(|d| *d += h.eps);
         let mu_product_next = *mu_product * mu_next;
         // param.addcdiv_(grad, denom, value=(-lr * (1.0 - mu) / (1.0 - mu_product)))
-        let value = -h.lr * (1.0 - mu) / (1.0 - *mu_product);
+        let value = -lr * (1.0 - mu) / (1.0 - *mu_product);
         for i in 0..n {
             param[i] += value * grad[i] / denom[i];
         }
         // param.addcdiv_(exp_avg, denom, value=(-lr * mu_next) / (1.0 - mu_product_next))
-        let value = (-h.lr * mu_next) / (1.0 - mu_product_next);
+        let value = (-lr * mu_next) / (1.0 - mu_product_next);
         for i in 0..n {
             param[i] += value * exp_avg[i] / denom[i];
         }
@@ -285,8 +307,8 @@ mod tests {
             for (weight_decay, decoupled) in [(0.0, false), (0.1, false), (0.1, true)] {
                 for (momentum_decay, beta1) in [(4e-3, 0.9), (0.02, 0.8)] {
                     out.push(NadamHyper {
-                        lr: 0.01,
-                        beta1,
+                        lr: TensorScalar::of(0.01),
+                        betas: [beta1, 0.999],
                         maximize,
                         weight_decay,
                         momentum_decay,
@@ -299,53 +321,43 @@ mod tests {
         out
     }
 
-    /// Steps one tensor with [`update`] in `C`, keeping `mu_product` in `dtype`.
-    fn run<C: Real>(h: &NadamHyper, n: usize, steps: u64, dtype: DType) -> (Vec<C>, f64) {
-        let mut p: Vec<C> = random(n, 7).into_iter().map(C::from_f64).collect();
-        let mut m = vec![C::ZERO; n];
-        let mut v = vec![C::ZERO; n];
-        let mut mu_product = 1.0;
-        for step in 1..=steps {
-            let grad: Vec<C> = random(n, 100 + step).into_iter().map(C::from_f64).collect();
-            mu_product = h.next_mu_product(step as f64, mu_product, dtype);
-            let k = NadamConsts::<C>::new(h, step as f64, mu_product);
-            for i in 0..n {
-                let (pi, mi, vi) = match (h.maximize, h.weight_decay_mode()) {
-                    (false, WD_NONE) => update::<C, false, WD_NONE>(&k, p[i], grad[i], m[i], v[i]),
-                    (false, WD_L2) => update::<C, false, WD_L2>(&k, p[i], grad[i], m[i], v[i]),
-                    (false, _) => update::<C, false, WD_DECOUPLED>(&k, p[i], grad[i], m[i], v[i]),
-                    (true, WD_NONE) => update::<C, true, WD_NONE>(&k, p[i], grad[i], m[i], v[i]),
-                    (true, WD_L2) => update::<C, true, WD_L2>(&k, p[i], grad[i], m[i], v[i]),
-                    (true, _) => update::<C, true, WD_DECOUPLED>(&k, p[i], grad[i], m[i], v[i]),
-                };
-                (p[i], m[i], v[i]) = (pi, mi, vi);
+    #[test]
+    fn float64_matches_the_transcribed_reference() {
+        let lens = [1, 15, 17, 1000, 70_001];
+        for h in all_hypers() {
+            let mut ours = buffers::<f64, f64>(&lens, 2, 0.0, &[0.0, 1.0]);
+            let mut reference = buffers::<f64, f64>(&lens, 2, 0.0, &[0.0, 1.0]);
+            for step in 1..=20 {
+                set_grads(&mut ours, step);
+                set_grads(&mut reference, step);
+                step_with::<Nadam, _, _>(
+                    &mut ours,
+                    &h,
+                    &StepContext::default(),
+                    SimdLevel::detect(),
+                );
+                for r in reference.iter_mut() {
+                    let [step_t, mu_product] = &mut r.scalars[..] else {
+                        unreachable!()
+                    };
+                    reference_step(&h, step_t, mu_product, &mut r.p, &r.g, &mut r.states);
+                }
+            }
+            for (b, r) in ours.iter().zip(reference.iter()) {
+                assert_eq!(b.scalars, r.scalars, "step and mu_product: {h:?}");
+                assert_eq!(b.scalars[0], 20.0);
+                assert_close(&b.p, &r.p, 1e-13, &format!("{h:?}"));
+                for (x, y) in b.states.iter().zip(&r.states) {
+                    assert_close(x, y, 1e-13, &format!("{h:?}"));
+                }
             }
         }
-        (p, mu_product)
     }
 
     #[test]
-    fn float64_matches_the_transcribed_reference() {
-        let n = 1000;
+    fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
-            let (ours, ours_mu_product) = run::<f64>(&h, n, 30, DType::F64);
-            let mut p = random(n, 7);
-            let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
-            let (mut step_t, mut mu_product) = (0.0, 1.0);
-            for step in 1..=30 {
-                let grad = random(n, 100 + step);
-                reference_step(
-                    &h,
-                    &mut step_t,
-                    &mut mu_product,
-                    &mut p,
-                    &grad,
-                    &mut m,
-                    &mut v,
-                );
-            }
-            assert_eq!(ours_mu_product, mu_product, "{h:?}");
-            assert_close(&ours, &p, 1e-13, &format!("{h:?}"));
+            assert_bitwise_everywhere::<Nadam>(&h, 0.0, &[0.0, 1.0]);
         }
     }
 
@@ -360,15 +372,21 @@ mod tests {
         for (momentum_decay, beta1, bits) in cases {
             let h = NadamHyper {
                 momentum_decay,
-                beta1,
+                betas: [beta1, 0.999],
                 ..NadamHyper::default()
             };
-            let mut mu_product = 1.0;
+            let mut bufs = buffers::<f32, f32>(&[3], 2, 0.0, &[0.0, 1.0]);
             let mut seen = Vec::new();
             for step in 1..=10 {
-                mu_product = h.next_mu_product(step as f64, mu_product, DType::F32);
+                set_grads(&mut bufs, step);
+                step_with::<Nadam, _, _>(
+                    &mut bufs,
+                    &h,
+                    &StepContext::default(),
+                    SimdLevel::detect(),
+                );
                 if [1, 5, 10].contains(&step) {
-                    seen.push((mu_product as f32).to_bits());
+                    seen.push(bufs[0].scalars[1].to_bits());
                 }
             }
             assert_eq!(seen, bits, "momentum_decay {momentum_decay}, beta1 {beta1}");
@@ -378,36 +396,35 @@ mod tests {
     #[test]
     fn float32_lr_tensor_rounds_its_scalars_in_float32() {
         let h = NadamHyper {
-            lr: 0.0123,
+            lr: TensorScalar {
+                value: f64::from(0.0123f32),
+                is_f32_tensor: true,
+            },
             weight_decay: 0.1,
             decoupled_weight_decay: true,
-            lr_is_f32: true,
             ..NadamHyper::default()
         };
-        let k = NadamConsts::<f32>::new(&h, 3.0, 0.5);
+        let k = Nadam::consts::<f32>(&h, &[3.0, 0.5]);
         let lr = 0.0123f32;
-        assert_eq!(k.weight_decay, 1.0 - lr * 0.1f32);
+        assert_eq!(k.decay, 1.0 - lr * 0.1f32);
         let mu = h.mu(3.0);
         assert_eq!(k.grad_coefficient, -lr * (1.0 - mu) as f32 / 0.5f32);
-        let plain = NadamConsts::<f32>::new(
-            &NadamHyper {
-                lr_is_f32: false,
-                ..h
-            },
-            3.0,
-            0.5,
-        );
-        assert_eq!(plain.grad_coefficient, (-0.0123 * (1.0 - mu) / 0.5) as f32);
+        let plain = NadamHyper {
+            lr: TensorScalar::of(h.lr.value),
+            ..h
+        };
+        let k = Nadam::consts::<f32>(&plain, &[3.0, 0.5]);
+        assert_eq!(k.grad_coefficient, (-h.lr.value * (1.0 - mu) / 0.5) as f32);
     }
 
     #[test]
     fn nan_gradients_stay_nan_and_others_stay_finite() {
         let h = NadamHyper::default();
-        let k = NadamConsts::<f32>::new(&h, 1.0, h.next_mu_product(1.0, 1.0, DType::F32));
-        let (p, m, v) = update::<f32, false, WD_NONE>(&k, 1.0, f32::NAN, 0.0, 0.0);
-        assert!(p.is_nan() && m.is_nan() && v.is_nan());
-        let (p, m, v) = update::<f32, false, WD_NONE>(&k, 1.0, 0.5, 0.0, 0.0);
-        assert!(p.is_finite() && m.is_finite() && v.is_finite());
-        assert!(p < 1.0, "a positive gradient moves the param down");
+        let mut bufs = buffers::<f32, f32>(&[2], 2, 0.0, &[0.0, 1.0]);
+        bufs[0].p = vec![1.0, 1.0];
+        bufs[0].g = vec![f32::NAN, 0.5];
+        step_with::<Nadam, _, _>(&mut bufs, &h, &StepContext::default(), SimdLevel::detect());
+        assert!(bufs[0].p[0].is_nan() && bufs[0].states[0][0].is_nan());
+        assert!(bufs[0].p[1].is_finite() && bufs[0].p[1] < 1.0);
     }
 }
