@@ -19,6 +19,16 @@ from ferroptim.adamax import tensor_betas, usual_betas
 
 __all__ = ["NAdam"]
 
+#: torch's names of integer dtypes in its casting errors.
+_INTEGER_NAMES = {
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
 
 class NAdam(RustStepMixin, torch.optim.NAdam):
     """Drop-in :class:`torch.optim.NAdam` whose CPU step runs in Rust.
@@ -85,6 +95,14 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         )
         g.states = [exp_avgs, exp_avg_sqs]
         g.scalars = {"mu_product": mu_products}
+        for mu_product in mu_products:
+            if isinstance(mu_product, Tensor) and mu_product.dtype in _INTEGER_NAMES:
+                # torch's `mu_product *= mu` (a Python float) cannot write it: its error,
+                # before anything is written.
+                raise RuntimeError(
+                    "result type Float can't be cast to the desired output type "
+                    + _INTEGER_NAMES[mu_product.dtype]
+                )
         return g
 
     _ferro_numbers = ("lr", "eps", "weight_decay", "momentum_decay")
