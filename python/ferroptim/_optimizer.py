@@ -979,6 +979,11 @@ class RustStepMixin:
             grad = _resolved(grad)
             grads.append(_laid_out_like(grad, work))
 
+        # Per scalar slot (step first), each param's 0-d tensor.
+        scalar_values = [
+            gathered.steps if key == step_key else gathered.scalars[key]
+            for key in self._ferro_scalar_slots()
+        ]
         for kind in sorted(set(kinds)):
             index = [i for i, k in enumerate(kinds) if k == kind]
             try:
@@ -986,8 +991,7 @@ class RustStepMixin:
                     _real([works[i] for i in index]),
                     _real([grads[i] for i in index]),
                     [_real([s[i] for i in index]) for s in states],
-                    [[gathered.steps[i] for i in index]] * (step_key is not None)
-                    + [[gathered.scalars[k][i] for i in index] for k in self._ferro_scalar_keys],
+                    [[values[i] for i in index] for values in scalar_values],
                 )
             except ValueError as error:
                 raise RuntimeError(f"{name}: {error}") from error
@@ -996,6 +1000,11 @@ class RustStepMixin:
             if not dtensor:
                 out.norm_plans.append(plan)
         return out
+
+    def _ferro_scalar_slots(self) -> list[str]:
+        """The state keys of the kernel's scalar slots: the step counter, then the rest."""
+        step = [] if self._ferro_step_key is None else [self._ferro_step_key]
+        return [*step, *self._ferro_scalar_keys]
 
     def _cache_plan(self, group: dict[str, Any], plans: dict[int, _CachedPlan]) -> None:
         """Builds the plan the next step re-checks instead of taking the slow path."""
@@ -1019,8 +1028,7 @@ class RustStepMixin:
                 params,
                 [self.state.get(p, _NO_STATE) for p in params],
                 list(key[0]),
-                [self._ferro_step_key] * (self._ferro_step_key is not None)
-                + list(self._ferro_scalar_keys),
+                self._ferro_scalar_slots(),
             )
         except (ValueError, RuntimeError):
             return  # not plannable (odd layout, foreign state): the slow path stays correct
