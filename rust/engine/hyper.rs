@@ -23,7 +23,7 @@ impl fmt::Display for HyperError {
             HyperError::Missing(name) => write!(f, "the param group has no {name:?} entry"),
             HyperError::Type { name, found } => write!(
                 f,
-                "hyperparameter {name:?} must be a real number or a 1-element tensor, got {found}"
+                "hyperparameter '{name}' must be a real number or a 1-element tensor, got {found}"
             ),
         }
     }

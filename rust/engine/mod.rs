@@ -6,7 +6,8 @@
 //! * [`group`]: a parameter group cut into chunks across all its tensors;
 //! * [`hyper`]: hyperparameter records read by name;
 //! * [`elementwise`]: the `Elementwise` trait and the step driver;
-//! * [`reduce`]: reductions and maps over gradients (norms, clipping).
+//! * [`reduce`]: reductions (per tensor, per row or column) and maps over
+//!   gradients (norms, clipping, factored moments).
 
 pub mod buffers;
 pub mod elementwise;

@@ -168,3 +168,210 @@ pub fn map_grads<M: GradMapper>(group: &Group<'_>, level: SimdLevel, mapper: &M)
         }
     });
 }
+
+/// Which lines of a tensor viewed as a row-major `rows × cols` matrix a
+/// reduction sums along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// One result per row (summing across its columns).
+    Rows,
+    /// One result per column (summing down its rows).
+    Columns,
+}
+
+/// A per-element term of a row or column sum (`grad²` for Adafactor's
+/// factored second moment).
+pub trait ElementTerm: Sync {
+    fn term<T: FloatGrad>(&self, grad: T) -> f64;
+}
+
+struct AxisTask<'s, 'r, E, T> {
+    grad: &'s [T],
+    /// Index of the segment's first element within its tensor.
+    start: usize,
+    cols: usize,
+    axis: Axis,
+    term: &'r E,
+}
+
+impl<E: ElementTerm, T: FloatGrad> SimdTask for AxisTask<'_, '_, E, T> {
+    /// `(line, partial sum)` pairs in element order.
+    type Output = Vec<(usize, f64)>;
+    #[inline(always)]
+    fn run(self) -> Vec<(usize, f64)> {
+        let mut out = Vec::new();
+        let mut index = self.start;
+        let mut rest = self.grad;
+        while !rest.is_empty() {
+            // The part of the current row inside this segment.
+            let col = index % self.cols;
+            let take = (self.cols - col).min(rest.len());
+            let (run, tail) = rest.split_at(take);
+            match self.axis {
+                Axis::Rows => {
+                    let sum = run.iter().fold(0.0, |acc, &g| acc + self.term.term(g));
+                    out.push((index / self.cols, sum));
+                }
+                Axis::Columns => {
+                    out.extend(
+                        run.iter()
+                            .enumerate()
+                            .map(|(k, &g)| (col + k, self.term.term(g))),
+                    );
+                }
+            }
+            index += take;
+            rest = tail;
+        }
+        out
+    }
+}
+
+/// A segment's tensor and its `(line, partial sum)` pairs.
+type SegmentLines = (usize, Vec<(usize, f64)>);
+
+/// Row or column sums of every tensor's gradient, each tensor viewed as a
+/// row-major matrix with `cols[t]` columns, accumulated in float64 in element
+/// order within a segment and segment by segment in chunk order: the same
+/// bits for any thread count. Returns one vector per tensor (rows or columns).
+///
+/// # Panics
+/// If a gradient is not float32/float64, a column count is zero or does not
+/// divide its tensor's length.
+pub fn reduce_axis<E: ElementTerm>(
+    group: &Group<'_>,
+    level: SimdLevel,
+    term: &E,
+    cols: &[usize],
+    axis: Axis,
+) -> Vec<Vec<f64>> {
+    assert_eq!(cols.len(), group.len(), "one column count per tensor");
+    let lines: Vec<usize> = group
+        .tensors()
+        .iter()
+        .zip(cols)
+        .map(|(t, &c)| {
+            assert!(
+                c > 0 && t.len % c == 0,
+                "{c} columns do not tile {} elements",
+                t.len
+            );
+            match axis {
+                Axis::Rows => t.len / c,
+                Axis::Columns => c,
+            }
+        })
+        .collect();
+    let partials: Vec<Vec<SegmentLines>> = group.for_each_chunk(|segments| {
+        segments
+            .map(|segment| {
+                let tensor = segment.tensor_index();
+                let start = segment.range().start;
+                let cols = cols[tensor];
+                let out = match grad_format(segment.buffers()) {
+                    Format::F64 => dispatch(
+                        level,
+                        AxisTask {
+                            grad: segment.grad::<f64>(),
+                            start,
+                            cols,
+                            axis,
+                            term,
+                        },
+                    ),
+                    _ => dispatch(
+                        level,
+                        AxisTask {
+                            grad: segment.grad::<f32>(),
+                            start,
+                            cols,
+                            axis,
+                            term,
+                        },
+                    ),
+                };
+                (tensor, out)
+            })
+            .collect()
+    });
+    let mut totals: Vec<Vec<f64>> = lines.iter().map(|&n| vec![0.0; n]).collect();
+    for (tensor, pairs) in partials.into_iter().flatten() {
+        for (line, value) in pairs {
+            totals[tensor][line] += value;
+        }
+    }
+    totals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Buffer, TensorBuffers};
+
+    struct Square;
+
+    impl ElementTerm for Square {
+        fn term<T: FloatGrad>(&self, grad: T) -> f64 {
+            let g = grad.to_f64();
+            g * g
+        }
+    }
+
+    fn grad_group(grads: &mut [Vec<f32>]) -> Group<'_> {
+        let tensors = grads
+            .iter_mut()
+            .map(|g| {
+                TensorBuffers::grad_only(g.len(), Buffer::new(g.as_mut_ptr() as usize, Format::F32))
+            })
+            .collect();
+        // SAFETY: each address points into a Vec borrowed mutably for the group's life.
+        unsafe { Group::new(tensors) }.unwrap()
+    }
+
+    #[test]
+    fn row_and_column_sums_match_a_plain_loop_for_any_thread_count() {
+        // 300 x 700 spans several chunks, cut inside rows.
+        let shapes = [(3usize, 5usize), (300, 700), (1, 9), (1000, 1)];
+        let mut grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(r, c))| {
+                crate::kernels::testing::random(r * c, 40 + i as u64)
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let cols: Vec<usize> = shapes.iter().map(|&(_, c)| c).collect();
+        let copies = grads.clone();
+        let mut results = Vec::new();
+        for threads in [1, 2, 3] {
+            crate::parallel::set_num_threads(threads).unwrap();
+            let group = grad_group(&mut grads);
+            let rows = reduce_axis(&group, SimdLevel::detect(), &Square, &cols, Axis::Rows);
+            let columns = reduce_axis(&group, SimdLevel::detect(), &Square, &cols, Axis::Columns);
+            results.push((rows, columns));
+        }
+        crate::parallel::set_num_threads(2).unwrap();
+        assert!(
+            results.windows(2).all(|w| w[0] == w[1]),
+            "thread counts differ"
+        );
+        let (rows, columns) = &results[0];
+        for (t, (&(r, c), values)) in shapes.iter().zip(&copies).enumerate() {
+            for row in 0..r {
+                let want: f64 = values[row * c..(row + 1) * c]
+                    .iter()
+                    .map(|&g| f64::from(g) * f64::from(g))
+                    .sum();
+                assert!((rows[t][row] - want).abs() <= 1e-12 * want.max(1.0));
+            }
+            for col in 0..c {
+                let want: f64 = (0..r)
+                    .map(|row| f64::from(values[row * c + col]).powi(2))
+                    .sum();
+                assert!((columns[t][col] - want).abs() <= 1e-12 * want.max(1.0));
+            }
+        }
+    }
+}

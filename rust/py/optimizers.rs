@@ -4,8 +4,10 @@
 //! value raises before anything is written); `Kernel.step` runs it over a
 //! gathered plan.
 
+use std::cell::RefCell;
+
 use pyo3::prelude::*;
-use pyo3::types::{PyMapping, PyString};
+use pyo3::types::{PyDict, PyMapping, PyString};
 
 use super::error::{hyper_error, unknown_kernel};
 use super::plan::GroupPlan;
@@ -15,6 +17,9 @@ use crate::kernels::registry::{Configured, NAMES};
 /// A param group (or any mapping) as a source of hyperparameters.
 struct GroupSource<'a, 'py> {
     group: &'a Bound<'py, PyMapping>,
+    /// The exception Python itself raised for a malformed value, where its
+    /// message is what torch's step would show (unpacking `betas`).
+    python_error: RefCell<Option<PyErr>>,
 }
 
 impl GroupSource<'_, '_> {
@@ -37,6 +42,14 @@ fn type_error(name: &str, value: &Bound<'_, PyAny>) -> HyperError {
         name: name.to_string(),
         found: format!("{type_name}: {repr}"),
     }
+}
+
+/// The exception `first, second = value` raises, if any.
+fn unpack_error(value: &Bound<'_, PyAny>) -> Option<PyErr> {
+    let py = value.py();
+    let locals = PyDict::new(py);
+    locals.set_item("value", value).ok()?;
+    py.run(c"first, second = value", None, Some(&locals)).err()
 }
 
 /// A real number as torch's step computes with it: Python numbers and
@@ -66,13 +79,24 @@ impl HyperSource for GroupSource<'_, '_> {
 
     fn pair(&self, name: &str) -> Result<[f64; 2], HyperError> {
         let value = self.item(name)?;
-        let items: Vec<Bound<'_, PyAny>> = value
+        let items: Vec<Bound<'_, PyAny>> = match value
             .try_iter()
             .and_then(|it| it.collect::<PyResult<Vec<_>>>())
-            .map_err(|_| type_error(name, &value))?;
+        {
+            Ok(items) => items,
+            Err(_) => {
+                *self.python_error.borrow_mut() = unpack_error(&value);
+                return Err(type_error(name, &value));
+            }
+        };
         match items.as_slice() {
             [a, b] => Ok([number(name, a)?, number(name, b)?]),
-            _ => Err(type_error(name, &value)),
+            _ => {
+                // torch's step unpacks the pair (`beta1, beta2 = group["betas"]`):
+                // raise what that unpacking raises.
+                *self.python_error.borrow_mut() = unpack_error(&value);
+                Err(type_error(name, &value))
+            }
         }
     }
 }
@@ -90,8 +114,13 @@ impl Kernel {
     /// number (torch's errors for the same group).
     #[new]
     fn new(name: &str, group: &Bound<'_, PyMapping>) -> PyResult<Kernel> {
-        let source = GroupSource { group };
-        match Configured::read(name, &source).map_err(hyper_error)? {
+        let source = GroupSource {
+            group,
+            python_error: RefCell::new(None),
+        };
+        let read = Configured::read(name, &source)
+            .map_err(|e| source.python_error.take().unwrap_or_else(|| hyper_error(e)))?;
+        match read {
             Some(configured) => Ok(Kernel { configured }),
             None => Err(unknown_kernel(name, NAMES)),
         }
