@@ -9,7 +9,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   optionally, a ``floor`` (a kernel with the same memory traffic and no arithmetic).
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
-* :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop,
+* :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -410,6 +410,12 @@ class Suite:
 ADAMW_HYPER: dict[str, object] = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-2}
 SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
+NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
+
+#: Where torch has no fused kernel its for-loop may run a list of small-state tensors
+#: partly from cache: the floor is measured on the lists too, so the report can show
+#: the ratio to torch that a kernel at the floor would get.
+_LIST_FLOORS = ("transformer", "1000x1K", "32M")
 
 clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
 
@@ -493,6 +499,39 @@ SUITES: dict[str, Suite] = {
         notes=(
             "**Traffic:** 20 bytes/element (read p, g, square_avg; write p, square_avg).",
             "torch has no fused RMSprop.",
+        ),
+    ),
+    "adamax": Suite(
+        name="adamax",
+        title="ferroptim.Adamax vs torch.optim.Adamax (defaults, lr 2e-3): one `step()`",
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.Adamax),
+        references=torch_variants(torch.optim.Adamax, fused=False),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_inf; write p, exp_avg, "
+            "exp_inf).",
+            "torch has no fused Adamax.",
+        ),
+    ),
+    "nadam": Suite(
+        name="nadam",
+        title=(
+            "ferroptim.NAdam vs torch.optim.NAdam (lr 2e-3, decoupled weight decay 0.01): "
+            "one `step()`"
+        ),
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.NAdam, **NADAM_HYPER),
+        references=torch_variants(torch.optim.NAdam, fused=False, **NADAM_HYPER),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, "
+            "exp_avg_sq).",
+            "torch has no fused NAdam.",
         ),
     ),
     "clip": Suite(

@@ -33,7 +33,9 @@ def run(suite_name: str, contender: str) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
-@pytest.mark.parametrize("suite_name", ["sgd", "adagrad", "rmsprop", "adamw_clip", "adamw_options"])
+@pytest.mark.parametrize(
+    "suite_name", ["sgd", "adagrad", "rmsprop", "adamax", "nadam", "adamw_clip", "adamw_options"]
+)
 def test_same_result(suite_name: str) -> None:
     suite = SUITES[suite_name]
     names = [n for n in suite.contenders(CASE) if n != "floor"]

@@ -22,6 +22,8 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "SGD": {"momentum": 0.9, "weight_decay": 0.01},
     "RMSprop": {"momentum": 0.5, "centered": True},
     "Adagrad": {"initial_accumulator_value": 0.1, "lr_decay": 0.01},
+    "Adamax": {"weight_decay": 0.05},
+    "NAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
 }
 
 
@@ -30,10 +32,11 @@ def family_kwargs(name: str) -> dict[str, Any]:
 
 
 def buffer_keys(name: str) -> tuple[str, ...]:
-    """The family's state buffers (without the step counter) under its safety kwargs."""
+    """The family's state buffers (without the step counter and other per-tensor scalar
+    state) under its safety kwargs."""
     family = FAMILIES[name]
     group = {**family.make_torch([torch.zeros(1)], **family_kwargs(name)).defaults}
-    return tuple(k for k in family.state_keys(group) if k != "step")
+    return tuple(k for k in family.state_keys(group) if k not in family.scalar_state)
 
 
 def logical_bytes(t: torch.Tensor) -> torch.Tensor:

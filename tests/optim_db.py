@@ -88,6 +88,9 @@ class Functional:
     #: Keywords of a one-call step with the fewest state arrays (plus their count from
     #: ``states``): the single-array vs list test.
     smoke: dict[str, Any] = field(default_factory=lambda: {"step": 1})
+    #: Functional scalar-state argument -> torch state key: one 1-element float32 array
+    #: per param, starting at 1 (NAdam's ``mu_products``).
+    scalars: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,14 @@ class Family:
     variants: tuple[dict[str, Any], ...] = ()
     #: Every state tensor the family may create (for reassign / corrupt / swap tests).
     state_tensors: tuple[str, ...] = ()
+    #: Per-tensor scalar state (0-d tensors in torch's scalar dtype, not the param's):
+    #: the step counter and, for NAdam, ``mu_product``.
+    scalar_state: tuple[str, ...] = ("step",)
     #: Whether the state has a ``step`` counter (SGD's has none).
     has_step: bool = True
+    #: Whether CPU float32/float64 params step in Rust (False: ferroptim hands every step
+    #: to torch's implementation; tests of what only the Rust path does skip the family).
+    rust: bool = True
     #: Whether torch has a fused implementation (``fused=True`` is accepted).
     has_fused: bool = True
     #: Name of its Rust step entry point in ``ferroptim._core`` (see ``_kernels``).
@@ -338,6 +347,62 @@ _ADAGRAD_BAD = [
     pytest.param(
         {"fused": True, "differentiable": True}, "differentiable", id="fused-differentiable"
     ),
+]
+
+
+ADAMAX_FUNCTIONAL = Functional(
+    "adamax_",
+    lambda hyper: {"exp_avgs": "exp_avg", "exp_infs": "exp_inf"},
+    {
+        "adamax": {},
+        "adamax-wd-maximize": {
+            "weight_decay": 0.05,
+            "maximize": True,
+            "betas": (0.8, 0.99),
+            "eps": 1e-6,
+        },
+    },
+    base={"lr": 3e-3},
+)
+NADAM_FUNCTIONAL = Functional(
+    "nadam_",
+    lambda hyper: {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq"},
+    {
+        "nadam": {},
+        "nadam-wd-maximize": {"weight_decay": 0.05, "maximize": True, "momentum_decay": 0.02},
+        "nadam-decoupled": {
+            "weight_decay": 0.1,
+            "decoupled_weight_decay": True,
+            "betas": (0.8, 0.99),
+            "eps": 1e-6,
+        },
+    },
+    base={"lr": 3e-3},
+    scalars={"mu_products": "mu_product"},
+)
+NADAM_DIFFERENTIABLE = {
+    "NAdam-wd": {"weight_decay": 0.1},
+    "NAdam-decoupled-maximize": {
+        "weight_decay": 0.1,
+        "decoupled_weight_decay": True,
+        "maximize": True,
+    },
+}
+
+#: Adamax and NAdam (no fused or foreach-only arguments to combine).
+_ADAMAX_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"eps": -1e-8}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"betas": (-0.1, 0.999)}, "beta parameter at index 0", id="negative-beta1"),
+    pytest.param({"betas": (1.0, 0.999)}, "beta parameter at index 0", id="beta1-one"),
+    pytest.param({"betas": (0.9, 1.0)}, "beta parameter at index 1", id="beta2-one"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Adamax/NAdam
+]
+_NADAM_BAD = [
+    *_ADAMAX_BAD,
+    pytest.param({"momentum_decay": -4e-3}, "momentum_decay", id="negative-momentum-decay"),
 ]
 
 
@@ -724,9 +789,130 @@ FAMILIES: dict[str, Family] = {
             split=_adagrad_functional_split,
         ),
     ),
+    "Adamax": Family(
+        "Adamax",
+        ferroptim.Adamax,
+        torch.optim.Adamax,
+        grid={"weight_decay": (0.0, 0.05), "maximize": (False, True)},
+        state_keys=lambda group: ("step", "exp_avg", "exp_inf"),
+        second_group={"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+        ),
+        state_tensors=("step", "exp_avg", "exp_inf"),
+        has_fused=False,
+        kernel="adamax_step",
+        full_grid=True,
+        bad_constructor=_ADAMAX_BAD,
+        bad_input_kwargs={"weight_decay": 0.1},
+        numbers=("lr", "eps", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
+            pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
+            pytest.param({"eps": 0.0}, id="eps-zero"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param({"weight_decay": 0.1, "maximize": True}, id="all"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01},
+        mixed_routing_kwargs={"lr": 1e-3, "eps": 1e-3, "weight_decay": 0.01},
+        # (torch's own differentiable Adamax cannot backprop through its steps at all: its
+        # in-place `exp_inf.mul_` overwrites what autograd saved.)
+        train_kwargs={"lr": 1e-2, "weight_decay": 1e-2},
+        interop_training={"lr": 3e-3, "weight_decay": 0.01},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9)),
+            ("eps", 1e-3),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
+        functional=ADAMAX_FUNCTIONAL,
+    ),
+    "NAdam": Family(
+        "NAdam",
+        ferroptim.NAdam,
+        torch.optim.NAdam,
+        grid={
+            "weight_decay": (0.0, 0.05),
+            "decoupled_weight_decay": (False, True),
+            "maximize": (False, True),
+        },
+        # (decoupled decay without weight decay is plain NAdam)
+        valid=lambda kw: not kw.get("decoupled_weight_decay") or kw["weight_decay"] != 0,
+        state_keys=lambda group: ("step", "mu_product", "exp_avg", "exp_avg_sq"),
+        # Its own momentum schedule in the second group of every parity case.
+        second_group={"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "momentum_decay": 0.02},
+        variants=(
+            {
+                "lr": 0.05,
+                "betas": (0.5, 0.9),
+                "eps": 1e-4,
+                "weight_decay": 0.3,
+                "momentum_decay": 0.01,
+            },
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ),
+        # (the per-tensor scalar mu_product last: tests that pick "a state buffer" take
+        # the first non-step key)
+        state_tensors=("step", "exp_avg", "exp_avg_sq", "mu_product"),
+        scalar_state=("step", "mu_product"),
+        has_fused=False,
+        kernel="nadam_step",
+        full_grid=True,
+        bad_constructor=_NADAM_BAD,
+        bad_input_kwargs={"weight_decay": 0.1, "decoupled_weight_decay": True},
+        numbers=("lr", "eps", "weight_decay", "momentum_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param(
+                {"lr": torch.tensor(1e-2), "weight_decay": 0.1, "decoupled_weight_decay": True},
+                id="tensor-lr-decoupled",
+            ),
+            pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
+            pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
+            pytest.param({"momentum_decay": 0.0}, id="momentum-decay-zero"),
+            pytest.param({"momentum_decay": 0.5}, id="big-momentum-decay"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param(
+                {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}, id="all"
+            ),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01, "decoupled_weight_decay": True},
+        mixed_routing_kwargs={
+            "lr": 1e-3,
+            "eps": 1e-3,
+            "weight_decay": 0.01,
+            "decoupled_weight_decay": True,
+        },
+        differentiable_cases=NADAM_DIFFERENTIABLE,
+        train_kwargs={"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        interop_training={"lr": 3e-3, "weight_decay": 0.05, "decoupled_weight_decay": True},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9)),
+            ("eps", 1e-3),
+            ("momentum_decay", 0.02),  # mu_product keeps the product of the old schedule
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("decoupled_weight_decay", True),
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
+        functional=NADAM_FUNCTIONAL,
+    ),
 }
 
 ALL_FAMILIES = tuple(FAMILIES)
+
+
+def runs_in_rust(name: str) -> bool:
+    """Whether family ``name`` (or a variant named ``"<family>-<what>"``, as some test
+    tables name them) steps CPU float params in Rust."""
+    return FAMILIES[name if name in FAMILIES else name.split("-")[0]].rust
 #: The optimizers themselves (no variants): what the end-to-end suites run.
 OPTIMIZERS = tuple(name for name, f in FAMILIES.items() if f.variant_of is None)
 

@@ -295,8 +295,9 @@ def test_complex_params_step_correctly(family, dtype):
         assert list(fopt.state[a]) == list(topt.state[b])
         assert topt.state[b]
         for key, value in topt.state[b].items():
-            if key == "step":
+            if key in family.scalar_state:
                 assert float(fopt.state[a][key]) == float(value)
+                assert fopt.state[a][key].dtype == value.dtype
             else:
                 assert fopt.state[a][key].dtype == b.dtype
                 torch.testing.assert_close(fopt.state[a][key], value, **tol(b.dtype))
@@ -472,7 +473,17 @@ ALIASING_FLAGS = {
     ],
     "RMSprop": [{}, {"weight_decay": 0.1}, {"momentum": 0.5, "centered": True, "maximize": True}],
     "Adagrad": [{}, {"weight_decay": 0.1}, {"lr_decay": 0.1, "maximize": True}],
+    "Adamax": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
+    "NAdam": [
+        {},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
 }
+
+#: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
+_ALIASING_OF = {"Adam-decoupled": "Adam", "AdamW": "Adam"}
 
 
 @pytest.mark.parametrize(
@@ -480,7 +491,7 @@ ALIASING_FLAGS = {
     [
         pytest.param(family, flags, id=f"{family}-{'-'.join(flags) or 'plain'}")
         for family in FAMILY_IDS
-        for flags in ALIASING_FLAGS["Adam" if family.startswith("Adam") else family]
+        for flags in ALIASING_FLAGS[_ALIASING_OF.get(family, family)]
     ],
 )
 def test_grad_aliasing_its_own_param(family, flags):
@@ -513,6 +524,8 @@ STATE_ALIASES = [
     pytest.param("RMSprop", {"momentum": 0.5, "centered": True}, "grad_avg", id="RMSprop-grad_avg"),
     pytest.param("RMSprop", {"momentum": 0.5}, "momentum_buffer", id="RMSprop-momentum_buffer"),
     pytest.param("Adagrad", {}, "sum", id="Adagrad-sum"),
+    pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
+    pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
 ]
 
 
@@ -645,6 +658,8 @@ FLAGS = {
     "SGD": ("maximize", "nesterov"),
     "RMSprop": ("maximize", "centered"),
     "Adagrad": ("maximize",),
+    "Adamax": ("maximize",),
+    "NAdam": ("maximize", "decoupled_weight_decay"),
 }
 
 

@@ -27,6 +27,14 @@ FAMILIES: dict[str, tuple[type, dict[str, Any]]] = {
     name: (family.ferro, {**family.fixed, **kwargs})
     for name, (family, kwargs) in train_cases().items()
 }
+
+
+def expected_calls(family: str, steps: int) -> int:
+    """Calls into the Rust kernels for ``steps`` steps of one group (none where the
+    family steps through torch's implementation)."""
+    return steps if runs_in_rust(family) else 0
+
+
 NAMES = tuple(FAMILIES)
 
 
@@ -105,7 +113,7 @@ def test_compiled_model_trains_like_eager(family):
             loss.backward()
             opt.step()
             losses_c.append(loss.item())
-    assert calls.total() == MODEL_STEPS
+    assert calls.total() == expected_calls(family, MODEL_STEPS)
     # Inductor fuses and reorders the model's float32 arithmetic: close, not bitwise.
     assert losses_c == pytest.approx(losses_e, rel=1e-4, abs=1e-6)
     assert losses_c[-1] < losses_c[0], "training should make progress"
@@ -147,7 +155,7 @@ def test_step_inside_compiled_function_is_one_graph_break(family):
                     p.grad = torch.randn(p.shape, generator=gen)
                 outs.append(f(torch.randn(4, 8, generator=gen)).detach())
                 frames.append(backend.frame_count)
-        assert calls.total() == CALLS, "the step did not run in Rust on every call"
+        assert calls.total() == expected_calls(family, CALLS), "not every step ran in Rust"
         return outs, [p.detach().clone() for p in params], opt, frames
 
     outs_c, params_c, opt_c, frames = run(compile_it=True)
@@ -191,7 +199,7 @@ def test_compiled_train_step(family):
             opt.zero_grad()
             losses.append(train_step(x, y).item())
             frames.append(backend.frame_count)
-    assert calls.total() == CALLS
+    assert calls.total() == expected_calls(family, CALLS)
     assert frames[1:] == [frames[1]] * (CALLS - 1), f"recompiled after warm-up: {frames}"
     assert not dict(counters["recompiles"]), dict(counters["recompiles"])
     step_breaks = [r for r in graph_break_reasons() if "torch.compiler.disable" in r]
@@ -262,7 +270,7 @@ def test_compiled_step_with_tensor_lr_and_scheduler(family):
     torch_cls = getattr(torch.optim, ferro_cls.__name__)
     with kernel_calls() as calls:
         compiled, recompiles = run(ferro_cls, True)
-    assert calls.total() == CALLS
+    assert calls.total() == expected_calls(family, CALLS)
     assert not recompiles, recompiles
     eager, _ = run(ferro_cls, False)
     reference, _ = run(torch_cls, False, foreach=False)

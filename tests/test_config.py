@@ -143,6 +143,8 @@ def test_public_api():
         "SGD",
         "RMSprop",
         "Adagrad",
+        "Adamax",
+        "NAdam",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

@@ -154,9 +154,12 @@ def test_group_mixing_cpu_and_cuda_params(family):
             f.step()
             t_cpu.step()
             t_gpu.step()
-    assert calls.total() == 2 * STEPS  # the CPU part of each group, every step
+    in_rust = runs_in_rust(family)
+    # The CPU part of each group, every step (families that step through torch's
+    # implementation run the whole group through its for-loop: close to foreach on CUDA).
+    assert calls.total() == (2 * STEPS if in_rust else 0)
     assert all(p.device.type == "cpu" for p in fc) and all(p.device.type == "cuda" for p in fg)
-    assert_state_equal(f, fg, t_gpu, tg)  # torch's kernels on the CUDA part: bitwise
+    assert_state_equal(f, fg, t_gpu, tg, **({} if in_rust else F32))  # CUDA part: bitwise
     assert_state_equal(f, fc, t_cpu, tc, **F32)  # Rust vs torch's for-loop
     for p in fc:
         assert all(v.device.type == "cpu" for v in f.state[p].values() if torch.is_tensor(v))

@@ -54,6 +54,10 @@ class Case:
     has_step: bool = True
     #: SGD with momentum: pass ``first_step=True`` on the first call.
     first_step: bool = False
+    #: Functional scalar-state argument -> torch state key: one 1-element float32 array
+    #: per param, starting at 1 (NAdam's ``mu_products``, float32 as torch's 0-d state
+    #: tensors under its default dtype, whatever the params' dtype).
+    scalars: dict[str, str] = field(default_factory=dict)
 
 
 def _case(family: Family, functional: Functional, hyper: dict[str, Any]) -> Case:
@@ -67,6 +71,7 @@ def _case(family: Family, functional: Functional, hyper: dict[str, Any]) -> Case
         torch_only=torch_only,
         has_step=functional.has_step,
         first_step=functional.first_step(both),
+        scalars=functional.scalars,
     )
 
 
@@ -77,11 +82,12 @@ CASES: dict[str, Case] = {
     if family.functional is not None
     for name, hyper in family.functional.cases.items()
 }
-#: One family per functional call: (family, functional) by function name.
+#: One family per functional call: (family, functional) by function name (those with
+#: scalar state arrays, NAdam's, have their own argument checks below).
 FUNCTIONALS: dict[str, tuple[Family, Functional]] = {
     family.functional.fn: (family, family.functional)
     for family in FAMILIES.values()
-    if family.functional is not None and family.variant_of is None
+    if family.functional is not None and family.variant_of is None and not family.functional.scalars
 }
 
 
@@ -109,6 +115,7 @@ class Runner:
             name: [np.full(s, case.init.get(name, 0.0), dtype) for s in shapes]
             for name in case.states
         }
+        self.scalars = {name: [np.ones(1, np.float32) for _ in shapes] for name in case.scalars}
         self.tparams = [torch.from_numpy(p.copy()).requires_grad_() for p in self.params]
         self.topt = case.torch_cls(self.tparams, **case.hyper, **case.torch_only, foreach=False)
         self.rng = np.random.default_rng(seed + 1)
@@ -123,7 +130,7 @@ class Runner:
             kwargs["step"] = self.t
         if self.case.first_step:
             kwargs["first_step"] = self.t == 1
-        getattr(F, self.case.fn)(self.params, grads, **self.states, **kwargs)
+        getattr(F, self.case.fn)(self.params, grads, **self.states, **self.scalars, **kwargs)
         for p, g in zip(self.tparams, grads, strict=True):
             p.grad = torch.from_numpy(g.copy())
         self.topt.step()
@@ -164,6 +171,10 @@ class Runner:
         if self.case.has_step:
             for tp in self.tparams:
                 assert float(self.topt.state[tp]["step"]) == self.t
+        for name, key in self.case.scalars.items():
+            for value, tp in zip(self.scalars[name], self.tparams, strict=True):
+                assert value.dtype == np.float32 and value.shape == (1,)
+                assert float(value[0]) == float(self.topt.state[tp][key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -490,6 +501,20 @@ def _adagrad_args(**over: Any) -> dict[str, Any]:
     return args
 
 
+def _nadam_args(**over: Any) -> dict[str, Any]:
+    params = _good()
+    args: dict[str, Any] = {
+        "params": params,
+        "grads": _good(),
+        "exp_avgs": _zeros2(),
+        "exp_avg_sqs": _zeros2(),
+        "mu_products": [np.ones(1, np.float32) for _ in range(2)],
+        "step": 1,
+    }
+    args.update(over)
+    return args
+
+
 def _zeros2() -> list[np.ndarray]:
     return [np.zeros(100, np.float32), np.zeros(100, np.float32)]
 
@@ -558,6 +583,57 @@ BAD_OTHER: dict[str, tuple[str, Callable[[], dict[str, Any]], type, str]] = {
         "lr_decay",
     ),
     "adagrad-step-bool": ("adagrad_", lambda: _adagrad_args(step=True), ValueError, "step"),
+    "adamax-beta1-one": (
+        "adamax_",
+        lambda: {
+            "params": _good(),
+            "grads": _good(),
+            "exp_avgs": _zeros2(),
+            "exp_infs": _zeros2(),
+            "step": 1,
+            "betas": (1.0, 0.999),
+        },
+        ValueError,
+        "beta parameter at index 0",
+    ),
+    "nadam-negative-momentum_decay": (
+        "nadam_",
+        lambda: _nadam_args(momentum_decay=-1e-3),
+        ValueError,
+        "Invalid momentum_decay value",
+    ),
+    "nadam-mu_product-two-elements": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32), np.ones(2, np.float32)]),
+        ValueError,
+        r"mu_products\[1\] has 2 elements",
+    ),
+    "nadam-mu_product-missing": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32)]),
+        ValueError,
+        "1 mu_products",
+    ),
+    "nadam-mu_product-inside-a-param": (
+        "nadam_",
+        lambda: (lambda a: {**a, "mu_products": [a["params"][0][5:6], np.ones(1, np.float32)]})(
+            _nadam_args()
+        ),
+        ValueError,
+        "share memory",
+    ),
+    "nadam-mu_product-twice": (
+        "nadam_",
+        lambda: (lambda m: _nadam_args(mu_products=[m, m]))(np.ones(1, np.float32)),
+        ValueError,
+        "same array",
+    ),
+    "nadam-mu_product-float16": (
+        "nadam_",
+        lambda: _nadam_args(mu_products=[np.ones(1, np.float32), np.ones(1, np.float16)]),
+        TypeError,
+        "float32",
+    ),
     "adagrad-float16-state": (
         "adagrad_",
         lambda: _adagrad_args(state_sums=[np.zeros(100, np.float32), np.zeros(100, np.float16)]),

@@ -882,7 +882,7 @@ STATE_KEYS = [
 
 
 def _twin_with_every_state(family: str) -> Twin:
-    extra = {"amsgrad": True} if family.startswith("Adam") else {}
+    extra = {"amsgrad": True} if "amsgrad" in FAMILIES[family].grid else {}
     return Twin(family, lr=1e-2, **extra)
 
 

@@ -126,7 +126,9 @@ def test_mixed_float32_float64_groups(family, dtype):
 
     fp, fo = make(lambda g: family.make_ferro(g, lr=1e-2, **flags))
     tp, to = make(lambda g: family.make_torch(g, lr=1e-2, **flags))
-    keys = [k for k in to.state[tp[0]] if k != "step"]
+    keys = [k for k in to.state[tp[0]] if k not in family.scalar_state]
+    if family.has_step:
+        assert float(fo.state[fp[0]]["step"]) == STEPS
     assert_tensors_as_exact_as_torch(
         tensors(fp, fo, keys),
         tensors(tp, to, keys),
@@ -136,9 +138,9 @@ def test_mixed_float32_float64_groups(family, dtype):
         assert list(fo.state[x]) == list(to.state[y])
         assert to.state[y], "every param has state"
         for key, value in to.state[y].items():
-            if key == "step":
-                assert float(fo.state[x]["step"]) == float(value) == STEPS
-                assert fo.state[x]["step"].dtype == value.dtype
+            if key in family.scalar_state:  # torch's scalar dtype, whatever the param's
+                assert float(fo.state[x][key]) == float(value)
+                assert fo.state[x][key].dtype == value.dtype
             else:
                 assert fo.state[x][key].dtype == y.dtype
 
@@ -184,14 +186,15 @@ def test_tensor_betas_match_torch_exactly(family, betas, dtype, lr):
     Python. ferroptim hands such groups to torch's for-loop: bitwise torch's numbers,
     also when betas become tensors mid-training."""
     family = FAMILIES[family]
-    kwargs = {"lr": lr, "betas": betas, "weight_decay": 0.05, "amsgrad": True}
+    flags = {"amsgrad": True} if "amsgrad" in family.grid else {}
+    kwargs = {"lr": lr, "betas": betas, "weight_decay": 0.05, **flags}
     ferro, ref = run_pair(family, kwargs, small_layout(), dtype, 20)
     assert_same_trajectory(ferro, ref, exact=True)
 
     # Set mid-training (a scheduler stepping betas as tensors): from then on torch's.
     fset, tset = build(small_layout(), dtype), build(small_layout(), dtype)
-    fopt = family.make_ferro(fset.param_groups(), lr=lr, amsgrad=True)
-    topt = family.make_torch(tset.param_groups(), lr=lr, amsgrad=True)
+    fopt = family.make_ferro(fset.param_groups(), lr=lr, **flags)
+    topt = family.make_torch(tset.param_groups(), lr=lr, **flags)
     gen = torch.Generator().manual_seed(2)
     for step in range(20):
         if step == 10:
@@ -204,6 +207,27 @@ def test_tensor_betas_match_torch_exactly(family, betas, dtype, lr):
         topt.step()
     # (the first 10 steps ran in Rust: tight tolerance, which a 1.8e-8 drift would fail)
     assert_same_trajectory(Run(fopt, fset), Run(topt, tset), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", REAL_DTYPES)
+@pytest.mark.parametrize("family", ["Adamax", "NAdam"])
+def test_one_element_tensor_betas_raise_torchs_error(family, dtype):
+    """torch's Adamax and NAdam fail on 1-element (not 0-d) tensor betas (an in-place
+    op cannot broadcast its shape-[1] result into a 0-d state); ferroptim raises the
+    same error."""
+    family = FAMILIES[family]
+    kwargs = {"betas": (torch.tensor([0.9]), torch.tensor([0.99]))}
+    errors = []
+    for make in (family.make_torch, family.make_ferro):
+        pset = build(small_layout(), dtype)
+        opt = make(pset.param_groups(), **kwargs)
+        for p in pset.params:
+            p.grad = torch.ones_like(p)
+        errors.append(error_of(opt.step))
+    torch_error, ferro_error = errors
+    assert torch_error is not None
+    assert type(ferro_error) is type(torch_error)
+    assert str(ferro_error) == str(torch_error)
 
 
 # ----------------------------------------------------------------------------------------
@@ -685,6 +709,8 @@ def test_group_mixing_rust_and_torch_routed_params(family, low):
         for key, value in to.state[y].items():
             if key == "step":
                 assert float(fo.state[x]["step"]) == float(value) == STEPS
+            elif key in family.scalar_state:
+                assert float(fo.state[x][key]) == float(value)
             else:
                 assert fo.state[x][key].dtype == y.dtype
 

@@ -341,7 +341,8 @@ def cases(family: str) -> list[Case]:
             ),
         ]
     if FAMILIES[family].has_step:
-        out.append(Case("state-step-as-int32", _state("step", lambda d: d.view(torch.int32))))
+        for key in FAMILIES[family].scalar_state:  # step, NAdam's mu_product
+            out.append(Case(f"state-{key}-as-int32", _state(key, lambda d: d.view(torch.int32))))
     return out
 
 

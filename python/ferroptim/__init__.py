@@ -29,6 +29,8 @@ _NEEDS_TORCH = (
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
+    "NAdam",
     "RMSprop",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -43,7 +45,9 @@ else:
     _torch_missing = False
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
+    from ferroptim.adamax import Adamax
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.nadam import NAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.sgd import SGD
 
@@ -69,6 +73,8 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "Adamax",
+    "NAdam",
     "RMSprop",
     "__version__",
     "clip_grad_norm_",

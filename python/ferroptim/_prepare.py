@@ -393,6 +393,15 @@ def prepare_rust(optimizer: RustStepMixin, gathered: Gathered, group: dict[str, 
     return out
 
 
+def _cpu_scalar(state: dict[str, Any], key: str, value: Tensor) -> Tensor:
+    """Per-tensor scalar state the kernel can keep: a CPU float32/float64 tensor (one on
+    another device, from a capturable or fused step, is replaced in the state by a CPU
+    tensor of torch's scalar dtype holding its value)."""
+    if value.device.type != "cpu" or value.dtype not in RUST_DTYPES:
+        value = state[key] = torch.tensor(float(value), dtype=scalar_dtype())
+    return value
+
+
 def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork) -> _LaidOut:
     step_key = optimizer._ferro_spec.step_key
     laid = _LaidOut(states=[[] for _ in gathered.keys])
@@ -411,10 +420,10 @@ def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork)
         state = optimizer.state[p] if gathered.keys or step_key is not None else NO_STATE
         fresh = _lay_out_states(optimizer, gathered, i, work, state, laid, out)
         if step_key is not None:
-            step = gathered.steps[i]
-            if step.device.type != "cpu" or step.dtype not in RUST_DTYPES:
-                step = torch.tensor(float(step), dtype=scalar_dtype())
-                state[step_key] = gathered.steps[i] = step
+            gathered.steps[i] = _cpu_scalar(state, step_key, gathered.steps[i])
+        for key in optimizer._ferro_spec.scalar_keys:
+            values = gathered.scalars[key]
+            values[i] = _cpu_scalar(state, key, values[i])
         laid.works.append(work)
         laid.kinds.append((fresh, dtensor))
         laid.written.add(storage_key(work))
@@ -516,7 +525,9 @@ def _build_plans(
 ) -> None:
     """One plan per kind (fresh, dtensor) of param."""
     step_key = optimizer._ferro_spec.step_key
-    scalars = ([gathered.steps] if step_key is not None else []) + gathered.scalars
+    spec = optimizer._ferro_spec
+    scalars = [gathered.steps] if step_key is not None else []
+    scalars += [gathered.scalars[key] for key in spec.scalar_keys]
     for kind in sorted(set(laid.kinds)):
         index = [i for i, k in enumerate(laid.kinds) if k == kind]
         plan = _one_shot_plan(

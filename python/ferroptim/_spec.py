@@ -51,9 +51,9 @@ class Gathered:
     grads: list[Tensor] = field(default_factory=list)
     states: list[list[Any]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
-    #: ``scalars[k][i]``: scalar state ``spec.scalar_keys[k]`` (a 0-d tensor beyond the
-    #: step counter, such as NAdam's ``mu_product``) of ``params[i]``.
-    scalars: list[list[Tensor]] = field(default_factory=list)
+    #: Per-tensor scalar state after the step counter (``spec.scalar_keys``), by key:
+    #: ``scalars[key][i]`` is ``params[i]``'s 0-d tensor (NAdam's ``mu_product``).
+    scalars: dict[str, list[Tensor]] = field(default_factory=dict)
     has_complex: bool = False
     has_sparse_grad: bool = False
     #: GradScaler's scale and inf flag, for torch's fused kernels.
@@ -185,7 +185,7 @@ class OptimizerSpec:
         assert self.init_state is not None
         keys = self.state_keys(group)
         gathered = Gathered(
-            keys=keys, states=[[] for _ in keys], scalars=[[] for _ in self.scalar_keys]
+            keys=keys, states=[[] for _ in keys], scalars={k: [] for k in self.scalar_keys}
         )
         for param in group["params"]:
             grad = param.grad
@@ -202,6 +202,6 @@ class OptimizerSpec:
                 buffers.append(state[key])
             if self.step_key is not None:
                 gathered.steps.append(state[self.step_key])
-            for slot, key in zip(gathered.scalars, self.scalar_keys, strict=True):
-                slot.append(state[key])
+            for key in self.scalar_keys:
+                gathered.scalars[key].append(state[key])
         return gathered

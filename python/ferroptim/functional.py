@@ -32,7 +32,7 @@ from typing import Any
 
 from ferroptim import _core
 
-__all__ = ["adagrad_", "adam_", "adamw_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "nadam_", "rmsprop_", "sgd_"]
 
 #: One array (anything with the buffer protocol) or a sequence of them.
 Arrays = Any | Sequence[Any]
@@ -45,11 +45,20 @@ def _listed(arrays: Arrays) -> list[Any]:
 
 
 def _plan(
-    params: Arrays, grads: Arrays, states: list[tuple[str, Arrays]], step: float | None
+    params: Arrays,
+    grads: Arrays,
+    states: list[tuple[str, Arrays]],
+    step: float | None,
+    scalars: list[tuple[str, Arrays]] = [],  # noqa: B006 (never mutated)
 ) -> _core.GroupPlan:
-    """A checked one-shot plan over the arrays (the same engine the classes use)."""
+    """A checked one-shot plan over the arrays (the same engine the classes use);
+    ``scalars``: per-tensor scalar state after the step counter, 1-element arrays."""
     return _core.GroupPlan.from_arrays(
-        _listed(params), _listed(grads), [(name, _listed(a)) for name, a in states], step
+        _listed(params),
+        _listed(grads),
+        [(name, _listed(a)) for name, a in states],
+        step,
+        [(name, _listed(a)) for name, a in scalars],
     )
 
 
@@ -61,6 +70,14 @@ def _step_number(step: int) -> float:
     if number is None or number < 1:
         raise ValueError(f"step must be an int >= 1 (the number of this step), got {step!r}")
     return float(number)
+
+
+def _check_betas(betas: tuple[float, float]) -> tuple[float, float]:
+    beta1, beta2 = betas
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    return float(beta1), float(beta2)
 
 
 def _check_nonnegative(**values: float) -> None:
@@ -263,6 +280,87 @@ def adagrad_(
             "lr_decay": float(lr_decay),
             "weight_decay": float(weight_decay),
             "eps": float(eps),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def adamax_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_infs: Arrays,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One Adamax step (``torch.optim.Adamax``) on arrays, in place.
+
+    ``exp_avgs`` and ``exp_infs`` start at zeros.
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    beta1, beta2 = _check_betas(betas)
+    plan = _plan(
+        params, grads, [("exp_avgs", exp_avgs), ("exp_infs", exp_infs)], _step_number(step)
+    )
+    _core.Kernel(
+        "adamax",
+        {
+            "lr": float(lr),
+            "betas": (beta1, beta2),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def nadam_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    mu_products: Arrays,
+    *,
+    step: int,
+    lr: float = 2e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One NAdam step (``torch.optim.NAdam``; NAdamW with ``decoupled_weight_decay``) on
+    arrays, in place.
+
+    ``exp_avgs`` and ``exp_avg_sqs`` start at zeros. ``mu_products`` holds one
+    1-element array per param (torch's ``state["mu_product"]``: float32, or float64
+    under a float64 default dtype, whatever the param's dtype), starting at 1 and
+    updated in place: e.g. ``np.ones(1, np.float32)``.
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay)
+    beta1, beta2 = _check_betas(betas)
+    plan = _plan(
+        params,
+        grads,
+        [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)],
+        _step_number(step),
+        [("mu_products", mu_products)],
+    )
+    _core.Kernel(
+        "nadam",
+        {
+            "lr": float(lr),
+            "betas": (beta1, beta2),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "momentum_decay": float(momentum_decay),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
             "maximize": bool(maximize),
         },
     ).step(plan)

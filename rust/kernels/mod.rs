@@ -17,7 +17,9 @@
 
 pub mod adagrad;
 pub mod adam;
+pub mod adamax;
 pub mod clip;
+pub mod nadam;
 pub mod probe;
 pub mod registry;
 pub mod rmsprop;

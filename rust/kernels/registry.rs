@@ -72,5 +72,7 @@ registry! {
     Sgd => super::sgd::Sgd,
     Rmsprop => super::rmsprop::Rmsprop,
     Adagrad => super::adagrad::Adagrad,
+    Adamax => super::adamax::Adamax,
+    Nadam => super::nadam::Nadam,
     StreamProbe => super::probe::StreamProbe,
 }

@@ -10,7 +10,9 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::plan::GroupPlan;
-use crate::engine::{check_buffers, Buffer, Format, TensorBuffers, MAX_STATES};
+use crate::engine::{
+    check_buffers, Buffer, Format, ScalarSlot, TensorBuffers, MAX_SCALARS, MAX_STATES,
+};
 
 /// One exported buffer, checked.
 struct Array {
@@ -59,12 +61,16 @@ impl Array {
 
 /// Checks arrays for a one-shot [`GroupPlan`]: `params[i]`, `grads[i]`,
 /// `states[k].1[i]` (named `states[k].0` in errors). `step` (1-based) gives
-/// every tensor a step counter owned by the plan.
+/// every tensor a step counter owned by the plan; `scalars[k].1[i]` (one
+/// element, float32 or float64 whatever the param's dtype, like torch's 0-d
+/// state tensors) is its scalar state slot after the step counter, updated
+/// in place (NAdam's `mu_product`).
 pub fn plan_arrays(
     params: &[Bound<'_, PyAny>],
     grads: &[Bound<'_, PyAny>],
     states: &[(String, Vec<Bound<'_, PyAny>>)],
     step: Option<f64>,
+    scalars: &[(String, Vec<Bound<'_, PyAny>>)],
 ) -> PyResult<GroupPlan> {
     let n = params.len();
     if grads.len() != n {
@@ -73,7 +79,7 @@ pub fn plan_arrays(
             grads.len()
         )));
     }
-    for (name, list) in states {
+    for (name, list) in states.iter().chain(scalars) {
         if list.len() != n {
             return Err(PyValueError::new_err(format!(
                 "got {n} params but {} {name}",
@@ -84,6 +90,9 @@ pub fn plan_arrays(
     if states.len() > MAX_STATES {
         return Err(PyValueError::new_err("too many state arrays"));
     }
+    if scalars.len() + usize::from(step.is_some()) > MAX_SCALARS {
+        return Err(PyValueError::new_err("too many scalar state arrays"));
+    }
     if let Some(step) = step {
         if !(step >= 1.0 && step.fract() == 0.0) {
             return Err(PyValueError::new_err(format!(
@@ -91,8 +100,11 @@ pub fn plan_arrays(
             )));
         }
     }
-    let mut exports = Vec::with_capacity(n * (2 + states.len()));
+    let mut exports = Vec::with_capacity(n * (2 + states.len() + scalars.len()));
     let mut tensors = Vec::with_capacity(n);
+    let mut slots = Vec::with_capacity(n);
+    // Every array's bytes: the engine's overlap check sees buffers, not scalar slots.
+    let mut extents: Vec<Extent> = Vec::new();
     // (address, name) of every written array, to name a duplicate plainly.
     let mut written: Vec<(usize, String)> = Vec::new();
     for i in 0..n {
@@ -108,6 +120,10 @@ pub fn plan_arrays(
                 written.push((state.addr(), what.clone()));
             }
             companions.push((what, state));
+        }
+        extents.push(Extent::of(&param, format!("params[{i}]"), false));
+        for (what, array) in &companions {
+            extents.push(Extent::of(array, what.clone(), false));
         }
         for (what, other) in &companions {
             if other.dtype != param.dtype {
@@ -127,6 +143,25 @@ pub fn plan_arrays(
         if param.len > 0 {
             written.push((param.addr(), format!("params[{i}]")));
         }
+        let mut tensor_slots = Vec::with_capacity(scalars.len());
+        for (name, list) in scalars {
+            let what = format!("{name}[{i}]");
+            let scalar = Array::get(&list[i], &what, true)?;
+            if scalar.len != 1 {
+                return Err(PyValueError::new_err(format!(
+                    "{what} has {} elements; it holds one number (a 1-element array)",
+                    scalar.len
+                )));
+            }
+            tensor_slots.push(ScalarSlot {
+                addr: scalar.addr(),
+                format: scalar.dtype,
+            });
+            extents.push(Extent::of(&scalar, what.clone(), true));
+            written.push((scalar.addr(), what));
+            exports.push(scalar.buffer);
+        }
+        slots.push(tensor_slots);
         tensors.push(
             TensorBuffers::param(
                 param.len,
@@ -145,10 +180,58 @@ pub fn plan_arrays(
             pair[0].1, pair[1].1
         )));
     }
+    check_scalars(extents)?;
     check_buffers(&tensors).map_err(|e| {
         PyValueError::new_err(format!(
             "{e} (pass each array once; a gradient may not be a parameter or state)"
         ))
     })?;
-    Ok(GroupPlan::from_exports(tensors, exports, step))
+    Ok(GroupPlan::from_exports(tensors, exports, step, slots))
+}
+
+/// The bytes of one array, and whether it is a scalar slot.
+struct Extent {
+    start: usize,
+    end: usize,
+    what: String,
+    scalar: bool,
+}
+
+impl Extent {
+    fn of(array: &Array, what: String, scalar: bool) -> Extent {
+        let start = array.addr();
+        Extent {
+            start,
+            end: start + array.len * array.dtype.size(),
+            what,
+            scalar,
+        }
+    }
+}
+
+/// Refuses a scalar array that overlaps any other array (the kernel writes it in
+/// place). Sorted by start, an array can only overlap arrays starting before the
+/// furthest end seen so far, or, for a scalar one, the furthest-reaching scalar.
+fn check_scalars(mut extents: Vec<Extent>) -> PyResult<()> {
+    extents.retain(|e| e.end > e.start);
+    extents.sort_unstable_by_key(|e| e.start);
+    let mut reach: Option<&Extent> = None;
+    let mut scalar_reach: Option<&Extent> = None;
+    for current in &extents {
+        let earlier = if current.scalar { reach } else { scalar_reach };
+        if let Some(earlier) = earlier.filter(|e| e.end > current.start) {
+            return Err(PyValueError::new_err(format!(
+                "{} and {} share memory; a scalar state array is updated in place, so pass \
+                 one of its own",
+                earlier.what, current.what
+            )));
+        }
+        if reach.is_none_or(|r| current.end > r.end) {
+            reach = Some(current);
+        }
+        if current.scalar && scalar_reach.is_none_or(|r| current.end > r.end) {
+            scalar_reach = Some(current);
+        }
+    }
+    Ok(())
 }

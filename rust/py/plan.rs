@@ -265,20 +265,29 @@ impl GroupPlan {
 
     /// A gathered one-shot plan over checked array buffers (see `arrays.rs`),
     /// with plan-owned step counters when `step` is given.
+    /// `scalars[i]`: tensor `i`'s scalar slots after its step counter (if any).
     pub fn from_exports(
         mut tensors: Vec<TensorBuffers>,
         exports: Vec<PyUntypedBuffer>,
         step: Option<f64>,
+        scalars: Vec<Vec<ScalarSlot>>,
     ) -> GroupPlan {
         let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         if let Some(step) = step {
             plan.owned_steps = vec![step - 1.0; tensors.len()];
-            for (t, counter) in tensors.iter_mut().zip(plan.owned_steps.iter_mut()) {
-                *t = t.with_scalars(&[ScalarSlot {
+        }
+        for (i, (t, extra)) in tensors.iter_mut().zip(scalars).enumerate() {
+            let mut slots: Vec<ScalarSlot> = plan
+                .owned_steps
+                .get_mut(i)
+                .map(|counter| ScalarSlot {
                     addr: counter as *mut f64 as usize,
                     format: Format::F64,
-                }]);
-            }
+                })
+                .into_iter()
+                .collect();
+            slots.extend(extra);
+            *t = t.with_scalars(&slots);
         }
         plan.ready = tensors;
         plan.exports = exports;
@@ -606,14 +615,15 @@ impl GroupPlan {
     /// A one-shot plan over arrays (the functional API): `states` are
     /// `(name, arrays)` pairs in kernel order, `step` the 1-based step number.
     #[staticmethod]
-    #[pyo3(signature = (params, grads, states, step))]
+    #[pyo3(signature = (params, grads, states, step, scalars = Vec::new()))]
     fn from_arrays(
         params: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
         states: Vec<(String, Vec<Bound<'_, PyAny>>)>,
         step: Option<f64>,
+        scalars: Vec<(String, Vec<Bound<'_, PyAny>>)>,
     ) -> PyResult<GroupPlan> {
-        super::arrays::plan_arrays(&params, &grads, &states, step)
+        super::arrays::plan_arrays(&params, &grads, &states, step, &scalars)
     }
 
     /// A one-shot plan over gradients alone, for clipping: each gradient is
