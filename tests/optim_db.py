@@ -913,6 +913,8 @@ def runs_in_rust(name: str) -> bool:
     """Whether family ``name`` (or a variant named ``"<family>-<what>"``, as some test
     tables name them) steps CPU float params in Rust."""
     return FAMILIES[name if name in FAMILIES else name.split("-")[0]].rust
+
+
 #: The optimizers themselves (no variants): what the end-to-end suites run.
 OPTIMIZERS = tuple(name for name, f in FAMILIES.items() if f.variant_of is None)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch._dynamo
 from _kernels import kernel_calls
-from conftest import ferroptim, train_cases
+from conftest import ferroptim, runs_in_rust, train_cases
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import train_cases
+from conftest import runs_in_rust, train_cases
 
 pytestmark = [
     pytest.mark.cuda,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from _dist import run_workers
 from _kernels import kernel_calls
-from conftest import ferroptim, train_cases
+from conftest import ferroptim, runs_in_rust, train_cases
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
