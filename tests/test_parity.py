@@ -177,8 +177,16 @@ TENSOR_BETAS = [
 
 @pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float-lr", "tensor-lr"])
 @pytest.mark.parametrize("dtype", REAL_DTYPES)
-@pytest.mark.parametrize("betas", TENSOR_BETAS)
-@pytest.mark.parametrize("family", taking("betas"))
+@pytest.mark.parametrize(
+    ("family", "betas"),
+    [
+        pytest.param(family, *betas.values, id=f"{family}-{betas.id}")
+        for family in taking("betas")
+        for betas in TENSOR_BETAS
+        # (torch's Adamax and NAdam cannot step with 1-element betas: see below)
+        if family in ("Adam", "AdamW") or betas.id != "1-element-tensors"
+    ],
+)
 def test_tensor_betas_match_torch_exactly(family, betas, dtype, lr):
     """torch computes with tensor betas in their own (float32) tensor arithmetic
     (``1 - beta2``, ``1 - beta1 ** step``, ``lr / bias_correction1``): float64 params

@@ -193,7 +193,7 @@ def check_torch_step(
         raise RuntimeError(
             "API has changed, `state_steps` argument must contain a list of singleton tensors"
         )
-    _check_capturable(gathered, group)
+    _check_capturable(spec, gathered, group)
     if spec.step_key is not None and for_loop and spec.reads_step:
         for s in gathered.steps:
             if s.numel() != 1:  # torch's `step_t.item()`
@@ -204,20 +204,24 @@ def check_torch_step(
             spec.check_step_scalars(group, gathered)
 
 
-def _check_capturable(gathered: Gathered, group: dict[str, Any]) -> None:
+def _check_capturable(spec: OptimizerSpec, gathered: Gathered, group: dict[str, Any]) -> None:
     """torch's check (an AssertionError) that a capturable step runs on a device CUDA
-    graphs can capture, with the step counter on the param's device."""
+    graphs can capture, with the step counter (and other scalar state, NAdam's
+    ``mu_product``) on the param's device."""
     if not flag(group.get("capturable", False)):
         return
     devices = capturable_devices()
-    for param, step in zip(gathered.params, gathered.steps, strict=False):
+    scalars = [gathered.scalars.get(key, []) for key in spec.scalar_keys]
+    for i, (param, step) in enumerate(zip(gathered.params, gathered.steps, strict=False)):
+        on_device = [step, *(values[i] for values in scalars if i < len(values))]
         if not (
-            isinstance(step, Tensor)
-            and param.device.type == step.device.type
+            all(isinstance(t, Tensor) and t.device.type == param.device.type for t in on_device)
             and param.device.type in devices
         ):
+            # (torch names the scalar state lists: "params, mu_products and state_steps")
+            names = ", ".join(["params", *(f"{key}s" for key in spec.scalar_keys)])
             raise AssertionError(
-                "If capturable=True, params and state_steps must be on supported devices: "
+                f"If capturable=True, {names} and state_steps must be on supported devices: "
                 f"{devices}."
             )
 
