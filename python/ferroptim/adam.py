@@ -64,7 +64,9 @@ def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered
     return g
 
 
-def _aliased_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+def decay_first_aliased_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+    """What torch reads from a grad sharing the param's memory when the group decays the
+    param (decoupled weight decay) before reading the grad: AdamW, NAdamW."""
     # torch's AdamW decays the param before reading the (un-negated) grad.
     decays_first = group["decoupled_weight_decay"] and group["weight_decay"] != 0
     if decays_first and not group["maximize"] and grad.data_ptr() == param.data_ptr():
@@ -167,7 +169,7 @@ ADAM_SPEC = OptimizerSpec(
     rust_unsupported=_rust_unsupported,
     usual=_usual,
     check_step_scalars=_check_step_scalars,
-    aliased_grad=_aliased_grad,
+    aliased_grad=decay_first_aliased_grad,
 )
 
 

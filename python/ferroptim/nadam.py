@@ -19,6 +19,7 @@ from ferroptim._hyper import scalar
 from ferroptim._optimizer import RustStepMixin
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 from ferroptim._torch_compat import init_group
+from ferroptim.adam import decay_first_aliased_grad
 from ferroptim.adamax import betas_as_numbers, tensor_betas, usual_betas
 
 __all__ = ["NAdam"]
@@ -69,14 +70,6 @@ def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered
                 + _INTEGER_NAMES[mu_product.dtype]
             )
     return g
-
-
-def _aliased_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-    # torch's NAdamW decays the param before reading the (un-negated) grad.
-    decays_first = group["decoupled_weight_decay"] and group["weight_decay"] != 0
-    if decays_first and not group["maximize"] and grad.data_ptr() == param.data_ptr():
-        return grad.mul(1 - scalar(group["lr"]) * scalar(group["weight_decay"]))
-    return grad.clone()
 
 
 def _rust_unsupported(group: dict[str, Any]) -> bool:
@@ -152,7 +145,7 @@ NADAM_SPEC = OptimizerSpec(
     rust_unsupported=_rust_unsupported,
     usual=_usual,
     check_step_scalars=_check_step_scalars,
-    aliased_grad=_aliased_grad,
+    aliased_grad=decay_first_aliased_grad,
 )
 
 
