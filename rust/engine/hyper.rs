@@ -48,41 +48,42 @@ impl TensorScalar {
     }
 }
 
-/// Where hyperparameters come from.
+/// Where hyperparameters come from (names are the record's field names: `'static`,
+/// so a source may cache what it derives from them).
 pub trait HyperSource {
     /// A real number (a Python float, int, bool or 1-element tensor).
-    fn number(&self, name: &str) -> Result<TensorScalar, HyperError>;
+    fn number(&self, name: &'static str) -> Result<TensorScalar, HyperError>;
     /// A flag, with Python's truthiness (`maximize=1` is true).
-    fn flag(&self, name: &str) -> Result<bool, HyperError>;
+    fn flag(&self, name: &'static str) -> Result<bool, HyperError>;
     /// A pair of numbers (`betas`).
-    fn pair(&self, name: &str) -> Result<[f64; 2], HyperError>;
+    fn pair(&self, name: &'static str) -> Result<[f64; 2], HyperError>;
 }
 
 /// A value a hyperparameter record field can hold.
 pub trait HyperValue: Sized {
-    fn read(source: &dyn HyperSource, name: &str) -> Result<Self, HyperError>;
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<Self, HyperError>;
 }
 
 impl HyperValue for f64 {
-    fn read(source: &dyn HyperSource, name: &str) -> Result<f64, HyperError> {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<f64, HyperError> {
         Ok(source.number(name)?.value)
     }
 }
 
 impl HyperValue for TensorScalar {
-    fn read(source: &dyn HyperSource, name: &str) -> Result<TensorScalar, HyperError> {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<TensorScalar, HyperError> {
         source.number(name)
     }
 }
 
 impl HyperValue for bool {
-    fn read(source: &dyn HyperSource, name: &str) -> Result<bool, HyperError> {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<bool, HyperError> {
         source.flag(name)
     }
 }
 
 impl HyperValue for [f64; 2] {
-    fn read(source: &dyn HyperSource, name: &str) -> Result<[f64; 2], HyperError> {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<[f64; 2], HyperError> {
         source.pair(name)
     }
 }
@@ -164,18 +165,18 @@ impl HyperMap {
 }
 
 impl HyperSource for HyperMap {
-    fn number(&self, name: &str) -> Result<TensorScalar, HyperError> {
+    fn number(&self, name: &'static str) -> Result<TensorScalar, HyperError> {
         self.numbers
             .get(name)
             .map(|&v| TensorScalar::of(v))
             .ok_or_else(|| HyperError::Missing(name.to_string()))
     }
 
-    fn flag(&self, name: &str) -> Result<bool, HyperError> {
+    fn flag(&self, name: &'static str) -> Result<bool, HyperError> {
         Ok(self.number(name)?.value != 0.0)
     }
 
-    fn pair(&self, name: &str) -> Result<[f64; 2], HyperError> {
+    fn pair(&self, name: &'static str) -> Result<[f64; 2], HyperError> {
         self.pairs
             .get(name)
             .copied()
