@@ -5,11 +5,8 @@
 //! gathered plan.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyFloat, PyMapping, PyString};
 
 use super::error::{hyper_error, unknown_kernel};
@@ -34,21 +31,28 @@ impl GroupSource<'_, '_> {
     }
 }
 
+/// A name's (address, length) and its Python string.
+type InternedName = ((usize, usize), Py<PyString>);
+
 /// `name` as a Python string made once: every step reads each hyperparameter by
-/// name, and a string made per read (and hashed per dict lookup) cost about a
-/// third of a microsecond per step on a 16-element AdamW.
+/// name, and a string made (and hashed) per read cost about a third of a
+/// microsecond per step on a 16-element AdamW. The names are the records' string
+/// literals, a few dozen in all: a per-thread list searched by address beats a
+/// locked hash map.
 fn interned<'py>(py: Python<'py>, name: &'static str) -> Bound<'py, PyString> {
-    static NAMES: PyOnceLock<Mutex<HashMap<usize, Py<PyString>>>> = PyOnceLock::new();
-    let names = NAMES.get_or_init(py, || Mutex::new(HashMap::new()));
-    // (the names are string literals: their address identifies them)
-    let mut names = names
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    names
-        .entry(name.as_ptr() as usize)
-        .or_insert_with(|| PyString::intern(py, name).unbind())
-        .bind(py)
-        .clone()
+    thread_local! {
+        static NAMES: RefCell<Vec<InternedName>> = const { RefCell::new(Vec::new()) };
+    }
+    // (address and length: one literal may start where a longer one does)
+    let key = (name.as_ptr() as usize, name.len());
+    NAMES.with_borrow_mut(|names| {
+        if let Some((_, string)) = names.iter().find(|(k, _)| *k == key) {
+            return string.bind(py).clone();
+        }
+        let string = PyString::intern(py, name);
+        names.push((key, string.clone().unbind()));
+        string
+    })
 }
 
 fn type_error(name: &str, value: &Bound<'_, PyAny>) -> HyperError {
