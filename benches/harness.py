@@ -82,6 +82,9 @@ class Case:
     shapes: tuple[Shape, ...]
     #: Whether the case is big enough for thread scaling to matter.
     big: bool = False
+    #: Sparse gradients: rows looked up per step (repeats included, as an embedding's
+    #: backward gives them, uncoalesced); 0: dense gradients.
+    looked_up_rows: int = 0
 
     @property
     def num_tensors(self) -> int:
@@ -89,6 +92,9 @@ class Case:
 
     @property
     def numel(self) -> int:
+        """Elements a step streams: every element, or a sparse gradient's values."""
+        if self.looked_up_rows:
+            return sum(self.looked_up_rows * math.prod(s[1:]) for s in self.shapes)
         return sum(math.prod(s) for s in self.shapes)
 
 
@@ -104,6 +110,12 @@ CASES: dict[str, Case] = {
         Case("1000x1K", "1000 tensors of 1024 elements", ((1024,),) * 1000, big=True),
         Case("32M", "one tensor of 32M elements", ((32 * 2**20,),), big=True),
         Case("16", "one tensor of 16 elements", ((16,),)),
+        Case(
+            "embedding",
+            "a 1M x 64 embedding, 4096 rows looked up per step (sparse gradient)",
+            ((2**20, 64),),
+            looked_up_rows=4096,
+        ),
     )
 }
 
@@ -115,10 +127,20 @@ def case_data(name: str, seed: int = 0) -> tuple[tuple[Tensor, ...], tuple[Tenso
     Contenders clone the values and share the gradients (no step writes a grad).
     """
     gen = torch.Generator().manual_seed(seed)
-    shapes = CASES[name].shapes
-    values = tuple(torch.randn(s, generator=gen) * 0.02 for s in shapes)
-    grads = tuple(torch.randn(s, generator=gen) * 1e-3 for s in shapes)
+    case = CASES[name]
+    values = tuple(torch.randn(s, generator=gen) * 0.02 for s in case.shapes)
+    if case.looked_up_rows:
+        grads = tuple(_looked_up(s, case.looked_up_rows, gen) for s in case.shapes)
+    else:
+        grads = tuple(torch.randn(s, generator=gen) * 1e-3 for s in case.shapes)
     return values, grads
+
+
+def _looked_up(shape: Shape, rows: int, gen: torch.Generator) -> Tensor:
+    """An embedding's sparse gradient: ``rows`` rows drawn with repeats, uncoalesced."""
+    indices = torch.randint(0, shape[0], (1, rows), generator=gen)
+    values = torch.randn((rows, *shape[1:]), generator=gen) * 1e-3
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=True)
 
 
 def fresh_params(name: str) -> list[Tensor]:
@@ -616,6 +638,26 @@ SUITES: dict[str, Suite] = {
             "step; **vs torch GradScaler.step** = `GradScaler.step` on torch's fused AdamW "
             "over GradScaler.step on ferroptim's.",
             _SAME_GRADS,
+        ),
+    ),
+    "sparse_adam": Suite(
+        name="sparse_adam",
+        title=(
+            "ferroptim.SparseAdam vs torch.optim.SparseAdam (defaults): one `step()` on a "
+            "sparse embedding gradient"
+        ),
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.SparseAdam),
+        references={"torch default": optimizer(torch.optim.SparseAdam)},
+        cases=("embedding",),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes per looked-up element (read p, g, exp_avg, exp_avg_sq; "
+            "write p, exp_avg, exp_avg_sq), plus coalescing the gradient (both sides: torch's "
+            "`coalesce`).",
+            "torch has one SparseAdam implementation (a for-loop of sparse tensor ops).",
+            "No floor column: scattered rows are bound by memory latency, not by streaming "
+            "bandwidth.",
         ),
     ),
 }

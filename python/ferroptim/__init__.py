@@ -32,6 +32,7 @@ _NEEDS_TORCH = (
     "Adamax",
     "NAdam",
     "RMSprop",
+    "SparseAdam",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -50,6 +51,7 @@ else:
     from ferroptim.nadam import NAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.sgd import SGD
+    from ferroptim.sparse_adam import SparseAdam
 
 
 def __getattr__(name: str) -> Any:
@@ -76,6 +78,7 @@ __all__ = [
     "Adamax",
     "NAdam",
     "RMSprop",
+    "SparseAdam",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

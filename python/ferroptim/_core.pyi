@@ -33,6 +33,14 @@ class GroupPlan:
         step: float | None,
         scalars: Sequence[tuple[str, Sequence[object]]] = ...,
     ) -> GroupPlan: ...
+    @staticmethod
+    def from_rows(
+        param: torch.Tensor,
+        states: Sequence[torch.Tensor],
+        values: torch.Tensor,
+        offsets: object,
+        row_len: int,
+    ) -> GroupPlan: ...
     def gather(self) -> bool: ...
     def release(self) -> None: ...
 

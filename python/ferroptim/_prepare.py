@@ -68,14 +68,12 @@ def _as_torch(optimizer: RustStepMixin) -> torch.optim.Optimizer:
 def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...] | None:
     """What a cached plan was made for; None: this group always takes the slow path
     (where torch's errors are raised and torch's path is chosen)."""
+    # Every step reads this: plain truthiness (torch's `if capturable:`) and the
+    # backend global, without function calls.
     spec = optimizer._ferro_spec
-    if (
-        flag(group.get("capturable", False))
-        or spec.rust_unsupported(group)
-        or not spec.usual(group)
-    ):
+    if group.get("capturable") or not spec.usual(group) or spec.rust_unsupported(group):
         return None
-    return (spec.state_keys(group), group.get("differentiable", False), _config.get_backend())
+    return (spec.state_keys(group), group.get("differentiable", False), _config._backend)
 
 
 # -- the slow path ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import _functional as _torch_functional
 from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import _get_capturable_supported_devices, _get_scalar_dtype
 from torch.utils._foreach_utils import (
@@ -36,6 +37,8 @@ __all__ = [
     "profile_hook_step",
     "run_step_code",
     "scalar_dtype",
+    "sparse_adam",
+    "sparse_rows",
     "sparse_values",
 ]
 
@@ -113,6 +116,16 @@ def foreach_mul_(tensors: list[Tensor], factor: Tensor) -> None:
 def sparse_values(tensor: Tensor) -> Tensor:
     """The values of a sparse tensor, duplicates summed."""
     return tensor.coalesce()._values()
+
+
+def sparse_rows(tensor: Tensor) -> tuple[Tensor, Tensor]:
+    """(indices, values) of a sparse COO tensor, duplicates summed by torch, sorted."""
+    coalesced = tensor.coalesce()
+    return coalesced._indices(), coalesced._values()
+
+
+#: torch's functional SparseAdam (no public ``torch.optim.sparse_adam``).
+sparse_adam = _torch_functional.sparse_adam
 
 
 def is_dtensor(tensor: Tensor) -> bool:

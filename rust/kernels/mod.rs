@@ -24,6 +24,7 @@ pub mod probe;
 pub mod registry;
 pub mod rmsprop;
 pub mod sgd;
+pub mod sparse_adam;
 #[cfg(test)]
 pub(crate) mod testing;
 

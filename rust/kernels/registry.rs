@@ -74,5 +74,6 @@ registry! {
     Adagrad => super::adagrad::Adagrad,
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
+    SparseAdam => super::sparse_adam::SparseAdam,
     StreamProbe => super::probe::StreamProbe,
 }

@@ -16,7 +16,7 @@
 //! A one-shot plan ([`GroupPlan::from_tensors`]) is what the slow path hands
 //! over: explicit tensors for one step, fully checked.
 
-use pyo3::buffer::PyUntypedBuffer;
+use pyo3::buffer::{PyBuffer, PyUntypedBuffer};
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -214,6 +214,30 @@ fn scalar_slot(info: &TensorInfo<'_>, what: &str) -> PyResult<ScalarSlot> {
     })
 }
 
+/// The first element of each row, checked: rows of `row_len` elements that lie
+/// inside a tensor of `len` elements, in increasing order, without overlapping.
+fn row_spans(offsets: &[i64], row_len: usize, len: usize) -> PyResult<Vec<usize>> {
+    let mut spans = Vec::with_capacity(offsets.len());
+    let mut next_free = 0usize;
+    for &offset in offsets {
+        let start = usize::try_from(offset).ok();
+        let end = start.and_then(|s| s.checked_add(row_len));
+        match (start, end) {
+            (Some(start), Some(end)) if start >= next_free && end <= len => {
+                spans.push(start);
+                next_free = end;
+            }
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "row offset {offset} is outside the parameter ({len} elements, rows of \
+                     {row_len}) or not after the previous row"
+                )))
+            }
+        }
+    }
+    Ok(spans)
+}
+
 fn buffer(info: &TensorInfo<'_>) -> Buffer {
     Buffer::new(info.addr, info.dtype)
 }
@@ -336,8 +360,10 @@ impl GroupPlan {
         // SAFETY: every address was read from a live CPU tensor of the recorded
         // dtype and length (TensorInfo::inspect), and those tensors are kept
         // alive by `self.entries` and `keepalive` until this function returns.
-        // Overlaps were refused by `check_buffers` (one-shot plans) or by
-        // `WrittenSet` plus the per-gradient check in `gather` (cached plans).
+        // Overlaps were refused by `check_buffers` (one-shot plans), by
+        // `WrittenSet` plus the per-gradient check in `gather` (cached plans), or
+        // (row plans, `from_rows`) for the whole tensors, with the rows checked to
+        // be disjoint sub-ranges of them.
         let group = unsafe { Group::new_prechecked(tensors) };
         let level = simd::active_level();
         let result = run_caught(py, || step(&group, level));
@@ -608,6 +634,88 @@ impl GroupPlan {
             })?;
         }
         check_buffers(&plan.ready).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        plan.gathered = true;
+        Ok(plan)
+    }
+
+    /// A one-shot plan over the touched rows of a contiguous parameter
+    /// (SparseAdam's coalesced sparse gradient): row `r` of `values` (`row_len`
+    /// elements) is the gradient of elements `offsets[r] .. offsets[r] + row_len`
+    /// of `param` and of each state. `offsets` is an int64 buffer (a NumPy view
+    /// of the indices); the rows must lie inside the parameter, in increasing
+    /// order, without overlapping.
+    #[staticmethod]
+    fn from_rows(
+        param: Bound<'_, PyAny>,
+        states: Vec<Bound<'_, PyAny>>,
+        values: Bound<'_, PyAny>,
+        offsets: &Bound<'_, PyAny>,
+        row_len: usize,
+    ) -> PyResult<GroupPlan> {
+        if states.len() > MAX_STATES {
+            return Err(PyValueError::new_err(
+                "too many state buffers per parameter",
+            ));
+        }
+        let info = TensorInfo::inspect(&param, "parameter")?;
+        if info.layout != Layout::Contiguous {
+            return Err(not_plannable("the parameter is not contiguous".to_string()));
+        }
+        let mut state_buffers = Vec::with_capacity(states.len());
+        for (k, tensor) in states.iter().enumerate() {
+            let what = format!("state {k}");
+            let state = TensorInfo::inspect(tensor, &what)?;
+            check_companion(&info, &state, &what)?;
+            state_buffers.push(buffer(&state));
+        }
+        let grad = TensorInfo::inspect(&values, "gradient values")?;
+        if grad.dtype != info.dtype || grad.layout != Layout::Contiguous {
+            return Err(not_plannable(format!(
+                "gradient values must be contiguous {}",
+                info.dtype.name()
+            )));
+        }
+        let offsets: Vec<i64> = PyBuffer::<i64>::get(offsets)
+            .and_then(|b| b.to_vec(offsets.py()))
+            .map_err(|_| PyValueError::new_err("offsets must be an int64 buffer"))?;
+        let rows = row_spans(&offsets, row_len, info.len)?;
+        if rows.len().checked_mul(row_len) != Some(grad.len) {
+            return Err(PyValueError::new_err(format!(
+                "gradient values have {} elements, not {} rows of {row_len}",
+                grad.len,
+                rows.len()
+            )));
+        }
+        // The whole tensors are checked once (param and states written, values read):
+        // every row is a sub-range of them, and rows are disjoint (`row_spans`), so
+        // no row's buffers can overlap another's. (Checking thousands of rows one by
+        // one cost more than stepping them.)
+        let whole = TensorBuffers::param(info.len, buffer(&info), None).with_states(&state_buffers);
+        let written =
+            WrittenSet::new(&[whole]).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let size = info.dtype.size();
+        if grad.len > 0 && written.overlaps(grad.addr, grad.addr + grad.len * size) {
+            return Err(PyValueError::new_err(
+                "the gradient values share memory with the parameter or its state",
+            ));
+        }
+        let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
+        for (r, &start) in rows.iter().enumerate() {
+            let at = |b: &Buffer, element: usize| Buffer::new(b.addr + element * size, b.format);
+            let row_states: Vec<Buffer> = state_buffers.iter().map(|s| at(s, start)).collect();
+            plan.ready.push(
+                TensorBuffers::param(
+                    row_len,
+                    at(&buffer(&info), start),
+                    Some(at(&buffer(&grad), r * row_len)),
+                )
+                .with_states(&row_states),
+            );
+        }
+        plan.keepalive
+            .extend(states.iter().map(|s| s.clone().unbind()));
+        plan.keepalive.push(values.unbind());
+        plan.written_tensors.push(param.unbind());
         plan.gathered = true;
         Ok(plan)
     }
