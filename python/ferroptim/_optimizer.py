@@ -30,6 +30,7 @@ from ferroptim import _core, _step
 from ferroptim._jobs import CachedPlan, Job
 from ferroptim._prepare import prepare_slow
 from ferroptim._spec import OptimizerSpec
+from ferroptim._torch_compat import hooked_step
 
 __all__ = ["RustStepMixin"]
 
@@ -104,7 +105,7 @@ class RustStepMixin:
         """
         return _step.step(self, closure)
 
-    step = _step.hooked(step)
+    step = hooked_step(step)
 
     def _prepare_slow(self, group: dict[str, Any], plans: dict[int, CachedPlan]) -> Job:
         # The step's slow path for one group (a method, so that a test can count the

@@ -39,7 +39,7 @@ from ferroptim._layout import (
     staged,
     storage_key,
 )
-from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
+from ferroptim._spec import Gathered, KernelCall, OptimizerSpec, always, never
 from ferroptim._torch_compat import (
     capturable_devices,
     foreach_kernel_devices,
@@ -68,10 +68,15 @@ def _as_torch(optimizer: RustStepMixin) -> torch.optim.Optimizer:
 def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...] | None:
     """What a cached plan was made for; None: this group always takes the slow path
     (where torch's errors are raised and torch's path is chosen)."""
-    # Every step reads this: plain truthiness (torch's `if capturable:`) and the
-    # backend global, without function calls.
+    # Every step reads this: plain truthiness (torch's `if capturable:`), the backend
+    # global, and no calls to the specs' default checks.
     spec = optimizer._ferro_spec
-    if group.get("capturable") or not spec.usual(group) or spec.rust_unsupported(group):
+    usual, unsupported = spec.usual, spec.rust_unsupported
+    if (
+        group.get("capturable")
+        or (usual is not always and not usual(group))
+        or (unsupported is not never and unsupported(group))
+    ):
         return None
     return (spec.state_keys(group), group.get("differentiable", False), _config._backend)
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from ferroptim import _core
 
-__all__ = ["Gathered", "KernelCall", "OptimizerSpec", "TorchStep"]
+__all__ = ["Gathered", "KernelCall", "OptimizerSpec", "TorchStep", "always", "never"]
 
 
 @dataclass
@@ -82,11 +82,13 @@ class TorchStep(Protocol):
     ) -> None: ...
 
 
-def _never(group: dict[str, Any]) -> bool:
+def never(group: dict[str, Any]) -> bool:
+    """The default ``rust_unsupported`` (the step's fast path does not call it)."""
     return False
 
 
-def _always(group: dict[str, Any]) -> bool:
+def always(group: dict[str, Any]) -> bool:
+    """The default ``usual`` (the step's fast path does not call it)."""
     return True
 
 
@@ -142,10 +144,10 @@ class OptimizerSpec:
     more_numbers: Callable[[dict[str, Any]], Iterable[tuple[str, Any]]] | None = None
     #: ``rust_unsupported(group)``: the kernels cannot reproduce torch's arithmetic for
     #: these hyperparameters (Adam's tensor betas): the group takes torch's for-loop.
-    rust_unsupported: Callable[[dict[str, Any]], bool] = _never
+    rust_unsupported: Callable[[dict[str, Any]], bool] = never
     #: ``usual(group)``: the hyperparameters are in the range torch's constructor
     #: accepts, so the per-step scalars cannot raise and a cached plan may run.
-    usual: Callable[[dict[str, Any]], bool] = _always
+    usual: Callable[[dict[str, Any]], bool] = always
     #: ``check_step_scalars(group, gathered)``: raises what torch's for-loop raises
     #: computing its per-step scalars for an unusual group (``beta1 = 1`` set
     #: mid-training: ZeroDivisionError).

@@ -16,7 +16,6 @@ So an error in any group leaves every tensor as it was.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -37,16 +36,13 @@ from ferroptim._norms import (
 from ferroptim._prepare import plan_key
 from ferroptim._torch_compat import (
     full,
-    hooks_or_profiler_active,
-    profile_hook_step,
-    run_step_code,
     sparse_values,
 )
 
 if TYPE_CHECKING:
     from ferroptim._optimizer import RustStepMixin
 
-__all__ = ["hooked", "step"]
+__all__ = ["step"]
 
 
 def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
@@ -229,31 +225,3 @@ def _count_skip(optimizer: RustStepMixin) -> None:
             RuntimeWarning,
             stacklevel=5,
         )
-
-
-# -- torch's step wrapper ---------------------------------------------------------------------
-
-
-def hooked(step: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps ``step`` the way ``torch.optim.Optimizer`` does (step pre/post hooks,
-    a profiler range) but skips the machinery when there is nothing to run it for:
-    torch's wrapper opens a ``record_function`` range every step, which alone costs
-    more than stepping a small model."""
-    full_wrapper = profile_hook_step(step)
-    # Under torch.compile the step runs eagerly, as one graph break at the call:
-    # its Rust calls are opaque to dynamo, and tracing into them would only add
-    # breaks (and warnings) inside.
-    eager = torch.compiler.disable(full_wrapper, recursive=True)
-
-    @functools.wraps(step)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return eager(self, *args, **kwargs)
-        if hooks_or_profiler_active(self):
-            return full_wrapper(self, *args, **kwargs)
-        out = step(self, *args, **kwargs)
-        run_step_code(self)
-        return out
-
-    wrapper.hooked = True  # type: ignore[attr-defined]  # tells torch not to wrap it again
-    return wrapper

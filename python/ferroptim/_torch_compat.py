@@ -9,6 +9,7 @@ ferroptim depends on beyond torch's public API.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -29,13 +30,11 @@ __all__ = [
     "foreach_mul_",
     "full",
     "fused_kernel_devices",
-    "hooks_or_profiler_active",
+    "hooked_step",
     "init_group",
     "is_dtensor",
     "local",
     "module_tensor_slots",
-    "profile_hook_step",
-    "run_step_code",
     "scalar_dtype",
     "sparse_adam",
     "sparse_rows",
@@ -74,26 +73,37 @@ def fused_kernel_devices() -> list[str]:
     return _get_fused_kernels_supported_devices()
 
 
-def profile_hook_step(step: Callable[..., Any]) -> Callable[..., Any]:
-    """torch's own ``step`` wrapper (step pre/post hooks, a profiler range)."""
-    return torch.optim.Optimizer.profile_hook_step(step)
+def hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` wrapped the way ``torch.optim.Optimizer`` wraps it (step pre/post hooks, a
+    profiler range), but the machinery is skipped when there is nothing to run it for:
+    torch's wrapper opens a ``record_function`` range every step, which alone costs more
+    than stepping a small model. The check reads torch's hook dicts in place (no calls:
+    it runs every step)."""
+    full_wrapper = torch.optim.Optimizer.profile_hook_step(step)
+    # Under torch.compile the step runs eagerly, as one graph break at the call: its
+    # Rust calls are opaque to dynamo, and tracing into them would only add breaks (and
+    # warnings) inside.
+    eager = torch.compiler.disable(full_wrapper, recursive=True)
+    profiler_enabled = torch._C._autograd._profiler_enabled
 
+    @functools.wraps(step)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return eager(self, *args, **kwargs)
+        if (
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or _torch_optimizer._global_optimizer_pre_hooks
+            or _torch_optimizer._global_optimizer_post_hooks
+            or profiler_enabled()
+        ):
+            return full_wrapper(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()  # what torch's wrapper runs after each step
+        return out
 
-def hooks_or_profiler_active(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether any step hook (the optimizer's own or torch's global ones) is registered or
-    the autograd profiler is on: only then is torch's step wrapper worth its cost."""
-    return bool(
-        optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
-        or _torch_optimizer._global_optimizer_pre_hooks
-        or _torch_optimizer._global_optimizer_post_hooks
-        or torch._C._autograd._profiler_enabled()
-    )
-
-
-def run_step_code(optimizer: torch.optim.Optimizer) -> None:
-    """What torch's wrapper runs after each step (its profiler's/dynamo's marker)."""
-    optimizer._optimizer_step_code()
+    wrapper.hooked = True  # type: ignore[attr-defined]  # tells torch not to wrap it again
+    return wrapper
 
 
 # -- nn.Module internals ------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ferroptim._hyper import scalar
 from ferroptim._optimizer import RustStepMixin
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 from ferroptim._torch_compat import init_group
+from ferroptim.adamax import tensor_betas
 
 __all__ = ["Adam", "AdamW"]
 
@@ -84,10 +85,7 @@ def _rust_unsupported(group: dict[str, Any]) -> bool:
     # `1 - beta2`, `1 - beta1 ** step`, `lr / bias_correction1` rounded to float32.
     # The kernels compute these scalars in float64, so such groups take torch's
     # for-loop (exactly torch's numbers).
-    betas = group["betas"]
-    if type(betas) is not tuple and type(betas) is not list:
-        return False
-    return len(betas) == 2 and (isinstance(betas[0], Tensor) or isinstance(betas[1], Tensor))
+    return tensor_betas(group)
 
 
 def _usual(group: dict[str, Any]) -> bool:

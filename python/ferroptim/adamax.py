@@ -39,6 +39,8 @@ def tensor_betas(group: dict[str, Any]) -> bool:
     betas = group["betas"]
     if type(betas) is not tuple and type(betas) is not list:
         return False
+    if len(betas) == 2 and type(betas[0]) in _PLAIN and type(betas[1]) in _PLAIN:
+        return False  # (every step asks: the common case without calls)
     return any(isinstance(b, Tensor) for b in betas)
 
 

@@ -42,11 +42,17 @@ def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered
     return g
 
 
+_PLAIN = (float, int)
+
+
 def _rust_unsupported(group: dict[str, Any]) -> bool:
     # torch's first momentum step only clones the grad: it steps with a momentum or
     # dampening it could not compute with (`momentum=None` set mid-training), and
     # fails at the next step. Its for-loop gives exactly that.
-    return not all(is_number(group[k]) for k in ("momentum", "dampening"))
+    momentum, dampening = group["momentum"], group["dampening"]
+    if type(momentum) in _PLAIN and type(dampening) in _PLAIN:
+        return False  # (every step asks: the common case without calls)
+    return not (is_number(momentum) and is_number(dampening))
 
 
 def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
