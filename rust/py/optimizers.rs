@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyMapping, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 
 use super::error::{hyper_error, unknown_kernel};
 use super::plan::GroupPlan;
@@ -89,8 +89,14 @@ fn number(name: &str, value: &Bound<'_, PyAny>) -> Result<f64, HyperError> {
 impl HyperSource for GroupSource<'_, '_> {
     fn number(&self, name: &'static str) -> Result<TensorScalar, HyperError> {
         let value = self.item(name)?;
+        // (the common cases first, without the tensor checks: `weight_decay=0` is an int)
         if let Ok(float) = value.cast_exact::<PyFloat>() {
             return Ok(TensorScalar::of(float.value()));
+        }
+        if value.is_exact_instance_of::<PyInt>() || value.is_exact_instance_of::<PyBool>() {
+            if let Ok(number) = value.extract::<f64>() {
+                return Ok(TensorScalar::of(number));
+            }
         }
         let result = number(name, &value)?;
         let is_f32_tensor = super::tensor::is_float32_tensor(&value);
