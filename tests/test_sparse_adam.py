@@ -301,3 +301,21 @@ def test_skip_nonfinite_and_max_grad_norm() -> None:
         torch.nn.utils.clip_grad_norm_([theirs], 0.5)
         topt.step()
     torch.testing.assert_close(ours, theirs, **tol(torch.float32))
+
+
+def test_grad_scaler_unscales_sparse_gradients_as_for_torch() -> None:
+    runs = []
+    for cls in (ferroptim.SparseAdam, torch.optim.SparseAdam):
+        model = Model(torch.float32)
+        # (a large eps: Adam's update depends on the gradients' scale, so a step that
+        # saw the scaled gradients would be far off)
+        opt = cls(model.parameters(), lr=0.01, eps=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for words, tags in batches(30):
+            opt.zero_grad()
+            scaler.scale(model(words, tags).sum()).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, **tol(torch.float32))
