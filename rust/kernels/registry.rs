@@ -74,5 +74,6 @@ registry! {
     Adagrad => super::adagrad::Adagrad,
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
+    Lion => super::lion::Lion,
     StreamProbe => super::probe::StreamProbe,
 }
