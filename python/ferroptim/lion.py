@@ -153,6 +153,44 @@ def _any_tensor(group: dict[str, Any]) -> bool:
     )
 
 
+def _fits(param: Tensor, buffer: Any) -> bool:
+    return (
+        isinstance(buffer, Tensor)
+        and buffer.shape == param.shape
+        and buffer.dtype == param.dtype
+        and buffer.device == param.device
+    )
+
+
+def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
+    """Raises now what the reference's ops would raise mid-step (after stepping the
+    params before) for a state buffer or grad that does not fit its param (a buffer
+    replaced by a real view of a complex one, a tensor of another shape): the same ops on
+    metadata-only copies ("meta" tensors), so the error is the reference's own and
+    nothing is written."""
+    beta1, beta2 = betas_unpacked(group)
+    lr, weight_decay, maximize = group["lr"], _weight_decay(group), flag(group["maximize"])
+    for param, grad, exp_avg in zip(
+        gathered.params, gathered.grads, gathered.states[0], strict=True
+    ):
+        if _fits(param, exp_avg) and (grad.is_sparse or _fits(param, grad)):
+            continue
+        if not isinstance(exp_avg, Tensor) or grad.is_sparse:
+            continue  # (the step itself raises, or steps, as the reference's)
+        meta = Gathered(
+            keys=_STATE_KEYS,
+            params=[param.detach().to("meta")],
+            grads=[grad.to("meta")],
+            states=[[exp_avg.to("meta")]],
+        )
+        _single_tensor(meta, _plain(lr), _plain(weight_decay), beta1, beta2, maximize)
+
+
+def _plain(value: Any) -> Any:
+    # A tensor hyperparameter as the same-dtype meta tensor (its value does not matter).
+    return value.to("meta") if isinstance(value, Tensor) else value
+
+
 LION_SPEC = OptimizerSpec(
     state_keys=_state_keys,
     kernel=lion_kernel,
@@ -168,6 +206,7 @@ LION_SPEC = OptimizerSpec(
     numbers=("lr", "weight_decay", "init_lr"),
     more_numbers=_betas_as_numbers,
     rust_unsupported=_rust_unsupported,
+    check_torch_path=_check_torch_path,
 )
 
 
