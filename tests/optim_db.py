@@ -980,6 +980,8 @@ FAMILIES: dict[str, Family] = {
         unusual=LION_UNUSUAL,
         mixed_dtype_kwargs={"weight_decay": 0.1},
         mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1},
+        # (no differentiable_cases: the reference's step, under no_grad and on p.data,
+        # records nothing to compare with; test_lion checks differentiable=True itself)
         train_kwargs={"lr": 1e-3, "weight_decay": 0.1},
         interop_training={"lr": 1e-3, "weight_decay": 0.1},
         live_changes=(

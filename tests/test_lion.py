@@ -270,3 +270,27 @@ def test_tensor_lr_steps_like_the_reference(decoupled):
     assert (calls["lion_step"] > 0) is not decoupled
     theirs = _run(lambda ps: lion_pytorch.Lion(ps, lr=torch.tensor(lr), **kwargs), 30)
     _assert_bitwise(ours, theirs)
+
+
+def test_differentiable_step_is_recorded():
+    """``differentiable=True`` runs the torch-op code under autograd: the reference's
+    values, and a gradient through the steps (the sign's derivative is 0, so each step
+    scales the param's gradient by ``1 - lr * wd``). The registry's differentiable test
+    does not apply: the reference's own step (``no_grad``, ``p.data``) records nothing."""
+    gen = torch.Generator().manual_seed(0)
+    leaf = torch.randn(4, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    p = leaf.clone()  # a non-leaf param: in-place steps are recorded
+    q = torch.nn.Parameter(leaf.detach().clone())
+    kwargs = {"lr": 0.05, "weight_decay": 0.2}
+    opt = ferroptim.Lion([p], differentiable=True, **kwargs)
+    ref = lion_pytorch.Lion([q], **kwargs)
+    ggen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        p.grad = torch.randn(4, 6, generator=ggen, dtype=torch.float64)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    (p * p).sum().backward()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    decay = 1.0 - kwargs["lr"] * kwargs["weight_decay"]
+    torch.testing.assert_close(leaf.grad, 2.0 * p.detach() * decay**5)
