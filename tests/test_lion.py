@@ -294,3 +294,24 @@ def test_differentiable_step_is_recorded():
     torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
     decay = 1.0 - kwargs["lr"] * kwargs["weight_decay"]
     torch.testing.assert_close(leaf.grad, 2.0 * p.detach() * decay**5)
+
+
+def test_misfit_state_raises_the_references_error_before_any_write():
+    """A complex param's ``exp_avg`` replaced by its real view: the reference fails in
+    that param's ops after stepping the params before it; ferroptim raises the same error
+    (type and message) before writing anything."""
+    errors = []
+    for cls in (lion_pytorch.Lion, ferroptim.Lion):
+        a = torch.nn.Parameter(torch.randn(5))
+        c = torch.nn.Parameter(torch.randn(64, dtype=torch.complex128))
+        opt = cls([a, c], lr=torch.tensor(0.01), weight_decay=0.1)
+        a.grad, c.grad = torch.randn(5), torch.randn(64, dtype=torch.complex128)
+        opt.step()
+        opt.state[c]["exp_avg"] = torch.view_as_real(opt.state[c]["exp_avg"])
+        before = a.detach().clone()
+        with pytest.raises(RuntimeError) as error:
+            opt.step()
+        errors.append(str(error.value))
+        if cls is ferroptim.Lion:
+            assert torch.equal(a.detach(), before)
+    assert errors[0] == errors[1]

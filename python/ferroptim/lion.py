@@ -166,8 +166,8 @@ def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
     """Raises now what the reference's ops would raise mid-step (after stepping the
     params before) for a state buffer or grad that does not fit its param (a buffer
     replaced by a real view of a complex one, a tensor of another shape): the same ops on
-    metadata-only copies ("meta" tensors), so the error is the reference's own and
-    nothing is written."""
+    throwaway copies, so the error is the reference's own, message included, and nothing
+    is written. (Only such misfits pay for the copies.)"""
     beta1, beta2 = betas_unpacked(group)
     lr, weight_decay, maximize = group["lr"], _weight_decay(group), flag(group["maximize"])
     for param, grad, exp_avg in zip(
@@ -177,18 +177,14 @@ def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
             continue
         if not isinstance(exp_avg, Tensor) or grad.is_sparse:
             continue  # (the step itself raises, or steps, as the reference's)
-        meta = Gathered(
-            keys=_STATE_KEYS,
-            params=[param.detach().to("meta")],
-            grads=[grad.to("meta")],
-            states=[[exp_avg.to("meta")]],
-        )
-        _single_tensor(meta, _plain(lr), _plain(weight_decay), beta1, beta2, maximize)
-
-
-def _plain(value: Any) -> Any:
-    # A tensor hyperparameter as the same-dtype meta tensor (its value does not matter).
-    return value.to("meta") if isinstance(value, Tensor) else value
+        with torch.no_grad():
+            trial = Gathered(
+                keys=_STATE_KEYS,
+                params=[param.detach().clone()],
+                grads=[grad.detach().clone()],
+                states=[[exp_avg.detach().clone()]],
+            )
+            _single_tensor(trial, lr, weight_decay, beta1, beta2, maximize)
 
 
 LION_SPEC = OptimizerSpec(
