@@ -10,6 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
+  Lion (against lion-pytorch),
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -39,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import ferroptim
+import lion_pytorch
 import torch
 from ferroptim import _core
 from torch import Tensor
@@ -433,6 +435,7 @@ ADAMW_HYPER: dict[str, object] = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_dec
 SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
+LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
 #: partly from cache: the floor is measured on the lists too, so the report can show
@@ -554,6 +557,24 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, "
             "exp_avg_sq).",
             "torch has no fused NAdam.",
+        ),
+    ),
+    "lion": Suite(
+        name="lion",
+        title=(
+            "ferroptim.Lion vs lion_pytorch.Lion (lion-pytorch's default flavour; lr 1e-4, "
+            "weight decay 0.01): one `step()`"
+        ),
+        bytes_per_element=20,
+        ours=optimizer(ferroptim.Lion, **LION_HYPER),
+        references={"lion-pytorch": optimizer(lion_pytorch.Lion, **LION_HYPER)},
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 20 bytes/element (read p, g, exp_avg; write p, exp_avg).",
+            "torch has no Lion: the reference is lion-pytorch's `Lion` (a Python for-loop of "
+            "torch ops per tensor, its default; no foreach/fused flavour is chosen by default).",
         ),
     ),
     "clip": Suite(

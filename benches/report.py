@@ -246,8 +246,9 @@ def header(threads: int, settings: Settings, other_load: float | None) -> str:
 
 
 def best_torch(res: CaseResult) -> tuple[str, Samples] | None:
-    """torch's fastest flavour in a case (lowest median)."""
-    torch_names = [n for n in res.main if n.startswith("torch ")]
+    """The reference's fastest flavour in a case (lowest median): torch's flavours, or
+    the reference package of an optimizer torch lacks (``lion-pytorch``)."""
+    torch_names = [n for n in res.main if n not in (OURS, FLOOR)]
     if not torch_names:
         return None
     name = min(torch_names, key=lambda n: res.main[n].median)

@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 import torch
+from _lion_reference import LionReference
 
 
 def _import_ferroptim() -> Any:
@@ -404,6 +405,34 @@ _NADAM_BAD = [
     *_ADAMAX_BAD,
     pytest.param({"momentum_decay": -4e-3}, "momentum_decay", id="negative-momentum-decay"),
 ]
+
+#: Lion (its reference, lion_pytorch.Lion, asserts on its arguments: AssertionError).
+LION_BAD = [
+    pytest.param({"lr": -1e-4}, "learning rate", id="negative-lr"),
+    pytest.param({"lr": 0.0}, "learning rate", id="lr-zero"),
+    pytest.param({"betas": (-0.1, 0.99)}, "betas", id="beta1-negative"),
+    pytest.param({"betas": (0.9, 1.5)}, "betas", id="beta2-above-one"),
+]
+LION_UNUSUAL = [
+    pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),
+    pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
+    pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
+    pytest.param({"betas": (1.0, 1.0)}, id="betas-one"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param({"weight_decay": -0.1}, id="negative-weight-decay"),
+    pytest.param({"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}, id="all"),
+]
+LION_FUNCTIONAL = Functional(
+    "lion_",
+    lambda hyper: {"exp_avgs": "exp_avg"},
+    {
+        "lion": {},
+        "lion-wd-maximize": {"weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.95)},
+    },
+    base={"lr": 1e-3},
+    has_step=False,
+    smoke={},
+)
 
 
 #: Hyperparameters outside the usual range or of unusual types (test_parity).
@@ -903,6 +932,69 @@ FAMILIES: dict[str, Family] = {
             ("lr", torch.tensor(3e-3)),
         ),
         functional=NADAM_FUNCTIONAL,
+    ),
+    "Lion": Family(
+        "Lion",
+        ferroptim.Lion,
+        # lion_pytorch.Lion (the reference) plus torch's `maximize`: see
+        # _lion_reference.py; tests/test_lion.py checks against the real class itself.
+        LionReference,
+        grid={
+            "weight_decay": (0.0, 0.1),
+            "decoupled_weight_decay": (False, True),
+            "maximize": (False, True),
+        },
+        # (decoupled decay without weight decay is plain Lion)
+        valid=lambda kw: not kw.get("decoupled_weight_decay") or kw["weight_decay"] != 0,
+        state_keys=lambda group: ("exp_avg",),
+        second_group={"lr": 3e-3, "betas": (0.8, 0.9)},
+        # The reference has one flavour (its for-loop); it takes no `foreach`.
+        reference_kwargs={},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9), "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+        ),
+        state_tensors=("exp_avg",),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="lion_step",
+        # The reference's dense ops take sparse gradients; ferroptim hands them to its
+        # torch-op code, which does the same.
+        sparse=True,
+        sparse_cases={
+            "Lion-plain": {"lr": 0.1},
+            "Lion-all": {
+                "lr": 0.1,
+                "weight_decay": 0.1,
+                "decoupled_weight_decay": True,
+                "maximize": True,
+            },
+        },
+        full_grid=True,
+        # (the reference asserts with no message; ferroptim raises the same AssertionError
+        # with one, so the registry's same-message test does not apply: test_lion checks
+        # LION_BAD's cases instead)
+        bad_input_kwargs={"weight_decay": 0.1, "decoupled_weight_decay": True},
+        numbers=("lr", "weight_decay"),
+        unusual=LION_UNUSUAL,
+        mixed_dtype_kwargs={"weight_decay": 0.1},
+        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1},
+        # (no differentiable_cases: the reference's step, under no_grad and on p.data,
+        # records nothing to compare with; test_lion checks differentiable=True itself)
+        train_kwargs={"lr": 1e-3, "weight_decay": 0.1},
+        interop_training={"lr": 1e-3, "weight_decay": 0.1},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9)),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("decoupled_weight_decay", True),
+            ("init_lr", 0.5),
+            ("maximize", False),
+            ("betas", (0.9, 1.0)),
+        ),
+        functional=LION_FUNCTIONAL,
     ),
 }
 

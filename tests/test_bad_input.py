@@ -480,6 +480,13 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1, "decoupled_weight_decay": True},
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
+    # (a grad that is its param takes Lion's torch-op code: see the spec's
+    # own_grad_alias_to_torch)
+    "Lion": [
+        {},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -526,6 +533,7 @@ STATE_ALIASES = [
     pytest.param("Adagrad", {}, "sum", id="Adagrad-sum"),
     pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
     pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
+    pytest.param("Lion", {}, "exp_avg", id="Lion-exp_avg"),
 ]
 
 
@@ -660,6 +668,7 @@ FLAGS = {
     "Adagrad": ("maximize",),
     "Adamax": ("maximize",),
     "NAdam": ("maximize", "decoupled_weight_decay"),
+    "Lion": ("maximize", "decoupled_weight_decay"),
 }
 
 

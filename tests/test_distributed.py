@@ -65,10 +65,12 @@ NAMES = tuple(FAMILIES)
 def make_opt(
     family: str, params: Any, *, torch_ref: bool = False, **extra: Any
 ) -> torch.optim.Optimizer:
-    """The family's ferroptim optimizer, or (``torch_ref``) torch's for-loop reference."""
+    """The family's ferroptim optimizer, or (``torch_ref``) its for-loop reference."""
     cls_name, kwargs = FAMILIES[family]
     if torch_ref:
-        return getattr(torch.optim, cls_name)(params, **kwargs, foreach=False, **extra)
+        # (torch.optim's class, or the reference of an optimizer torch lacks: the registry's)
+        reference = train_cases()[family][0].torch
+        return reference(params, **kwargs, foreach=False, **extra)
     return getattr(ferroptim, cls_name)(params, **kwargs, **extra)
 
 

@@ -30,6 +30,7 @@ _NEEDS_TORCH = (
     "Adam",
     "AdamW",
     "Adamax",
+    "Lion",
     "NAdam",
     "RMSprop",
     "SparseAdam",
@@ -48,6 +49,7 @@ else:
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.lion import Lion
     from ferroptim.nadam import NAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.sgd import SGD
@@ -76,6 +78,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "Lion",
     "NAdam",
     "RMSprop",
     "SparseAdam",

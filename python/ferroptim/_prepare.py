@@ -158,15 +158,23 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
 
 def _steps_in_rust(optimizer: RustStepMixin, p: Tensor) -> bool:
     grad = p.grad
+    spec = optimizer._ferro_spec
     return (
         p.device.type == "cpu"
-        and (p.dtype in RUST_DTYPES or p.dtype in _COMPLEX_DTYPES)
-        and not (optimizer._ferro_spec.sparse_to_torch and grad is not None and grad.is_sparse)
+        and (p.dtype in RUST_DTYPES or (spec.complex_as_real and p.dtype in _COMPLEX_DTYPES))
+        and not (spec.sparse_to_torch and grad is not None and grad.is_sparse)
         and (is_plain(p) or is_dtensor(p))
         and (grad is None or is_plain(grad) or is_dtensor(grad))
         and step_plannable(optimizer, p)
         and not any(
             isinstance(v, Tensor) and v.is_sparse for v in optimizer.state.get(p, NO_STATE).values()
+        )
+        and not (
+            spec.own_grad_alias_to_torch
+            and grad is not None
+            and is_plain(grad)
+            and storage_key(grad) is not None
+            and storage_key(grad) == storage_key(p)
         )
     )
 

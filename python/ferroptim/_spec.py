@@ -137,6 +137,10 @@ class OptimizerSpec:
     #: Whether torch supports sparse gradients for this optimizer: they take its path
     #: (otherwise a sparse gradient raises torch's error).
     sparse_to_torch: bool = False
+    #: Whether the kernel steps complex params as real views (element-wise on the real and
+    #: imaginary parts, as torch's algorithms do); False: they take :attr:`torch_step`
+    #: (Lion's ``sgn`` of a complex number is ``z / |z|``, not per part).
+    complex_as_real: bool = True
     #: Numeric hyperparameters checked (torch's TypeError) before anything is written.
     numbers: tuple[str, ...] = ("lr",)
     #: ``more_numbers(group)``: (name, value) of numeric hyperparameters that are not
@@ -160,6 +164,10 @@ class OptimizerSpec:
     #: torch's in-place updates of the param come after it has read the gradient, except
     #: where a family says otherwise (AdamW decays the param first).
     aliased_grad: Callable[[Tensor, Tensor, dict[str, Any]], Tensor] = _copy_of_grad
+    #: Whether a param whose grad shares the param's own memory (``p.grad = p.detach()``)
+    #: takes :attr:`torch_step`: for an update that reads the grad again after writing the
+    #: param (Lion's momentum), which no single grad value (``aliased_grad``) reproduces.
+    own_grad_alias_to_torch: bool = False
 
     def __post_init__(self) -> None:
         if (self.gather is None) == (self.init_state is None):

@@ -32,7 +32,7 @@ from typing import Any
 
 from ferroptim import _core
 
-__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "nadam_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "nadam_", "rmsprop_", "sgd_"]
 
 #: One array (anything with the buffer protocol) or a sequence of them.
 Arrays = Any | Sequence[Any]
@@ -361,6 +361,47 @@ def nadam_(
             "weight_decay": float(weight_decay),
             "momentum_decay": float(momentum_decay),
             "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def lion_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    *,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    init_lr: float | None = None,
+    maximize: bool = False,
+) -> None:
+    """One Lion step (``lion_pytorch.Lion``, ``ferroptim.Lion``) on arrays, in place.
+
+    ``exp_avgs`` start at zeros; Lion keeps no step counter. With
+    ``decoupled_weight_decay`` the decay is ``weight_decay / init_lr`` (the reference's
+    rule; ``init_lr`` is the optimizer's initial learning rate, by default ``lr``).
+    """
+    if not lr > 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    beta1, beta2 = betas
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    init = lr if init_lr is None else init_lr
+    if not init > 0.0:
+        raise ValueError(f"Invalid init_lr: {init_lr}")
+    plan = _plan(params, grads, [("exp_avgs", exp_avgs)], None)
+    _core.Kernel(
+        "lion",
+        {
+            "lr": float(lr),
+            "betas": (float(beta1), float(beta2)),
+            "weight_decay": float(weight_decay),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "init_lr": float(init),
             "maximize": bool(maximize),
         },
     ).step(plan)

@@ -19,6 +19,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod clip;
+pub mod lion;
 pub mod nadam;
 pub mod probe;
 pub mod registry;

@@ -75,5 +75,6 @@ registry! {
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
     SparseAdam => super::sparse_adam::SparseAdam,
+    Lion => super::lion::Lion,
     StreamProbe => super::probe::StreamProbe,
 }
