@@ -10,6 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
+  RAdam,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -159,6 +160,20 @@ def optimizer(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
 
     def make(params: list[Tensor]) -> Runner:
         opt = cls(params, **kwargs)
+        return Runner(opt.step, keep=opt)
+
+    return make
+
+
+def optimizer_after(cls: type[torch.optim.Optimizer], steps: int, **kwargs: object) -> Factory:
+    """:func:`optimizer` whose optimizer has taken ``steps`` untimed steps when the runner
+    is made: every timed step is then past a warm-up phase of the algorithm (RAdam's first
+    five steps skip the adaptive update)."""
+
+    def make(params: list[Tensor]) -> Runner:
+        opt = cls(params, **kwargs)
+        for _ in range(steps):
+            opt.step()
         return Runner(opt.step, keep=opt)
 
     return make
@@ -411,6 +426,7 @@ ADAMW_HYPER: dict[str, object] = {"lr": 1e-3, "betas": (0.9, 0.999), "weight_dec
 SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
+RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
 #: partly from cache: the floor is measured on the lists too, so the report can show
@@ -532,6 +548,33 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, "
             "exp_avg_sq).",
             "torch has no fused NAdam.",
+        ),
+    ),
+    "radam": Suite(
+        name="radam",
+        title=(
+            "ferroptim.RAdam vs torch.optim.RAdam (lr 1e-3, decoupled weight decay 0.01): "
+            "one `step()`"
+        ),
+        bytes_per_element=28,
+        ours=optimizer_after(ferroptim.RAdam, 5, **RADAM_HYPER),
+        references={
+            f"torch {flavour}": optimizer_after(torch.optim.RAdam, 5, **flags, **RADAM_HYPER)
+            for flavour, flags in (
+                ("foreach", {"foreach": True}),
+                ("for-loop", {"foreach": False}),
+                ("default", {}),
+            )
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, "
+            "exp_avg_sq).",
+            "**Rectified steps:** every contender takes 5 untimed steps first, so every timed "
+            "step is the adaptive update (`rho_t > 5`), with its square root and division.",
+            "torch has no fused RAdam.",
         ),
     ),
     "clip": Suite(

@@ -31,6 +31,7 @@ _NEEDS_TORCH = (
     "AdamW",
     "Adamax",
     "NAdam",
+    "RAdam",
     "RMSprop",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -48,6 +49,7 @@ else:
     from ferroptim.adamax import Adamax
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.nadam import NAdam
+    from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.sgd import SGD
 
@@ -75,6 +77,7 @@ __all__ = [
     "AdamW",
     "Adamax",
     "NAdam",
+    "RAdam",
     "RMSprop",
     "__version__",
     "clip_grad_norm_",

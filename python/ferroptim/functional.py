@@ -32,7 +32,7 @@ from typing import Any
 
 from ferroptim import _core
 
-__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "nadam_", "rmsprop_", "sgd_"]
+__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "nadam_", "radam_", "rmsprop_", "sgd_"]
 
 #: One array (anything with the buffer protocol) or a sequence of them.
 Arrays = Any | Sequence[Any]
@@ -360,6 +360,46 @@ def nadam_(
             "eps": float(eps),
             "weight_decay": float(weight_decay),
             "momentum_decay": float(momentum_decay),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def radam_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One RAdam step (``torch.optim.RAdam``; RAdamW with ``decoupled_weight_decay``) on
+    arrays, in place.
+
+    ``exp_avgs`` and ``exp_avg_sqs`` start at zeros.
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    beta1, beta2 = _check_betas(betas)
+    plan = _plan(
+        params,
+        grads,
+        [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)],
+        _step_number(step),
+    )
+    _core.Kernel(
+        "radam",
+        {
+            "lr": float(lr),
+            "betas": (beta1, beta2),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
             "decoupled_weight_decay": bool(decoupled_weight_decay),
             "maximize": bool(maximize),
         },

@@ -21,6 +21,7 @@ pub mod adamax;
 pub mod clip;
 pub mod nadam;
 pub mod probe;
+pub mod radam;
 pub mod registry;
 pub mod rmsprop;
 pub mod sgd;
