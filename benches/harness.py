@@ -10,7 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
-  RAdam,
+  RAdam, Adadelta,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -575,6 +575,21 @@ SUITES: dict[str, Suite] = {
             "**Rectified steps:** every contender takes 5 untimed steps first, so every timed "
             "step is the adaptive update (`rho_t > 5`), with its square root and division.",
             "torch has no fused RAdam.",
+        ),
+    ),
+    "adadelta": Suite(
+        name="adadelta",
+        title="ferroptim.Adadelta vs torch.optim.Adadelta (defaults, lr 1.0): one `step()`",
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.Adadelta),
+        references=torch_variants(torch.optim.Adadelta, fused=False),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, square_avg, acc_delta; write p, "
+            "square_avg, acc_delta).",
+            "torch has no fused Adadelta.",
         ),
     ),
     "clip": Suite(

@@ -405,6 +405,26 @@ RADAM_FUNCTIONAL = Functional(
     base={"lr": 3e-3},
 )
 
+ADADELTA_FUNCTIONAL = Functional(
+    "adadelta_",
+    lambda hyper: {"square_avgs": "square_avg", "acc_deltas": "acc_delta"},
+    {
+        "adadelta": {},
+        "adadelta-wd-maximize": {"weight_decay": 0.05, "maximize": True, "rho": 0.95},
+        "adadelta-lr-eps": {"lr": 0.5, "eps": 1e-4},
+    },
+    base={"lr": 1.0},
+)
+_ADADELTA_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"rho": -0.1}, "rho", id="negative-rho"),
+    pytest.param({"rho": 1.5}, "rho", id="rho-above-one"),
+    pytest.param({"eps": -1e-6}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Adadelta
+]
+
 #: Adamax and NAdam (no fused or foreach-only arguments to combine).
 _ADAMAX_BAD = [
     pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
@@ -988,6 +1008,50 @@ FAMILIES: dict[str, Family] = {
             ("lr", torch.tensor(3e-3)),
         ),
         functional=RADAM_FUNCTIONAL,
+    ),
+    "Adadelta": Family(
+        "Adadelta",
+        ferroptim.Adadelta,
+        torch.optim.Adadelta,
+        grid={"weight_decay": (0.0, 0.05), "maximize": (False, True)},
+        state_keys=lambda group: ("step", "square_avg", "acc_delta"),
+        second_group={"lr": 0.5, "rho": 0.95, "eps": 1e-5},
+        variants=(
+            {"lr": 0.3, "rho": 0.5, "eps": 1e-4, "weight_decay": 0.3},
+            {"lr": 2.0, "maximize": True, "weight_decay": 0.0},
+        ),
+        state_tensors=("step", "square_avg", "acc_delta"),
+        has_fused=False,
+        kernel="adadelta_step",
+        full_grid=True,
+        bad_constructor=_ADADELTA_BAD,
+        bad_input_kwargs={"weight_decay": 0.1},
+        numbers=("lr", "rho", "eps", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param({"rho": 0.0}, id="rho-zero"),
+            pytest.param({"rho": 1.0}, id="rho-one"),  # the averages never move
+            pytest.param({"rho": 0.5, "eps": 1e-2}, id="fast-rho-big-eps"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param({"weight_decay": 0.1, "maximize": True, "rho": 0.95}, id="all"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01},
+        mixed_routing_kwargs={"lr": 1.0, "eps": 1e-3, "weight_decay": 0.01},
+        differentiable_cases={
+            "Adadelta-wd-maximize": {"weight_decay": 0.1, "maximize": True},
+        },
+        train_kwargs={"lr": 1.0, "rho": 0.9, "weight_decay": 1e-3},
+        interop_training={"lr": 1.0, "weight_decay": 0.01},
+        live_changes=(
+            ("lr", 0.5),
+            ("rho", 0.5),
+            ("eps", 1e-3),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("maximize", False),
+            ("lr", torch.tensor(0.3)),
+        ),
+        functional=ADADELTA_FUNCTIONAL,
     ),
 }
 

@@ -486,6 +486,7 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1, "decoupled_weight_decay": True},
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
+    "Adadelta": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -533,6 +534,8 @@ STATE_ALIASES = [
     pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
     pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
     pytest.param("RAdam", {}, "exp_avg_sq", id="RAdam-exp_avg_sq"),
+    pytest.param("Adadelta", {}, "square_avg", id="Adadelta-square_avg"),
+    pytest.param("Adadelta", {}, "acc_delta", id="Adadelta-acc_delta"),
 ]
 
 
@@ -686,6 +689,7 @@ FLAGS = {
     "Adamax": ("maximize",),
     "NAdam": ("maximize", "decoupled_weight_decay"),
     "RAdam": ("maximize", "decoupled_weight_decay"),
+    "Adadelta": ("maximize",),
 }
 
 

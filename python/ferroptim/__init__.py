@@ -26,6 +26,7 @@ __version__: str = _core.__version__
 
 _NEEDS_TORCH = (
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -44,6 +45,7 @@ except ImportError:  # numpy-only install: the functional API works, the rest ex
     _torch_missing = True
 else:
     _torch_missing = False
+    from ferroptim.adadelta import Adadelta
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
@@ -72,6 +74,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",

@@ -15,6 +15,7 @@
 //! [`registry!`] below turns every kernel into an entry point: adding an
 //! optimizer is its file plus one line there.
 
+pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;

@@ -75,5 +75,6 @@ registry! {
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
     Radam => super::radam::Radam,
+    Adadelta => super::adadelta::Adadelta,
     StreamProbe => super::probe::StreamProbe,
 }
