@@ -11,6 +11,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
   Lion (against lion-pytorch),
+  RAdam, Adadelta,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -183,6 +184,20 @@ def optimizer(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
 
     def make(params: list[Tensor]) -> Runner:
         opt = cls(params, **kwargs)
+        return Runner(opt.step, keep=opt)
+
+    return make
+
+
+def optimizer_after(cls: type[torch.optim.Optimizer], steps: int, **kwargs: object) -> Factory:
+    """:func:`optimizer` whose optimizer has taken ``steps`` untimed steps when the runner
+    is made: every timed step is then past a warm-up phase of the algorithm (RAdam's first
+    five steps skip the adaptive update)."""
+
+    def make(params: list[Tensor]) -> Runner:
+        opt = cls(params, **kwargs)
+        for _ in range(steps):
+            opt.step()
         return Runner(opt.step, keep=opt)
 
     return make
@@ -436,6 +451,7 @@ SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
+RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
 #: partly from cache: the floor is measured on the lists too, so the report can show
@@ -575,6 +591,48 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 20 bytes/element (read p, g, exp_avg; write p, exp_avg).",
             "torch has no Lion: the reference is lion-pytorch's `Lion` (a Python for-loop of "
             "torch ops per tensor, its default; no foreach/fused flavour is chosen by default).",
+        ),
+    ),
+    "radam": Suite(
+        name="radam",
+        title=(
+            "ferroptim.RAdam vs torch.optim.RAdam (lr 1e-3, decoupled weight decay 0.01): "
+            "one `step()`"
+        ),
+        bytes_per_element=28,
+        ours=optimizer_after(ferroptim.RAdam, 5, **RADAM_HYPER),
+        references={
+            f"torch {flavour}": optimizer_after(torch.optim.RAdam, 5, **flags, **RADAM_HYPER)
+            for flavour, flags in (
+                ("foreach", {"foreach": True}),
+                ("for-loop", {"foreach": False}),
+                ("default", {}),
+            )
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, exp_avg, exp_avg_sq; write p, exp_avg, "
+            "exp_avg_sq).",
+            "**Rectified steps:** every contender takes 5 untimed steps first, so every timed "
+            "step is the adaptive update (`rho_t > 5`), with its square root and division.",
+            "torch has no fused RAdam.",
+        ),
+    ),
+    "adadelta": Suite(
+        name="adadelta",
+        title="ferroptim.Adadelta vs torch.optim.Adadelta (defaults, lr 1.0): one `step()`",
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.Adadelta),
+        references=torch_variants(torch.optim.Adadelta, fused=False),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, square_avg, acc_delta; write p, "
+            "square_avg, acc_delta).",
+            "torch has no fused Adadelta.",
         ),
     ),
     "clip": Suite(

@@ -34,7 +34,18 @@ def run(suite_name: str, contender: str) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "suite_name", ["sgd", "adagrad", "rmsprop", "adamax", "nadam", "adamw_clip", "adamw_options"]
+    "suite_name",
+    [
+        "sgd",
+        "adagrad",
+        "rmsprop",
+        "adamax",
+        "nadam",
+        "radam",
+        "adadelta",
+        "adamw_clip",
+        "adamw_options",
+    ],
 )
 def test_same_result(suite_name: str) -> None:
     suite = SUITES[suite_name]

@@ -25,6 +25,8 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "Adamax": {"weight_decay": 0.05},
     "NAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "Lion": {"weight_decay": 0.05, "decoupled_weight_decay": True},
+    "RAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
+    "Adadelta": {"weight_decay": 0.05},
 }
 
 

@@ -390,6 +390,42 @@ NADAM_DIFFERENTIABLE = {
     },
 }
 
+RADAM_FUNCTIONAL = Functional(
+    "radam_",
+    lambda hyper: {"exp_avgs": "exp_avg", "exp_avg_sqs": "exp_avg_sq"},
+    {
+        "radam": {},
+        "radam-wd-maximize": {"weight_decay": 0.05, "maximize": True, "betas": (0.8, 0.9)},
+        "radam-decoupled": {
+            "weight_decay": 0.1,
+            "decoupled_weight_decay": True,
+            "betas": (0.8, 0.99),
+            "eps": 1e-6,
+        },
+    },
+    base={"lr": 3e-3},
+)
+
+ADADELTA_FUNCTIONAL = Functional(
+    "adadelta_",
+    lambda hyper: {"square_avgs": "square_avg", "acc_deltas": "acc_delta"},
+    {
+        "adadelta": {},
+        "adadelta-wd-maximize": {"weight_decay": 0.05, "maximize": True, "rho": 0.95},
+        "adadelta-lr-eps": {"lr": 0.5, "eps": 1e-4},
+    },
+    base={"lr": 1.0},
+)
+_ADADELTA_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"rho": -0.1}, "rho", id="negative-rho"),
+    pytest.param({"rho": 1.5}, "rho", id="rho-above-one"),
+    pytest.param({"eps": -1e-6}, "epsilon", id="negative-eps"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Adadelta
+]
+
 #: Adamax and NAdam (no fused or foreach-only arguments to combine).
 _ADAMAX_BAD = [
     pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
@@ -995,6 +1031,119 @@ FAMILIES: dict[str, Family] = {
             ("betas", (0.9, 1.0)),
         ),
         functional=LION_FUNCTIONAL,
+    ),
+    "RAdam": Family(
+        "RAdam",
+        ferroptim.RAdam,
+        torch.optim.RAdam,
+        grid={
+            "weight_decay": (0.0, 0.05),
+            "decoupled_weight_decay": (False, True),
+            "maximize": (False, True),
+        },
+        # (decoupled decay without weight decay is plain RAdam)
+        valid=lambda kw: not kw.get("decoupled_weight_decay") or kw["weight_decay"] != 0,
+        state_keys=lambda group: ("step", "exp_avg", "exp_avg_sq"),
+        # A beta2 whose rectification starts at step 3 (not 6) in the second group.
+        second_group={"lr": 3e-3, "betas": (0.8, 0.9), "eps": 1e-6},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ),
+        state_tensors=("step", "exp_avg", "exp_avg_sq"),
+        has_fused=False,
+        kernel="radam_step",
+        full_grid=True,
+        bad_constructor=_ADAMAX_BAD,
+        bad_input_kwargs={"weight_decay": 0.1, "decoupled_weight_decay": True},
+        # (eps is read only on rectified steps: test_bad_input's RAdam eps test)
+        numbers=("lr", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param(
+                {"lr": torch.tensor(1e-2), "weight_decay": 0.1, "decoupled_weight_decay": True},
+                id="tensor-lr-decoupled",
+            ),
+            pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),  # never rectified
+            pytest.param({"betas": (0.99, 0.9999), "eps": 1e-3}, id="slow-betas-big-eps"),
+            pytest.param({"betas": (0.5, 0.5), "eps": 0.0}, id="fast-betas-eps-zero"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param(
+                {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}, id="all"
+            ),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01, "decoupled_weight_decay": True},
+        mixed_routing_kwargs={
+            "lr": 1e-3,
+            "eps": 1e-3,
+            "weight_decay": 0.01,
+            "decoupled_weight_decay": True,
+        },
+        differentiable_cases={
+            "RAdam-wd": {"weight_decay": 0.1},
+            "RAdam-decoupled-maximize": {
+                "weight_decay": 0.1,
+                "decoupled_weight_decay": True,
+                "maximize": True,
+            },
+        },
+        train_kwargs={"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        interop_training={"lr": 3e-3, "weight_decay": 0.05, "decoupled_weight_decay": True},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9)),
+            ("eps", 1e-3),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("decoupled_weight_decay", True),
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
+        functional=RADAM_FUNCTIONAL,
+    ),
+    "Adadelta": Family(
+        "Adadelta",
+        ferroptim.Adadelta,
+        torch.optim.Adadelta,
+        grid={"weight_decay": (0.0, 0.05), "maximize": (False, True)},
+        state_keys=lambda group: ("step", "square_avg", "acc_delta"),
+        second_group={"lr": 0.5, "rho": 0.95, "eps": 1e-5},
+        variants=(
+            {"lr": 0.3, "rho": 0.5, "eps": 1e-4, "weight_decay": 0.3},
+            {"lr": 2.0, "maximize": True, "weight_decay": 0.0},
+        ),
+        state_tensors=("step", "square_avg", "acc_delta"),
+        has_fused=False,
+        kernel="adadelta_step",
+        full_grid=True,
+        bad_constructor=_ADADELTA_BAD,
+        bad_input_kwargs={"weight_decay": 0.1},
+        numbers=("lr", "rho", "eps", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param({"rho": 0.0}, id="rho-zero"),
+            pytest.param({"rho": 1.0}, id="rho-one"),  # the averages never move
+            pytest.param({"rho": 0.5, "eps": 1e-2}, id="fast-rho-big-eps"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param({"weight_decay": 0.1, "maximize": True, "rho": 0.95}, id="all"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01},
+        mixed_routing_kwargs={"lr": 1.0, "eps": 1e-3, "weight_decay": 0.01},
+        differentiable_cases={
+            "Adadelta-wd-maximize": {"weight_decay": 0.1, "maximize": True},
+        },
+        train_kwargs={"lr": 1.0, "rho": 0.9, "weight_decay": 1e-3},
+        interop_training={"lr": 1.0, "weight_decay": 0.01},
+        live_changes=(
+            ("lr", 0.5),
+            ("rho", 0.5),
+            ("eps", 1e-3),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("maximize", False),
+            ("lr", torch.tensor(0.3)),
+        ),
+        functional=ADADELTA_FUNCTIONAL,
     ),
 }
 

@@ -487,6 +487,13 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1},
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
+    "RAdam": [
+        {},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
+    ],
+    "Adadelta": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -534,6 +541,9 @@ STATE_ALIASES = [
     pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
     pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
     pytest.param("Lion", {}, "exp_avg", id="Lion-exp_avg"),
+    pytest.param("RAdam", {}, "exp_avg_sq", id="RAdam-exp_avg_sq"),
+    pytest.param("Adadelta", {}, "square_avg", id="Adadelta-square_avg"),
+    pytest.param("Adadelta", {}, "acc_delta", id="Adadelta-acc_delta"),
 ]
 
 
@@ -659,6 +669,24 @@ def test_unconvertible_hyperparameter_in_a_later_group(family, key, bad, warm_st
     assert torch_error is None if unread else isinstance(torch_error, TypeError), torch_error
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("warm_steps", [0, 2, 5], ids=["first-step", "cached-plan", "rectified"])
+@pytest.mark.parametrize("bad", [None, "0.1", [0.1]], ids=["None", "str", "list"])
+def test_radam_eps_is_read_only_on_rectified_steps(bad, warm_steps, backend):
+    """torch's RAdam reads eps only once ``rho_t > 5`` (its sixth step with beta2 =
+    0.999): before that it steps with an eps it cannot compute with, and ferroptim steps
+    to the same numbers; from then on torch's TypeError, raised before anything is
+    written."""
+    ferroptim.set_backend(backend)
+    family = FAMILIES["RAdam"]
+    kwargs = {"lr": 0.1, **FULL_KWARGS["RAdam"]}
+    torch_error = _two_group_outcome(
+        family, kwargs, _set_in_group("eps", bad), warm_steps=warm_steps, only_torch_errors=True
+    )
+    rectified = warm_steps + 1 > 5
+    assert isinstance(torch_error, TypeError) if rectified else torch_error is None, torch_error
+
+
 FLAGS = {
     "Adam": ("maximize", "amsgrad"),
     "Adam-decoupled": ("maximize", "decoupled_weight_decay"),
@@ -669,6 +697,8 @@ FLAGS = {
     "Adamax": ("maximize",),
     "NAdam": ("maximize", "decoupled_weight_decay"),
     "Lion": ("maximize", "decoupled_weight_decay"),
+    "RAdam": ("maximize", "decoupled_weight_decay"),
+    "Adadelta": ("maximize",),
 }
 
 
@@ -806,6 +836,40 @@ def test_betas_set_outside_the_valid_range_mid_training(family, betas, warm_step
         same_message=not isinstance(betas, tuple) or "0.99" not in betas,
         only_torch_errors=True,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("betas", "warm_steps"),
+    [
+        pytest.param((0.9, 1.5), 4, id="beta2-above-one"),
+        pytest.param((0.9, 2.0), 3, id="beta2-two"),
+        pytest.param((0.9, -3.0), 2, id="beta2-negative"),
+        pytest.param((0.9, -1.0), 1, id="beta2-minus-one"),
+    ],
+)
+def test_radam_complex_rectification_raises_torchs_error(betas, warm_steps, dtype):
+    """With beta2 set outside [0, 1) mid-training, torch's RAdam can find ``rho_t > 5``
+    with a negative value under its ``** 0.5``: a complex rectification its
+    ``param.add_`` refuses to cast (or a division by zero). The same exception and
+    message, before anything is written."""
+    family = FAMILIES["RAdam"]
+
+    def mutate(ps, opt):
+        for p in ps:
+            p.data = p.data.to(dtype)
+            p.grad = p.grad.to(dtype)
+        opt.param_groups[1]["betas"] = betas
+        for p in ps:
+            if "step" in opt.state.get(p, {}):
+                opt.state[p]["step"].fill_(warm_steps)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    opt.state[p][key] = opt.state[p][key].to(dtype)
+
+    torch_error = _two_group_outcome(
+        family, {"lr": 0.1}, mutate, warm_steps=1, same_message=True, only_torch_errors=True
+    )
+    assert isinstance(torch_error, (RuntimeError, ZeroDivisionError)), torch_error
 
 
 @pytest.mark.parametrize("when", ["constructor", "mid-training"])

@@ -145,6 +145,8 @@ def test_public_api():
         "Adagrad",
         "Adamax",
         "NAdam",
+        "RAdam",
+        "Adadelta",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

@@ -887,7 +887,7 @@ def _twin_with_every_state(family: str) -> Twin:
 
 
 #: State buffers of second moments: they must stay above the square of the first.
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta")
 
 
 def _edited(key: str, value: torch.Tensor) -> torch.Tensor:

@@ -26,12 +26,14 @@ __version__: str = _core.__version__
 
 _NEEDS_TORCH = (
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
     "Lion",
     "NAdam",
+    "RAdam",
     "RMSprop",
     "SparseAdam",
     "clip_grad_norm_",
@@ -45,12 +47,14 @@ except ImportError:  # numpy-only install: the functional API works, the rest ex
     _torch_missing = True
 else:
     _torch_missing = False
+    from ferroptim.adadelta import Adadelta
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.lion import Lion
     from ferroptim.nadam import NAdam
+    from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.sgd import SGD
     from ferroptim.sparse_adam import SparseAdam
@@ -74,12 +78,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
     "Adamax",
     "Lion",
     "NAdam",
+    "RAdam",
     "RMSprop",
     "SparseAdam",
     "__version__",

@@ -221,7 +221,7 @@ def _check_capturable(spec: OptimizerSpec, gathered: Gathered, group: dict[str, 
     ``mu_product``) on the param's device."""
     if not flag(group.get("capturable", False)):
         return
-    devices = capturable_devices()
+    devices = capturable_devices(supports_xla=spec.capturable_xla)
     scalars = [gathered.scalars.get(key, []) for key in spec.scalar_keys]
     for i, (param, step) in enumerate(zip(gathered.params, gathered.steps, strict=False)):
         on_device = [step, *(values[i] for values in scalars if i < len(values))]

@@ -131,6 +131,9 @@ class OptimizerSpec:
     #: Whether torch's for-loop reads the step counter's value (``step_t.item()``);
     #: RMSprop's only increments it, so any shape of counter steps.
     reads_step: bool = True
+    #: Whether torch's for-loop lists XLA among the devices a ``capturable=True`` step
+    #: may run on (its error message names them; Adadelta's leaves XLA out).
+    capturable_xla: bool = True
     #: Whether torch has a fused implementation of this optimizer (chosen by default on
     #: devices torch fuses for).
     has_fused: bool = True

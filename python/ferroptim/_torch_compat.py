@@ -58,9 +58,10 @@ def scalar_dtype() -> torch.dtype:
     return _get_scalar_dtype()
 
 
-def capturable_devices() -> list[str]:
-    """Device types on which torch accepts ``capturable=True``."""
-    return _get_capturable_supported_devices()
+def capturable_devices(supports_xla: bool = True) -> list[str]:
+    """Device types on which torch accepts ``capturable=True`` (``supports_xla=False``:
+    as the optimizers whose check leaves XLA out, Adadelta's for-loop, list them)."""
+    return _get_capturable_supported_devices(supports_xla=supports_xla)
 
 
 def foreach_kernel_devices() -> list[str]:

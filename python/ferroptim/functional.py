@@ -32,7 +32,18 @@ from typing import Any
 
 from ferroptim import _core
 
-__all__ = ["adagrad_", "adam_", "adamax_", "adamw_", "lion_", "nadam_", "rmsprop_", "sgd_"]
+__all__ = [
+    "adadelta_",
+    "adagrad_",
+    "adam_",
+    "adamax_",
+    "adamw_",
+    "lion_",
+    "nadam_",
+    "radam_",
+    "rmsprop_",
+    "sgd_",
+]
 
 #: One array (anything with the buffer protocol) or a sequence of them.
 Arrays = Any | Sequence[Any]
@@ -402,6 +413,82 @@ def lion_(
             "weight_decay": float(weight_decay),
             "decoupled_weight_decay": bool(decoupled_weight_decay),
             "init_lr": float(init),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+def radam_(
+    params: Arrays,
+    grads: Arrays,
+    exp_avgs: Arrays,
+    exp_avg_sqs: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    """One RAdam step (``torch.optim.RAdam``; RAdamW with ``decoupled_weight_decay``) on
+    arrays, in place.
+
+    ``exp_avgs`` and ``exp_avg_sqs`` start at zeros.
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    beta1, beta2 = _check_betas(betas)
+    plan = _plan(
+        params,
+        grads,
+        [("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)],
+        _step_number(step),
+    )
+    _core.Kernel(
+        "radam",
+        {
+            "lr": float(lr),
+            "betas": (beta1, beta2),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "decoupled_weight_decay": bool(decoupled_weight_decay),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def adadelta_(
+    params: Arrays,
+    grads: Arrays,
+    square_avgs: Arrays,
+    acc_deltas: Arrays,
+    *,
+    step: int,
+    lr: float = 1.0,
+    rho: float = 0.9,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One Adadelta step (``torch.optim.Adadelta``) on arrays, in place.
+
+    ``square_avgs`` and ``acc_deltas`` start at zeros.
+    """
+    _check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"Invalid rho value: {rho}")
+    plan = _plan(
+        params,
+        grads,
+        [("square_avgs", square_avgs), ("acc_deltas", acc_deltas)],
+        _step_number(step),
+    )
+    _core.Kernel(
+        "adadelta",
+        {
+            "lr": float(lr),
+            "rho": float(rho),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
             "maximize": bool(maximize),
         },
     ).step(plan)

@@ -15,6 +15,7 @@
 //! [`registry!`] below turns every kernel into an entry point: adding an
 //! optimizer is its file plus one line there.
 
+pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
@@ -22,6 +23,7 @@ pub mod clip;
 pub mod lion;
 pub mod nadam;
 pub mod probe;
+pub mod radam;
 pub mod registry;
 pub mod rmsprop;
 pub mod sgd;

@@ -76,5 +76,7 @@ registry! {
     Nadam => super::nadam::Nadam,
     SparseAdam => super::sparse_adam::SparseAdam,
     Lion => super::lion::Lion,
+    Radam => super::radam::Radam,
+    Adadelta => super::adadelta::Adadelta,
     StreamProbe => super::probe::StreamProbe,
 }
