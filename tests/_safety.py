@@ -24,6 +24,7 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "Adagrad": {"initial_accumulator_value": 0.1, "lr_decay": 0.01},
     "Adamax": {"weight_decay": 0.05},
     "NAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
+    "Rprop": {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},
 }
 
 

@@ -145,6 +145,7 @@ def test_public_api():
         "Adagrad",
         "Adamax",
         "NAdam",
+        "Rprop",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

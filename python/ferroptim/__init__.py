@@ -32,6 +32,7 @@ _NEEDS_TORCH = (
     "Adamax",
     "NAdam",
     "RMSprop",
+    "Rprop",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -49,6 +50,7 @@ else:
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.nadam import NAdam
     from ferroptim.rmsprop import RMSprop
+    from ferroptim.rprop import Rprop
     from ferroptim.sgd import SGD
 
 
@@ -76,6 +78,7 @@ __all__ = [
     "Adamax",
     "NAdam",
     "RMSprop",
+    "Rprop",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

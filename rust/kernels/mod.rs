@@ -23,6 +23,7 @@ pub mod nadam;
 pub mod probe;
 pub mod registry;
 pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -74,5 +74,6 @@ registry! {
     Adagrad => super::adagrad::Adagrad,
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
+    Rprop => super::rprop::Rprop,
     StreamProbe => super::probe::StreamProbe,
 }
