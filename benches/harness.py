@@ -635,6 +635,20 @@ SUITES: dict[str, Suite] = {
             "torch has no fused Adadelta.",
         ),
     ),
+    "rprop": Suite(
+        name="rprop",
+        title="ferroptim.Rprop vs torch.optim.Rprop (defaults, lr 0.01): one `step()`",
+        bytes_per_element=28,
+        ours=optimizer(ferroptim.Rprop),
+        references=torch_variants(torch.optim.Rprop, fused=False),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read p, g, prev, step_size; write p, prev, step_size).",
+            "torch has no fused Rprop.",
+        ),
+    ),
     "clip": Suite(
         name="clip",
         title="ferroptim.clip_grad_norm_ vs torch.nn.utils.clip_grad_norm_",

@@ -27,6 +27,7 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "Lion": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "RAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "Adadelta": {"weight_decay": 0.05},
+    "Rprop": {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},
 }
 
 

@@ -48,6 +48,7 @@ from optim_db import (
     some_flag_params,
     taking,
     train_cases,
+    weight_decay,
 )
 
 #: What test files import from here rather than from optim_db.
@@ -68,6 +69,7 @@ __all__ = [
     "some_flag_params",
     "taking",
     "train_cases",
+    "weight_decay",
 ]
 
 
@@ -658,7 +660,22 @@ def snapshot(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> dict
 
 #: State values torch's ``_init_group`` creates other than zeros (NAdam's running
 #: product of its momentum schedule starts at 1).
-PRISTINE_STATE: dict[str, float] = {"mu_product": 1.0}
+#: (``"lr"``: the param group's learning rate, which Rprop's ``step_size`` and ASGD's
+#: ``eta`` start at)
+PRISTINE_STATE: dict[str, float | str] = {
+    "mu_product": 1.0,
+    "step_size": "lr",
+    "eta": "lr",
+    "mu": 1.0,
+}
+
+
+def _pristine(key: str, opt: torch.optim.Optimizer, param: torch.Tensor, value: Any) -> Any:
+    pristine = PRISTINE_STATE.get(key, 0.0)
+    if pristine != "lr":
+        return pristine
+    lr = next(g["lr"] for g in opt.param_groups if any(p is param for p in g["params"]))
+    return torch.full_like(value, lr)  # as torch creates it (an int tensor rounds lr)
 
 
 def assert_unchanged(
@@ -687,7 +704,7 @@ def assert_unchanged(
         for key in set(sa) - set(sb):
             value = sa[key]
             if isinstance(value, torch.Tensor):
-                pristine = PRISTINE_STATE.get(key, 0.0)
+                pristine = _pristine(key, opt, params[i], value)
                 assert not (value != pristine).count_nonzero(), (
                     f"state {key!r} of param {i} was created and written by a failing step"
                 )

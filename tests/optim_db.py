@@ -426,6 +426,38 @@ _ADADELTA_BAD = [
     pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Adadelta
 ]
 
+
+def _rprop_functional_split(
+    hyper: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    # torch creates `step_size` as `full_like(grad, lr)`: the functional's initial
+    # step-size arrays, torch's `lr`.
+    hyper = dict(hyper)
+    lr = hyper.pop("lr")
+    return hyper, {"step_size_arrays": lr}, {"lr": lr}
+
+
+RPROP_FUNCTIONAL = Functional(
+    "rprop_",
+    lambda hyper: {"prevs": "prev", "step_size_arrays": "step_size"},
+    {
+        "rprop": {},
+        "rprop-etas-maximize": {"etas": (0.3, 1.7), "maximize": True},
+        "rprop-narrow-step-sizes": {"step_sizes": (1e-3, 2e-2), "lr": 5e-3},
+    },
+    base={"lr": 1e-2},
+    split=_rprop_functional_split,
+)
+_RPROP_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"etas": (1.2, 1.5)}, "eta values", id="etaminus-above-one"),
+    pytest.param({"etas": (0.0, 1.2)}, "eta values", id="etaminus-zero"),
+    pytest.param({"etas": (0.5, 0.9)}, "eta values", id="etaplus-below-one"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused Rprop
+]
+
+
 #: Adamax and NAdam (no fused or foreach-only arguments to combine).
 _ADAMAX_BAD = [
     pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
@@ -1145,6 +1177,53 @@ FAMILIES: dict[str, Family] = {
         ),
         functional=ADADELTA_FUNCTIONAL,
     ),
+    "Rprop": Family(
+        "Rprop",
+        ferroptim.Rprop,
+        torch.optim.Rprop,
+        grid={
+            "etas": ((0.5, 1.2), (0.3, 1.7)),
+            "step_sizes": ((1e-6, 50), (1e-3, 2e-2)),
+            "maximize": (False, True),
+        },
+        state_keys=lambda group: ("step", "prev", "step_size"),
+        second_group={"lr": 3e-3, "etas": (0.4, 1.5), "step_sizes": (1e-4, 0.1)},
+        variants=(
+            {"lr": 0.05, "etas": (0.2, 2.0), "step_sizes": (1e-3, 0.2)},
+            {"lr": 1e-4, "maximize": True},
+        ),
+        state_tensors=("step", "prev", "step_size"),
+        has_fused=False,
+        kernel="rprop_step",
+        full_grid=True,
+        bad_constructor=_RPROP_BAD,
+        bad_input_kwargs={"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},
+        # (`lr` is read only when a param's state is created: torch's step computes with
+        # no other plain number of the group)
+        numbers=(),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param({"step_sizes": (None, 0.05)}, id="no-lower-bound"),
+            pytest.param({"step_sizes": (1e-3, None)}, id="no-upper-bound"),
+            pytest.param({"step_sizes": (0.1, 0.01)}, id="bounds-crossed"),
+            pytest.param({"etas": (torch.tensor(0.25), 1.5)}, id="tensor-eta"),
+            pytest.param({"lr": 10.0, "step_sizes": (1e-6, 1e3)}, id="huge-lr"),
+            pytest.param({"etas": (0.5, 1.2), "maximize": True}, id="all"),
+        ],
+        mixed_dtype_kwargs={"etas": (0.3, 1.7)},
+        mixed_routing_kwargs={"lr": 1e-3, "step_sizes": (1e-3, 1.0)},
+        train_kwargs={"lr": 1e-3, "etas": (0.4, 1.3), "step_sizes": (1e-5, 1e-2)},
+        interop_training={"lr": 1e-3, "step_sizes": (1e-5, 1e-2)},
+        live_changes=(
+            ("etas", (0.3, 1.5)),
+            ("step_sizes", (1e-4, 0.05)),
+            ("maximize", True),
+            ("lr", 0.5),  # unread: step sizes were created already
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
+        functional=RPROP_FUNCTIONAL,
+    ),
 }
 
 ALL_FAMILIES = tuple(FAMILIES)
@@ -1185,6 +1264,14 @@ def taking(keyword: str) -> tuple[str, ...]:
         for name in OPTIMIZERS
         if keyword in inspect.signature(FAMILIES[name].torch.__init__).parameters
     )
+
+
+def weight_decay(family: Family | str, value: float) -> dict[str, float]:
+    """``{"weight_decay": value}`` where the family's torch constructor takes the keyword
+    (Rprop's does not), else nothing: kwargs for tests that add some decay to any family."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    takes = "weight_decay" in inspect.signature(family.torch.__init__).parameters
+    return {"weight_decay": value} if takes else {}
 
 
 def train_cases(*, variants: bool = False) -> dict[str, tuple[Family, dict[str, Any]]]:

@@ -23,6 +23,7 @@ from conftest import (
     snapshot,
     taking,
     tol,
+    weight_decay,
 )
 
 FAMILY_IDS = list(ALL_FAMILIES)
@@ -274,7 +275,7 @@ def test_integer_param_without_grad_is_ignored(family):
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("family", FAMILY_IDS)
 def test_complex_params_step_correctly(family, dtype):
-    kwargs = {"lr": 0.05, "weight_decay": 0.1, **FULL_KWARGS[family]}
+    kwargs = {"lr": 0.05, **weight_decay(family, 0.1), **FULL_KWARGS[family]}
     family = FAMILIES[family]
 
     def run(factory):
@@ -494,6 +495,7 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
     "Adadelta": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
+    "Rprop": [{}, {"maximize": True}, {"etas": (0.3, 1.7), "step_sizes": (1e-3, 0.05)}],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -699,6 +701,7 @@ FLAGS = {
     "Lion": ("maximize", "decoupled_weight_decay"),
     "RAdam": ("maximize", "decoupled_weight_decay"),
     "Adadelta": ("maximize",),
+    "Rprop": ("maximize",),
 }
 
 

@@ -147,6 +147,7 @@ def test_public_api():
         "NAdam",
         "RAdam",
         "Adadelta",
+        "Rprop",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

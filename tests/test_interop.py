@@ -24,6 +24,7 @@ from conftest import (
     snapshot,
     structure,
     tol,
+    weight_decay,
 )
 from torch.optim import lr_scheduler
 from torch.optim.optimizer import (
@@ -164,7 +165,7 @@ def test_param_groups_with_their_own_hyperparameters(family):
             {"params": [ps[3]], **variants[1]},
         ]
 
-    twin = Twin(family, groups, lr=1e-2, weight_decay=0.02)
+    twin = Twin(family, groups, lr=1e-2, **weight_decay(family, 0.02))
     assert hyper(twin.f.param_groups) == hyper(twin.t.param_groups)
     twin.step(100)
     twin.check()
@@ -709,7 +710,7 @@ def test_checkpoint_interchange(direction, family):
     the same numbers as continuing with the original."""
     groups = _groups(family)
     family = FAMILIES[family]
-    kwargs = {"lr": 1e-2, "weight_decay": 0.03, **family.common}
+    kwargs = {"lr": 1e-2, **weight_decay(family, 0.03), **family.common}
 
     first, second = (
         (family.make_torch, family.make_ferro)
@@ -735,7 +736,7 @@ def test_checkpoint_interchange(direction, family):
 
     resumed = [torch.nn.Parameter(t.clone()) for t in ckpt["params"]]
     # Hyperparameters overwritten by the load.
-    opt2 = second(groups(resumed), **{**kwargs, "lr": 0.5, "weight_decay": 0.5})
+    opt2 = second(groups(resumed), **{**kwargs, "lr": 0.5, **weight_decay(family, 0.5)})
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.param_groups[0]["lr"] == 1e-2
     train(opt2, resumed, grads[20:])
@@ -863,7 +864,7 @@ def test_load_state_dict_mid_training(family):
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_load_state_dict_from_another_optimizer_mid_training(family):
     twin = Twin(family, lr=1e-2)
-    other = Twin(family, seed=4, lr=5e-2, weight_decay=0.1)
+    other = Twin(family, seed=4, lr=5e-2, **weight_decay(family, 0.1))
     other.step(7)
     twin.step(3)
     # load_state_dict keeps (does not copy) state tensors of the right dtype and device:

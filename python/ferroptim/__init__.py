@@ -36,6 +36,7 @@ _NEEDS_TORCH = (
     "RAdam",
     "RMSprop",
     "SparseAdam",
+    "Rprop",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -56,6 +57,7 @@ else:
     from ferroptim.nadam import NAdam
     from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
+    from ferroptim.rprop import Rprop
     from ferroptim.sgd import SGD
     from ferroptim.sparse_adam import SparseAdam
 
@@ -88,6 +90,7 @@ __all__ = [
     "RAdam",
     "RMSprop",
     "SparseAdam",
+    "Rprop",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -230,10 +230,11 @@ def _check_capturable(spec: OptimizerSpec, gathered: Gathered, group: dict[str, 
             and param.device.type in devices
         ):
             # (torch names the scalar state lists: "params, mu_products and state_steps")
-            names = ", ".join(["params", *(f"{key}s" for key in spec.scalar_keys)])
+            names = spec.capturable_names or (
+                ", ".join(["params", *(f"{key}s" for key in spec.scalar_keys)]) + " and state_steps"
+            )
             raise AssertionError(
-                f"If capturable=True, {names} and state_steps must be on supported devices: "
-                f"{devices}."
+                f"If capturable=True, {names} must be on supported devices: {devices}."
             )
 
 
@@ -488,12 +489,14 @@ def _lay_out_states(
     return fresh
 
 
-def _check_grad(name: str, p: Tensor, grad: Tensor) -> None:
+def _check_grad(optimizer: RustStepMixin, name: str, p: Tensor, grad: Tensor) -> None:
     if grad.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients")
     if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
-        # torch's setter rules this out; `p.grad.data = ...` does not.
-        raise RuntimeError(
+        # torch's setter rules this out; `p.grad.data = ...` does not. (The exception's
+        # type is the one torch's step raises for it.)
+        error = optimizer._ferro_spec.grad_error(p, grad, optimizer.state.get(p, NO_STATE))
+        raise error(
             f"{name}: a gradient of shape {tuple(grad.shape)}, dtype {grad.dtype} on "
             f"{grad.device} does not match its parameter (shape {tuple(p.shape)}, "
             f"dtype {p.dtype} on {p.device})"
@@ -510,7 +513,7 @@ def _lay_out_grads(
     name = type(optimizer).__name__
     grads: list[Tensor] = []
     for p, work, grad in zip(gathered.params, laid.works, gathered.grads, strict=True):
-        _check_grad(name, p, grad)
+        _check_grad(optimizer, name, p, grad)
         if is_dtensor(grad):
             out.dtensor_grads.append(grad)
         grad = local(grad)

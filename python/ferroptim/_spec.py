@@ -100,6 +100,10 @@ def _no_torch_path_check(gathered: Gathered, group: dict[str, Any]) -> None:
     return None
 
 
+def _runtime_error(param: Tensor, grad: Tensor, state: dict[str, Any]) -> type[Exception]:
+    return RuntimeError
+
+
 def _copy_of_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
     return grad.clone()
 
@@ -171,6 +175,14 @@ class OptimizerSpec:
     #: takes :attr:`torch_step`: for an update that reads the grad again after writing the
     #: param (Lion's momentum), which no single grad value (``aliased_grad``) reproduces.
     own_grad_alias_to_torch: bool = False
+    #: ``grad_error(param, grad, state)``: the exception type torch's step raises for a
+    #: gradient whose shape or dtype does not match its param (``p.grad.data = ...``
+    #: skips torch's checks); most of torch's steps fail in an in-place op's
+    #: RuntimeError, Rprop's in ``sign`` or boolean-mask indexing.
+    grad_error: Callable[[Tensor, Tensor, dict[str, Any]], type[Exception]] = _runtime_error
+    #: The tensor lists torch's capturable-device error names, where they are not
+    #: "params, <scalar_keys>s and state_steps" (ASGD: "params, mus, etas, and state_steps").
+    capturable_names: str | None = None
 
     def __post_init__(self) -> None:
         if (self.gather is None) == (self.init_state is None):

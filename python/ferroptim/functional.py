@@ -42,6 +42,7 @@ __all__ = [
     "nadam_",
     "radam_",
     "rmsprop_",
+    "rprop_",
     "sgd_",
 ]
 
@@ -416,6 +417,8 @@ def lion_(
             "maximize": bool(maximize),
         },
     ).step(plan)
+
+
 def radam_(
     params: Arrays,
     grads: Arrays,
@@ -489,6 +492,45 @@ def adadelta_(
             "rho": float(rho),
             "eps": float(eps),
             "weight_decay": float(weight_decay),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def rprop_(
+    params: Arrays,
+    grads: Arrays,
+    prevs: Arrays,
+    step_size_arrays: Arrays,
+    *,
+    step: int = 1,
+    etas: tuple[float, float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] = (1e-6, 50),
+    maximize: bool = False,
+) -> None:
+    """One Rprop step (``torch.optim.Rprop``) on arrays, in place.
+
+    ``prevs`` start at zeros and ``step_size_arrays`` (torch's ``state["step_size"]``)
+    at the learning rate: ``np.full_like(w, lr)``. ``etas`` and ``step_sizes`` are the
+    class's (``(etaminus, etaplus)``, ``(step_size_min, step_size_max)``). Rprop does not
+    read the step number (``step`` only keeps torch's counter: any value >= 1 steps the
+    same).
+    """
+    etaminus, etaplus = (float(e) for e in etas)
+    if not 0.0 < etaminus < 1.0 < etaplus:
+        raise ValueError(f"Invalid eta values: {etaminus}, {etaplus}")
+    step_size_min, step_size_max = (float(s) for s in step_sizes)
+    plan = _plan(
+        params,
+        grads,
+        [("prevs", prevs), ("step_size_arrays", step_size_arrays)],
+        _step_number(step),
+    )
+    _core.Kernel(
+        "rprop",
+        {
+            "etas": (etaminus, etaplus),
+            "step_sizes": (step_size_min, step_size_max),
             "maximize": bool(maximize),
         },
     ).step(plan)

@@ -26,6 +26,7 @@ pub mod probe;
 pub mod radam;
 pub mod registry;
 pub mod rmsprop;
+pub mod rprop;
 pub mod sgd;
 pub mod sparse_adam;
 #[cfg(test)]

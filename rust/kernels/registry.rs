@@ -78,5 +78,6 @@ registry! {
     Lion => super::lion::Lion,
     Radam => super::radam::Radam,
     Adadelta => super::adadelta::Adadelta,
+    Rprop => super::rprop::Rprop,
     StreamProbe => super::probe::StreamProbe,
 }
