@@ -34,23 +34,31 @@ impl GroupSource<'_, '_> {
 /// A name's (address, length) and its Python string.
 type InternedName = ((usize, usize), Py<PyString>);
 
+/// Slots of the per-thread name cache (a power of two, well above the few dozen
+/// hyperparameter names).
+const NAME_SLOTS: usize = 256;
+
 /// `name` as a Python string made once: every step reads each hyperparameter by
 /// name, and a string made (and hashed) per read cost about a third of a
 /// microsecond per step on a 16-element AdamW. The names are the records' string
-/// literals, a few dozen in all: a per-thread list searched by address beats a
-/// locked hash map.
+/// literals: a per-thread direct-mapped cache indexed by the literal's address
+/// finds one in a single probe (a list searched from the front cost ~30 ns a read).
 fn interned<'py>(py: Python<'py>, name: &'static str) -> Bound<'py, PyString> {
     thread_local! {
-        static NAMES: RefCell<Vec<InternedName>> = const { RefCell::new(Vec::new()) };
+        static NAMES: RefCell<Vec<Option<InternedName>>> =
+            RefCell::new((0..NAME_SLOTS).map(|_| None).collect());
     }
     // (address and length: one literal may start where a longer one does)
     let key = (name.as_ptr() as usize, name.len());
+    let slot = (key.0 ^ (key.0 >> 9) ^ key.1) % NAME_SLOTS;
     NAMES.with_borrow_mut(|names| {
-        if let Some((_, string)) = names.iter().find(|(k, _)| *k == key) {
-            return string.bind(py).clone();
+        if let Some((k, string)) = &names[slot] {
+            if *k == key {
+                return string.bind(py).clone();
+            }
         }
         let string = PyString::intern(py, name);
-        names.push((key, string.clone().unbind()));
+        names[slot] = Some((key, string.clone().unbind()));
         string
     })
 }
