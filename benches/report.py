@@ -196,19 +196,32 @@ def measure_bandwidth(settings: Settings) -> float:
     return n * 28 / Samples(times[1:]).median  # the first call faults the memory in
 
 
+def _case_bandwidth(suite: Suite, res: CaseResult) -> float | None:
+    """The floor's bytes/s measured in this case (interleaved with its contenders)."""
+    if FLOOR not in res.main:
+        return None
+    return res.case.numel * suite.floor_bytes_per_element / res.main[FLOOR].median
+
+
 def suite_bandwidth(sr: SuiteResult, run_bandwidth: float | None) -> float | None:
-    """The floor's bytes/s for a suite: its own interleaved floor measurement if it has one
-    (the 32M case), else the run's stand-alone probe."""
-    for res in sr.cases:
-        if FLOOR in res.main:
-            return res.case.numel * sr.suite.floor_bytes_per_element / res.main[FLOOR].median
-    return run_bandwidth
+    """The floor's bytes/s for a suite's cases without a floor of their own: the floor
+    measured on its largest case (the 32M one: the most purely streaming), else the
+    run's stand-alone probe."""
+    measured = [res for res in sr.cases if FLOOR in res.main]
+    if not measured:
+        return run_bandwidth
+    largest = max(measured, key=lambda res: res.case.numel)
+    return _case_bandwidth(sr.suite, largest)
 
 
 def floor_time(suite: Suite, res: CaseResult, bandwidth: float | None) -> float | None:
     """Seconds the suite's traffic takes at the floor's bandwidth, for cases big enough that
-    it means something (``Case.big``: their traffic does not sit in the caches)."""
-    if bandwidth is None or not res.case.big:
+    it means something (``Case.big``: their traffic does not sit in the caches): the
+    case's own floor measurement where it has one, else ``bandwidth``."""
+    if not res.case.big:
+        return None
+    bandwidth = _case_bandwidth(suite, res) or bandwidth
+    if bandwidth is None:
         return None
     return res.case.numel * suite.bytes_per_element / bandwidth
 
