@@ -430,12 +430,48 @@ fn run_shared(pool: &ThreadPool, helpers: usize, chunks: usize, task: &(dyn Fn(u
 /// count would make libgomp start or idle threads behind torch's back. A
 /// forked child never uses it (`OPENMP_FORKED`). Results do not
 /// change: the chunks are the plan's, and each result goes to its chunk's slot.
+///
+/// Backing off: `GOMP_parallel` ends in a barrier, so the caller waits for every
+/// member, and a member whose core another process holds arrives a scheduler
+/// slice late (8 ms per step on a busy 2-core machine, where the pool's
+/// helpers, which the caller never waits for once it has run every chunk
+/// itself, took 1.5 ms). When the caller waits at the barrier longer than
+/// [`LATE_TEAM`], steps go to the pool for [`BACKOFF`], then try the team again.
 #[cfg(target_os = "linux")]
 mod openmp {
     use super::{catch_unwind, lock, resume_unwind, Any, AssertUnwindSafe, AtomicUsize, Mutex};
     use super::{Ordering, OPENMP_ENV_VAR, OPENMP_FORKED};
     use std::ffi::{c_int, c_uint, c_void, CStr, CString};
+    use std::sync::atomic::AtomicU64;
     use std::sync::OnceLock;
+    use std::thread::{self, ThreadId};
+    use std::time::{Duration, Instant};
+
+    /// A wait at the closing barrier longer than this means a member was not
+    /// running (a chunk takes tens of microseconds; waking a sleeping member,
+    /// well under this).
+    pub(super) const LATE_TEAM: Duration = Duration::from_micros(500);
+
+    /// How long steps stay on the pool after a late team.
+    pub(super) const BACKOFF: Duration = Duration::from_secs(1);
+
+    /// Nanoseconds since [`epoch`] before which the team is not used.
+    static BACKOFF_UNTIL: AtomicU64 = AtomicU64::new(0);
+
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    fn nanos_since_epoch(at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a run that ended `barrier_wait` after the caller ran out of
+    /// chunks should send the next steps to the pool.
+    pub(super) fn team_was_late(barrier_wait: Duration) -> bool {
+        barrier_wait > LATE_TEAM
+    }
 
     type Body = extern "C" fn(*mut c_void);
     type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
@@ -519,6 +555,9 @@ mod openmp {
         chunks: usize,
         task: &'a (dyn Fn(usize) + Sync),
         panic: Mutex<Option<Box<dyn Any + Send>>>,
+        /// The calling thread, and when it ran out of chunks.
+        caller: ThreadId,
+        caller_done: Mutex<Option<Instant>>,
     }
 
     /// The body every member runs: claim chunks until none are left. Never
@@ -531,6 +570,9 @@ mod openmp {
         loop {
             let chunk = team.next.fetch_add(1, Ordering::Relaxed);
             if chunk >= team.chunks {
+                if thread::current().id() == team.caller {
+                    *lock(&team.caller_done) = Some(Instant::now());
+                }
                 return;
             }
             if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (team.task)(chunk))) {
@@ -553,6 +595,9 @@ mod openmp {
         if OPENMP_FORKED.load(Ordering::SeqCst) || !enabled() {
             return false;
         }
+        if nanos_since_epoch(Instant::now()) < BACKOFF_UNTIL.load(Ordering::Relaxed) {
+            return false; // a member was late recently: see the module's docs
+        }
         let Some(gomp) = GOMP.get_or_init(load) else {
             return false;
         };
@@ -569,12 +614,20 @@ mod openmp {
             chunks,
             task,
             panic: Mutex::new(None),
+            caller: thread::current().id(),
+            caller_done: Mutex::new(None),
         };
         // SAFETY: every member (this thread included) runs `member` on `shared`,
         // which outlives the call: `GOMP_parallel` returns after the region's
         // closing barrier. `member` never unwinds. Flags 0: default binding.
         unsafe {
             (gomp.parallel)(member, (&raw const shared).cast_mut().cast(), team, 0);
+        }
+        let ended = Instant::now();
+        let caller_done = lock(&shared.caller_done).take();
+        if caller_done.is_some_and(|done| team_was_late(ended.saturating_duration_since(done))) {
+            let until = nanos_since_epoch(ended + BACKOFF);
+            BACKOFF_UNTIL.store(until, Ordering::Relaxed);
         }
         if let Some(payload) = lock(&shared.panic).take() {
             resume_unwind(payload);
@@ -600,6 +653,8 @@ mod openmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_os = "linux")]
+    use std::time::Duration;
 
     fn covered(plan: &ChunkPlan, lens: &[usize]) -> Vec<Vec<bool>> {
         let mut seen: Vec<Vec<bool>> = lens.iter().map(|&n| vec![false; n]).collect();
@@ -615,6 +670,16 @@ mod tests {
             }
         }
         seen
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_team_is_late_only_past_a_scheduler_scale_wait() {
+        // A barrier after balanced chunks, or a member waking: tens of microseconds.
+        assert!(!openmp::team_was_late(Duration::from_micros(60)));
+        // A member whose core another process held for a scheduler slice.
+        assert!(openmp::team_was_late(Duration::from_millis(8)));
+        assert!(openmp::LATE_TEAM < openmp::BACKOFF);
     }
 
     #[test]
