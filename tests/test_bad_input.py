@@ -482,6 +482,7 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
     "Rprop": [{}, {"maximize": True}, {"etas": (0.3, 1.7), "step_sizes": (1e-3, 0.05)}],
+    "ASGD": [{}, {"weight_decay": 0.1, "t0": 1.0}, {"maximize": True, "weight_decay": 0.1}],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -663,6 +664,7 @@ FLAGS = {
     "Adamax": ("maximize",),
     "NAdam": ("maximize", "decoupled_weight_decay"),
     "Rprop": ("maximize",),
+    "ASGD": ("maximize",),
 }
 
 

@@ -146,6 +146,7 @@ def test_public_api():
         "Adamax",
         "NAdam",
         "Rprop",
+        "ASGD",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

@@ -33,6 +33,7 @@ _NEEDS_TORCH = (
     "NAdam",
     "RMSprop",
     "Rprop",
+    "ASGD",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -47,6 +48,7 @@ else:
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
+    from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.nadam import NAdam
     from ferroptim.rmsprop import RMSprop
@@ -71,6 +73,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adagrad",
     "Adam",

@@ -18,6 +18,7 @@
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
+pub mod asgd;
 pub mod clip;
 pub mod nadam;
 pub mod probe;

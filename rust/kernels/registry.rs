@@ -75,5 +75,6 @@ registry! {
     Adamax => super::adamax::Adamax,
     Nadam => super::nadam::Nadam,
     Rprop => super::rprop::Rprop,
+    Asgd => super::asgd::Asgd,
     StreamProbe => super::probe::StreamProbe,
 }
