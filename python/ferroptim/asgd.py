@@ -65,8 +65,17 @@ def _rust_unsupported(group: dict[str, Any]) -> bool:
 
 
 def _usual(group: dict[str, Any]) -> bool:
-    lr = group["lr"]
-    return type(lr) in _PLAIN and 0.0 <= lr <= 1e3 and 0.0 <= group["alpha"] <= 1e3
+    # `(1 + lambd * lr * step) ** alpha` cannot overflow (a base >= 1, alpha <= 1) nor
+    # divide by zero: a cached plan may run without computing it in Python first.
+    lr, lambd, alpha = group["lr"], group["lambd"], group["alpha"]
+    return (
+        type(lr) in _PLAIN
+        and type(lambd) in _PLAIN
+        and type(alpha) in _PLAIN
+        and lr >= 0.0
+        and lambd >= 0.0
+        and 0.0 <= alpha <= 1.0
+    )
 
 
 def _check_step_scalars(group: dict[str, Any], gathered: Gathered) -> None:
