@@ -12,6 +12,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
   Lion (against lion-pytorch),
   RAdam, Adadelta,
+  Rprop, ASGD,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
@@ -647,6 +648,21 @@ SUITES: dict[str, Suite] = {
         notes=(
             "**Traffic:** 28 bytes/element (read p, g, prev, step_size; write p, prev, step_size).",
             "torch has no fused Rprop.",
+        ),
+    ),
+    "asgd": Suite(
+        name="asgd",
+        title="ferroptim.ASGD vs torch.optim.ASGD (defaults, lr 0.01, t0 10): one `step()`",
+        bytes_per_element=20,
+        # (t0 = 10: the benchmark's steps average into ax, ASGD's costlier branch)
+        ours=optimizer(ferroptim.ASGD, t0=10.0),
+        references=torch_variants(torch.optim.ASGD, fused=False, t0=10.0),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 20 bytes/element (read p, g, ax; write p, ax).",
+            "torch has no fused ASGD.",
         ),
     ),
     "clip": Suite(

@@ -28,6 +28,7 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "RAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "Adadelta": {"weight_decay": 0.05},
     "Rprop": {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},
+    "ASGD": {"weight_decay": 0.05, "t0": 1.0, "lambd": 0.01},
 }
 
 

@@ -458,6 +458,40 @@ _RPROP_BAD = [
 ]
 
 
+def _asgd_functional_split(
+    hyper: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    # torch's `eta` starts at lr: the functional's initial `etas`.
+    return hyper, {"etas": hyper["lr"]}, {}
+
+
+ASGD_FUNCTIONAL = Functional(
+    "asgd_",
+    lambda hyper: {"axs": "ax"},
+    {
+        "asgd": {},
+        "asgd-averaging-wd-maximize": {
+            "t0": 3.0,
+            "lambd": 0.01,
+            "weight_decay": 0.05,
+            "maximize": True,
+        },
+        "asgd-alpha": {"alpha": 0.5, "lambd": 0.1, "t0": 1.0},
+    },
+    base={"lr": 1e-2},
+    split=_asgd_functional_split,
+    scalars={"etas": "eta", "mus": "mu"},
+)
+_ASGD_BAD = [
+    pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
+    pytest.param({"lambd": -1e-4}, "lambd", id="negative-lambd"),
+    pytest.param({"alpha": -0.75}, "alpha", id="negative-alpha"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+    pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused ASGD
+]
+
+
 #: Adamax and NAdam (no fused or foreach-only arguments to combine).
 _ADAMAX_BAD = [
     pytest.param({"lr": -1e-3}, "learning rate", id="negative-lr"),
@@ -1223,6 +1257,62 @@ FAMILIES: dict[str, Family] = {
             ("lr", torch.tensor(3e-3)),
         ),
         functional=RPROP_FUNCTIONAL,
+    ),
+    "ASGD": Family(
+        "ASGD",
+        ferroptim.ASGD,
+        torch.optim.ASGD,
+        grid={
+            # t0 = 3: averaging (mu < 1) from the fourth step; 1e6: ax copies the param
+            "t0": (1e6, 3.0),
+            "weight_decay": (0.0, 0.05),
+            "maximize": (False, True),
+        },
+        state_keys=lambda group: ("step", "eta", "mu", "ax"),
+        # Its own eta schedule in the second group of every parity case.
+        second_group={"lr": 3e-3, "lambd": 0.05, "alpha": 0.5, "t0": 2.0},
+        variants=(
+            {"lr": 0.05, "lambd": 0.01, "alpha": 0.9, "t0": 1.0, "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decay": 0.0},
+        ),
+        # (the per-tensor scalars last: tests that pick "a state buffer" take the first
+        # non-step key)
+        state_tensors=("step", "ax", "eta", "mu"),
+        scalar_state=("step", "eta", "mu"),
+        has_fused=False,
+        kernel="asgd_step",
+        full_grid=True,
+        bad_constructor=_ASGD_BAD,
+        bad_input_kwargs={"weight_decay": 0.1, "t0": 1.0, "lambd": 0.01},
+        numbers=("lr", "lambd", "alpha", "t0", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param(
+                {"lr": torch.tensor(1e-2), "lambd": 0.3, "alpha": 0.6, "t0": 2.0},
+                id="tensor-lr-fast-schedule",
+            ),
+            pytest.param({"lambd": 0.0, "t0": 0.0}, id="lambd-zero-t0-zero"),
+            pytest.param({"alpha": 0.0}, id="alpha-zero"),
+            pytest.param({"alpha": 3.0, "lambd": 0.5}, id="alpha-three"),
+            pytest.param({"lr": 10.0, "lambd": 1.0, "t0": 1.0}, id="huge-lr"),
+            pytest.param({"lambd": torch.tensor(0.01)}, id="tensor-lambd"),
+            pytest.param({"weight_decay": 0.1, "maximize": True, "t0": 1.0}, id="all"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01, "t0": 2.0},
+        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.01, "t0": 2.0},
+        train_kwargs={"lr": 1e-2, "weight_decay": 1e-2, "t0": 2.0, "lambd": 1e-3},
+        interop_training={"lr": 1e-2, "weight_decay": 0.01, "t0": 5.0},
+        live_changes=(
+            ("lr", 0.05),  # eta follows from the next step's end on
+            ("lambd", 0.01),
+            ("alpha", 0.5),
+            ("t0", 2.0),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
+        functional=ASGD_FUNCTIONAL,
     ),
 }
 

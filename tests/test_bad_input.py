@@ -496,6 +496,7 @@ ALIASING_FLAGS = {
     ],
     "Adadelta": [{}, {"weight_decay": 0.1}, {"maximize": True, "weight_decay": 0.1}],
     "Rprop": [{}, {"maximize": True}, {"etas": (0.3, 1.7), "step_sizes": (1e-3, 0.05)}],
+    "ASGD": [{}, {"weight_decay": 0.1, "t0": 1.0}, {"maximize": True, "weight_decay": 0.1}],
 }
 
 #: The ALIASING_FLAGS entry of each family (Adam's variants share Adam's).
@@ -702,6 +703,7 @@ FLAGS = {
     "RAdam": ("maximize", "decoupled_weight_decay"),
     "Adadelta": ("maximize",),
     "Rprop": ("maximize",),
+    "ASGD": ("maximize",),
 }
 
 
@@ -1035,6 +1037,39 @@ def test_adagrad_lr_decay_set_negative_mid_training(lr_decay, warm_steps):
         FAMILIES["Adagrad"],
         {"lr": 0.1},
         _set_in_group("lr_decay", lr_decay),
+        warm_steps=warm_steps,
+        same_message=True,
+        only_torch_errors=True,
+    )
+
+
+ASGD_MID_TRAINING = [
+    pytest.param({"alpha": 1e4, "lambd": 1.0}, id="eta-overflows"),
+    pytest.param({"alpha": 3.0, "lambd": 0.5}, id="alpha-above-one"),
+    pytest.param({"lambd": -1.0}, id="negative-lambd"),
+    pytest.param({"lambd": -100.0}, id="negative-base"),  # a complex eta, its real part
+    pytest.param({"lr": -0.1}, id="negative-lr"),
+    pytest.param({"t0": float("nan")}, id="nan-t0"),
+    pytest.param({"lambd": torch.tensor(0.01)}, id="tensor-lambd"),
+]
+
+
+@pytest.mark.parametrize("warm_steps", [1, 3])
+@pytest.mark.parametrize("changes", ASGD_MID_TRAINING)
+def test_asgd_schedule_set_outside_the_valid_range_mid_training(changes, warm_steps):
+    """torch validates lr, lambd and alpha only in its constructor; its for-loop computes
+    ``eta = lr / ((1 + lambd * lr * step) ** alpha)`` in Python floats (an OverflowError
+    for a huge alpha, a complex number torch copies into ``eta`` for a negative base):
+    the same numbers, or the same exception before anything is written."""
+    family = FAMILIES["ASGD"]
+
+    def mutate(ps, opt):
+        opt.param_groups[1].update(changes)
+
+    _two_group_outcome(
+        family,
+        {"lr": 0.1, **FULL_KWARGS["ASGD"]},
+        mutate,
         warm_steps=warm_steps,
         same_message=True,
         only_torch_errors=True,

@@ -148,6 +148,7 @@ def test_public_api():
         "RAdam",
         "Adadelta",
         "Rprop",
+        "ASGD",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

@@ -115,7 +115,11 @@ class Runner:
             name: [np.full(s, case.init.get(name, 0.0), dtype) for s in shapes]
             for name in case.states
         }
-        self.scalars = {name: [np.ones(1, np.float32) for _ in shapes] for name in case.scalars}
+        # (1-element float32 arrays: NAdam's mu_products start at 1, ASGD's etas at lr)
+        self.scalars = {
+            name: [np.full(1, case.init.get(name, 1.0), np.float32) for _ in shapes]
+            for name in case.scalars
+        }
         self.tparams = [torch.from_numpy(p.copy()).requires_grad_() for p in self.params]
         self.topt = case.torch_cls(self.tparams, **case.hyper, **case.torch_only, foreach=False)
         self.rng = np.random.default_rng(seed + 1)

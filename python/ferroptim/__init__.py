@@ -37,6 +37,7 @@ _NEEDS_TORCH = (
     "RMSprop",
     "SparseAdam",
     "Rprop",
+    "ASGD",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -52,6 +53,7 @@ else:
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
+    from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.lion import Lion
     from ferroptim.nadam import NAdam
@@ -79,6 +81,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ASGD",
     "SGD",
     "Adadelta",
     "Adagrad",

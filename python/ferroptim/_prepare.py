@@ -184,10 +184,18 @@ def step_plannable(optimizer: RustStepMixin, param: Tensor) -> bool:
     torch step only increments it (RMSprop) steps any other shape of counter torch's
     way; the others raise torch's error in the prepare phase."""
     spec = optimizer._ferro_spec
-    if spec.step_key is None or spec.reads_step:
+    state = optimizer.state.get(param, NO_STATE)
+    if spec.scalar_dtype_kept and any(
+        isinstance(v, Tensor) and v.dtype not in RUST_DTYPES
+        for v in (state.get(key) for key in spec.scalar_keys)
+    ):
+        return False
+    if spec.step_key is None:
         return True
-    step = optimizer.state.get(param, NO_STATE).get(spec.step_key)
-    return not isinstance(step, Tensor) or step.numel() == 1
+    step = state.get(spec.step_key)
+    if not spec.step_must_be_tensor and step is not None and not isinstance(step, Tensor):
+        return False
+    return spec.reads_step or not isinstance(step, Tensor) or step.numel() == 1
 
 
 # -- what torch would raise mid-step ----------------------------------------------------
@@ -200,14 +208,18 @@ def check_torch_step(
     while stepping ``gathered``: a step counter that is not a tensor, a capturable step
     on CPU, a counter that is not a 1-element tensor (where the step reads it),
     per-step scalars its Python cannot compute."""
-    if spec.step_key is not None and not all(isinstance(s, Tensor) for s in gathered.steps):
+    if (
+        spec.step_key is not None
+        and spec.step_must_be_tensor
+        and not all(isinstance(s, Tensor) for s in gathered.steps)
+    ):
         raise RuntimeError(
             "API has changed, `state_steps` argument must contain a list of singleton tensors"
         )
     _check_capturable(spec, gathered, group)
     if spec.step_key is not None and for_loop and spec.reads_step:
         for s in gathered.steps:
-            if s.numel() != 1:  # torch's `step_t.item()`
+            if isinstance(s, Tensor) and s.numel() != 1:  # torch's `step_t.item()`
                 raise RuntimeError(
                     f"a Tensor with {s.numel()} elements cannot be converted to Scalar"
                 )

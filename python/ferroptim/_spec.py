@@ -138,6 +138,16 @@ class OptimizerSpec:
     #: Whether torch's for-loop lists XLA among the devices a ``capturable=True`` step
     #: may run on (its error message names them; Adadelta's leaves XLA out).
     capturable_xla: bool = True
+    #: Whether torch's functional refuses a step counter that is not a tensor ("API has
+    #: changed"). ASGD's does not: its for-loop steps a Python number (``step_t += 1``
+    #: rebinds a local, the state's counter stays as it was), so such params take
+    #: torch's path.
+    step_must_be_tensor: bool = True
+    #: Whether torch's step keeps :attr:`scalar_keys` in whatever dtype they have (ASGD
+    #: copies its new ``eta``/``mu`` into them: an int tensor truncates): a param whose
+    #: scalar state is not float32/float64 then takes torch's path (otherwise the Rust
+    #: path replaces it by a float tensor of the same value).
+    scalar_dtype_kept: bool = False
     #: Whether torch has a fused implementation of this optimizer (chosen by default on
     #: devices torch fuses for).
     has_fused: bool = True

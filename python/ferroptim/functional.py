@@ -38,6 +38,7 @@ __all__ = [
     "adam_",
     "adamax_",
     "adamw_",
+    "asgd_",
     "lion_",
     "nadam_",
     "radam_",
@@ -531,6 +532,50 @@ def rprop_(
         {
             "etas": (etaminus, etaplus),
             "step_sizes": (step_size_min, step_size_max),
+            "maximize": bool(maximize),
+        },
+    ).step(plan)
+
+
+def asgd_(
+    params: Arrays,
+    grads: Arrays,
+    axs: Arrays,
+    etas: Arrays,
+    mus: Arrays,
+    *,
+    step: int,
+    lr: float = 1e-2,
+    lambd: float = 1e-4,
+    alpha: float = 0.75,
+    t0: float = 1e6,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One ASGD step (``torch.optim.ASGD``) on arrays, in place.
+
+    ``axs`` start at zeros. ``etas`` and ``mus`` hold one 1-element array per param
+    (torch's ``state["eta"]`` and ``state["mu"]``: float32, or float64 under a float64
+    default dtype, whatever the param's dtype), starting at ``lr`` and 1
+    (``np.full(1, lr, np.float32)``, ``np.ones(1, np.float32)``): the step reads them and
+    writes the next step's values.
+    """
+    _check_nonnegative(lr=lr, lambd=lambd, alpha=alpha, weight_decay=weight_decay)
+    plan = _plan(
+        params,
+        grads,
+        [("axs", axs)],
+        _step_number(step),
+        [("etas", etas), ("mus", mus)],
+    )
+    _core.Kernel(
+        "asgd",
+        {
+            "lr": float(lr),
+            "lambd": float(lambd),
+            "alpha": float(alpha),
+            "t0": float(t0),
+            "weight_decay": float(weight_decay),
             "maximize": bool(maximize),
         },
     ).step(plan)

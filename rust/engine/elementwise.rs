@@ -75,6 +75,18 @@ impl Default for StepContext {
     }
 }
 
+/// When a kernel's [`Elementwise::advance`] updates its scalar state, relative to
+/// the values [`Elementwise::consts`] sees (the step counter is always
+/// incremented first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advance {
+    /// The update uses the advanced values (NAdam's `mu_product *= mu` comes first).
+    BeforeConsts,
+    /// The update uses the values from before this step; `advance` runs after they
+    /// were read (ASGD's `eta` and `mu` are recomputed at the end of its step).
+    AfterConsts,
+}
+
 /// An element-wise optimizer (see the module docs).
 pub trait Elementwise: Sized + Send + Sync + 'static {
     /// Its name in the registry (what Python asks for).
@@ -113,6 +125,9 @@ pub trait Elementwise: Sized + Send + Sync + 'static {
         true
     }
 
+    /// Whether `advance` runs before or after the scalar state is read for `consts`.
+    const ADVANCE: Advance = Advance::BeforeConsts;
+
     /// Updates the tensor's scalar state (after the step counter, if any, was
     /// incremented), in place in each slot's dtype.
     fn advance(h: &Self::Hyper, scalars: &[ScalarSlot]) {
@@ -120,8 +135,8 @@ pub trait Elementwise: Sized + Send + Sync + 'static {
     }
 
     /// The constants of one tensor's update from its scalar state (as read
-    /// after `advance`), computed in float64 as torch's Python does and
-    /// rounded to `C` where torch rounds.
+    /// after `advance`, or before it under [`Advance::AfterConsts`]), computed
+    /// in float64 as torch's Python does and rounded to `C` where torch rounds.
     fn consts<C: Real>(h: &Self::Hyper, scalars: &[f64]) -> Self::Consts<C>;
 
     /// One element: `grad` prepared, `param` and `states` updated in place.
@@ -237,9 +252,14 @@ pub fn step<K: Elementwise>(
         if K::SCALARS.first() == Some(&"step") {
             slots[0].set(slots[0].get() + 1.0);
         }
-        K::advance(h, slots);
+        if K::ADVANCE == Advance::BeforeConsts {
+            K::advance(h, slots);
+        }
         for (value, slot) in values.iter_mut().zip(slots) {
             *value = slot.get();
+        }
+        if K::ADVANCE == Advance::AfterConsts {
+            K::advance(h, slots);
         }
     }
     let prep = K::grad_prep(h);

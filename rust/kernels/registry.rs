@@ -79,5 +79,6 @@ registry! {
     Radam => super::radam::Radam,
     Adadelta => super::adadelta::Adadelta,
     Rprop => super::rprop::Rprop,
+    Asgd => super::asgd::Asgd,
     StreamProbe => super::probe::StreamProbe,
 }

@@ -223,7 +223,13 @@ mod tests {
     fn all_hypers() -> Vec<RpropHyper> {
         let mut out = Vec::new();
         for maximize in [false, true] {
-            for (etas, step_sizes) in [([0.5, 1.2], [1e-6, 50.0]), ([0.3, 1.7], [1e-3, 0.02])] {
+            // (the last: etas set outside the constructor's range, where torch's
+            // replacements overwrite each other and every factor equals etaminus)
+            for (etas, step_sizes) in [
+                ([0.5, 1.2], [1e-6, 50.0]),
+                ([0.3, 1.7], [1e-3, 0.02]),
+                ([1.0, 0.0], [1e-3, 0.02]),
+            ] {
                 out.push(RpropHyper {
                     etas,
                     step_sizes,
