@@ -19,6 +19,7 @@ optimizer's constructor values, as the reference itself would use its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -51,7 +52,9 @@ def betas_unpacked(group: dict[str, Any]) -> tuple[Any, Any]:
     with ``*group['betas']`` in the middle), so that betas set to something else raise
     the reference's own error (``Value after * must be an iterable``, ``too many values
     to unpack (expected 8)``)."""
-    _, _, _, beta1, beta2, _, _, _ = None, None, None, *group["betas"], None, None, None
+    betas: Iterable[Any] = group["betas"]
+    values: tuple[Any, ...] = (None, None, None, *betas, None, None, None)
+    _, _, _, beta1, beta2, _, _, _ = values
     return beta1, beta2
 
 
