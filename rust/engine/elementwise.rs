@@ -51,6 +51,22 @@ impl GradPrep {
     pub fn flags(self) -> u32 {
         (if self.maximize { MAXIMIZE } else { 0 }) | (if self.l2 != 0.0 { L2 } else { 0 })
     }
+
+    /// torch's `weight_decay` with a `decoupled_weight_decay` switch (Adam, NAdam,
+    /// RAdam): L2 decay of the gradient, which the engine applies, unless decoupled
+    /// (see [`decays_param`]: the kernel's own flag then).
+    pub fn with_weight_decay(maximize: bool, weight_decay: f64, decoupled: bool) -> GradPrep {
+        GradPrep {
+            maximize,
+            l2: if decoupled { 0.0 } else { weight_decay },
+        }
+    }
+}
+
+/// Whether a kernel with a `decoupled_weight_decay` switch decays the param itself
+/// (`param *= 1 - lr * weight_decay`) this step.
+pub fn decays_param(decoupled: bool, weight_decay: f64) -> bool {
+    decoupled && weight_decay != 0.0
 }
 
 /// How a step reads its gradients and whether lazily created state is new.

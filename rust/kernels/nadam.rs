@@ -44,7 +44,9 @@
 //! One pass over memory: read p, g, m, v; write p, m, v.
 
 use super::Lerp;
-use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
+use crate::engine::elementwise::{
+    decays_param, has, Elementwise, FlagRunner, GradPrep, StepContext, L2,
+};
 use crate::engine::{Format, Real, ScalarSlot, TensorScalar, MAX_STATES};
 
 crate::hyper_record! {
@@ -128,18 +130,11 @@ impl Elementwise for Nadam {
     }
 
     fn grad_prep(h: &NadamHyper) -> GradPrep {
-        GradPrep {
-            maximize: h.maximize,
-            l2: if h.decoupled_weight_decay {
-                0.0
-            } else {
-                h.weight_decay
-            },
-        }
+        GradPrep::with_weight_decay(h.maximize, h.weight_decay, h.decoupled_weight_decay)
     }
 
     fn flags(h: &NadamHyper, _ctx: &StepContext) -> u32 {
-        let decoupled = h.decoupled_weight_decay && h.weight_decay != 0.0;
+        let decoupled = decays_param(h.decoupled_weight_decay, h.weight_decay);
         Self::grad_prep(h).flags() | if decoupled { DECOUPLED } else { 0 }
     }
 
