@@ -248,7 +248,8 @@ def test_one_element_tensor_betas_raise_torchs_error(family, dtype):
 def _torch_on_another_cpu(seed: int) -> Iterator[None]:
     """torch as it runs on a CPU whose vectorised float32 ``sqrt`` rounds differently:
     one ulp up on a random 30% of the elements (torch's for-loop calls ``Tensor.sqrt``
-    and ``Tensor.sqrt_``; float64 is left exact)."""
+    and ``Tensor.sqrt_``; float64 results are left as this machine's torch computes them,
+    which on some CPUs is itself one ulp off on a few of them)."""
     sqrt, sqrt_ = torch.Tensor.sqrt, torch.Tensor.sqrt_
     gen = torch.Generator().manual_seed(seed)
 
