@@ -319,3 +319,31 @@ def test_grad_scaler_unscales_sparse_gradients_as_for_torch() -> None:
         runs.append(model)
     for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, **tol(torch.float32))
+
+
+def test_state_replaced_mid_training_is_rechecked_every_step() -> None:
+    """Every step re-inspects the param, its state and the gradient: a state buffer
+    replaced by a non-contiguous copy takes torch's path (torch's numbers), and one of
+    the wrong size raises as torch does, with nothing of ferroptim's written first."""
+    ours = torch.nn.Parameter(torch.randn(12, 5))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    fopt, topt = ferroptim.SparseAdam([ours], lr=0.1), torch.optim.SparseAdam([theirs], lr=0.1)
+    for step in range(6):
+        g = _sparse([[step, 11, step]], torch.randn(3, 5), (12, 5))
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        if step == 3:
+            for opt, p in ((fopt, ours), (topt, theirs)):
+                state = opt.state[p]
+                state["exp_avg"] = state["exp_avg"].t().contiguous().t()  # column-major
+        with rust_calls() as calls:
+            fopt.step()
+        topt.step()
+        assert bool(calls) == (step < 3)
+    assert torch.equal(ours, theirs)
+    fopt.state[ours]["exp_avg_sq"] = torch.zeros(3, 5)
+    ours.grad = _sparse([[0, 11]], torch.ones(2, 5), (12, 5))
+    before = ours.detach().clone()
+    with pytest.raises(RuntimeError):
+        fopt.step()
+    # (torch's own ops raise on the mismatched state before the param's update)
+    assert torch.equal(ours, before)
