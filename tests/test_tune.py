@@ -270,8 +270,14 @@ def test_every_family_is_restored_after_divergence(family, impl):
     warm_up(model, opt, batches)
     before = capture(model, opt, None)
     result = tune.lr_find(model, opt, batches, cross_entropy, end_lr=1e4, progress=False)
-    assert result.diverged
+    # Rprop reads lr only when it creates a param's state (its step sizes start at lr):
+    # sweeping a warmed-up Rprop's lr changes nothing, so it cannot diverge.
+    assert result.diverged == (family not in LR_READ_ONLY_AT_INIT)
     assert_bitwise(capture(model, opt, None), before)
+
+
+#: Families whose step never reads the group's lr once a param has state.
+LR_READ_ONLY_AT_INIT = {"Rprop"}
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
