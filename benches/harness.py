@@ -124,6 +124,10 @@ CASES: dict[str, Case] = {
 }
 
 
+#: The cases with dense gradients (every optimizer steps them).
+DENSE_CASES: tuple[str, ...] = tuple(name for name, c in CASES.items() if not c.looked_up_rows)
+
+
 @functools.lru_cache(maxsize=1)
 def case_data(name: str, seed: int = 0) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """(initial parameter values, gradients) of a case, float32; the last case asked is cached.
@@ -421,7 +425,9 @@ class Suite:
     #: Traffic of the floor kernel per element (``stream_probe``: 28). A suite with other
     #: traffic is compared with the floor's bandwidth: its time at the floor's GB/s.
     floor_bytes_per_element: int = 28
-    cases: tuple[str, ...] = tuple(CASES)
+    #: (by default every case with dense gradients: a sparse one is for the optimizers
+    #: that take sparse gradients, and names itself)
+    cases: tuple[str, ...] = DENSE_CASES
     #: Table columns; None: one ratio per reference, ``vs <flavour>``.
     columns: tuple[Column, ...] | None = None
     #: ferroptim against itself (option costs): the summary shows its columns instead of
