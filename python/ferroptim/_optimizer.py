@@ -30,7 +30,7 @@ from ferroptim import _core, _step
 from ferroptim._jobs import CachedPlan, Job
 from ferroptim._prepare import prepare_slow
 from ferroptim._spec import OptimizerSpec
-from ferroptim._torch_compat import hooked_step
+from ferroptim._torch_compat import hooked_step, scalar_dtype
 
 __all__ = ["RustStepMixin"]
 
@@ -138,7 +138,29 @@ class RustStepMixin:
         state_dict = super().state_dict()  # type: ignore[misc]
         if self.skip_nonfinite:
             state_dict["skipped_steps"] = self.skipped_steps
+        self._steps_on_host(state_dict)
         return state_dict
+
+    def _steps_on_host(self, state_dict: dict[str, Any]) -> None:
+        """Where ferroptim chose torch's fused kernels for a group (CUDA params, ``fused``
+        left unset), they count ``step`` on the device; torch's default there (foreach)
+        counts it on the CPU, and torch's ``load_state_dict`` leaves a ``step`` where it
+        is unless the saved group says fused or capturable. So the checkpoint holds it
+        on the CPU, as torch's default optimizer's would (the live state is untouched;
+        loaded back, the next fused step moves it to the device again)."""
+        step_key = self._ferro_spec.step_key
+        if step_key is None or not self._ferro_spec.has_fused:
+            return
+        states = state_dict["state"]
+        for group in state_dict["param_groups"]:
+            if group.get("fused") or group.get("capturable"):
+                continue
+            for index in group["params"]:
+                state = states.get(index)
+                step = state.get(step_key) if state else None
+                if isinstance(step, Tensor) and step.device.type != "cpu":
+                    host = torch.tensor(float(step), dtype=scalar_dtype())
+                    states[index] = {**state, step_key: host}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         skipped = state_dict.get("skipped_steps")

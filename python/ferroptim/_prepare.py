@@ -44,7 +44,7 @@ from ferroptim._torch_compat import (
     capturable_devices,
     foreach_kernel_devices,
     foreach_mul_,
-    fused_kernel_devices,
+    fused_kernel_devices_of,
     is_dtensor,
     local,
     scalar_dtype,
@@ -258,8 +258,18 @@ def _foreach_supported(params: list[Tensor]) -> bool:
     return all(p.device.type in devices for p in params)
 
 
+def _torch_class(optimizer: RustStepMixin) -> type:
+    """The ``torch.optim`` class a ferroptim class subclasses (``torch.optim.Optimizer``
+    itself for the optimizers torch lacks)."""
+    return next(c for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim"))
+
+
 def torch_implementation(
-    spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor], has_sparse_grad: bool
+    spec: OptimizerSpec,
+    group: dict[str, Any],
+    params: list[Tensor],
+    has_sparse_grad: bool,
+    torch_class: type,
 ) -> tuple[bool, bool]:
     """(foreach, fused) for torch's implementation: the user's choice if made, else
     torch's fused kernels where they exist, else foreach, else the for-loop. Tensor
@@ -276,9 +286,9 @@ def torch_implementation(
         spec.rust_unsupported(group) and all(p.device.type == "cpu" for p in params)
     ):
         return False, False
-    fused_devices = fused_kernel_devices()
     if spec.has_fused and all(
-        p.device.type in fused_devices and p.is_floating_point() for p in params
+        p.device.type in fused_kernel_devices_of(torch_class) and p.is_floating_point()
+        for p in params
     ):
         return False, True
     return _foreach_supported(params), False
@@ -298,6 +308,20 @@ def _fused_fits(spec: OptimizerSpec, gathered: Gathered) -> bool:
     ):
         return False  # torch's fused SGD creates momentum buffers only when all are new
     return True
+
+
+def _steps_to_devices(optimizer: RustStepMixin, gathered: Gathered) -> None:
+    """torch's fused kernels count steps in float32 tensors on the param's device. A
+    step kept on the CPU (a checkpoint: ours keeps it there, as torch's default
+    optimizer does, see ``RustStepMixin.state_dict``) moves there, as torch's
+    ``load_state_dict`` moves it for a fused group; its value is unchanged."""
+    step_key = optimizer._ferro_spec.step_key
+    if step_key is None:
+        return
+    for i, (step, param) in enumerate(zip(gathered.steps, gathered.params, strict=True)):
+        if step.device != param.device and step.device.type == "cpu" and step.dim() == 0:
+            moved = step.to(device=param.device, dtype=torch.float32)
+            gathered.steps[i] = optimizer.state[param][step_key] = moved
 
 
 def _lay_out_for_fused(optimizer: RustStepMixin, gathered: Gathered) -> None:
@@ -322,7 +346,7 @@ def prepare_torch(
     and returns the run function and the grads it reads."""
     spec = optimizer._ferro_spec
     has_sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
-    foreach, fused = torch_implementation(spec, group, params, has_sparse)
+    foreach, fused = torch_implementation(spec, group, params, has_sparse, _torch_class(optimizer))
     implied_fused = fused and not group.get("fused")
     # torch creates state for fused kernels on the param's device; ask for
     # that when we choose fused for the user.
@@ -330,6 +354,8 @@ def prepare_torch(
     if implied_fused:
         init_group["fused"] = True
     gathered = spec.gather_group(_as_torch(optimizer), init_group)
+    if implied_fused:
+        _steps_to_devices(optimizer, gathered)
     check_torch_step(spec, gathered, group, for_loop=not foreach and not fused)
     spec.check_torch_path(gathered, group)
     if (implied_fused and not _fused_fits(spec, gathered)) or (

@@ -30,6 +30,7 @@ __all__ = [
     "foreach_mul_",
     "full",
     "fused_kernel_devices",
+    "fused_kernel_devices_of",
     "hooked_step",
     "init_group",
     "is_dtensor",
@@ -72,6 +73,24 @@ def foreach_kernel_devices() -> list[str]:
 def fused_kernel_devices() -> list[str]:
     """Device types with torch's fused optimizer kernels."""
     return _get_fused_kernels_supported_devices()
+
+
+@functools.cache
+def fused_kernel_devices_of(optimizer_class: type) -> frozenset[str]:
+    """Device types whose fused kernels ``optimizer_class`` (a ``torch.optim`` class)
+    accepts in this torch. torch's device list is shared by every class, but a class
+    may refuse one of them: Adagrad's ``fused=True`` refuses CUDA tensors in torch 2.11
+    and takes them in 2.15. One tiny fused step on a CUDA device (once per class and
+    process) tells."""
+    devices = set(_get_fused_kernels_supported_devices())
+    if "cuda" in devices and torch.cuda.is_available():
+        param = torch.zeros(1, device="cuda", requires_grad=True)
+        param.grad = torch.zeros_like(param)
+        try:
+            optimizer_class([param], fused=True).step()
+        except (RuntimeError, ValueError):
+            devices.discard("cuda")
+    return frozenset(devices)
 
 
 def hooked_step(step: Callable[..., Any]) -> Callable[..., Any]:
