@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import ferroptim
 import lion_pytorch
+import pytorch_optimizer
 import torch
 from ferroptim import _core
 from torch import Tensor
@@ -458,6 +459,12 @@ SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
+ADEMAMIX_HYPER: dict[str, object] = {
+    "lr": 1e-3,
+    "weight_decay": 1e-2,
+    "weight_decouple": True,
+    "t_alpha_beta3": 1e4,
+}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -598,6 +605,30 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 20 bytes/element (read p, g, exp_avg; write p, exp_avg).",
             "torch has no Lion: the reference is lion-pytorch's `Lion` (a Python for-loop of "
             "torch ops per tensor, its default; no foreach/fused flavour is chosen by default).",
+        ),
+    ),
+    "ademamix": Suite(
+        name="ademamix",
+        title=(
+            "ferroptim.AdEMAMix vs pytorch_optimizer.AdEMAMix (its default flavour; lr 1e-3, "
+            "decoupled weight decay 0.01, warmup 1e4 steps): one `step()`"
+        ),
+        bytes_per_element=36,
+        ours=optimizer(ferroptim.AdEMAMix, **ADEMAMIX_HYPER),
+        references={
+            f"pytorch-optimizer {flavour}": optimizer(
+                pytorch_optimizer.AdEMAMix, **flags, **ADEMAMIX_HYPER
+            )
+            for flavour, flags in (("default", {}), ("for-loop", {"foreach": False}))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 36 bytes/element (read p, g, exp_avg, exp_avg_sq, exp_avg_slow; "
+            "write p and the three states).",
+            "torch has no AdEMAMix: the reference is pytorch-optimizer's `AdEMAMix`, whose "
+            "default on the CPU is its foreach flavour (torch `_foreach_*` ops).",
         ),
     ),
     "radam": Suite(

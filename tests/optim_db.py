@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 import torch
 from _lion_reference import LionReference
+from _pytorch_optimizer_reference import AdEMAMixReference
 
 
 def _import_ferroptim() -> Any:
@@ -524,6 +525,17 @@ LION_UNUSUAL = [
     pytest.param({"weight_decay": -0.1}, id="negative-weight-decay"),
     pytest.param({"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}, id="all"),
 ]
+#: AdEMAMix: hyperparameters outside the usual range, or tensors.
+ADEMAMIX_UNUSUAL = [
+    pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),
+    pytest.param({"lr": torch.tensor(1e-2, dtype=torch.float64)}, id="f64-tensor-lr"),
+    pytest.param({"betas": (0.0, 0.0, 0.0)}, id="betas-zero"),
+    pytest.param({"betas": (0.9, 0.999, 1.0)}, id="beta3-one"),
+    pytest.param({"alpha": 0.0, "t_alpha_beta3": 3.0}, id="alpha-zero"),
+    pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+    pytest.param({"t_alpha_beta3": 0.5}, id="warmup-shorter-than-a-step"),
+]
+
 LION_FUNCTIONAL = Functional(
     "lion_",
     lambda hyper: {"exp_avgs": "exp_avg"},
@@ -1097,6 +1109,58 @@ FAMILIES: dict[str, Family] = {
             ("betas", (0.9, 1.0)),
         ),
         functional=LION_FUNCTIONAL,
+    ),
+    "AdEMAMix": Family(
+        "AdEMAMix",
+        ferroptim.AdEMAMix,
+        # pytorch_optimizer.AdEMAMix (the reference) with per-group `maximize` and
+        # gradients left untouched: see _pytorch_optimizer_reference.py; test_ademamix.py
+        # checks against the real class itself.
+        AdEMAMixReference,
+        grid={
+            "weight_decay": (0.0, 0.1),
+            "weight_decouple": (False, True),
+            "fixed_decay": (False, True),
+            "t_alpha_beta3": (None, 20.0),
+            "maximize": (False, True),
+        },
+        # (decoupling or fixing a zero decay changes nothing)
+        valid=lambda kw: (
+            kw["weight_decay"] != 0 or not (kw.get("weight_decouple") or kw.get("fixed_decay"))
+        ),
+        state_keys=lambda group: ("exp_avg", "exp_avg_sq", "exp_avg_slow"),
+        second_group={"lr": 3e-3, "betas": (0.8, 0.99, 0.999), "alpha": 2.0},
+        # The reference's per-parameter loop (its default CPU flavour runs the same ops as
+        # foreach, but fails differently on a corrupt state: test_ademamix compares with
+        # the default flavour too).
+        reference_kwargs={"foreach": False},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9, 0.99), "weight_decay": 0.3, "t_alpha_beta3": 10.0},
+            {"lr": 1e-4, "maximize": True, "weight_decouple": True, "weight_decay": 0.1},
+        ),
+        state_tensors=("exp_avg", "exp_avg_sq", "exp_avg_slow"),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="ademamix_step",
+        full_grid=True,
+        bad_input_kwargs={"weight_decay": 0.1, "t_alpha_beta3": 10.0},
+        numbers=("lr", "weight_decay", "alpha", "eps"),
+        unusual=ADEMAMIX_UNUSUAL,
+        mixed_dtype_kwargs={"weight_decay": 0.1, "t_alpha_beta3": 10.0},
+        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3},
+        train_kwargs={"lr": 1e-3, "weight_decay": 0.1, "t_alpha_beta3": 50.0},
+        interop_training={"lr": 1e-3, "weight_decay": 0.1, "t_alpha_beta3": 50.0},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9, 0.99)),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("weight_decouple", True),
+            ("alpha", 2.0),
+            ("t_alpha_beta3", 7.0),
+            ("maximize", False),
+        ),
     ),
     "RAdam": Family(
         "RAdam",

@@ -207,7 +207,7 @@ def test_sparse_grad_in_second_group(family, warm_steps):
     set_grads(fps, 100)
     fps[3].grad = fps[3].grad.to_sparse()
     before = snapshot(fopt, fps)
-    with pytest.raises(RuntimeError, match="sparse") as ferro_error:
+    with pytest.raises(Exception, match="sparse") as ferro_error:
         fopt.step()
     assert_unchanged(before, fopt, fps)
     # torch raises the same error (on a throwaway copy: torch itself has stepped the
@@ -215,8 +215,9 @@ def test_sparse_grad_in_second_group(family, warm_steps):
     xps, xopt = make(family.make_torch)
     set_grads(xps, 100)
     xps[3].grad = xps[3].grad.to_sparse()
-    with pytest.raises(RuntimeError, match="sparse") as torch_error:
+    with pytest.raises(Exception, match="sparse") as torch_error:
         xopt.step()
+    assert type(ferro_error.value) is type(torch_error.value)  # (RuntimeError for torch's)
     assert str(ferro_error.value) == str(torch_error.value)
     # Nothing was lost: fix the grad and carry on, as torch does without the failed step.
     for ps, opt in ((fps, fopt), (tps, topt)):
@@ -227,7 +228,8 @@ def test_sparse_grad_in_second_group(family, warm_steps):
     for a, b in zip(fps, tps, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), **tol(torch.float32))
     for a, b in zip(fps, tps, strict=True):
-        assert float(fopt.state[a]["step"]) == float(topt.state[b]["step"])
+        if family.has_step:
+            assert float(fopt.state[a]["step"]) == float(topt.state[b]["step"])
 
 
 @pytest.mark.parametrize("int_dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
@@ -488,6 +490,11 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1},
         {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True},
     ],
+    "AdEMAMix": [
+        {},
+        {"weight_decay": 0.1, "t_alpha_beta3": 5.0},
+        {"weight_decay": 0.1, "weight_decouple": True, "maximize": True},
+    ],
     "RAdam": [
         {},
         {"weight_decay": 0.1},
@@ -544,6 +551,7 @@ STATE_ALIASES = [
     pytest.param("Adamax", {}, "exp_inf", id="Adamax-exp_inf"),
     pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
     pytest.param("Lion", {}, "exp_avg", id="Lion-exp_avg"),
+    pytest.param("AdEMAMix", {}, "exp_avg_slow", id="AdEMAMix-exp_avg_slow"),
     pytest.param("RAdam", {}, "exp_avg_sq", id="RAdam-exp_avg_sq"),
     pytest.param("Adadelta", {}, "square_avg", id="Adadelta-square_avg"),
     pytest.param("Adadelta", {}, "acc_delta", id="Adadelta-acc_delta"),
@@ -700,6 +708,7 @@ FLAGS = {
     "Adamax": ("maximize",),
     "NAdam": ("maximize", "decoupled_weight_decay"),
     "Lion": ("maximize", "decoupled_weight_decay"),
+    "AdEMAMix": ("maximize", "weight_decouple"),
     "RAdam": ("maximize", "decoupled_weight_decay"),
     "Adadelta": ("maximize",),
     "Rprop": ("maximize",),

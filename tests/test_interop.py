@@ -385,7 +385,11 @@ def test_constructor_signature_is_torchs_plus_keywords(family):
     family = FAMILIES[family]
     ours = inspect.signature(family.ferro.__init__).parameters
     theirs = inspect.signature(family.torch.__init__).parameters
-    assert list(ours)[: len(theirs)] == list(theirs)
+    # (a reference taking `**kwargs`, as pytorch-optimizer's do: ours takes them too, last)
+    var_keyword = [n for n, p in theirs.items() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    named = [n for n in theirs if n not in var_keyword]
+    assert list(ours)[: len(named)] == named
+    assert [n for n, p in ours.items() if p.kind is inspect.Parameter.VAR_KEYWORD] == var_keyword
     for name, param in theirs.items():
         assert ours[name].kind == param.kind, name
         assert ours[name].default == param.default, name

@@ -167,7 +167,7 @@ def _torch_error(family: str, kwargs: dict[str, Any]) -> BaseException:
     opt = FAMILIES[family].make_torch(split_groups(model), **kwargs)
     idx, y = batches(1)[0]
     torch.nn.functional.mse_loss(model(idx), y).backward()
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(Exception) as error:  # (torch's: RuntimeError)
         opt.step()
     return error.value
 
@@ -199,6 +199,6 @@ def test_unsupported_sparse_grads_write_nothing(family, kwargs):
     model, opt = _sparse_step_setup(family, kwargs)
     params = list(model.parameters())
     before = snapshot(opt, params)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(type(_torch_error(family, kwargs))):
         opt.step()
     assert_unchanged(before, opt, params)

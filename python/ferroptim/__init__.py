@@ -38,6 +38,7 @@ _NEEDS_TORCH = (
     "SparseAdam",
     "Rprop",
     "ASGD",
+    "AdEMAMix",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -53,6 +54,7 @@ else:
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
+    from ferroptim.ademamix import AdEMAMix
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.lion import Lion
@@ -83,6 +85,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ASGD",
     "SGD",
+    "AdEMAMix",
     "Adadelta",
     "Adagrad",
     "Adam",

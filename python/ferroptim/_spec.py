@@ -129,6 +129,11 @@ class OptimizerSpec:
     init_state: Callable[[Tensor, dict[str, Any]], dict[str, Any]] | None = None
     #: Name of the per-parameter step counter in the state, or None (SGD has none).
     step_key: str | None = "step"
+    #: Name of a per-group step counter (a Python int in the param group, as the
+    #: reference implementations of AdEMAMix and Adan keep it), or None. The kernel and
+    #: :attr:`torch_step` read the count of steps before this one; the step driver
+    #: increments it in every group once the step has run (not on a skipped step).
+    group_step_key: str | None = None
     #: Per-tensor scalar state the kernel reads and writes besides the step counter
     #: (0-d tensors, e.g. NAdam's ``mu_product``), in the kernel's slot order.
     scalar_keys: tuple[str, ...] = ()

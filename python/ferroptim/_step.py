@@ -82,6 +82,10 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
     else:
         for job in jobs:
             job.run(factors)
+        group_step_key = optimizer._ferro_spec.group_step_key
+        if group_step_key is not None:
+            for group in optimizer.param_groups:
+                group[group_step_key] = group.get(group_step_key, 0) + 1
     if slow or factors is None:
         live = {id(g) for g in optimizer.param_groups}
         for key in [k for k in plans if k not in live]:

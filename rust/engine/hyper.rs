@@ -57,6 +57,10 @@ pub trait HyperSource {
     fn flag(&self, name: &'static str) -> Result<bool, HyperError>;
     /// A pair of numbers (`betas`).
     fn pair(&self, name: &'static str) -> Result<[f64; 2], HyperError>;
+    /// Three numbers (the `betas` of AdEMAMix and Adan).
+    fn triple(&self, name: &'static str) -> Result<[f64; 3], HyperError>;
+    /// Whether the entry is `None` (an optional hyperparameter left unset).
+    fn is_none(&self, name: &'static str) -> Result<bool, HyperError>;
 }
 
 /// A value a hyperparameter record field can hold.
@@ -85,6 +89,39 @@ impl HyperValue for bool {
 impl HyperValue for [f64; 2] {
     fn read(source: &dyn HyperSource, name: &'static str) -> Result<[f64; 2], HyperError> {
         source.pair(name)
+    }
+}
+
+impl HyperValue for [f64; 3] {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<[f64; 3], HyperError> {
+        source.triple(name)
+    }
+}
+
+/// `None` or a real number (AdEMAMix's `t_alpha_beta3`).
+impl HyperValue for Option<f64> {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<Option<f64>, HyperError> {
+        if source.is_none(name)? {
+            return Ok(None);
+        }
+        Ok(Some(source.number(name)?.value))
+    }
+}
+
+/// A step counter kept in the param group (a Python int, as the reference
+/// implementations of AdEMAMix and Adan keep it): the steps taken before this one.
+/// The reference creates the entry on its first step, so a group without it has
+/// taken none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupStep(pub f64);
+
+impl HyperValue for GroupStep {
+    fn read(source: &dyn HyperSource, name: &'static str) -> Result<GroupStep, HyperError> {
+        match source.number(name) {
+            Ok(count) => Ok(GroupStep(count.value)),
+            Err(HyperError::Missing(_)) => Ok(GroupStep(0.0)),
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -137,6 +174,8 @@ macro_rules! hyper_record {
 pub struct HyperMap {
     numbers: HashMap<String, f64>,
     pairs: HashMap<String, [f64; 2]>,
+    triples: HashMap<String, [f64; 3]>,
+    nones: std::collections::HashSet<String>,
 }
 
 impl HyperMap {
@@ -156,6 +195,17 @@ impl HyperMap {
 
     pub fn set_pair(mut self, name: &str, value: [f64; 2]) -> HyperMap {
         self.pairs.insert(name.to_string(), value);
+        self
+    }
+
+    pub fn set_triple(mut self, name: &str, value: [f64; 3]) -> HyperMap {
+        self.triples.insert(name.to_string(), value);
+        self
+    }
+
+    /// Sets an entry to `None`.
+    pub fn set_none(mut self, name: &str) -> HyperMap {
+        self.nones.insert(name.to_string());
         self
     }
 
@@ -181,6 +231,17 @@ impl HyperSource for HyperMap {
             .get(name)
             .copied()
             .ok_or_else(|| HyperError::Missing(name.to_string()))
+    }
+
+    fn triple(&self, name: &'static str) -> Result<[f64; 3], HyperError> {
+        self.triples
+            .get(name)
+            .copied()
+            .ok_or_else(|| HyperError::Missing(name.to_string()))
+    }
+
+    fn is_none(&self, name: &'static str) -> Result<bool, HyperError> {
+        Ok(self.nones.contains(name))
     }
 }
 

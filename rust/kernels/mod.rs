@@ -19,6 +19,7 @@ pub mod adadelta;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;
+pub mod ademamix;
 pub mod asgd;
 pub mod clip;
 pub mod lion;

@@ -80,5 +80,6 @@ registry! {
     Adadelta => super::adadelta::Adadelta,
     Rprop => super::rprop::Rprop,
     Asgd => super::asgd::Asgd,
+    Ademamix => super::ademamix::Ademamix,
     StreamProbe => super::probe::StreamProbe,
 }

@@ -78,11 +78,34 @@ fn type_error(name: &str, value: &Bound<'_, PyAny>) -> HyperError {
 }
 
 /// The exception `first, second = value` raises, if any.
-fn unpack_error(value: &Bound<'_, PyAny>) -> Option<PyErr> {
+fn unpack_error(value: &Bound<'_, PyAny>, count: usize) -> Option<PyErr> {
     let py = value.py();
     let locals = PyDict::new(py);
     locals.set_item("value", value).ok()?;
-    py.run(c"first, second = value", None, Some(&locals)).err()
+    let unpacking = if count == 3 {
+        c"first, second, third = value"
+    } else {
+        c"first, second = value"
+    };
+    py.run(unpacking, None, Some(&locals)).err()
+}
+
+impl GroupSource<'_, '_> {
+    /// `count` numbers, unpacked as the optimizer's step unpacks them (`beta1, beta2 =
+    /// group["betas"]`): what does not unpack raises what that unpacking raises.
+    fn numbers(&self, name: &'static str, count: usize) -> Result<Vec<f64>, HyperError> {
+        let value = self.item(name)?;
+        let items = value
+            .try_iter()
+            .and_then(|it| it.collect::<PyResult<Vec<_>>>())
+            .ok()
+            .filter(|items| items.len() == count);
+        let Some(items) = items else {
+            *self.python_error.borrow_mut() = unpack_error(&value, count);
+            return Err(type_error(name, &value));
+        };
+        items.iter().map(|item| number(name, item)).collect()
+    }
 }
 
 /// A real number as torch's step computes with it: Python numbers and
@@ -120,26 +143,17 @@ impl HyperSource for GroupSource<'_, '_> {
     }
 
     fn pair(&self, name: &'static str) -> Result<[f64; 2], HyperError> {
-        let value = self.item(name)?;
-        let items: Vec<Bound<'_, PyAny>> = match value
-            .try_iter()
-            .and_then(|it| it.collect::<PyResult<Vec<_>>>())
-        {
-            Ok(items) => items,
-            Err(_) => {
-                *self.python_error.borrow_mut() = unpack_error(&value);
-                return Err(type_error(name, &value));
-            }
-        };
-        match items.as_slice() {
-            [a, b] => Ok([number(name, a)?, number(name, b)?]),
-            _ => {
-                // torch's step unpacks the pair (`beta1, beta2 = group["betas"]`):
-                // raise what that unpacking raises.
-                *self.python_error.borrow_mut() = unpack_error(&value);
-                Err(type_error(name, &value))
-            }
-        }
+        let numbers = self.numbers(name, 2)?;
+        Ok([numbers[0], numbers[1]])
+    }
+
+    fn triple(&self, name: &'static str) -> Result<[f64; 3], HyperError> {
+        let numbers = self.numbers(name, 3)?;
+        Ok([numbers[0], numbers[1], numbers[2]])
+    }
+
+    fn is_none(&self, name: &'static str) -> Result<bool, HyperError> {
+        Ok(self.item(name)?.is_none())
     }
 }
 
