@@ -59,7 +59,7 @@ def _init_state(param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
 
 def _betas_and_warmup(group: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     beta1, beta2, beta3 = group["betas"]  # the reference's unpacking (and its errors)
-    numbers = (("beta1", beta1), ("beta2", beta2), ("beta3", beta3))
+    numbers: tuple[tuple[str, Any], ...] = (("beta1", beta1), ("beta2", beta2), ("beta3", beta3))
     if group["t_alpha_beta3"] is not None:
         numbers += (("t_alpha_beta3", group["t_alpha_beta3"]),)
     return numbers
