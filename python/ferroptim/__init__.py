@@ -32,6 +32,7 @@ _NEEDS_TORCH = (
     "AdamW",
     "Adamax",
     "Lion",
+    "Muon",
     "NAdam",
     "RAdam",
     "RMSprop",
@@ -56,6 +57,7 @@ else:
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.lion import Lion
+    from ferroptim.muon import Muon
     from ferroptim.nadam import NAdam
     from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
@@ -89,6 +91,7 @@ __all__ = [
     "AdamW",
     "Adamax",
     "Lion",
+    "Muon",
     "NAdam",
     "RAdam",
     "RMSprop",

@@ -22,6 +22,7 @@ pub mod adamax;
 pub mod asgd;
 pub mod clip;
 pub mod lion;
+pub mod muon;
 pub mod nadam;
 pub mod probe;
 pub mod radam;
