@@ -128,6 +128,28 @@ CASES: dict[str, Case] = {
 DENSE_CASES: tuple[str, ...] = tuple(name for name, c in CASES.items() if not c.looked_up_rows)
 
 
+def gpt2_hidden_matrices(layers: int = 12, d_model: int = 384) -> tuple[Shape, ...]:
+    """The 2-D hidden weights of :func:`gpt2_like_shapes`' stack (what Muon steps: no
+    embeddings, biases or norms): per layer attention qkv and projection, MLP up and down."""
+    d = d_model
+    return ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)) * layers
+
+
+#: Matrix cases (only the suites that ask for them: Muon takes 2-D parameters only).
+MATRIX_CASES: tuple[str, ...] = ("transformer_2d", "64x256x256")
+CASES.update(
+    {
+        "transformer_2d": Case(
+            "transformer_2d",
+            "the GPT-2-like stack's 48 hidden 2-D weights (12 layers, d=384)",
+            gpt2_hidden_matrices(),
+            big=True,
+        ),
+        "64x256x256": Case("64x256x256", "64 matrices of 256 x 256", ((256, 256),) * 64),
+    }
+)
+
+
 @functools.lru_cache(maxsize=1)
 def case_data(name: str, seed: int = 0) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """(initial parameter values, gradients) of a case, float32; the last case asked is cached.
@@ -378,6 +400,34 @@ def adam_floor(params: list[Tensor]) -> Runner:
     return Runner(step, prepare, keep=(work, grads, m, v))
 
 
+def newton_schulz_matmuls(ns_steps: int = 5) -> Factory:
+    """Only the matrix products of torch's Muon step (its default ``ns_coefficients``):
+    ``ns_steps`` x (``X @ X.T``, ``addmm``, ``addmm``) in bfloat16 on each gradient,
+    normalised and laid out as torch's Newton–Schulz has it (wide side last), untimed.
+    What no Muon step can go below with torch's ``mm``."""
+    from torch.optim import _muon
+
+    a, b, c = _muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C
+
+    def make(params: list[Tensor]) -> Runner:
+        inputs = []
+        for p in params:
+            x = p.grad.to(torch.bfloat16, copy=True)
+            x = x.T if x.size(0) > x.size(1) else x
+            inputs.append(x.div_(x.norm().clamp(min=_muon.EPS)))
+
+        def step() -> None:
+            for x in inputs:
+                for _ in range(ns_steps):
+                    gram = x @ x.T
+                    update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+                    x = torch.addmm(x, update, x, beta=a)
+
+        return Runner(step, keep=inputs)
+
+    return make
+
+
 OURS = "ferroptim"
 FLOOR = "floor"
 
@@ -458,6 +508,7 @@ SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
+MUON_HYPER: dict[str, object] = {"lr": 0.02}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -753,6 +804,33 @@ SUITES: dict[str, Suite] = {
             "step; **vs torch GradScaler.step** = `GradScaler.step` on torch's fused AdamW "
             "over GradScaler.step on ferroptim's.",
             _SAME_GRADS,
+        ),
+    ),
+    "muon": Suite(
+        name="muon",
+        title=(
+            "ferroptim.Muon vs torch.optim.Muon (lr 0.02, other arguments torch's defaults): "
+            "one `step()` on 2-D weights"
+        ),
+        bytes_per_element=16,
+        ours=optimizer(ferroptim.Muon, **MUON_HYPER),
+        references={
+            "torch default": optimizer(torch.optim.Muon, **MUON_HYPER),
+            "NS matmuls": newton_schulz_matmuls(),
+        },
+        cases=MATRIX_CASES,
+        columns=(
+            Column("vs torch", "torch default"),
+            Column("matmuls / ferroptim", "NS matmuls"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Where the time goes:** Newton–Schulz's 15 bfloat16 matrix products per "
+            "matrix (torch's `mm`/`addmm`, which ferroptim calls too, so results are "
+            "bitwise torch's). `NS matmuls` times only those products; `matmuls / "
+            "ferroptim` is the share of ferroptim's step they take.",
+            "**Rust part:** the momentum and Nesterov update, one pass (read g, m; write "
+            "m, u: 16 bytes/element) instead of torch's two `lerp`s.",
         ),
     ),
     "sparse_adam": Suite(

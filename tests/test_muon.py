@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 from _kernels import kernel_calls
 from conftest import ferroptim
+from optim_db import MATRIX_FAMILIES
 
 #: Square, wide and tall (transposed inside Newton–Schulz), ragged SIMD tails, a
 #: parallel-chunked one, single rows and columns.
@@ -298,3 +300,124 @@ def test_closure_and_hooks() -> None:
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
     assert all("momentum_buffer" in opt.state[p] for p in params)
+
+
+# -- the registry entry's flag grid ------------------------------------------------------
+
+FAMILY = MATRIX_FAMILIES["Muon"]
+GRID = [
+    dict(zip(FAMILY.grid, values, strict=True))
+    for values in itertools.product(*FAMILY.grid.values())
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("flags", GRID, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_flag_grid_bitwise_with_two_groups(flags: dict[str, Any], dtype: torch.dtype) -> None:
+    def make(cls: type) -> Make:
+        def build(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            second = {**FAMILY.second_group, "params": ps[4:]}
+            return cls([{"params": ps[:4]}, second], **{**FAMILY.train_kwargs, **flags})
+
+        return build
+
+    with kernel_calls() as calls:
+        ours = _run(make(FAMILY.ferro), 20, dtype)
+    assert calls[FAMILY.kernel] == 2 * 20  # one Rust pass per group and step
+    _assert_bitwise(ours, _run(make(FAMILY.torch), 20, dtype))
+
+
+# -- end to end: a bias-free MLP (Muon's params are 2-D) ----------------------------------
+
+
+def _mlp(seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(48, 96, bias=False),
+        torch.nn.GELU(),
+        torch.nn.Linear(96, 33, bias=False),
+        torch.nn.GELU(),
+        torch.nn.Linear(33, 8, bias=False),
+    ).to(device)
+
+
+def _data(device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(16, 48, generator=gen).to(device),
+            torch.randn(16, 8, generator=gen).to(device),
+        )
+        for _ in range(8)
+    ]
+
+
+def _train_amp(cls: type, init_scale: float) -> tuple[torch.nn.Module, list[float]]:
+    model = _mlp()
+    opt = cls(model.parameters(), **FAMILY.train_kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
+    scales = []
+    for x, y in _data():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return model, scales
+
+
+@pytest.mark.parametrize("init_scale", [2.0**10, 2.0**127], ids=["finite", "overflow_first"])
+def test_grad_scaler_training_bitwise(init_scale: float) -> None:
+    # torch's Muon has no `_step_supports_amp_scaling`: GradScaler unscales the gradients
+    # and skips inf/nan steps itself, for both; a huge first scale overflows (skipped).
+    assert not getattr(
+        ferroptim.Muon([torch.nn.Parameter(torch.zeros(2, 2))]), "_step_supports_amp_scaling", False
+    )
+    ours, our_scales = _train_amp(ferroptim.Muon, init_scale)
+    theirs, their_scales = _train_amp(torch.optim.Muon, init_scale)
+    assert our_scales == their_scales
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _train_compiled(cls: type) -> torch.nn.Module:
+    model = _mlp()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = cls(model.parameters(), **FAMILY.train_kwargs)
+
+    @torch.compile(backend="eager")
+    def step() -> None:
+        opt.step()
+
+    for x, y in _data():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(compiled(x), y).backward()
+        step()
+    return model
+
+
+def test_compiled_model_and_step_bitwise() -> None:
+    ours, theirs = _train_compiled(ferroptim.Muon), _train_compiled(torch.optim.Muon)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_params_take_torchs_implementation() -> None:
+    def train(cls: type) -> torch.nn.Module:
+        model = _mlp(device="cuda")
+        opt = cls(model.parameters(), **FAMILY.train_kwargs)
+        for x, y in _data("cuda"):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return model
+
+    with kernel_calls() as calls:
+        ours = train(ferroptim.Muon)
+    assert calls[FAMILY.kernel] == 0
+    for a, b in zip(ours.parameters(), train(torch.optim.Muon).parameters(), strict=True):
+        assert a.device.type == "cuda" and torch.equal(a, b)
