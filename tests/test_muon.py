@@ -166,6 +166,24 @@ def test_groups_and_tensor_lr() -> None:
     _assert_bitwise(_run(make(ferroptim.Muon), 30), _run(make(torch.optim.Muon), 30))
 
 
+def test_unusual_hyperparameter_types_take_torchs_path() -> None:
+    def make(cls: type) -> Make:
+        def build(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            return cls(
+                [
+                    {"params": ps[:4], "momentum": torch.tensor(0.9, dtype=torch.float64)},
+                    {"params": ps[4:], "nesterov": 1},
+                ]
+            )
+
+        return build
+
+    with kernel_calls() as calls:
+        ours = _run(make(ferroptim.Muon), 5)
+    assert calls["muon_step"] == 0
+    _assert_bitwise(ours, _run(make(torch.optim.Muon), 5))
+
+
 def test_signature_defaults_and_group_keys_are_torchs() -> None:
     assert issubclass(ferroptim.Muon, torch.optim.Muon)
     ours = inspect.signature(ferroptim.Muon.__init__).parameters

@@ -67,9 +67,7 @@ def _rust_eligible(param: Tensor, grad: Tensor, buf: Tensor) -> bool:
     )
 
 
-def _check_group(
-    group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
-) -> tuple[float, float, float]:
+def _check_group(group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
     """Raises what torch's step raises for this group, before anything is written.
 
     torch checks these per param in the middle of its loop (after stepping the params
@@ -91,18 +89,6 @@ def _check_group(
                 f"The size of tensor a ({param.shape}) must match the size of tensor b "
                 f"({grad.shape}): the gradient of a Muon parameter must have its shape"
             )
-    return coefficients
-
-
-class _Prepared:
-    """One group, checked: its tensors split into the Rust and torch paths."""
-
-    __slots__ = ("group", "rust", "torch_lists")
-
-    def __init__(self, group: dict[str, Any], rust: list[int], torch_lists: list[int]) -> None:
-        self.group = group
-        self.rust = rust
-        self.torch_lists = torch_lists
 
 
 def _finish(param: Tensor, update: Tensor, group: dict[str, Any], lr: float) -> None:
@@ -119,7 +105,13 @@ def _step_group(
     group: dict[str, Any], params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
 ) -> None:
     """Steps one checked group: momentum in Rust where it can, the rest as torch does."""
-    use_rust = _config.get_backend() != "torch"
+    # (the kernel reads `momentum` as a Python number and `nesterov` as a bool; anything
+    # else takes torch's ops, which accept what they accept)
+    use_rust = (
+        _config.get_backend() != "torch"
+        and type(group["momentum"]) in (int, float)
+        and type(group["nesterov"]) is bool
+    )
     rust = [
         i for i in range(len(params)) if use_rust and _rust_eligible(params[i], grads[i], bufs[i])
     ]
@@ -230,7 +222,7 @@ class Muon(torch.optim.Muon):
                 _step_group(group, params, grads, bufs)
         return loss
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.
 
         Args:
@@ -238,4 +230,4 @@ class Muon(torch.optim.Muon):
         """
         return self._ferro_step(closure)
 
-    step = hooked_step(step)  # type: ignore[assignment]
+    step = hooked_step(step)
