@@ -31,6 +31,7 @@ _NEEDS_TORCH = (
     "Adam",
     "AdamW",
     "Adamax",
+    "LARS",
     "Lion",
     "Muon",
     "NAdam",
@@ -56,6 +57,7 @@ else:
     from ferroptim.adamax import Adamax
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.lars import LARS
     from ferroptim.lion import Lion
     from ferroptim.muon import Muon
     from ferroptim.nadam import NAdam
@@ -84,6 +86,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ASGD",
+    "LARS",
     "SGD",
     "Adadelta",
     "Adagrad",

@@ -76,6 +76,7 @@ registry! {
     Nadam => super::nadam::Nadam,
     SparseAdam => super::sparse_adam::SparseAdam,
     Lion => super::lion::Lion,
+    Lars => super::lars::Lars,
     Muon => super::muon::Muon,
     Radam => super::radam::Radam,
     Adadelta => super::adadelta::Adadelta,
