@@ -10,7 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
-  Lion (against lion-pytorch),
+  Lion (against lion-pytorch), LARS (against pytorch-optimizer), Muon (2-D weights),
   RAdam, Adadelta,
   Rprop, ASGD,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import ferroptim
 import lion_pytorch
+import pytorch_optimizer
 import torch
 from ferroptim import _core
 from torch import Tensor
@@ -509,6 +510,7 @@ RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
 MUON_HYPER: dict[str, object] = {"lr": 0.02}
+LARS_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -803,6 +805,30 @@ SUITES: dict[str, Suite] = {
             "**vs torch unscale+fused** = that pair's time over ferroptim's grad_scale "
             "step; **vs torch GradScaler.step** = `GradScaler.step` on torch's fused AdamW "
             "over GradScaler.step on ferroptim's.",
+            _SAME_GRADS,
+        ),
+    ),
+    "lars": Suite(
+        name="lars",
+        title=(
+            "ferroptim.LARS vs pytorch_optimizer.LARS (its default flavour on CPU: foreach; "
+            "lr 0.1, weight decay 1e-4, momentum 0.9): one `step()`"
+        ),
+        bytes_per_element=28,
+        # The reference writes its update into p.grad: every contender gets its own
+        # gradients, rewritten before each call.
+        ours=restore_grads(optimizer(ferroptim.LARS, **LARS_HYPER)),
+        references={
+            "pytorch-optimizer": restore_grads(optimizer(pytorch_optimizer.LARS, **LARS_HYPER))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element: the norms' pass reads p and g (8), the update "
+            "reads p, g, momentum_buffer and writes p, momentum_buffer (20).",
+            "torch has no LARS: the reference is pytorch-optimizer's `LARS` (pinned 4.1.0), "
+            "whose default on CPU is its foreach flavour.",
             _SAME_GRADS,
         ),
     ),

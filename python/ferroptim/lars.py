@@ -180,7 +180,7 @@ def _step_rust(
             _core.GroupPlan.from_grads([grads[i] for i in lars]),
         ]
         states = [bufs] if group["momentum"] > 0.0 else []
-        slots = [[ratios[i] for i in range(len(params))], [flags[i] for i in range(len(params))]]
+        slots = [list(ratios.unbind()), list(flags.unbind())]
         plan = _core.GroupPlan.from_tensors(params, grads, states, slots)
     except ValueError:
         return False
@@ -293,7 +293,8 @@ class LARS(torch.optim.Optimizer):
                 for i, (p, g) in enumerate(zip(params, grads, strict=True))
             ]
             rust = [i for i, ok in enumerate(eligible) if ok] if _plain_numbers(group) else []
-            rest = [i for i in range(len(params)) if i not in set(rust)]
+            chosen = set(rust)
+            rest = [i for i in range(len(params)) if i not in chosen]
             if rust and not _step_rust(
                 group,
                 [params[i] for i in rust],
