@@ -248,3 +248,38 @@ def test_sparse_gradient_raises_before_any_write() -> None:
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert not opt.state
+
+
+def test_plain_tensors_keep_a_cached_plan_bitwise() -> None:
+    # After the first step, the 1-D tensors' plan is re-checked, not rebuilt: their
+    # kernel ("lars_plain") runs once per group and step, the rest still step exactly.
+    kwargs = {"lr": 0.05, "weight_decay": 0.01, "nesterov": True, "dampening": 0.0}
+    with kernel_calls() as calls:
+        ours = _run(lambda ps: ferroptim.LARS(ps, **kwargs), 30)
+    assert calls["lars_plain_step"] >= 25
+    with exact_norms():
+        theirs = _run(lambda ps: _reference(ps, **kwargs), 30)
+    _compare(ours, theirs)
+
+
+def test_replaced_state_and_sparse_grads_are_seen_by_the_cached_path() -> None:
+    params = [torch.nn.Parameter(torch.randn(50)) for _ in range(4)]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = ferroptim.LARS(params, lr=0.1)
+    reference = pytorch_optimizer.LARS(reference_params, lr=0.1)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):
+        grads = [torch.randn(50, generator=gen) for _ in params]
+        for p, q, g in zip(params, reference_params, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:  # a buffer replaced in place of the cached one
+            for o, p in ((opt, params[1]), (reference, reference_params[1])):
+                o.state[p]["momentum_buffer"] = torch.full((50,), 0.5)
+        opt.step()
+        reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference_params, strict=True))
+    params[2].grad = params[2].grad.to_sparse()
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="does not support sparse gradient"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))

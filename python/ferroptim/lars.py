@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -196,6 +197,19 @@ def _step_rust(
     return True
 
 
+@dataclass
+class _PlainPlan:
+    """A group's cached plan of its plain tensors (see ``LARS._plain_plan``)."""
+
+    group: dict[str, Any]
+    #: The group's params (identities) when the plan was made.
+    ids: tuple[int, ...]
+    momentum: bool
+    plan: _core.GroupPlan
+    #: The group's params not in the plan (stepped through the listed path).
+    others: list[Tensor]
+
+
 class LARS(torch.optim.Optimizer):
     """Drop-in ``pytorch_optimizer.LARS`` whose CPU step runs in Rust.
 
@@ -247,11 +261,13 @@ class LARS(torch.optim.Optimizer):
         return "Lars"
 
     def _gather(
-        self, group: dict[str, Any], created: list[Tensor]
+        self, group: dict[str, Any], created: list[Tensor], among: list[Tensor] | None = None
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The params of ``among`` (default: the group's) that have a grad, their grads
+        and momentum buffers (created where missing)."""
         params, grads, bufs = [], [], []
         momentum = group["momentum"] > 0.0
-        for p in group["params"]:
+        for p in group["params"] if among is None else among:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -266,52 +282,144 @@ class LARS(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
         return params, grads, bufs
 
+    # -- the cached plan of a group's plain tensors --------------------------------------
+    #
+    # Tensors with at most one dimension need no norms: a plan of them is kept from step
+    # to step and re-checked in Rust (`GroupPlan.gather`: same params, same state
+    # tensors, fitting grads) instead of being rebuilt, so a list of many small tensors
+    # costs no Python work per tensor. Anything the re-check does not confirm (a changed
+    # param list, replaced state, a grad of another dtype or layout, a sparse grad) takes
+    # the slow path, which raises the reference's errors and rebuilds the plan.
+
+    def _plain_plan(self, group: dict[str, Any]) -> _PlainPlan | None:
+        cached: dict[int, _PlainPlan] = self.__dict__.setdefault("_ferro_plain", {})
+        entry = cached.get(id(group))
+        if (
+            entry is None
+            or entry.group is not group
+            or entry.momentum != (group["momentum"] > 0.0)
+            or entry.ids != tuple(map(id, group["params"]))
+            or _config.get_backend() == "torch"
+            or not _plain_numbers(group)
+        ):
+            return None
+        return entry
+
+    def _cache_plain(self, group: dict[str, Any]) -> None:
+        cached: dict[int, _PlainPlan] = self.__dict__.setdefault("_ferro_plain", {})
+        cached.pop(id(group), None)
+        if _config.get_backend() == "torch" or not _plain_numbers(group):
+            return
+        momentum = group["momentum"] > 0.0
+        plain = [
+            p
+            for p in group["params"]
+            if p.ndim <= 1
+            and p.device.type == "cpu"
+            and p.dtype in _RUST_DTYPES
+            and type(p) in (Tensor, torch.nn.Parameter)
+            and (not momentum or "momentum_buffer" in self.state.get(p, {}))
+        ]
+        if not plain:
+            return
+        keys = ["momentum_buffer"] if momentum else []
+        try:
+            plan = _core.GroupPlan(plain, [self.state.get(p, {}) for p in plain], keys, [])
+        except (ValueError, RuntimeError):
+            return  # not plannable: the slow path stays correct
+        chosen = {id(p) for p in plain}
+        others = [p for p in group["params"] if id(p) not in chosen]
+        cached[id(group)] = _PlainPlan(
+            group, tuple(map(id, group["params"])), momentum, plan, others
+        )
+
     @torch.no_grad()
     def _ferro_step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        snapshot = self.__dict__.get("_ferro_snapshot")
+        if snapshot is None or not snapshot.matches(self.state):
+            self.__dict__["_ferro_plain"] = {}  # the state was replaced: no plan holds
+        slow = False
+        for group, plan, params, grads, bufs in self._prepare():
+            group.setdefault("step", 0)
+            group["step"] += 1
+            if plan is not None:
+                hyper = {**group, "maximize": self.maximize}
+                _core.Kernel("lars_plain", hyper).step(plan, 1.0, 1.0, False)
+            else:
+                slow = True
+            if params:
+                self._step_listed(group, params, grads, bufs)
+            if plan is None:
+                self._cache_plain(group)
+        if slow:
+            self.__dict__["_ferro_snapshot"] = _core.StateSnapshot(self.state)  # type: ignore[arg-type]
+        return loss
+
+    def _prepare(
+        self,
+    ) -> list[tuple[dict[str, Any], Any, list[Tensor], list[Tensor], list[Tensor]]]:
+        """Every group checked and gathered before anything is written: (group, its
+        re-checked plan of plain tensors or None, the other params with a grad, their
+        grads and momentum buffers)."""
         created: list[Tensor] = []
-        prepared = []
+        prepared: list[tuple[dict[str, Any], Any, list[Tensor], list[Tensor], list[Tensor]]] = []
         try:
             for group in self.param_groups:
-                prepared.append((group, *self._gather(group, created)))
+                entry = self._plain_plan(group)
+                if entry is not None and entry.plan.gather():
+                    listed = self._gather(group, created, entry.others)
+                    prepared.append((group, entry.plan, *listed))
+                else:
+                    prepared.append((group, None, *self._gather(group, created)))
         except BaseException:
+            for _, plan, *_rest in prepared:
+                if plan is not None:
+                    plan.release()
             for p in created:  # a failed step leaves no trace
                 self.state.pop(p, None)
             raise
-        use_rust = _config.get_backend() != "torch"
-        for group, params, grads, bufs in prepared:
-            group.setdefault("step", 0)
-            group["step"] += 1
-            if not params:
-                continue
-            momentum = group["momentum"] > 0.0
-            eligible = [
-                use_rust and _rust_eligible(p, g, bufs[i] if momentum else None)
+        return prepared
+
+    def _step_listed(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], bufs: list[Tensor]
+    ) -> None:
+        """Steps listed tensors: in Rust where they can be, else with torch ops."""
+        momentum = group["momentum"] > 0.0
+        rust: list[int] = []
+        if _config.get_backend() != "torch" and _plain_numbers(group):
+            rust = [
+                i
                 for i, (p, g) in enumerate(zip(params, grads, strict=True))
+                if _rust_eligible(p, g, bufs[i] if momentum else None)
             ]
-            rust = [i for i, ok in enumerate(eligible) if ok] if _plain_numbers(group) else []
-            chosen = set(rust)
-            rest = [i for i in range(len(params)) if i not in chosen]
-            if rust and not _step_rust(
+        chosen = set(rust)
+        rest = [i for i in range(len(params)) if i not in chosen]
+        if rust and not _step_rust(
+            group,
+            [params[i] for i in rust],
+            [grads[i] for i in rust],
+            [bufs[i] for i in rust] if momentum else [],
+            self.maximize,
+        ):
+            rest = list(range(len(params)))
+        if rest:
+            _torch_ops(
                 group,
-                [params[i] for i in rust],
-                [grads[i] for i in rust],
-                [bufs[i] for i in rust] if momentum else [],
+                [params[i] for i in rest],
+                [grads[i] for i in rest],
+                [bufs[i] for i in rest] if momentum else [],
                 self.maximize,
-            ):
-                rust, rest = [], list(range(len(params)))
-            if rest:
-                _torch_ops(
-                    group,
-                    [params[i] for i in rest],
-                    [grads[i] for i in rest],
-                    [bufs[i] for i in rest] if momentum else [],
-                    self.maximize,
-                )
-        return loss
+            )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict ends here too: every cached plan may be stale.
+        self.__dict__.pop("_ferro_plain", None)
+        self.__dict__.pop("_ferro_snapshot", None)
+        super().__setstate__(state)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs a single optimization step.

@@ -174,6 +174,54 @@ impl Elementwise for Lars {
     }
 }
 
+/// LARS on tensors with at most one dimension (no trust ratio, no decay: the
+/// reference's plain SGD for biases and norms), without per-tensor scalars, so
+/// that such tensors can keep a cached plan (re-checked, not rebuilt, every
+/// step: what makes a list of many small tensors fast).
+pub struct LarsPlain;
+
+impl Elementwise for LarsPlain {
+    const NAME: &'static str = "lars_plain";
+    const SCALARS: &'static [&'static str] = &[];
+    type Hyper = LarsHyper;
+    type Consts<C: Real> = LarsConsts<C>;
+
+    fn state_keys(h: &LarsHyper) -> &'static [&'static str] {
+        Lars::state_keys(h)
+    }
+
+    fn grad_prep(h: &LarsHyper) -> GradPrep {
+        Lars::grad_prep(h)
+    }
+
+    fn flags(h: &LarsHyper, ctx: &StepContext) -> u32 {
+        Lars::flags(h, ctx)
+    }
+
+    fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
+        Lars::dispatch_flags(flags, runner)
+    }
+
+    #[inline(always)]
+    fn num_states(flags: u32) -> usize {
+        Lars::num_states(flags)
+    }
+
+    fn consts<C: Real>(h: &LarsHyper, _scalars: &[f64]) -> LarsConsts<C> {
+        Lars::consts(h, &[1.0, 0.0])
+    }
+
+    #[inline(always)]
+    fn update<C: Real, const FLAGS: u32>(
+        k: &LarsConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+    ) {
+        Lars::update::<C, FLAGS>(k, param, g, s);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +310,25 @@ mod tests {
     fn every_level_and_thread_count_gives_identical_bits() {
         for h in all_hypers() {
             assert_bitwise_everywhere::<Lars>(&h, 0.0, &[0.37, 1.0]);
+            assert_bitwise_everywhere::<LarsPlain>(&h, 0.0, &[]);
+        }
+    }
+
+    #[test]
+    fn plain_equals_lars_without_trust_ratio() {
+        for h in all_hypers() {
+            let states = Lars::state_keys(&h).len();
+            let mut plain = buffers::<f32, f32>(&[1000], states, 0.0, &[]);
+            let mut lars = buffers::<f32, f32>(&[1000], states, 0.0, &[0.5, 0.0]);
+            for step in 1..=5 {
+                set_grads(&mut plain, step);
+                set_grads(&mut lars, step);
+                let ctx = StepContext::default();
+                step_with::<LarsPlain, _, _>(&mut plain, &h, &ctx, SimdLevel::detect());
+                step_with::<Lars, _, _>(&mut lars, &h, &ctx, SimdLevel::detect());
+            }
+            assert_eq!(plain[0].p, lars[0].p, "{h:?}");
+            assert_eq!(plain[0].states, lars[0].states, "{h:?}");
         }
     }
 }

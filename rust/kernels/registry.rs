@@ -77,6 +77,7 @@ registry! {
     SparseAdam => super::sparse_adam::SparseAdam,
     Lion => super::lion::Lion,
     Lars => super::lars::Lars,
+    LarsPlain => super::lars::LarsPlain,
     Muon => super::muon::Muon,
     Radam => super::radam::Radam,
     Adadelta => super::adadelta::Adadelta,
