@@ -10,7 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
-  Lion (against lion-pytorch),
+  Lion (against lion-pytorch), LARS (against pytorch-optimizer), Muon (2-D weights),
   RAdam, Adadelta,
   Rprop, ASGD,
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
@@ -127,6 +127,28 @@ CASES: dict[str, Case] = {
 
 #: The cases with dense gradients (every optimizer steps them).
 DENSE_CASES: tuple[str, ...] = tuple(name for name, c in CASES.items() if not c.looked_up_rows)
+
+
+def gpt2_hidden_matrices(layers: int = 12, d_model: int = 384) -> tuple[Shape, ...]:
+    """The 2-D hidden weights of :func:`gpt2_like_shapes`' stack (what Muon steps: no
+    embeddings, biases or norms): per layer attention qkv and projection, MLP up and down."""
+    d = d_model
+    return ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)) * layers
+
+
+#: Matrix cases (only the suites that ask for them: Muon takes 2-D parameters only).
+MATRIX_CASES: tuple[str, ...] = ("transformer_2d", "64x256x256")
+CASES.update(
+    {
+        "transformer_2d": Case(
+            "transformer_2d",
+            "the GPT-2-like stack's 48 hidden 2-D weights (12 layers, d=384)",
+            gpt2_hidden_matrices(),
+            big=True,
+        ),
+        "64x256x256": Case("64x256x256", "64 matrices of 256 x 256", ((256, 256),) * 64),
+    }
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -379,6 +401,34 @@ def adam_floor(params: list[Tensor]) -> Runner:
     return Runner(step, prepare, keep=(work, grads, m, v))
 
 
+def newton_schulz_matmuls(ns_steps: int = 5) -> Factory:
+    """Only the matrix products of torch's Muon step (its default ``ns_coefficients``):
+    ``ns_steps`` x (``X @ X.T``, ``addmm``, ``addmm``) in bfloat16 on each gradient,
+    normalised and laid out as torch's Newton–Schulz has it (wide side last), untimed.
+    What no Muon step can go below with torch's ``mm``."""
+    from torch.optim import _muon
+
+    a, b, c = _muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C
+
+    def make(params: list[Tensor]) -> Runner:
+        inputs = []
+        for p in params:
+            x = p.grad.to(torch.bfloat16, copy=True)
+            x = x.T if x.size(0) > x.size(1) else x
+            inputs.append(x.div_(x.norm().clamp(min=_muon.EPS)))
+
+        def step() -> None:
+            for x in inputs:
+                for _ in range(ns_steps):
+                    gram = x @ x.T
+                    update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+                    x = torch.addmm(x, update, x, beta=a)
+
+        return Runner(step, keep=inputs)
+
+    return make
+
+
 OURS = "ferroptim"
 FLOOR = "floor"
 
@@ -465,6 +515,8 @@ ADEMAMIX_HYPER: dict[str, object] = {
     "weight_decouple": True,
     "t_alpha_beta3": 1e4,
 }
+MUON_HYPER: dict[str, object] = {"lr": 0.02}
+LARS_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -784,6 +836,57 @@ SUITES: dict[str, Suite] = {
             "step; **vs torch GradScaler.step** = `GradScaler.step` on torch's fused AdamW "
             "over GradScaler.step on ferroptim's.",
             _SAME_GRADS,
+        ),
+    ),
+    "lars": Suite(
+        name="lars",
+        title=(
+            "ferroptim.LARS vs pytorch_optimizer.LARS (its default flavour on CPU: foreach; "
+            "lr 0.1, weight decay 1e-4, momentum 0.9): one `step()`"
+        ),
+        bytes_per_element=28,
+        # The reference writes its update into p.grad: every contender gets its own
+        # gradients, rewritten before each call.
+        ours=restore_grads(optimizer(ferroptim.LARS, **LARS_HYPER)),
+        references={
+            "pytorch-optimizer": restore_grads(optimizer(pytorch_optimizer.LARS, **LARS_HYPER))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element: the norms' pass reads p and g (8), the update "
+            "reads p, g, momentum_buffer and writes p, momentum_buffer (20).",
+            "torch has no LARS: the reference is pytorch-optimizer's `LARS` (pinned 4.1.0), "
+            "whose default on CPU is its foreach flavour.",
+            _SAME_GRADS,
+        ),
+    ),
+    "muon": Suite(
+        name="muon",
+        title=(
+            "ferroptim.Muon vs torch.optim.Muon (lr 0.02, other arguments torch's defaults): "
+            "one `step()` on 2-D weights"
+        ),
+        bytes_per_element=16,
+        ours=optimizer(ferroptim.Muon, **MUON_HYPER),
+        references={
+            "torch default": optimizer(torch.optim.Muon, **MUON_HYPER),
+            "NS matmuls": newton_schulz_matmuls(),
+        },
+        cases=MATRIX_CASES,
+        columns=(
+            Column("vs torch", "torch default"),
+            Column("matmuls / ferroptim", "NS matmuls"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Where the time goes:** Newton–Schulz's 15 bfloat16 matrix products per "
+            "matrix (torch's `mm`/`addmm`, which ferroptim calls too, so results are "
+            "bitwise torch's). `NS matmuls` times only those products; `matmuls / "
+            "ferroptim` is the share of ferroptim's step they take.",
+            "**Rust part:** the momentum and Nesterov update, one pass (read g, m; write "
+            "m, u: 16 bytes/element) instead of torch's two `lerp`s.",
         ),
     ),
     "sparse_adam": Suite(

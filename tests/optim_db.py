@@ -1382,6 +1382,49 @@ FAMILIES: dict[str, Family] = {
 
 ALL_FAMILIES = tuple(FAMILIES)
 
+#: Optimizers of 2-D matrices only (torch.optim.Muon). Kept out of :data:`FAMILIES`: every
+#: generic suite above builds its params from ``conftest``'s layouts (1-D, 3-D and 4-D
+#: params among them, which torch's Muon refuses in its constructor), passes torch.optim's
+#: common keywords (``foreach``, ``maximize``, ``capturable``, ``differentiable``, none of
+#: which Muon takes) or ferroptim's in-step options (``max_grad_norm``, ``skip_nonfinite``:
+#: Muon's step is not the element-wise engine's). tests/test_muon.py reads this entry and
+#: covers, on 2-D params, what applies of each family of tests:
+#:
+#: * parity: ``grid`` x float32/float64, many steps bitwise against torch's (only)
+#:   implementation, ragged/tall/wide/transposed shapes, missing grads, groups;
+#: * interop: signature and defaults, state_dict both ways mid-training;
+#: * bad input: torch's errors, nothing written;
+#: * AMP (GradScaler unscales as for torch's Muon: no ``_step_supports_amp_scaling``),
+#:   compile (the compiled model's step), CUDA (torch's implementation; skipped without a
+#:   GPU). Distributed: the step is per-tensor and rank-local like torch's (DDP all-reduces
+#:   gradients before it); not run separately.
+#: * not applicable: sparse gradients (torch refuses them: the bad-input test checks the
+#:   error), the functional API (Newton–Schulz needs torch's matmuls), clipping options.
+MATRIX_FAMILIES: dict[str, Family] = {
+    "Muon": Family(
+        "Muon",
+        ferroptim.Muon,
+        torch.optim.Muon,
+        grid={
+            "nesterov": (False, True),
+            "adjust_lr_fn": (None, "original", "match_rms_adamw", "spectral_unclamped"),
+            "weight_decay": (0.0, 0.1),
+        },
+        state_keys=lambda group: ("momentum_buffer",),
+        second_group={"lr": 0.03, "momentum": 0.5},
+        # torch's Muon has one implementation (its for-loop) and takes no `foreach`.
+        reference_kwargs={},
+        state_tensors=("momentum_buffer",),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="muon_step",
+        numbers=("lr", "weight_decay", "momentum"),
+        train_kwargs={"lr": 0.02, "weight_decay": 0.01},
+        full_grid=True,
+    ),
+}
+
 
 def runs_in_rust(name: str) -> bool:
     """Whether family ``name`` (or a variant named ``"<family>-<what>"``, as some test

@@ -31,7 +31,9 @@ _NEEDS_TORCH = (
     "Adam",
     "AdamW",
     "Adamax",
+    "LARS",
     "Lion",
+    "Muon",
     "NAdam",
     "RAdam",
     "RMSprop",
@@ -57,7 +59,9 @@ else:
     from ferroptim.ademamix import AdEMAMix
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.lars import LARS
     from ferroptim.lion import Lion
+    from ferroptim.muon import Muon
     from ferroptim.nadam import NAdam
     from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
@@ -84,6 +88,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ASGD",
+    "LARS",
     "SGD",
     "AdEMAMix",
     "Adadelta",
@@ -92,6 +97,7 @@ __all__ = [
     "AdamW",
     "Adamax",
     "Lion",
+    "Muon",
     "NAdam",
     "RAdam",
     "RMSprop",
