@@ -9,9 +9,11 @@ use std::cell::RefCell;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 
-use super::error::{hyper_error, unknown_kernel};
+use super::error::{hyper_error, not_plannable, unknown_kernel};
 use super::plan::GroupPlan;
-use crate::engine::{HyperError, HyperSource, StepContext, TensorScalar};
+use super::tensor::{Layout, TensorInfo};
+use crate::engine::{Buffer, HyperError, HyperRecord, HyperSource, StepContext, TensorScalar};
+use crate::kernels::adafactor::{self, AdafactorHyper, Epsilons, Moment};
 use crate::kernels::registry::{Configured, NAMES};
 
 /// A param group (or any mapping) as a source of hyperparameters.
@@ -216,4 +218,99 @@ impl Kernel {
 #[pyfunction]
 pub fn kernel_names() -> Vec<&'static str> {
     NAMES.to_vec()
+}
+
+/// A tensor's second moment as Python hands it over: `(variance, None, 0, 0, 0)` for a
+/// vector or scalar, `(row_var, col_var, batch, rows, cols)` for a param viewed as
+/// `batch` row-major `rows × cols` matrices.
+type MomentArgs<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    usize,
+    usize,
+    usize,
+);
+
+/// Adafactor's step (`kernels/adafactor.rs`): its hyperparameters read by name from
+/// a param group now, the epsilons given resolved (torch's `eps1=None` depends on
+/// the group's first param with a gradient).
+#[pyclass(module = "ferroptim._core", frozen)]
+pub struct AdafactorKernel {
+    hyper: AdafactorHyper,
+    eps: Epsilons,
+}
+
+fn moment_buffer(tensor: &Bound<'_, PyAny>, what: &str) -> PyResult<Buffer> {
+    let info = TensorInfo::inspect(tensor, what)?;
+    if info.layout != Layout::Contiguous {
+        return Err(not_plannable(format!("{what} is not contiguous")));
+    }
+    Ok(Buffer::new(info.addr, info.dtype))
+}
+
+#[pymethods]
+impl AdafactorKernel {
+    #[new]
+    fn new(group: &Bound<'_, PyMapping>, eps1: f64, eps2: f64) -> PyResult<AdafactorKernel> {
+        let source = GroupSource {
+            group,
+            python_error: RefCell::new(None),
+        };
+        let hyper = AdafactorHyper::read(&source)
+            .map_err(|e| source.python_error.take().unwrap_or_else(|| hyper_error(e)))?;
+        Ok(AdafactorKernel {
+            hyper,
+            eps: Epsilons { eps1, eps2 },
+        })
+    }
+
+    /// The kernel's name (as `Kernel.name`).
+    #[getter]
+    fn name(&self) -> &'static str {
+        "adafactor"
+    }
+
+    /// Steps the gathered plan (param, grad and step counter per tensor) with each
+    /// tensor's second moment from `moments` (see `MomentArgs`), checked first:
+    /// contiguous, the param's dtype and size, sharing no memory with anything the
+    /// step reads or writes.
+    #[pyo3(signature = (plan, moments, unscale = 1.0, clip = 1.0))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        plan: &Bound<'_, GroupPlan>,
+        moments: Vec<MomentArgs<'_>>,
+        unscale: f64,
+        clip: f64,
+    ) -> PyResult<()> {
+        let mut parsed = Vec::with_capacity(moments.len());
+        for (i, (first, second, batch, rows, cols)) in moments.iter().enumerate() {
+            parsed.push(match second {
+                None => Moment::Full {
+                    variance: moment_buffer(first, &format!("variance of parameter {i}"))?,
+                },
+                Some(second) => Moment::Factored {
+                    batch: *batch,
+                    rows: *rows,
+                    cols: *cols,
+                    row_var: moment_buffer(first, &format!("row_var of parameter {i}"))?,
+                    col_var: moment_buffer(second, &format!("col_var of parameter {i}"))?,
+                },
+            });
+        }
+        let ctx = StepContext {
+            unscale,
+            clip,
+            fresh: false,
+        };
+        let (hyper, eps) = (&self.hyper, self.eps);
+        // (`moments` keeps the tensors alive until the run returns)
+        plan.borrow_mut().run(py, true, |group, level| {
+            adafactor::step(group, &parsed, hyper, eps, &ctx, level)
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("AdafactorKernel({:?}, {:?})", self.hyper, self.eps)
+    }
 }
