@@ -213,9 +213,7 @@ def check_torch_step(
         and spec.step_must_be_tensor
         and not all(isinstance(s, Tensor) for s in gathered.steps)
     ):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
+        raise RuntimeError(spec.step_type_message)
     _check_capturable(spec, gathered, group)
     if spec.step_key is not None and for_loop and spec.reads_step:
         for s in gathered.steps:

@@ -206,6 +206,10 @@ class OptimizerSpec:
     #: kernel as its fifth argument (Adafactor's row/column moments, whose shapes are
     #: not the param's). Raises torch's error for state the step cannot use.
     plan_extras: Callable[[torch.optim.Optimizer, list[Tensor]], Any] | None = None
+    #: The message of torch's RuntimeError for a step counter that is not a tensor.
+    step_type_message: str = (
+        "API has changed, `state_steps` argument must contain a list of singleton tensors"
+    )
 
     def __post_init__(self) -> None:
         if (self.gather is None) == (self.init_state is None):

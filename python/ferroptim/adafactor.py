@@ -21,7 +21,7 @@ from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
 from ferroptim._hyper import flag
-from ferroptim._layout import is_lazy
+from ferroptim._layout import is_lazy, storage_key
 from ferroptim._optimizer import RustStepMixin
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 from ferroptim._torch_compat import init_group
@@ -88,14 +88,32 @@ def moments(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Mome
     for p in params:
         state = optimizer.state[p]
         shape = tuple(p.shape)
+        moment: Moment
         if p.dim() > 1:
             rows, cols = shape[-2], shape[-1]
             row = _usable(state, "row_var", p, (*shape[:-1], 1))
             col = _usable(state, "col_var", p, (*shape[:-2], 1, cols))
-            out.append((row, col, math.prod(shape[:-2]), rows, cols))
+            moment = (row, col, math.prod(shape[:-2]), rows, cols)
         else:
-            out.append((_usable(state, "variance", p, shape), None, 0, 0, 0))
+            moment = (_usable(state, "variance", p, shape), None, 0, 0, 0)
+        grad = p.grad
+        if grad is not None and storage_key(grad) is not None:
+            if any(t is not None and storage_key(t) == storage_key(grad) for t in moment[:2]):
+                raise RuntimeError(
+                    "Adafactor: a gradient shares memory with the optimizer's own state "
+                    "(e.g. p.grad = opt.state[p][...]); give it a gradient of its own"
+                )
+        out.append(moment)
     return out
+
+
+def _aliased_grad(param: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+    # A gradient in the param's own memory (``p.grad = p.detach()``): torch's for-loop
+    # reads it after `param.mul_(1 - lr * weight_decay)` unless `maximize` negated it
+    # into a new tensor first.
+    if group["weight_decay"] != 0 and not flag(group["maximize"]):
+        return grad.clone().mul_(1 - group["lr"] * group["weight_decay"])
+    return grad.clone()
 
 
 def _gather(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> Gathered:
@@ -144,6 +162,16 @@ def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
     return ()
 
 
+def _grad_error(param: Tensor, grad: Tensor, state: dict[str, Any]) -> type[Exception]:
+    # torch's step picks the moment by the grad's dims: a state without it fails its
+    # assertion; an integer matrix grad fails in `vector_norm`; the rest in an in-place op.
+    if state and ("row_var" if grad.dim() > 1 else "variance") not in state:
+        return AssertionError
+    if grad.dim() > 1 and not (grad.is_floating_point() or grad.is_complex()):
+        return NotImplementedError
+    return RuntimeError
+
+
 ADAFACTOR_SPEC = OptimizerSpec(
     state_keys=_state_keys,
     kernel=adafactor_kernel,
@@ -157,6 +185,9 @@ ADAFACTOR_SPEC = OptimizerSpec(
     # A DTensor's rows and columns span ranks: torch's ops reduce across them.
     dtensor_in_rust=False,
     plan_extras=moments,
+    aliased_grad=_aliased_grad,
+    grad_error=_grad_error,
+    step_type_message="`state_steps` argument must contain a list of singleton tensors",
 )
 
 
