@@ -82,8 +82,20 @@ def _usable(state: dict[str, Any], key: str, param: Tensor, shape: tuple[int, ..
     return value
 
 
+def _check_sizes(params: list[Tensor]) -> None:
+    # torch's `param.norm(2).item() / (param.numel() ** 0.5)`: Python's error for an
+    # empty param, raised now, before anything is written.
+    if any(p.numel() == 0 for p in params):
+        raise ZeroDivisionError("float division by zero")
+
+
+def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
+    _check_sizes(gathered.params)
+
+
 def moments(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Moment]:
     """The second moments of ``params`` (in plan order) for the kernel."""
+    _check_sizes(params)
     out: list[Moment] = []
     for p in params:
         state = optimizer.state[p]
@@ -187,6 +199,7 @@ ADAFACTOR_SPEC = OptimizerSpec(
     plan_extras=moments,
     aliased_grad=_aliased_grad,
     grad_error=_grad_error,
+    check_torch_path=_check_torch_path,
     step_type_message="`state_steps` argument must contain a list of singleton tensors",
 )
 

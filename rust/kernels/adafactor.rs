@@ -76,6 +76,34 @@ impl Default for AdafactorHyper {
     }
 }
 
+impl AdafactorHyper {
+    /// `rho = min(lr, 1 / step ** 0.5)` and whether it is `lr` (Python's `min` keeps its
+    /// first argument unless the second is smaller; a float32 tensor `lr` is compared in
+    /// float32, and `rho` is then that tensor, which makes `alpha` one too).
+    pub fn rho(&self, step: f64) -> (f64, bool) {
+        let v = 1.0 / step.powf(0.5);
+        let smaller = if self.lr.is_f32_tensor {
+            (v as f32) < self.lr.value as f32
+        } else {
+            v < self.lr.value
+        };
+        if smaller {
+            (v, false)
+        } else {
+            (self.lr.value, true)
+        }
+    }
+
+    /// `1 - lr * weight_decay` (in float32 tensor arithmetic for a float32 tensor `lr`).
+    pub fn decay(&self) -> f64 {
+        if self.lr.is_f32_tensor {
+            f64::from(1.0 - self.lr.value as f32 * self.weight_decay as f32)
+        } else {
+            1.0 - self.lr.value * self.weight_decay
+        }
+    }
+}
+
 /// torch's `eps1` (resolved: never `None`) and `eps2`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Epsilons {
@@ -342,6 +370,9 @@ struct TensorConsts {
     /// `-alpha / denom` (after pass 2).
     step_scale: f64,
     alpha: f64,
+    /// `alpha` is a float32 0-d tensor (`rho` was a float32 tensor `lr`): torch divides
+    /// it by `denom` in float32.
+    alpha_is_f32_tensor: bool,
 }
 
 /// Views `len` elements of `buffer` from element `start`.
@@ -591,14 +622,6 @@ fn norm_item<T: Real>(sq: f64) -> f64 {
 }
 
 /// Python's `min(a, b)` / `max(a, b)`: the first unless the second is smaller/larger.
-fn py_min(a: f64, b: f64) -> f64 {
-    if b < a {
-        b
-    } else {
-        a
-    }
-}
-
 fn py_max(a: f64, b: f64) -> f64 {
     if b > a {
         b
@@ -667,7 +690,6 @@ pub fn step(
     level: SimdLevel,
 ) -> Result<(), EngineError> {
     check(group, moments)?;
-    let lr = h.lr.value;
     let totals = pass1(group, moments, h, ctx, level);
 
     let mut consts = vec![TensorConsts::default(); group.len()];
@@ -677,18 +699,24 @@ pub fn step(
         slot.set(slot.get() + 1.0);
         let step = slot.get();
         let weight = step.powf(h.beta2_decay);
-        let rho = py_min(lr, 1.0 / step.powf(0.5));
+        let (rho, rho_is_lr) = h.rho(step);
         let f64_tensor = t.param.is_some_and(|b| b.format == Format::F64);
         let norm = if f64_tensor {
             norm_item::<f64>(totals.param_sq[i])
         } else {
             norm_item::<f32>(totals.param_sq[i])
         };
-        let alpha = py_max(eps.eps2, norm / (t.len as f64).powf(0.5)) * rho;
+        let scale = py_max(eps.eps2, norm / (t.len as f64).powf(0.5));
+        let alpha = if rho_is_lr && h.lr.is_f32_tensor {
+            f64::from(scale as f32 * rho as f32) // a float32 tensor times a Python float
+        } else {
+            scale * rho
+        };
         consts[i] = TensorConsts {
             weight,
             alpha,
             step_scale: 0.0,
+            alpha_is_f32_tensor: rho_is_lr && h.lr.is_f32_tensor,
         };
         means.push(if f64_tensor {
             update_factors::<f64>(
@@ -759,10 +787,15 @@ pub fn step(
             norm_item::<f32>(update_sq[i])
         };
         let denom = py_max(1.0, norm / ((t.len as f64).powf(0.5) * h.d));
-        consts[i].step_scale = -consts[i].alpha / denom;
+        let k = &mut consts[i];
+        k.step_scale = if k.alpha_is_f32_tensor {
+            f64::from(-(k.alpha as f32) / denom as f32)
+        } else {
+            -k.alpha / denom
+        };
     }
 
-    let decay = (h.weight_decay != 0.0).then_some(1.0 - lr * h.weight_decay);
+    let decay = (h.weight_decay != 0.0).then_some(h.decay());
     group.for_each_chunk(|segments| {
         for segment in segments {
             let i = segment.tensor_index();

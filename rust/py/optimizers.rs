@@ -270,6 +270,18 @@ impl AdafactorKernel {
         "adafactor"
     }
 
+    /// Element-wise state buffers in the plan: none (the moments come beside it).
+    #[getter]
+    fn state_keys(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    /// Per-tensor scalar state: the step counter.
+    #[getter]
+    fn scalar_keys(&self) -> Vec<&'static str> {
+        vec!["step"]
+    }
+
     /// Steps the gathered plan (param, grad and step counter per tensor) with each
     /// tensor's second moment from `moments` (see `MomentArgs`), checked first:
     /// contiguous, the param's dtype and size, sharing no memory with anything the
