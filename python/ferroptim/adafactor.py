@@ -77,7 +77,7 @@ def _usable(state: dict[str, Any], key: str, param: Tensor, shape: tuple[int, ..
             f"Adafactor: state {key!r} of a parameter of shape {tuple(param.shape)} and dtype "
             f"{param.dtype} has {found}, not shape {shape}"
         )
-    if value.device != param.device or not value.is_contiguous() or is_lazy(value):
+    if not (value.is_cpu and value.is_contiguous()) or is_lazy(value):
         value = state[key] = value.to(device=param.device).resolve_neg().contiguous().clone()
     return value
 
@@ -108,9 +108,11 @@ def moments(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> list[Mome
             moment = (row, col, math.prod(shape[:-2]), rows, cols)
         else:
             moment = (_usable(state, "variance", p, shape), None, 0, 0, 0)
+        # A grad in the variance's memory (the only moment of its shape): torch's error
+        # now (any other overlap, the kernel refuses before it writes this group).
         grad = p.grad
-        if grad is not None and storage_key(grad) is not None:
-            if any(t is not None and storage_key(t) == storage_key(grad) for t in moment[:2]):
+        if moment[1] is None and grad is not None and grad.numel():
+            if storage_key(grad) == storage_key(moment[0]):
                 raise RuntimeError(
                     "Adafactor: a gradient shares memory with the optimizer's own state "
                     "(e.g. p.grad = opt.state[p][...]); give it a gradient of its own"

@@ -145,10 +145,16 @@ impl Moment {
 
 /// Refuses (before anything is written) a group the step cannot run: a param
 /// without its gradient or step counter, formats other than float32/float64, a
-/// moment of another dtype or size, or any buffer overlapping one that is written.
-pub fn check(group: &Group<'_>, moments: &[Moment]) -> Result<(), EngineError> {
+/// moment of another dtype or size (`sizes[i]`: how many elements its buffers
+/// really hold, as the caller read them), or any buffer overlapping one that is
+/// written.
+pub fn check(
+    group: &Group<'_>,
+    moments: &[Moment],
+    sizes: &[[usize; 2]],
+) -> Result<(), EngineError> {
     let mismatch = |what: String| Err(EngineError::Mismatch { what });
-    if moments.len() != group.len() {
+    if moments.len() != group.len() || sizes.len() != group.len() {
         return mismatch(format!(
             "adafactor: {} moments for {} parameters",
             moments.len(),
@@ -181,7 +187,12 @@ pub fn check(group: &Group<'_>, moments: &[Moment]) -> Result<(), EngineError> {
                 ));
             }
         }
-        for (buffer, len) in moment.buffers(t.len) {
+        for ((buffer, len), &held) in moment.buffers(t.len).into_iter().zip(&sizes[index]) {
+            if len != held {
+                return mismatch(format!(
+                    "adafactor: parameter {index}: a second moment of {held} elements, not {len}"
+                ));
+            }
             if buffer.format != param.format {
                 return mismatch(format!(
                     "adafactor: parameter {index}: its second moment is not {}",
@@ -215,24 +226,9 @@ fn update_of<T: Real>(v: T, eps1_sq: T, g: T) -> T {
 /// Number of float64 accumulators of a lane sum (two AVX-512 registers).
 const LANES: usize = 16;
 
-/// Sum of `term(k)` for `k` in `0..n`: `LANES` accumulators over consecutive
-/// elements, the tail separately, combined in a fixed pairwise tree (vectorisable,
-/// and the same result at every SIMD level).
+/// The `LANES` accumulators of a lane sum combined in a fixed pairwise tree.
 #[inline(always)]
-fn lane_sum(n: usize, term: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let full = n - n % LANES;
-    let mut base = 0;
-    while base < full {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += term(base + l);
-        }
-        base += LANES;
-    }
-    let mut tail = 0.0;
-    for k in full..n {
-        tail += term(k);
-    }
+fn tree(mut acc: [f64; LANES]) -> f64 {
     let mut width = LANES;
     while width > 1 {
         width /= 2;
@@ -240,7 +236,39 @@ fn lane_sum(n: usize, term: impl Fn(usize) -> f64) -> f64 {
             acc[l] += acc[l + width];
         }
     }
-    acc[0] + tail
+    acc[0]
+}
+
+/// Sum of `term(a[k], b[k])` over the common length: `LANES` accumulators over
+/// consecutive elements (blocks of fixed size, so the loop vectorises), the tail
+/// separately, combined in a fixed tree: the same result at every SIMD level.
+#[inline(always)]
+fn lane_sum2<A: Copy, B: Copy>(a: &[A], b: &[B], term: impl Fn(A, B) -> f64) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f64; LANES];
+    let mut blocks_a = a.chunks_exact(LANES);
+    let mut blocks_b = b.chunks_exact(LANES);
+    for (block_a, block_b) in (&mut blocks_a).zip(&mut blocks_b) {
+        let block_a: &[A; LANES] = block_a.try_into().expect("a full block");
+        let block_b: &[B; LANES] = block_b.try_into().expect("a full block");
+        // (terms first, then the adds: the two loops vectorise separately)
+        let terms: [f64; LANES] = std::array::from_fn(|l| term(block_a[l], block_b[l]));
+        for (a, t) in acc.iter_mut().zip(terms) {
+            *a += t;
+        }
+    }
+    let mut tail = 0.0;
+    for (&x, &y) in blocks_a.remainder().iter().zip(blocks_b.remainder()) {
+        tail += term(x, y);
+    }
+    tree(acc) + tail
+}
+
+/// [`lane_sum2`] over one slice.
+#[inline(always)]
+fn lane_sum<A: Copy>(a: &[A], term: impl Fn(A) -> f64) -> f64 {
+    lane_sum2(a, a, |x, _| term(x))
 }
 
 #[inline(always)]
@@ -324,7 +352,7 @@ impl<T: FloatGrad> SimdTask for Pass1<'_, T> {
     fn run(self) -> Sums {
         let p = self.param;
         let mut sums = Sums {
-            param_sq: lane_sum(p.len(), |k| square(p[k])),
+            param_sq: lane_sum(p, square),
             ..Sums::default()
         };
         let Some(Shape { rows, cols }) = self.shape else {
@@ -338,8 +366,7 @@ impl<T: FloatGrad> SimdTask for Pass1<'_, T> {
         let mut current: Option<(usize, usize, Vec<f64>)> = None; // (batch, at, sums)
         for (line, col, offset, take) in row_runs(self.start, grad.len(), cols) {
             let g = &grad[offset..offset + take];
-            sums.rows
-                .push((line, lane_sum(take, |k| square(prep.get(g[k])))));
+            sums.rows.push((line, lane_sum(g, |x| square(prep.get(x)))));
             let batch = line / rows;
             if current.as_ref().is_none_or(|(b, _, _)| *b != batch) {
                 sums.cols.extend(current.take().map(|(_, at, v)| (at, v)));
@@ -418,10 +445,7 @@ impl<T: FloatGrad> SimdTask for Pass2<'_, T> {
                     let g = prep.get(g);
                     *v = lerp.apply(*v, g * g);
                 }
-                let v = &*v;
-                lane_sum(grad.len(), |k| {
-                    square(update_of(v[k], eps1_sq, prep.get(grad[k])))
-                })
+                lane_sum2(v, grad, |v, g| square(update_of(v, eps1_sq, prep.get(g))))
             }
             Moment::Factored {
                 batch,
@@ -443,8 +467,8 @@ impl<T: FloatGrad> SimdTask for Pass2<'_, T> {
                     let (r, m) = (rv[line], T::from_f64(self.means[b]));
                     let c = &cv[b * cols + col..][..take];
                     let g = &grad[offset..][..take];
-                    total += lane_sum(take, |k| {
-                        square(update_of((r * c[k]) / m, eps1_sq, prep.get(g[k])))
+                    total += lane_sum2(c, g, |c, g| {
+                        square(update_of((r * c) / m, eps1_sq, prep.get(g)))
                     });
                 }
                 total
@@ -684,12 +708,13 @@ fn update_factors<T: FloatGrad>(
 pub fn step(
     group: &Group<'_>,
     moments: &[Moment],
+    sizes: &[[usize; 2]],
     h: &AdafactorHyper,
     eps: Epsilons,
     ctx: &StepContext,
     level: SimdLevel,
 ) -> Result<(), EngineError> {
-    check(group, moments)?;
+    check(group, moments, sizes)?;
     let totals = pass1(group, moments, h, ctx, level);
 
     let mut consts = vec![TensorConsts::default(); group.len()];
@@ -908,6 +933,10 @@ mod tests {
         level: SimdLevel,
     ) {
         let mut moments = Vec::new();
+        let sizes: Vec<[usize; 2]> = ts
+            .iter()
+            .map(|t| [t.moments[0].len(), t.moments.get(1).map_or(0, Vec::len)])
+            .collect();
         let buffers: Vec<TensorBuffers> = ts
             .iter_mut()
             .map(|t| {
@@ -936,7 +965,7 @@ mod tests {
             .collect();
         // SAFETY: every address points into a Vec (or field) of `ts`, borrowed for the call.
         let group = unsafe { Group::new(buffers) }.unwrap();
-        step(&group, &moments, h, eps, ctx, level).unwrap();
+        step(&group, &moments, &sizes, h, eps, ctx, level).unwrap();
     }
 
     fn set_grads<T: Storage>(ts: &mut [Tensor<T>], step: u64, scale: f64) {
@@ -1131,6 +1160,7 @@ mod tests {
         let result = step(
             &group,
             &[wrong],
+            &[[5, 5]],
             &AdafactorHyper::default(),
             eps,
             &StepContext::default(),

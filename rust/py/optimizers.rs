@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 
 use super::error::{hyper_error, not_plannable, unknown_kernel};
+use super::hot::Hot;
+use super::native;
 use super::plan::GroupPlan;
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{Buffer, HyperError, HyperRecord, HyperSource, StepContext, TensorScalar};
@@ -240,12 +242,36 @@ pub struct AdafactorKernel {
     eps: Epsilons,
 }
 
-fn moment_buffer(tensor: &Bound<'_, PyAny>, what: &str) -> PyResult<Buffer> {
+/// A moment tensor's buffer and how many elements it holds.
+fn moment_buffer(
+    hot: Option<&Hot<'_>>,
+    tensor: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<(Buffer, usize)> {
+    // A raw reading of torch's metadata first (a plain CPU float tensor, row-major, its
+    // elements inside its storage: what the cached plans' re-check proves, at a
+    // fraction of the Python calls), else torch's Python API.
+    if let Some(hot) = hot {
+        let object = tensor.as_ptr();
+        if native::type_of(object) == Some(hot.tensor_type) {
+            // SAFETY: `object` is a live object of exactly torch.Tensor's type (checked
+            // just above) that `tensor` holds a reference to; the GIL is held.
+            if let Some(reading) = unsafe { hot.layout.read(object) } {
+                if let Some(dtype) = hot.layout.plain_dtype(&reading) {
+                    if reading.is_row_major() {
+                        if let Some((addr, len)) = reading.owned_run(dtype) {
+                            return Ok((Buffer::new(addr, dtype), len));
+                        }
+                    }
+                }
+            }
+        }
+    }
     let info = TensorInfo::inspect(tensor, what)?;
     if info.layout != Layout::Contiguous {
         return Err(not_plannable(format!("{what} is not contiguous")));
     }
-    Ok(Buffer::new(info.addr, info.dtype))
+    Ok((Buffer::new(info.addr, info.dtype), info.len))
 }
 
 #[pymethods]
@@ -295,19 +321,38 @@ impl AdafactorKernel {
         unscale: f64,
         clip: f64,
     ) -> PyResult<()> {
+        let hot = Hot::new(py)?;
+        let hot = hot.as_ref();
         let mut parsed = Vec::with_capacity(moments.len());
+        let mut sizes = Vec::with_capacity(moments.len());
         for (i, (first, second, batch, rows, cols)) in moments.iter().enumerate() {
+            // (sizes: `adafactor::check` compares them with the param's before any write)
+            let what = |name: &str| format!("{name} of parameter {i}");
+            let (a, a_len) = moment_buffer(
+                hot,
+                first,
+                &what(if second.is_some() {
+                    "row_var"
+                } else {
+                    "variance"
+                }),
+            )?;
             parsed.push(match second {
-                None => Moment::Full {
-                    variance: moment_buffer(first, &format!("variance of parameter {i}"))?,
-                },
-                Some(second) => Moment::Factored {
-                    batch: *batch,
-                    rows: *rows,
-                    cols: *cols,
-                    row_var: moment_buffer(first, &format!("row_var of parameter {i}"))?,
-                    col_var: moment_buffer(second, &format!("col_var of parameter {i}"))?,
-                },
+                None => {
+                    sizes.push([a_len, 0]);
+                    Moment::Full { variance: a }
+                }
+                Some(second) => {
+                    let (b, b_len) = moment_buffer(hot, second, &what("col_var"))?;
+                    sizes.push([a_len, b_len]);
+                    Moment::Factored {
+                        batch: *batch,
+                        rows: *rows,
+                        cols: *cols,
+                        row_var: a,
+                        col_var: b,
+                    }
+                }
             });
         }
         let ctx = StepContext {
@@ -318,7 +363,7 @@ impl AdafactorKernel {
         let (hyper, eps) = (&self.hyper, self.eps);
         // (`moments` keeps the tensors alive until the run returns)
         plan.borrow_mut().run(py, true, |group, level| {
-            adafactor::step(group, &parsed, hyper, eps, &ctx, level)
+            adafactor::step(group, &parsed, &sizes, hyper, eps, &ctx, level)
         })
     }
 
