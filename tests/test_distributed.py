@@ -61,7 +61,7 @@ def assert_stepped_in_rust(calls: int, steps: int, family: str) -> None:
 
 NAMES = tuple(FAMILIES)
 #: The families torch's own optimizer steps under FSDP2 (DTensor params).
-FSDP_NAMES = tuple(name for name in NAMES if FAMILIES[name].fsdp2)
+FSDP_NAMES = tuple(name for name, (family, _) in train_cases().items() if family.fsdp2)
 
 
 def make_opt(
