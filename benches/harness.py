@@ -754,6 +754,24 @@ SUITES: dict[str, Suite] = {
             "torch has no fused ASGD.",
         ),
     ),
+    "adafactor": Suite(
+        name="adafactor",
+        title="ferroptim.Adafactor vs torch.optim.Adafactor (defaults, lr 0.01): one `step()`",
+        # (the 1000x1K and 32M cases are vectors: a full `variance`, the costlier kind)
+        bytes_per_element=32,
+        ours=optimizer(ferroptim.Adafactor),
+        references=torch_variants(torch.optim.Adafactor, fused=False),
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** vectors 32 bytes/element (pass 1 reads p; pass 2 reads g, "
+            "updates variance; pass 3 reads p, g, variance, writes p); matrices 24 (pass 1 "
+            "reads p, g; pass 2 reads g; pass 3 reads p, g, writes p; row_var and col_var "
+            "are tiny).",
+            "torch has no fused Adafactor; its default is the for-loop.",
+        ),
+    ),
     "clip": Suite(
         name="clip",
         title="ferroptim.clip_grad_norm_ vs torch.nn.utils.clip_grad_norm_",

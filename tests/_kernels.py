@@ -2,8 +2,9 @@
 
 Parity with torch proves nothing about *where* a step ran if ferroptim quietly
 handed it to torch. Every Rust step goes through ``_core.Kernel(name, group).step``
-(the optimizer modules look ``_core.Kernel`` up at call time), so replacing
-``_core.Kernel`` with a factory of proxies sees every step: :func:`intercept_steps`.
+or Adafactor's ``_core.AdafactorKernel(group, eps1, eps2).step`` (the optimizer modules
+look them up at call time), so replacing both with factories of proxies sees every
+step: :func:`intercept_steps`.
 """
 
 from __future__ import annotations
@@ -41,15 +42,21 @@ class _Proxy:
 def intercept_steps(on_step: OnStep) -> Iterator[None]:
     """Routes every Rust kernel step through ``on_step`` while the block runs."""
     real = _core.Kernel
+    real_adafactor = _core.AdafactorKernel  # (Adafactor's own entry point: moments beside the plan)
 
     def factory(name: str, group: Any) -> _Proxy:
         return _Proxy(real(name, group), on_step)
 
+    def adafactor_factory(group: Any, eps1: float, eps2: float) -> _Proxy:
+        return _Proxy(real_adafactor(group, eps1, eps2), on_step)
+
     _core.Kernel = factory  # type: ignore[misc,assignment]
+    _core.AdafactorKernel = adafactor_factory  # type: ignore[misc,assignment]
     try:
         yield
     finally:
         _core.Kernel = real  # type: ignore[misc]
+        _core.AdafactorKernel = real_adafactor  # type: ignore[misc]
 
 
 @contextlib.contextmanager

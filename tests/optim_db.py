@@ -187,6 +187,21 @@ class Family:
     #: torch, gradient through the step included (combinations torch's own
     #: differentiable step cannot backprop through are left out).
     differentiable_cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Whether torch steps complex params (False: Adafactor's ``_init_group`` refuses them
+    #: with its RuntimeError, which test_adafactor checks).
+    complex_params: bool = True
+    #: Whether each param's update reads reductions over that whole param (Adafactor's
+    #: norms and row/column means): a tensor split into pieces is another problem, so the
+    #: chunking test compares thread counts on the whole tensor instead.
+    per_tensor_reductions: bool = False
+    #: State only params of fewer than two dims keep (Adafactor's ``variance``; its
+    #: matrices keep ``row_var`` and ``col_var``): tests that edit a matrix param's state
+    #: leave these keys out.
+    vector_only_state: tuple[str, ...] = ()
+    #: Whether torch's own optimizer steps FSDP2's DTensor params (the FSDP2 suites run
+    #: only those; ferroptim hands DTensors to torch's implementation where its kernel
+    #: reads whole-tensor reductions).
+    fsdp2: bool = True
 
     def make_ferro(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return self.ferro(params, **{**self.fixed, **kwargs})
@@ -491,6 +506,21 @@ _ASGD_BAD = [
     pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
     pytest.param({"fused": True}, "fused", id="fused"),  # torch has no fused ASGD
 ]
+
+_ADAFACTOR_BAD = [
+    pytest.param({"lr": -1e-3}, "Learning rate", id="negative-lr"),
+    pytest.param({"beta2_decay": 0.5}, "beta2_decay", id="positive-beta2-decay"),
+    pytest.param({"eps": (-1e-30, 1e-3)}, "epsilon1", id="negative-eps1"),
+    pytest.param({"eps": (None, -1e-3)}, "epsilon2", id="negative-eps2"),
+    pytest.param({"d": 0.5}, "Clipping threshold", id="d-below-one"),
+    pytest.param({"weight_decay": -0.1}, "weight_decay", id="negative-weight-decay"),
+    pytest.param({"lr": torch.tensor([1e-3, 1e-3])}, "1-element", id="two-element-tensor-lr"),
+]
+
+
+def _adafactor_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    # (row_var/col_var or variance depend on each param's shape, not on the group)
+    return ("step",)
 
 
 #: Adamax and NAdam (no fused or foreach-only arguments to combine).
@@ -1377,6 +1407,59 @@ FAMILIES: dict[str, Family] = {
             ("lr", torch.tensor(3e-3)),
         ),
         functional=ASGD_FUNCTIONAL,
+    ),
+    "Adafactor": Family(
+        "Adafactor",
+        ferroptim.Adafactor,
+        torch.optim.Adafactor,
+        grid={
+            "weight_decay": (0.0, 0.05),
+            "maximize": (False, True),
+            "eps": ((None, 1e-3), (1e-15, 1e-2)),  # (eps1² must not underflow in float32)
+        },
+        state_keys=_adafactor_state_keys,
+        second_group={"lr": 3e-3, "beta2_decay": -0.5, "d": 2.0},
+        variants=(
+            {"lr": 0.05, "beta2_decay": -0.6, "d": 1.5, "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "eps": (1e-15, 1e-2)},
+        ),
+        # (params of two or more dims keep row_var and col_var, vectors variance)
+        state_tensors=("step", "row_var", "col_var", "variance"),
+        complex_params=False,
+        per_tensor_reductions=True,
+        vector_only_state=("variance",),
+        # torch 2.15's Adafactor fails on a sharded param ("Sharding propagation failed
+        # for aten.pow_.Scalar" on its row norms); ferroptim routes DTensors to it alike.
+        fsdp2=False,
+        has_fused=False,
+        kernel="adafactor_step",
+        full_grid=True,
+        bad_constructor=_ADAFACTOR_BAD,
+        bad_input_kwargs={"weight_decay": 0.1, "d": 2.0},
+        numbers=("lr", "beta2_decay", "d", "weight_decay"),
+        unusual=[
+            *_TENSOR_LRS,
+            pytest.param({"beta2_decay": 0.0}, id="beta2-decay-zero"),  # w = 1: no memory
+            pytest.param({"d": 1e6, "lr": 0.5}, id="no-clipping"),
+            pytest.param({"eps": (0.0, 0.0)}, id="eps-zero"),
+            pytest.param({"eps": (1.0, 1e-3)}, id="huge-eps1"),
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param({"weight_decay": 0.1, "maximize": True, "d": 3.0}, id="all"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.01},
+        mixed_routing_kwargs={"lr": 1e-3, "eps": (1e-3, 1e-3), "weight_decay": 0.01},
+        train_kwargs={"lr": 1e-2, "weight_decay": 1e-2, "d": 2.0},
+        interop_training={"lr": 1e-2, "weight_decay": 0.01},
+        live_changes=(
+            ("lr", 0.05),
+            ("beta2_decay", -0.5),
+            ("eps", (1e-15, 1e-2)),
+            ("d", 2.0),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("maximize", False),
+            ("lr", torch.tensor(3e-3)),
+        ),
     ),
 }
 

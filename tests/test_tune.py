@@ -272,12 +272,16 @@ def test_every_family_is_restored_after_divergence(family, impl):
     result = tune.lr_find(model, opt, batches, cross_entropy, end_lr=1e4, progress=False)
     # Rprop reads lr only when it creates a param's state (its step sizes start at lr):
     # sweeping a warmed-up Rprop's lr changes nothing, so it cannot diverge.
-    assert result.diverged == (family not in LR_READ_ONLY_AT_INIT)
+    # Adafactor's lr only caps its relative step size (rho = min(lr, 1 / sqrt(step))) and
+    # each update is clipped by its RMS: no lr makes it diverge.
+    assert result.diverged == (family not in LR_READ_ONLY_AT_INIT | LR_CAPPED)
     assert_bitwise(capture(model, opt, None), before)
 
 
 #: Families whose step never reads the group's lr once a param has state.
 LR_READ_ONLY_AT_INIT = {"Rprop"}
+#: Families whose step size an lr sweep cannot blow up (see above).
+LR_CAPPED = {"Adafactor"}
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))

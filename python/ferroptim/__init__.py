@@ -27,6 +27,7 @@ __version__: str = _core.__version__
 _NEEDS_TORCH = (
     "SGD",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -53,6 +54,7 @@ except ImportError:  # numpy-only install: the functional API works, the rest ex
 else:
     _torch_missing = False
     from ferroptim.adadelta import Adadelta
+    from ferroptim.adafactor import Adafactor
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
@@ -92,6 +94,7 @@ __all__ = [
     "SGD",
     "AdEMAMix",
     "Adadelta",
+    "Adafactor",
     "Adagrad",
     "Adam",
     "AdamW",

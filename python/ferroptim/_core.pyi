@@ -64,6 +64,25 @@ class Kernel:
         self, plan: GroupPlan, unscale: float = 1.0, clip: float = 1.0, fresh: bool = False
     ) -> None: ...
 
+class AdafactorKernel:
+    """Adafactor's Rust step, its hyperparameters read by name from a group and its
+    epsilons given resolved."""
+
+    def __init__(self, group: Mapping[str, object], eps1: float, eps2: float) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def state_keys(self) -> list[str]: ...
+    @property
+    def scalar_keys(self) -> list[str]: ...
+    def step(
+        self,
+        plan: GroupPlan,
+        moments: Sequence[tuple[torch.Tensor, torch.Tensor | None, int, int, int]],
+        unscale: float = 1.0,
+        clip: float = 1.0,
+    ) -> None: ...
+
 def kernel_names() -> list[str]: ...
 def grad_norms(
     plans: Sequence[GroupPlan], norm_type: float, unscale: float = 1.0

@@ -123,7 +123,7 @@ def prepare_slow(
     if rust is None:
         return Job([], torch_grads, run, new_state)
     return Job(
-        [plan for plan, _ in rust.plans],
+        [plan for plan, _, _ in rust.plans],
         torch_grads,
         run,
         new_state,
@@ -163,7 +163,7 @@ def _steps_in_rust(optimizer: RustStepMixin, p: Tensor) -> bool:
         p.device.type == "cpu"
         and (p.dtype in RUST_DTYPES or (spec.complex_as_real and p.dtype in _COMPLEX_DTYPES))
         and not (spec.sparse_to_torch and grad is not None and grad.is_sparse)
-        and (is_plain(p) or is_dtensor(p))
+        and (is_plain(p) or (spec.dtensor_in_rust and is_dtensor(p)))
         and (grad is None or is_plain(grad) or is_dtensor(grad))
         and step_plannable(optimizer, p)
         and not any(
@@ -213,9 +213,7 @@ def check_torch_step(
         and spec.step_must_be_tensor
         and not all(isinstance(s, Tensor) for s in gathered.steps)
     ):
-        raise RuntimeError(
-            "API has changed, `state_steps` argument must contain a list of singleton tensors"
-        )
+        raise RuntimeError(spec.step_type_message)
     _check_capturable(spec, gathered, group)
     if spec.step_key is not None and for_loop and spec.reads_step:
         for s in gathered.steps:
@@ -392,7 +390,8 @@ class RustWork:
     lazily created buffers are new), staged copies of params that are not one run
     of memory (written back after the step), and buffers to add to the state."""
 
-    plans: list[tuple[_core.GroupPlan, bool]] = field(default_factory=list)
+    #: (plan, fresh, extras): ``extras`` is the spec's ``plan_extras`` result, or None.
+    plans: list[tuple[_core.GroupPlan, bool, Any]] = field(default_factory=list)
     staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     created: list[tuple[dict[str, Any], str, Tensor]] = field(default_factory=list)
     #: Plans whose gradients count in a norm computed on this rank alone.
@@ -402,8 +401,11 @@ class RustWork:
     dtensor_grads: list[Tensor] = field(default_factory=list)
 
     def run(self, kernel: KernelCall, factors: GradFactors) -> None:
-        for plan, fresh in self.plans:
-            kernel(plan, factors.unscale, factors.clip, fresh)
+        for plan, fresh, extras in self.plans:
+            if extras is None:
+                kernel(plan, factors.unscale, factors.clip, fresh)
+            else:
+                kernel(plan, factors.unscale, factors.clip, fresh, extras)
         for state, key, buffer in self.created:
             # Lazily created buffers join the state only now that the kernel has
             # written them: a failed call leaves no uninitialised buffer behind
@@ -458,13 +460,18 @@ def _cpu_scalar(state: dict[str, Any], key: str, value: Tensor) -> Tensor:
 
 def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork) -> _LaidOut:
     step_key = optimizer._ferro_spec.step_key
+    contiguous_only = optimizer._ferro_spec.contiguous_only
     laid = _LaidOut(states=[[] for _ in gathered.keys])
     for i, p in enumerate(gathered.params):
         dtensor = is_dtensor(p)
         local_p = local(p)
-        # A param that is not one run of memory, or a lazily negated/conjugated
-        # view, steps in a staged copy written back through the original.
-        work = local_p if is_dense(local_p) and not is_lazy(local_p) else staged(local_p)
+        # A param that is not one run of memory (or, for a kernel that walks rows, not
+        # row-major), or a lazily negated/conjugated view, steps in a staged copy
+        # written back through the original.
+        in_place = is_dense(local_p) and not is_lazy(local_p)
+        if contiguous_only:
+            in_place = in_place and local_p.is_contiguous()
+        work = local_p if in_place else staged(local_p)
         if work is not local_p:
             out.staged.append((local_p, work))
         if dtensor:
@@ -594,7 +601,12 @@ def _build_plans(
             [[s[i] for i in index] for s in scalars],
         )
         fresh, dtensor = kind
-        out.plans.append((plan, fresh))
+        extras = (
+            None
+            if spec.plan_extras is None
+            else spec.plan_extras(_as_torch(optimizer), [gathered.params[i] for i in index])
+        )
+        out.plans.append((plan, fresh, extras))
         if not dtensor:
             out.norm_plans.append(plan)
 
@@ -638,6 +650,7 @@ def cache_plan(
         and p.dtype in RUST_DTYPES
         and is_plain(p)
         and step_plannable(optimizer, p)
+        and (p.is_contiguous() or not optimizer._ferro_spec.contiguous_only)
         for p in params
     ):
         return

@@ -33,7 +33,6 @@ from ferroptim._hyper import check_number
 if TYPE_CHECKING:
     import torch
 
-    from ferroptim import _core
 
 __all__ = ["Gathered", "KernelCall", "OptimizerSpec", "TorchStep", "always", "never"]
 
@@ -63,8 +62,9 @@ class Gathered:
 
 #: A prepared Rust kernel call: ``kernel(plan, unscale, clip, fresh)`` steps ``plan``;
 #: every gradient is multiplied by ``unscale`` then ``clip`` as it is read; ``fresh``:
-#: the plan's lazily created buffers are new and must be written first.
-KernelCall = Callable[["_core.GroupPlan", float, float, bool], None]
+#: the plan's lazily created buffers are new and must be written first. A family with
+#: :attr:`OptimizerSpec.plan_extras` is called with a fifth argument, their result.
+KernelCall = Callable[..., None]
 
 
 class TorchStep(Protocol):
@@ -198,6 +198,23 @@ class OptimizerSpec:
     #: The tensor lists torch's capturable-device error names, where they are not
     #: "params, <scalar_keys>s and state_steps" (ASGD: "params, mus, etas, and state_steps").
     capturable_names: str | None = None
+    #: Whether the kernel walks params in their logical (row-major) order, so a param
+    #: laid out otherwise (transposed, channels-last) steps in a contiguous staged copy
+    #: and only groups of contiguous params keep a cached plan (Adafactor's rows and
+    #: columns).
+    contiguous_only: bool = False
+    #: Whether DTensor params step in Rust through their local shards (element-wise
+    #: algorithms); False: they take :attr:`torch_step`, whose reductions span ranks.
+    dtensor_in_rust: bool = True
+    #: ``plan_extras(optimizer, params)``: what the kernel needs besides the plan for
+    #: these params (in plan order), checked in the prepare phase and handed to the
+    #: kernel as its fifth argument (Adafactor's row/column moments, whose shapes are
+    #: not the param's). Raises torch's error for state the step cannot use.
+    plan_extras: Callable[[torch.optim.Optimizer, list[Tensor]], Any] | None = None
+    #: The message of torch's RuntimeError for a step counter that is not a tensor.
+    step_type_message: str = (
+        "API has changed, `state_steps` argument must contain a list of singleton tensors"
+    )
 
     def __post_init__(self) -> None:
         if (self.gather is None) == (self.init_state is None):

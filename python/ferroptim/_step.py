@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -107,10 +107,23 @@ def fast_job(
     ):
         return None
     # Hyperparameters are converted before the plan gathers (and holds) anything.
-    kernel = optimizer._ferro_spec.kernel(group)
+    spec = optimizer._ferro_spec
+    kernel = spec.kernel(group)
     if not cached.plan.gather():
         return None
     plan = cached.plan
+    if spec.plan_extras is not None:
+        try:
+            extras = spec.plan_extras(
+                cast("torch.optim.Optimizer", optimizer),
+                [p for p in group["params"] if p.grad is not None],
+            )
+        except BaseException:
+            plan.release()
+            raise
+        return Job(
+            [plan], [], lambda factors: kernel(plan, factors.unscale, factors.clip, False, extras)
+        )
     return Job([plan], [], lambda factors: kernel(plan, factors.unscale, factors.clip, False))
 
 

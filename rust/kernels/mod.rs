@@ -16,6 +16,7 @@
 //! optimizer is its file plus one line there.
 
 pub mod adadelta;
+pub mod adafactor;
 pub mod adagrad;
 pub mod adam;
 pub mod adamax;

@@ -199,6 +199,18 @@ impl Fingerprint {
         Some((address, numel as usize))
     }
 
+    /// Whether the tensor is row-major contiguous (dims of size 1 have any stride).
+    pub fn is_row_major(&self) -> bool {
+        let mut expected = 1i64;
+        for d in (0..self.ndim).rev() {
+            if self.sizes[d] != 1 && self.strides[d] != expected {
+                return false;
+            }
+            expected = expected.saturating_mul(self.sizes[d]);
+        }
+        true
+    }
+
     /// Whether `other` has the same shape and strides.
     pub fn same_geometry(&self, other: &Fingerprint) -> bool {
         self.ndim == other.ndim

@@ -9,9 +9,13 @@ use std::cell::RefCell;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
 
-use super::error::{hyper_error, unknown_kernel};
+use super::error::{hyper_error, not_plannable, unknown_kernel};
+use super::hot::Hot;
+use super::native;
 use super::plan::GroupPlan;
-use crate::engine::{HyperError, HyperSource, StepContext, TensorScalar};
+use super::tensor::{Layout, TensorInfo};
+use crate::engine::{Buffer, HyperError, HyperRecord, HyperSource, StepContext, TensorScalar};
+use crate::kernels::adafactor::{self, AdafactorHyper, Epsilons, Moment};
 use crate::kernels::registry::{Configured, NAMES};
 
 /// A param group (or any mapping) as a source of hyperparameters.
@@ -230,4 +234,154 @@ impl Kernel {
 #[pyfunction]
 pub fn kernel_names() -> Vec<&'static str> {
     NAMES.to_vec()
+}
+
+/// A tensor's second moment as Python hands it over: `(variance, None, 0, 0, 0)` for a
+/// vector or scalar, `(row_var, col_var, batch, rows, cols)` for a param viewed as
+/// `batch` row-major `rows × cols` matrices.
+type MomentArgs<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    usize,
+    usize,
+    usize,
+);
+
+/// Adafactor's step (`kernels/adafactor.rs`): its hyperparameters read by name from
+/// a param group now, the epsilons given resolved (torch's `eps1=None` depends on
+/// the group's first param with a gradient).
+#[pyclass(module = "ferroptim._core", frozen)]
+pub struct AdafactorKernel {
+    hyper: AdafactorHyper,
+    eps: Epsilons,
+}
+
+/// A moment tensor's buffer and how many elements it holds.
+fn moment_buffer(
+    hot: Option<&Hot<'_>>,
+    tensor: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<(Buffer, usize)> {
+    // A raw reading of torch's metadata first (a plain CPU float tensor, row-major, its
+    // elements inside its storage: what the cached plans' re-check proves, at a
+    // fraction of the Python calls), else torch's Python API.
+    if let Some(hot) = hot {
+        let object = tensor.as_ptr();
+        if native::type_of(object) == Some(hot.tensor_type) {
+            // SAFETY: `object` is a live object of exactly torch.Tensor's type (checked
+            // just above) that `tensor` holds a reference to; the GIL is held.
+            if let Some(reading) = unsafe { hot.layout.read(object) } {
+                if let Some(dtype) = hot.layout.plain_dtype(&reading) {
+                    if reading.is_row_major() {
+                        if let Some((addr, len)) = reading.owned_run(dtype) {
+                            return Ok((Buffer::new(addr, dtype), len));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let info = TensorInfo::inspect(tensor, what)?;
+    if info.layout != Layout::Contiguous {
+        return Err(not_plannable(format!("{what} is not contiguous")));
+    }
+    Ok((Buffer::new(info.addr, info.dtype), info.len))
+}
+
+#[pymethods]
+impl AdafactorKernel {
+    #[new]
+    fn new(group: &Bound<'_, PyMapping>, eps1: f64, eps2: f64) -> PyResult<AdafactorKernel> {
+        let source = GroupSource {
+            group,
+            python_error: RefCell::new(None),
+        };
+        let hyper = AdafactorHyper::read(&source)
+            .map_err(|e| source.python_error.take().unwrap_or_else(|| hyper_error(e)))?;
+        Ok(AdafactorKernel {
+            hyper,
+            eps: Epsilons { eps1, eps2 },
+        })
+    }
+
+    /// The kernel's name (as `Kernel.name`).
+    #[getter]
+    fn name(&self) -> &'static str {
+        "adafactor"
+    }
+
+    /// Element-wise state buffers in the plan: none (the moments come beside it).
+    #[getter]
+    fn state_keys(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+
+    /// Per-tensor scalar state: the step counter.
+    #[getter]
+    fn scalar_keys(&self) -> Vec<&'static str> {
+        vec!["step"]
+    }
+
+    /// Steps the gathered plan (param, grad and step counter per tensor) with each
+    /// tensor's second moment from `moments` (see `MomentArgs`), checked first:
+    /// contiguous, the param's dtype and size, sharing no memory with anything the
+    /// step reads or writes.
+    #[pyo3(signature = (plan, moments, unscale = 1.0, clip = 1.0))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        plan: &Bound<'_, GroupPlan>,
+        moments: Vec<MomentArgs<'_>>,
+        unscale: f64,
+        clip: f64,
+    ) -> PyResult<()> {
+        let hot = Hot::new(py)?;
+        let hot = hot.as_ref();
+        let mut parsed = Vec::with_capacity(moments.len());
+        let mut sizes = Vec::with_capacity(moments.len());
+        for (i, (first, second, batch, rows, cols)) in moments.iter().enumerate() {
+            // (sizes: `adafactor::check` compares them with the param's before any write)
+            let what = |name: &str| format!("{name} of parameter {i}");
+            let (a, a_len) = moment_buffer(
+                hot,
+                first,
+                &what(if second.is_some() {
+                    "row_var"
+                } else {
+                    "variance"
+                }),
+            )?;
+            parsed.push(match second {
+                None => {
+                    sizes.push([a_len, 0]);
+                    Moment::Full { variance: a }
+                }
+                Some(second) => {
+                    let (b, b_len) = moment_buffer(hot, second, &what("col_var"))?;
+                    sizes.push([a_len, b_len]);
+                    Moment::Factored {
+                        batch: *batch,
+                        rows: *rows,
+                        cols: *cols,
+                        row_var: a,
+                        col_var: b,
+                    }
+                }
+            });
+        }
+        let ctx = StepContext {
+            unscale,
+            clip,
+            fresh: false,
+        };
+        let (hyper, eps) = (&self.hyper, self.eps);
+        // (`moments` keeps the tensors alive until the run returns)
+        plan.borrow_mut().run(py, true, |group, level| {
+            adafactor::step(group, &parsed, &sizes, hyper, eps, &ctx, level)
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("AdafactorKernel({:?}, {:?})", self.hyper, self.eps)
+    }
 }
