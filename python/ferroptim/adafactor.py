@@ -39,7 +39,7 @@ def resolved_eps1(group: dict[str, Any]) -> float:
     first param for every later one, whatever their dtypes)."""
     eps1, _ = group["eps"]
     if eps1 is not None:
-        return eps1  # type: ignore[no-any-return]
+        return eps1
     first = next((p for p in group["params"] if p.grad is not None), None)
     return torch.finfo(first.dtype if first is not None else torch.float32).eps
 
