@@ -509,6 +509,7 @@ SGD_HYPER: dict[str, object] = {"lr": 0.01, "momentum": 0.9}
 RMSPROP_HYPER: dict[str, object] = {"lr": 0.01}
 NADAM_HYPER: dict[str, object] = {"lr": 2e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 LION_HYPER: dict[str, object] = {"lr": 1e-4, "weight_decay": 1e-2}
+ADAN_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 2e-2, "weight_decouple": True}
 ADEMAMIX_HYPER: dict[str, object] = {
     "lr": 1e-3,
     "weight_decay": 1e-2,
@@ -681,6 +682,28 @@ SUITES: dict[str, Suite] = {
             "write p and the three states).",
             "torch has no AdEMAMix: the reference is pytorch-optimizer's `AdEMAMix`, whose "
             "default on the CPU is its foreach flavour (torch `_foreach_*` ops).",
+        ),
+    ),
+    "adan": Suite(
+        name="adan",
+        title=(
+            "ferroptim.Adan vs pytorch_optimizer.Adan (its default flavour; lr 1e-3, "
+            "decoupled weight decay 0.02): one `step()`"
+        ),
+        bytes_per_element=44,
+        ours=optimizer(ferroptim.Adan, **ADAN_HYPER),
+        references={
+            f"pytorch-optimizer {flavour}": optimizer(pytorch_optimizer.Adan, **flags, **ADAN_HYPER)
+            for flavour, flags in (("default", {}), ("for-loop", {"foreach": False}))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 44 bytes/element (read p, g, exp_avg, exp_avg_sq, exp_avg_diff, "
+            "previous_grad; write p and the four states).",
+            "torch has no Adan: the reference is pytorch-optimizer's `Adan`, whose default on "
+            "the CPU is its foreach flavour (torch `_foreach_*` ops).",
         ),
     ),
     "radam": Suite(

@@ -1,7 +1,8 @@
 """Oracles from ``pytorch-optimizer`` for the optimizers ferroptim takes from it.
 
-``AdEMAMixReference`` is ``pytorch_optimizer.AdEMAMix`` itself (its constructor, its
-``step``, its arithmetic), with what ferroptim.AdEMAMix adds as torch conventions:
+``AdEMAMixReference`` (``AdanReference``) is ``pytorch_optimizer.AdEMAMix`` (``.Adan``)
+itself (its constructor, its ``step``, its arithmetic), with what ferroptim.AdEMAMix
+(ferroptim.Adan) adds as torch conventions:
 
 * ``maximize`` per param group (the reference keeps one ``maximize`` attribute for the
   whole optimizer): each group is stepped with the attribute set from the group;
@@ -27,7 +28,7 @@ from typing import Any
 import pytorch_optimizer
 import torch
 
-__all__ = ["ADEMAMIX_EXTRA_GROUP_KEYS", "AdEMAMixReference"]
+__all__ = ["ADEMAMIX_EXTRA_GROUP_KEYS", "AdEMAMixReference", "AdanReference"]
 
 #: Param-group keys ferroptim.AdEMAMix has beyond ``pytorch_optimizer.AdEMAMix``'s.
 ADEMAMIX_EXTRA_GROUP_KEYS = ("maximize", "differentiable")
@@ -131,3 +132,61 @@ class AdEMAMix(pytorch_optimizer.AdEMAMix):
 
 
 AdEMAMixReference = AdEMAMix
+
+
+class Adan(pytorch_optimizer.Adan):
+    """``pytorch_optimizer.Adan`` with per-group ``maximize`` and untouched gradients (see
+    the module docs; its own ``max_grad_norm`` clips over the groups stepped together, so
+    the registry's cases leave it at 0: test_adan checks it against the real class)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+        weight_decay: float = 0.0,
+        weight_decouple: bool = False,
+        max_grad_norm: float = 0.0,
+        foreach: bool | None = None,
+        eps: float = 1e-8,
+        maximize: bool = False,
+        *,
+        differentiable: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            weight_decouple=weight_decouple,
+            max_grad_norm=max_grad_norm,
+            foreach=foreach,
+            eps=eps,
+            maximize=maximize,
+            **kwargs,
+        )
+        extra = {"maximize": maximize, "differentiable": differentiable}
+        self.defaults.update(extra)
+        for group in self.param_groups:
+            for key, value in extra.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if "differentiable" in self.defaults:  # (the constructor's groups: see __init__)
+            for key in ADEMAMIX_EXTRA_GROUP_KEYS:
+                self.param_groups[-1].setdefault(key, self.defaults[key])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        references_step = inspect.unwrap(pytorch_optimizer.Adan.step)
+        step_each_group_on_grad_copies(self, lambda: references_step(self))
+        return loss
+
+
+AdanReference = Adan

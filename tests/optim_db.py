@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import torch
 from _lion_reference import LionReference
-from _pytorch_optimizer_reference import AdEMAMixReference
+from _pytorch_optimizer_reference import AdanReference, AdEMAMixReference
 
 
 def _import_ferroptim() -> Any:
@@ -1189,6 +1189,52 @@ FAMILIES: dict[str, Family] = {
             ("weight_decouple", True),
             ("alpha", 2.0),
             ("t_alpha_beta3", 7.0),
+            ("maximize", False),
+        ),
+    ),
+    "Adan": Family(
+        "Adan",
+        ferroptim.Adan,
+        # pytorch_optimizer.Adan with per-group `maximize` and gradients left untouched:
+        # see _pytorch_optimizer_reference.py; test_adan.py checks against the real class
+        # (its `max_grad_norm` too).
+        AdanReference,
+        grid={
+            "weight_decay": (0.0, 0.1),
+            "weight_decouple": (False, True),
+            "maximize": (False, True),
+        },
+        valid=lambda kw: kw["weight_decay"] != 0 or not kw.get("weight_decouple"),
+        state_keys=lambda group: ("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad"),
+        second_group={"lr": 3e-3, "betas": (0.9, 0.9, 0.999)},
+        reference_kwargs={"foreach": False},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9, 0.99), "weight_decay": 0.3},
+            {"lr": 1e-4, "maximize": True, "weight_decouple": True, "weight_decay": 0.1},
+        ),
+        state_tensors=("exp_avg", "exp_avg_sq", "exp_avg_diff", "previous_grad"),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="adan_step",
+        full_grid=True,
+        bad_input_kwargs={"weight_decay": 0.1},
+        numbers=("lr", "weight_decay", "eps"),
+        unusual=[
+            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
+            pytest.param({"betas": (0.0, 0.0, 0.0)}, id="betas-zero"),
+            pytest.param({"betas": (0.9, 0.9, 1.0)}, id="beta3-one"),
+        ],
+        mixed_dtype_kwargs={"weight_decay": 0.1},
+        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3},
+        train_kwargs={"lr": 1e-3, "weight_decay": 0.02, "weight_decouple": True},
+        interop_training={"lr": 1e-3, "weight_decay": 0.02},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9, 0.99)),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("weight_decouple", True),
             ("maximize", False),
         ),
     ),

@@ -504,6 +504,11 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1, "t_alpha_beta3": 5.0},
         {"weight_decay": 0.1, "weight_decouple": True, "maximize": True},
     ],
+    "Adan": [
+        {},
+        {"weight_decay": 0.1},
+        {"weight_decay": 0.1, "weight_decouple": True, "maximize": True},
+    ],
     "RAdam": [
         {},
         {"weight_decay": 0.1},
@@ -562,6 +567,7 @@ STATE_ALIASES = [
     pytest.param("NAdam", {}, "exp_avg_sq", id="NAdam-exp_avg_sq"),
     pytest.param("Lion", {}, "exp_avg", id="Lion-exp_avg"),
     pytest.param("AdEMAMix", {}, "exp_avg_slow", id="AdEMAMix-exp_avg_slow"),
+    pytest.param("Adan", {}, "exp_avg_diff", id="Adan-exp_avg_diff"),
     pytest.param("RAdam", {}, "exp_avg_sq", id="RAdam-exp_avg_sq"),
     pytest.param("Adadelta", {}, "square_avg", id="Adadelta-square_avg"),
     pytest.param("Adadelta", {}, "acc_delta", id="Adadelta-acc_delta"),
@@ -719,6 +725,7 @@ FLAGS = {
     "NAdam": ("maximize", "decoupled_weight_decay"),
     "Lion": ("maximize", "decoupled_weight_decay"),
     "AdEMAMix": ("maximize", "weight_decouple"),
+    "Adan": ("maximize", "weight_decouple"),
     "RAdam": ("maximize", "decoupled_weight_decay"),
     "Adadelta": ("maximize",),
     "Rprop": ("maximize",),

@@ -42,6 +42,7 @@ _NEEDS_TORCH = (
     "Rprop",
     "ASGD",
     "AdEMAMix",
+    "Adan",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -58,6 +59,7 @@ else:
     from ferroptim.adagrad import Adagrad
     from ferroptim.adam import Adam, AdamW
     from ferroptim.adamax import Adamax
+    from ferroptim.adan import Adan
     from ferroptim.ademamix import AdEMAMix
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
@@ -99,6 +101,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "Adan",
     "Lion",
     "Muon",
     "NAdam",

@@ -21,6 +21,7 @@ pub mod adagrad;
 pub mod adam;
 pub mod adamax;
 pub mod ademamix;
+pub mod adan;
 pub mod asgd;
 pub mod clip;
 pub mod lars;

@@ -84,5 +84,6 @@ registry! {
     Rprop => super::rprop::Rprop,
     Asgd => super::asgd::Asgd,
     Ademamix => super::ademamix::Ademamix,
+    Adan => super::adan::Adan,
     StreamProbe => super::probe::StreamProbe,
 }
