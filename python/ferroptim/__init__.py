@@ -31,6 +31,7 @@ _NEEDS_TORCH = (
     "Adam",
     "AdamW",
     "Adamax",
+    "LBFGS",
     "Lion",
     "NAdam",
     "RAdam",
@@ -55,6 +56,7 @@ else:
     from ferroptim.adamax import Adamax
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.lbfgs import LBFGS
     from ferroptim.lion import Lion
     from ferroptim.nadam import NAdam
     from ferroptim.radam import RAdam
@@ -82,6 +84,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ASGD",
+    "LBFGS",
     "SGD",
     "Adadelta",
     "Adagrad",

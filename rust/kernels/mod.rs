@@ -21,6 +21,7 @@ pub mod adam;
 pub mod adamax;
 pub mod asgd;
 pub mod clip;
+pub mod lbfgs;
 pub mod lion;
 pub mod nadam;
 pub mod probe;
