@@ -108,13 +108,26 @@ def _two_loop(
     h_diag: Any,
     al: list[Any],
 ) -> tuple[Tensor, float]:
-    """The direction ``d`` and ``gtd = flat_grad.dot(d)``: one Rust call, or torch's code."""
+    """The direction ``d`` and ``gtd = flat_grad.dot(d)``: one Rust call, or torch's code.
+
+    torch assigns a new 0-d tensor to each ``al[i]``; Rust writes the same values into
+    the 0-d tensors already there (``al`` is scratch: torch overwrites it before reading
+    it, and a loaded checkpoint's tensors are the state's own, as ``prev_flat_grad``,
+    which torch itself updates in place)."""
     num_old = len(old_dirs)
     if len(al) < num_old:
         raise IndexError("list assignment index out of range")  # torch's al[i] = ...
     q = flat_grad.neg()
+    if num_old and al[num_old - 1] is None:
+        # New history slots: torch assigns a fresh 0-d tensor to al[i]; Rust writes
+        # into ours (entries are filled in order, so only the last can be new).
+        for i in range(num_old):
+            if al[i] is None:
+                al[i] = torch.zeros((), dtype=q.dtype)
     try:
-        values, gtd = _core.lbfgs_direction(q, flat_grad, old_dirs, old_stps, ro, float(h_diag))
+        gtd = _core.lbfgs_direction(
+            q, flat_grad, old_dirs, old_stps, ro, float(h_diag), al[:num_old]
+        )
     except ValueError:
         # torch's loop verbatim (a state tensor of another dtype or layout, say).
         for i in range(num_old - 1, -1, -1):
@@ -125,8 +138,6 @@ def _two_loop(
             be_i = old_dirs[i].dot(r) * ro[i]
             r.add_(old_stps[i], alpha=al[i] - be_i)
         return d, float(flat_grad.dot(d))
-    if num_old:
-        al[:num_old] = torch.tensor(values, dtype=q.dtype).unbind()
     return q, gtd
 
 

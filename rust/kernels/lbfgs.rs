@@ -38,20 +38,183 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::engine::Real;
-use crate::parallel::ChunkPlan;
+use crate::parallel::{ChunkPlan, CHUNK_ELEMENTS};
 use crate::simd::{dispatch, SimdLevel, SimdTask};
 
 const LANES: usize = 16;
 
-/// A closure run at one SIMD level: its body is inlined into the
-/// target-feature function `dispatch` picks.
-struct Job<F>(F);
+/// A per-element update of a fused pass: `q = op(q, x)`.
+trait ElemOp<C>: Copy + Send + Sync {
+    fn apply(self, q: C, x: C) -> C;
+}
 
-impl<R, F: FnOnce() -> R> SimdTask for Job<F> {
-    type Output = R;
+/// `q.add_(x, alpha=a)`: one fused multiply-add.
+#[derive(Clone, Copy)]
+struct Axpy<C>(C);
+
+impl<C: Real> ElemOp<C> for Axpy<C> {
     #[inline(always)]
-    fn run(self) -> R {
-        (self.0)()
+    fn apply(self, q: C, x: C) -> C {
+        self.0.mul_add(x, q)
+    }
+}
+
+/// `q.add_(x, alpha=a)` then `torch.mul(q, h)`: two roundings.
+#[derive(Clone, Copy)]
+struct AxpyScale<C>(C, C);
+
+impl<C: Real> ElemOp<C> for AxpyScale<C> {
+    #[inline(always)]
+    fn apply(self, q: C, x: C) -> C {
+        self.0.mul_add(x, q) * self.1
+    }
+}
+
+/// `torch.mul(q, h)`.
+#[derive(Clone, Copy)]
+struct Scale<C>(C);
+
+impl<C: Real> ElemOp<C> for Scale<C> {
+    #[inline(always)]
+    fn apply(self, q: C, _x: C) -> C {
+        q * self.0
+    }
+}
+
+// The SIMD tasks: each body is `#[inline(always)]`, so it is compiled inside the
+// target-feature function `dispatch` picks (as the engine's tasks are).
+
+struct DotTask<'s, C> {
+    a: &'s [C],
+    b: &'s [C],
+}
+
+impl<C: Real> SimdTask for DotTask<'_, C> {
+    type Output = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        dot_lanes(self.a, self.b)
+    }
+}
+
+struct DotPairTask<'s, C> {
+    y: &'s [C],
+    s: &'s [C],
+}
+
+impl<C: Real> SimdTask for DotPairTask<'_, C> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn run(self) -> (f64, f64) {
+        (dot_lanes(self.y, self.s), dot_lanes(self.y, self.y))
+    }
+}
+
+struct MapDotTask<'s, C, O> {
+    q: &'s mut [C],
+    x: &'s [C],
+    w: &'s [C],
+    op: O,
+}
+
+impl<C: Real, O: ElemOp<C>> SimdTask for MapDotTask<'_, C, O> {
+    type Output = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        map_dot_lanes(self.q, self.x, self.w, self.op)
+    }
+}
+
+struct AbsMaxTask<'s, C>(&'s [C]);
+
+impl<C: AbsBits> SimdTask for AbsMaxTask<'_, C> {
+    type Output = C;
+    #[inline(always)]
+    fn run(self) -> C {
+        // On magnitudes' bit patterns (sign cleared) an integer max orders like the
+        // values, and every NaN's pattern exceeds infinity's: NaN propagates, and the
+        // loop vectorises (as clip.rs's max norm).
+        let (blocks, tail) = self.0.as_chunks::<LANES>();
+        let mut lanes = [C::Bits::default(); LANES];
+        for block in blocks {
+            for l in 0..LANES {
+                lanes[l] = lanes[l].max(block[l].abs_bits());
+            }
+        }
+        let best = lanes
+            .into_iter()
+            .chain(tail.iter().map(|v| v.abs_bits()))
+            .max()
+            .unwrap_or_default();
+        C::from_abs_bits(best)
+    }
+}
+
+struct AbsSumTask<'s, C>(&'s [C]);
+
+impl<C: Real> SimdTask for AbsSumTask<'_, C> {
+    type Output = f64;
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let (blocks, tail) = self.0.as_chunks::<LANES>();
+        let mut lanes = [0.0f64; LANES];
+        for block in blocks {
+            for l in 0..LANES {
+                lanes[l] += block[l].to_f64().abs();
+            }
+        }
+        let mut lanes = std::hint::black_box(lanes);
+        for (l, v) in tail.iter().enumerate() {
+            lanes[l] += v.to_f64().abs();
+        }
+        fold_lanes(lanes)
+    }
+}
+
+struct AddTask<'s, C> {
+    p: &'s mut [C],
+    x: &'s [C],
+    t: C,
+}
+
+impl<C: Real> SimdTask for AddTask<'_, C> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        for (p, x) in self.p.iter_mut().zip(self.x) {
+            *p = self.t.mul_add(*x, *p);
+        }
+    }
+}
+
+/// float32/float64 with their magnitudes' bit patterns (for `abs_max`).
+pub trait AbsBits: Real + Send + Sync {
+    type Bits: Copy + Ord + Default + Send;
+    fn abs_bits(self) -> Self::Bits;
+    fn from_abs_bits(bits: Self::Bits) -> Self;
+}
+
+impl AbsBits for f32 {
+    type Bits = u32;
+    #[inline(always)]
+    fn abs_bits(self) -> u32 {
+        self.to_bits() & 0x7fff_ffff
+    }
+    #[inline(always)]
+    fn from_abs_bits(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
+}
+
+impl AbsBits for f64 {
+    type Bits = u64;
+    #[inline(always)]
+    fn abs_bits(self) -> u64 {
+        self.to_bits() & 0x7fff_ffff_ffff_ffff
+    }
+    #[inline(always)]
+    fn from_abs_bits(bits: u64) -> f64 {
+        f64::from_bits(bits)
     }
 }
 
@@ -91,21 +254,26 @@ fn dot_lanes<C: Real>(a: &[C], b: &[C]) -> f64 {
 
 /// `buf[j] = f(buf[j], x[j])`, then `Σ w[j] * buf[j]` (new values) in float64.
 #[inline(always)]
-fn map_dot_lanes<C: Real>(buf: &mut [C], x: &[C], w: &[C], f: impl Fn(C, C) -> C) -> f64 {
+fn map_dot_lanes<C: Real, O: ElemOp<C>>(buf: &mut [C], x: &[C], w: &[C], op: O) -> f64 {
     let (buf_blocks, buf_tail) = buf.as_chunks_mut::<LANES>();
     let (x_blocks, x_tail) = x.as_chunks::<LANES>();
     let (w_blocks, w_tail) = w.as_chunks::<LANES>();
     let mut lanes = [0.0f64; LANES];
     for ((b, xx), ww) in buf_blocks.iter_mut().zip(x_blocks).zip(w_blocks) {
+        // The update of a whole block first, then its products: two straight loops
+        // LLVM turns into full-width vector code.
+        let mut v = [C::ZERO; LANES];
         for l in 0..LANES {
-            let v = f(b[l], xx[l]);
-            b[l] = v;
-            lanes[l] += ww[l].to_f64() * v.to_f64();
+            v[l] = op.apply(b[l], xx[l]);
+        }
+        *b = v;
+        for l in 0..LANES {
+            lanes[l] += ww[l].to_f64() * v[l].to_f64();
         }
     }
     let mut lanes = std::hint::black_box(lanes);
     for (l, ((b, xx), ww)) in buf_tail.iter_mut().zip(x_tail).zip(w_tail).enumerate() {
-        let v = f(*b, *xx);
+        let v = op.apply(*b, *xx);
         *b = v;
         lanes[l] += ww.to_f64() * v.to_f64();
     }
@@ -115,6 +283,14 @@ fn map_dot_lanes<C: Real>(buf: &mut [C], x: &[C], w: &[C], f: impl Fn(C, C) -> C
 /// Runs `work` on every chunk of `0..len` (the engine's chunk plan: its
 /// boundaries depend on `len` only) and returns the per-chunk results in order.
 fn chunks<R: Send>(len: usize, work: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    if len <= CHUNK_ELEMENTS {
+        // One chunk (what the plan makes of it): no plan, no allocation.
+        return if len == 0 {
+            Vec::new()
+        } else {
+            vec![work(0..len)]
+        };
+    }
     let plan = ChunkPlan::for_lens(&[len]);
     plan.run(|segments| {
         let start = segments.first().map_or(0, |s| s.range.start);
@@ -128,7 +304,15 @@ fn chunks_mut<C: Send, R: Send>(
     buf: &mut [C],
     work: impl Fn(Range<usize>, &mut [C]) -> R + Sync,
 ) -> Vec<R> {
-    let plan = ChunkPlan::for_lens(&[buf.len()]);
+    let len = buf.len();
+    if len <= CHUNK_ELEMENTS {
+        return if len == 0 {
+            Vec::new()
+        } else {
+            vec![work(0..len, buf)]
+        };
+    }
+    let plan = ChunkPlan::for_lens(&[len]);
     let mut parts = Vec::with_capacity(plan.num_chunks());
     let mut rest = buf;
     for c in 0..plan.num_chunks() {
@@ -159,7 +343,13 @@ fn chunks_mut<C: Send, R: Send>(
 pub fn dot<C: Real + Send + Sync>(level: SimdLevel, a: &[C], b: &[C]) -> f64 {
     assert_eq!(a.len(), b.len(), "dot: lengths differ");
     chunks(a.len(), |r| {
-        dispatch(level, Job(|| dot_lanes(&a[r.clone()], &b[r.clone()])))
+        dispatch(
+            level,
+            DotTask {
+                a: &a[r.clone()],
+                b: &b[r],
+            },
+        )
     })
     .into_iter()
     .sum()
@@ -171,10 +361,10 @@ pub fn dot_pair<C: Real + Send + Sync>(level: SimdLevel, y: &[C], s: &[C]) -> (C
     let parts = chunks(y.len(), |r| {
         dispatch(
             level,
-            Job(|| {
-                let (y, s) = (&y[r.clone()], &s[r.clone()]);
-                (dot_lanes(y, s), dot_lanes(y, y))
-            }),
+            DotPairTask {
+                y: &y[r.clone()],
+                s: &s[r],
+            },
         )
     });
     let (ys, yy) = parts
@@ -185,27 +375,8 @@ pub fn dot_pair<C: Real + Send + Sync>(level: SimdLevel, y: &[C], s: &[C]) -> (C
 
 /// `x.abs().max()`: the largest magnitude, NaN if any element is NaN, 0 for
 /// an empty vector (where torch raises; the caller never asks then).
-pub fn abs_max<C: Real + Send + Sync>(level: SimdLevel, x: &[C]) -> C {
-    let parts = chunks(x.len(), |r| {
-        dispatch(
-            level,
-            Job(|| {
-                let x = &x[r];
-                let (blocks, tail) = x.as_chunks::<LANES>();
-                let mut lanes = [C::ZERO; LANES];
-                for block in blocks {
-                    for l in 0..LANES {
-                        lanes[l] = lanes[l].max_propagate_nan(block[l].abs());
-                    }
-                }
-                let mut best = C::ZERO;
-                for v in lanes.into_iter().chain(tail.iter().map(|v| v.abs())) {
-                    best = best.max_propagate_nan(v);
-                }
-                best
-            }),
-        )
-    });
+pub fn abs_max<C: AbsBits>(level: SimdLevel, x: &[C]) -> C {
+    let parts = chunks(x.len(), |r| dispatch(level, AbsMaxTask(&x[r])));
     // A maximum is exact in any order.
     parts
         .into_iter()
@@ -214,57 +385,34 @@ pub fn abs_max<C: Real + Send + Sync>(level: SimdLevel, x: &[C]) -> C {
 
 /// `Σ |x|` in float64 (torch's `flat_grad.abs().sum()` before rounding to `C`).
 pub fn abs_sum<C: Real + Send + Sync>(level: SimdLevel, x: &[C]) -> f64 {
-    chunks(x.len(), |r| {
-        dispatch(
-            level,
-            Job(|| {
-                let x = &x[r];
-                let (blocks, tail) = x.as_chunks::<LANES>();
-                let mut lanes = [0.0f64; LANES];
-                for block in blocks {
-                    for l in 0..LANES {
-                        lanes[l] += block[l].to_f64().abs();
-                    }
-                }
-                let mut lanes = std::hint::black_box(lanes);
-                for (l, v) in tail.iter().enumerate() {
-                    lanes[l] += v.to_f64().abs();
-                }
-                fold_lanes(lanes)
-            }),
-        )
-    })
-    .into_iter()
-    .sum()
+    chunks(x.len(), |r| dispatch(level, AbsSumTask(&x[r])))
+        .into_iter()
+        .sum()
 }
 
 /// `p.add_(x, alpha=t)`: `p = fma(t, x, p)`.
 pub fn add_scaled<C: Real + Send + Sync>(level: SimdLevel, p: &mut [C], t: C, x: &[C]) {
     assert_eq!(p.len(), x.len(), "add_scaled: lengths differ");
-    chunks_mut(p, |r, p| {
-        dispatch(
-            level,
-            Job(|| {
-                for (p, x) in p.iter_mut().zip(&x[r]) {
-                    *p = t.mul_add(*x, *p);
-                }
-            }),
-        )
-    });
+    chunks_mut(p, |r, p| dispatch(level, AddTask { p, x: &x[r], t }));
 }
 
-/// One fused pass: `q[j] = f(q[j], x[j])`, returning `Σ w * q` (new values).
-fn map_dot<C: Real + Send + Sync>(
+/// One fused pass: `q[j] = op(q[j], x[j])`, returning `Σ w * q` (new values).
+fn map_dot<C: Real + Send + Sync, O: ElemOp<C>>(
     level: SimdLevel,
     q: &mut [C],
     x: &[C],
     w: &[C],
-    f: impl Fn(C, C) -> C + Sync + Copy,
+    op: O,
 ) -> f64 {
     chunks_mut(q, |r, q| {
         dispatch(
             level,
-            Job(|| map_dot_lanes(q, &x[r.clone()], &w[r.clone()], f)),
+            MapDotTask {
+                q,
+                x: &x[r.clone()],
+                w: &w[r],
+                op,
+            },
         )
     })
     .into_iter()
@@ -302,7 +450,7 @@ pub fn direction<C: Real + Send + Sync>(
         .chain(&history.stps)
         .all(|v| v.len() == q.len()));
     if n == 0 {
-        let gtd = map_dot(level, q, grad, grad, move |q, _| q * h_diag);
+        let gtd = map_dot(level, q, grad, grad, Scale(h_diag));
         return C::from_f64(gtd);
     }
     let (y, s, ro) = (&history.dirs, &history.stps, &history.ro);
@@ -311,13 +459,11 @@ pub fn direction<C: Real + Send + Sync>(
         al[i] = dot * ro[i];
         let neg_al = -al[i];
         dot = C::from_f64(if i > 0 {
-            map_dot(level, q, y[i], s[i - 1], move |q, y| neg_al.mul_add(y, q))
+            map_dot(level, q, y[i], s[i - 1], Axpy(neg_al))
         } else {
             // The last update of the first loop, then `r = q * H_diag`, then
             // the first dot product of the second loop.
-            map_dot(level, q, y[0], y[0], move |q, y| {
-                neg_al.mul_add(y, q) * h_diag
-            })
+            map_dot(level, q, y[0], y[0], AxpyScale(neg_al, h_diag))
         });
     }
     // `dot` is now `y_0 · r`.
@@ -325,9 +471,7 @@ pub fn direction<C: Real + Send + Sync>(
         let be = dot * ro[i];
         let coef = al[i] - be;
         let next = if i + 1 < n { y[i + 1] } else { grad };
-        dot = C::from_f64(map_dot(level, q, s[i], next, move |r, s| {
-            coef.mul_add(s, r)
-        }));
+        dot = C::from_f64(map_dot(level, q, s[i], next, Axpy(coef)));
     }
     dot
 }

@@ -12,6 +12,7 @@
 //! cost no Python calls per tensor.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
 use pyo3::exceptions::PyValueError;
@@ -25,7 +26,38 @@ use crate::kernels::lbfgs::{self, History};
 use crate::simd;
 
 /// Fingerprints confirmed against torch's Python API (bounded: cleared when full).
-static CONFIRMED: Mutex<Option<HashSet<Fingerprint>>> = Mutex::new(None);
+static CONFIRMED: Mutex<Option<HashSet<Fingerprint, BuildHasherDefault<WordHasher>>>> =
+    Mutex::new(None);
+
+/// A multiply-rotate hash over the fingerprint's words (SipHash, the default, costs more
+/// than the rest of a tensor's check; nothing here needs resistance to chosen keys).
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Word by word (the shape and stride arrays arrive as one byte slice each).
+        let (words, rest) = bytes.as_chunks::<8>();
+        for word in words {
+            self.write_u64(u64::from_le_bytes(*word));
+        }
+        for byte in rest {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+    fn write_i64(&mut self, word: i64) {
+        self.write_u64(word as u64);
+    }
+}
 const MAX_CONFIRMED: usize = 16 * 1024;
 
 /// One tensor's elements: one contiguous run of `len` elements at `addr`.
@@ -60,7 +92,7 @@ fn raw_run(tensor: &Bound<'_, PyAny>, dtype: Format) -> PyResult<Option<Run>> {
     let mut confirmed = CONFIRMED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let set = confirmed.get_or_insert_with(HashSet::new);
+    let set = confirmed.get_or_insert_with(HashSet::default);
     if !set.contains(&fp) {
         if Fingerprint::verified(tensor, dtype)? != Some(fp) {
             return Ok(None);
@@ -74,11 +106,12 @@ fn raw_run(tensor: &Bound<'_, PyAny>, dtype: Format) -> PyResult<Option<Run>> {
 }
 
 /// `tensor`'s elements as one run of `dtype`, or torch's Python API's reason why not.
-fn run_of(tensor: &Bound<'_, PyAny>, dtype: Format, what: &str) -> PyResult<Run> {
+fn run_of(tensor: &Bound<'_, PyAny>, dtype: Format, what: &dyn Fn() -> String) -> PyResult<Run> {
     let run = match raw_run(tensor, dtype)? {
         Some(run) => run,
         None => {
-            let info = TensorInfo::inspect(tensor, what)?;
+            let what = what();
+            let info = TensorInfo::inspect(tensor, &what)?;
             if info.dtype != dtype {
                 return Err(PyValueError::new_err(format!(
                     "{what} has dtype {:?}, not the parameters' {dtype:?}",
@@ -95,7 +128,7 @@ fn run_of(tensor: &Bound<'_, PyAny>, dtype: Format, what: &str) -> PyResult<Run>
         }
     };
     if run.len > 0 && !run.addr.is_multiple_of(dtype.size()) {
-        return Err(PyValueError::new_err(format!("{what} is misaligned")));
+        return Err(PyValueError::new_err(format!("{} is misaligned", what())));
     }
     Ok(run)
 }
@@ -116,24 +149,28 @@ fn same_len(runs: &[Run], len: usize, what: &str) -> PyResult<()> {
     Ok(())
 }
 
-/// Refuses a written run that overlaps any other run (written or read).
+/// Refuses a written run that overlaps any other run (written or read); read runs may
+/// overlap each other. One sort and a sweep: a run starting before the furthest end
+/// seen so far overlaps an earlier run.
 fn check_disjoint(written: &[Run], read: &[Run], dtype: Format, what: &str) -> PyResult<()> {
-    let overlap = |a: std::ops::Range<usize>, b: std::ops::Range<usize>| {
-        !a.is_empty() && !b.is_empty() && a.start < b.end && b.start < a.end
-    };
-    for (i, w) in written.iter().enumerate() {
-        let others = written
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, r)| r)
-            .chain(read);
-        for other in others {
-            if overlap(w.bytes(dtype), other.bytes(dtype)) {
-                return Err(PyValueError::new_err(format!(
-                    "{what}: a written vector overlaps another vector"
-                )));
-            }
+    let mut spans: Vec<(usize, usize, bool)> = written
+        .iter()
+        .map(|r| (r, true))
+        .chain(read.iter().map(|r| (r, false)))
+        .filter(|(r, _)| r.len > 0)
+        .map(|(r, w)| (r.bytes(dtype).start, r.bytes(dtype).end, w))
+        .collect();
+    spans.sort_unstable();
+    let (mut end_any, mut end_written) = (0usize, 0usize);
+    for (start, end, written) in spans {
+        if start < end_written || (written && start < end_any) {
+            return Err(PyValueError::new_err(format!(
+                "{what}: a written vector overlaps another vector"
+            )));
+        }
+        end_any = end_any.max(end);
+        if written {
+            end_written = end_written.max(end);
         }
     }
     Ok(())
@@ -166,10 +203,12 @@ unsafe fn slice_mut<'a, C>(run: Run) -> &'a mut [C] {
 }
 
 /// A scalar held in a one-element tensor of `dtype` (torch's 0-d `ro[i]`).
-fn scalar_of<C: Real>(tensor: &Bound<'_, PyAny>, dtype: Format, what: &str) -> PyResult<C> {
-    let run = run_of(tensor, dtype, what)?;
+fn scalar_of<C: Real>(tensor: &Bound<'_, PyAny>, dtype: Format, index: usize) -> PyResult<C> {
+    let run = run_of(tensor, dtype, &|| format!("ro[{index}]"))?;
     if run.len != 1 {
-        return Err(PyValueError::new_err(format!("{what} is not one element")));
+        return Err(PyValueError::new_err(format!(
+            "ro[{index}] is not one element"
+        )));
     }
     // SAFETY: one aligned element of `C` inside the tensor's storage (checked
     // by `run_of`), read while the GIL keeps the tensor alive.
@@ -180,7 +219,10 @@ fn scalar_of<C: Real>(tensor: &Bound<'_, PyAny>, dtype: Format, what: &str) -> P
 #[pyfunction]
 pub fn lbfgs_dot(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<f64> {
     let dtype = dtype_of(a, "a")?;
-    let (ra, rb) = (run_of(a, dtype, "a")?, run_of(b, dtype, "b")?);
+    let (ra, rb) = (
+        run_of(a, dtype, &|| "a".into())?,
+        run_of(b, dtype, &|| "b".into())?,
+    );
     same_len(&[rb], ra.len, "dot")?;
     let level = simd::active_level();
     run_caught(py, move || {
@@ -202,7 +244,10 @@ pub fn lbfgs_dot_pair(
     s: &Bound<'_, PyAny>,
 ) -> PyResult<(f64, f64)> {
     let dtype = dtype_of(y, "y")?;
-    let (ry, rs) = (run_of(y, dtype, "y")?, run_of(s, dtype, "s")?);
+    let (ry, rs) = (
+        run_of(y, dtype, &|| "y".into())?,
+        run_of(s, dtype, &|| "s".into())?,
+    );
     same_len(&[rs], ry.len, "dot_pair")?;
     let level = simd::active_level();
     run_caught(py, move || match dtype {
@@ -222,7 +267,7 @@ pub fn lbfgs_dot_pair(
 #[pyo3(signature = (x, with_sum = false))]
 pub fn lbfgs_abs(py: Python<'_>, x: &Bound<'_, PyAny>, with_sum: bool) -> PyResult<(f64, f64)> {
     let dtype = dtype_of(x, "x")?;
-    let rx = run_of(x, dtype, "x")?;
+    let rx = run_of(x, dtype, &|| "x".into())?;
     let level = simd::active_level();
     run_caught(py, move || match dtype {
         Format::F32 => {
@@ -249,8 +294,11 @@ pub fn lbfgs_abs(py: Python<'_>, x: &Bound<'_, PyAny>, with_sum: bool) -> PyResu
 }
 
 /// The two-loop recursion: `q` (`-flat_grad` on entry) becomes the
-/// direction `d`. Returns torch's `al[0..n]` and `gtd = flat_grad.dot(d)`.
+/// direction `d`, torch's `al[i]` are written into `al[0..n]` (one-element
+/// tensors of the dtype, none overlapping another vector). Returns
+/// `gtd = flat_grad.dot(d)`.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 pub fn lbfgs_direction(
     py: Python<'_>,
     q: &Bound<'_, PyAny>,
@@ -259,67 +307,77 @@ pub fn lbfgs_direction(
     old_stps: Vec<Bound<'_, PyAny>>,
     ro: Vec<Bound<'_, PyAny>>,
     h_diag: f64,
-) -> PyResult<(Vec<f64>, f64)> {
+    al: Vec<Bound<'_, PyAny>>,
+) -> PyResult<f64> {
     let n = old_dirs.len();
-    if old_stps.len() != n || ro.len() != n {
+    if old_stps.len() != n || ro.len() != n || al.len() < n {
         return Err(PyValueError::new_err(
-            "old_dirs, old_stps and ro differ in length",
+            "old_dirs, old_stps, ro and al differ in length",
         ));
     }
     let dtype = dtype_of(q, "d")?;
-    let rq = run_of(q, dtype, "d")?;
-    let rg = run_of(grad, dtype, "flat_grad")?;
+    let rq = run_of(q, dtype, &|| "d".into())?;
+    let rg = run_of(grad, dtype, &|| "flat_grad".into())?;
     let mut reads = vec![rg];
     for (i, y) in old_dirs.iter().enumerate() {
-        reads.push(run_of(y, dtype, &format!("old_dirs[{i}]"))?);
+        reads.push(run_of(y, dtype, &|| format!("old_dirs[{i}]"))?);
     }
     for (i, s) in old_stps.iter().enumerate() {
-        reads.push(run_of(s, dtype, &format!("old_stps[{i}]"))?);
+        reads.push(run_of(s, dtype, &|| format!("old_stps[{i}]"))?);
     }
     same_len(&reads, rq.len, "two-loop recursion")?;
-    check_disjoint(&[rq], &reads, dtype, "two-loop recursion")?;
+    let mut written = vec![rq];
+    for (i, a) in al.iter().take(n).enumerate() {
+        let run = run_of(a, dtype, &|| format!("al[{i}]"))?;
+        if run.len != 1 {
+            return Err(PyValueError::new_err(format!("al[{i}] is not one element")));
+        }
+        written.push(run);
+    }
+    check_disjoint(&written, &reads, dtype, "two-loop recursion")?;
     let level = simd::active_level();
     match dtype {
         Format::F32 => {
             let ro: Vec<f32> = ro
                 .iter()
                 .enumerate()
-                .map(|(i, r)| scalar_of::<f32>(r, dtype, &format!("ro[{i}]")))
+                .map(|(i, r)| scalar_of::<f32>(r, dtype, i))
                 .collect::<PyResult<_>>()?;
             let h = f32::from_f64(h_diag);
             run_caught(py, move || {
-                // SAFETY: every run checked above; `q` overlaps none of the others.
-                let (al, gtd) = unsafe { two_loop::<f32>(level, rq, &reads, ro, h) };
-                (al.into_iter().map(f64::from).collect(), f64::from(gtd))
+                // SAFETY: every run checked above; the written runs (`q`, the `al`
+                // entries) overlap no other run.
+                f64::from(unsafe { two_loop::<f32>(level, &written, &reads, ro, h) })
             })
         }
         _ => {
             let ro: Vec<f64> = ro
                 .iter()
                 .enumerate()
-                .map(|(i, r)| scalar_of::<f64>(r, dtype, &format!("ro[{i}]")))
+                .map(|(i, r)| scalar_of::<f64>(r, dtype, i))
                 .collect::<PyResult<_>>()?;
             run_caught(py, move || {
                 // SAFETY: as above.
-                unsafe { two_loop::<f64>(level, rq, &reads, ro, h_diag) }
+                unsafe { two_loop::<f64>(level, &written, &reads, ro, h_diag) }
             })
         }
     }
 }
 
 /// # Safety
-/// `q` and `reads` (`flat_grad`, then the n `y`, then the n `s`) checked by
-/// `run_of` for `C`, of equal lengths, `q` overlapping none of them.
+/// `written` (`q`, then the n one-element `al` entries) and `reads`
+/// (`flat_grad`, then the n `y`, then the n `s`) checked by `run_of` for `C`,
+/// `q` and the reads of equal lengths, no written run overlapping another run.
 unsafe fn two_loop<C: Real + Send + Sync>(
     level: simd::SimdLevel,
-    q: Run,
+    written: &[Run],
     reads: &[Run],
     ro: Vec<C>,
     h: C,
-) -> (Vec<C>, C) {
+) -> C {
     let n = ro.len();
     // SAFETY: the caller's contract.
-    let (grad, q) = unsafe { (slice::<C>(reads[0]), slice_mut::<C>(q)) };
+    let (grad, q) = unsafe { (slice::<C>(reads[0]), slice_mut::<C>(written[0])) };
     let history = History {
         // SAFETY: the caller's contract.
         dirs: reads[1..=n]
@@ -335,7 +393,11 @@ unsafe fn two_loop<C: Real + Send + Sync>(
     };
     let mut al = vec![C::ZERO; n];
     let gtd = lbfgs::direction(level, q, grad, &history, h, &mut al);
-    (al, gtd)
+    for (value, run) in al.into_iter().zip(&written[1..]) {
+        // SAFETY: the caller's contract: one element of `C`, overlapping nothing else.
+        unsafe { slice_mut::<C>(*run)[0] = value };
+    }
+    gtd
 }
 
 /// torch's `_add_grad`: `p.add_(d[offset:offset + numel].view_as(p), alpha=t)`
@@ -350,11 +412,11 @@ pub fn lbfgs_add(
     d: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
     let dtype = dtype_of(d, "d")?;
-    let rd = run_of(d, dtype, "d")?;
+    let rd = run_of(d, dtype, &|| "d".into())?;
     let runs: Vec<Run> = params
         .iter()
         .enumerate()
-        .map(|(i, p)| run_of(p, dtype, &format!("parameter {i}")))
+        .map(|(i, p)| run_of(p, dtype, &|| format!("parameter {i}")))
         .collect::<PyResult<_>>()?;
     if runs.iter().map(|r| r.len).sum::<usize>() != rd.len {
         return Err(PyValueError::new_err(
