@@ -541,3 +541,24 @@ def test_history_not_aliased() -> None:
     pointers = [t.data_ptr() for t in _history_tensors(_state(got))]
     assert len(set(pointers)) == len(pointers) == 10
     assert copy.deepcopy(got.optimizer.state_dict())["state"][0]["n_iter"] == 30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("line_search", LINE_SEARCHES)
+def test_cuda_params_take_torchs_path(
+    monkeypatch: pytest.MonkeyPatch, line_search: str | None
+) -> None:
+    """CUDA parameters step through torch's own implementation: torch's numbers exactly."""
+    _no_rust(monkeypatch)
+    kwargs = _kwargs("least_squares", line_search, 5)
+    want = run(torch.optim.LBFGS, _cuda_least_squares(), STEPS, **kwargs)
+    got = run(ferroptim.LBFGS, _cuda_least_squares(), STEPS, **kwargs)
+    for g, w in zip(got.params, want.params, strict=True):
+        assert g.is_cuda and torch.equal(g, w)
+
+
+def _cuda_least_squares() -> Problem:
+    w, bias = (torch.nn.Parameter(p.detach().cuda()) for p in least_squares(torch.float32).params)
+    design, target = _design(torch.float32).cuda(), _target(torch.float32).cuda()
+    return Problem([w, bias], lambda: ((design @ w.t() + bias - target) ** 2).mean())

@@ -407,7 +407,7 @@ class LBFGS(torch.optim.LBFGS):
             y = flat_grad.sub(memory.prev_flat_grad)
             s = memory.d.mul(memory.t)
             ys, yy = _dot_pair(y, s)
-            if ys > run.tol.rounded(1e-10):
+            if ys > run.tol.curvature:
                 if len(memory.old_dirs) == run.group["history_size"]:
                     memory.old_dirs.pop(0)
                     memory.old_stps.pop(0)
@@ -492,6 +492,8 @@ class _Tolerances:
         self.grad = self.rounded(group["tolerance_grad"])
         self.change = group["tolerance_change"]
         self.change_c = self.rounded(self.change)
+        # torch's `ys > 1e-10` (the curvature condition for a history update)
+        self.curvature = self.rounded(1e-10)
 
 
 @dataclass
