@@ -562,3 +562,17 @@ def _cuda_least_squares() -> Problem:
     w, bias = (torch.nn.Parameter(p.detach().cuda()) for p in least_squares(torch.float32).params)
     design, target = _design(torch.float32).cuda(), _target(torch.float32).cuda()
     return Problem([w, bias], lambda: ((design @ w.t() + bias - target) ** 2).mean())
+
+
+def test_step_bumps_the_autograd_version_counter() -> None:
+    """As torch's in-place ``add_``: a graph that saved a parameter before ``step`` refuses
+    to backprop through it afterwards."""
+    for cls in (torch.optim.LBFGS, ferroptim.LBFGS):
+        problem = least_squares(torch.float64)
+        opt = cls(problem.params, max_iter=2)
+        saved = (problem.params[0] ** 2).sum()  # saves the parameter for backward
+        version = problem.params[0]._version
+        run(cls, problem, 1, optimizer=opt)
+        assert problem.params[0]._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.backward()

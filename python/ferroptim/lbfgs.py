@@ -336,6 +336,9 @@ class LBFGS(torch.optim.LBFGS):
             except ValueError:
                 pass
             else:
+                # What torch's in-place `add_` records: a graph that saved a parameter
+                # refuses to backprop through it afterwards.
+                torch.autograd.graph.increment_version(self._params)
                 return
         super()._add_grad(step_size, update)
 
