@@ -12,7 +12,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
   Lion (against lion-pytorch),
   RAdam, Adadelta,
-  Rprop, ASGD,
+  Rprop, ASGD, SparseAdam, LBFGS (``step(closure)`` on its own closure cases, :func:`lbfgs`),
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
   the cost of ferroptim's own options (``adamw_options``). Adding one is one more
   entry: :func:`optimizer` turns an optimizer class into a factory, :func:`function`
