@@ -149,6 +149,7 @@ def test_public_api():
         "Adadelta",
         "Rprop",
         "ASGD",
+        "LBFGS",
         "clip_grad_norm_",
         "clip_grad_value_",
         "get_total_norm",

@@ -33,6 +33,7 @@ _NEEDS_TORCH = (
     "AdamW",
     "Adamax",
     "LARS",
+    "LBFGS",
     "Lion",
     "Muon",
     "NAdam",
@@ -64,6 +65,7 @@ else:
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
     from ferroptim.lars import LARS
+    from ferroptim.lbfgs import LBFGS
     from ferroptim.lion import Lion
     from ferroptim.muon import Muon
     from ferroptim.nadam import NAdam
@@ -93,6 +95,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "ASGD",
     "LARS",
+    "LBFGS",
     "SGD",
     "AdEMAMix",
     "Adadelta",

@@ -34,12 +34,15 @@ __all__ = [
     "hooked_step",
     "init_group",
     "is_dtensor",
+    "lbfgs_cubic_interpolate",
+    "lbfgs_torch_step",
     "local",
     "module_tensor_slots",
     "scalar_dtype",
     "sparse_adam",
     "sparse_rows",
     "sparse_values",
+    "to_scalar",
 ]
 
 
@@ -57,6 +60,28 @@ def init_group(optimizer: torch.optim.Optimizer, group: dict[str, Any], *lists: 
 def scalar_dtype() -> torch.dtype:
     """The dtype torch gives a fresh step counter (float32, or float64 by default dtype)."""
     return _get_scalar_dtype()
+
+
+def to_scalar(value: Any) -> Any:
+    """torch's ``_to_scalar``: a 1-element tensor hyperparameter (``lr``) as a Python number."""
+    return _torch_optimizer._to_scalar(value)
+
+
+def lbfgs_cubic_interpolate(*args: Any, **kwargs: Any) -> Any:
+    """``torch.optim.lbfgs._cubic_interpolate``: the line search's scalar interpolation
+    (pure scalar code: reused as is, so its arithmetic is torch's)."""
+    from torch.optim import lbfgs
+
+    return lbfgs._cubic_interpolate(*args, **kwargs)
+
+
+def lbfgs_torch_step() -> Callable[..., Any]:
+    """``torch.optim.LBFGS.step`` without torch's hook wrapper (which wraps it on the first
+    construction of a torch LBFGS): ferroptim's own wrapper has run the hooks already."""
+    step = torch.optim.LBFGS.__dict__["step"]
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
 
 
 def capturable_devices(supports_xla: bool = True) -> list[str]:

@@ -25,6 +25,7 @@ pub mod adan;
 pub mod asgd;
 pub mod clip;
 pub mod lars;
+pub mod lbfgs;
 pub mod lion;
 pub mod muon;
 pub mod nadam;

@@ -82,7 +82,7 @@ pub struct Layout {
 }
 
 /// What one tensor's metadata says, read raw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Fingerprint {
     pub tensor_impl: usize,
     storage: usize,
@@ -209,6 +209,23 @@ impl Fingerprint {
             expected = expected.saturating_mul(self.sizes[d]);
         }
         true
+    }
+
+    /// The address of the first element and the number of elements of a
+    /// plain CPU tensor of `dtype` whose elements are one row-major run
+    /// inside its storage (what L-BFGS's flat vectors and parameters are).
+    pub fn contiguous_run(&self, layout: &Layout, dtype: Format) -> Option<(usize, usize)> {
+        if layout.plain_dtype(self) != Some(dtype) {
+            return None;
+        }
+        let mut expected = 1i64;
+        for d in (0..self.ndim).rev() {
+            if self.sizes[d] != 1 && self.strides[d] != expected {
+                return None;
+            }
+            expected = expected.checked_mul(self.sizes[d])?;
+        }
+        self.owned_run(dtype)
     }
 
     /// Whether `other` has the same shape and strides.
