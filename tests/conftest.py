@@ -33,6 +33,7 @@ import torch
 # The optimizer registry lives in optim_db (one entry per optimizer); re-exported here.
 from optim_db import (
     ALL_FAMILIES,
+    CLIPPING,
     FAMILIES,
     FULL_GRID,
     NEW_FAMILIES,
@@ -54,6 +55,7 @@ from optim_db import (
 #: What test files import from here rather than from optim_db.
 __all__ = [
     "ALL_FAMILIES",
+    "CLIPPING",
     "FAMILIES",
     "FULL_GRID",
     "NEW_FAMILIES",

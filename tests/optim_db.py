@@ -132,6 +132,9 @@ class Family:
     #: Per-tensor scalar state (0-d tensors in torch's scalar dtype, not the param's):
     #: the step counter and, for NAdam, ``mu_product``.
     scalar_state: tuple[str, ...] = ("step",)
+    #: Whether ferroptim's ``max_grad_norm`` keyword applies. False where the reference
+    #: takes a ``max_grad_norm`` of its own (Adan's global clipping: test_adan checks it).
+    ferro_clipping: bool = True
     #: Whether the state has a ``step`` counter (SGD's has none).
     has_step: bool = True
     #: Whether CPU float32/float64 params step in Rust (False: ferroptim hands every step
@@ -1217,13 +1220,20 @@ FAMILIES: dict[str, Family] = {
         has_step=False,
         has_fused=False,
         kernel="adan_step",
+        ferro_clipping=False,
         full_grid=True,
         bad_input_kwargs={"weight_decay": 0.1},
         numbers=("lr", "weight_decay", "eps"),
         unusual=[
             pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
             pytest.param({"betas": (0.0, 0.0, 0.0)}, id="betas-zero"),
-            pytest.param({"betas": (0.9, 0.9, 1.0)}, id="beta3-one"),
+            # (beta3 = 1 zeroes its bias correction: every update is nan, on both sides)
+            pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),
+            pytest.param({"lr": torch.tensor(1e-2), "weight_decay": 0.1}, id="tensor-lr-decay"),
+            pytest.param(
+                {"lr": torch.tensor(1e-2), "weight_decay": 0.1, "weight_decouple": True},
+                id="tensor-lr-decoupled",
+            ),
         ],
         mixed_dtype_kwargs={"weight_decay": 0.1},
         mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3},
@@ -1573,6 +1583,10 @@ def one_per_kernel(*prefer: str) -> tuple[str, ...]:
         if family.kernel not in chosen or name in prefer:
             chosen[family.kernel] = name
     return tuple(chosen.values())
+
+
+#: Families that take ferroptim's ``max_grad_norm`` (clipping inside the step).
+CLIPPING = tuple(name for name, f in FAMILIES.items() if f.ferro_clipping)
 
 
 #: Families whose parity tests sweep every flag combination (the rest: representative

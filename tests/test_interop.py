@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import (
     ALL_FAMILIES,
+    CLIPPING,
     FAMILIES,
     OPTIMIZERS,
     assert_unchanged,
@@ -394,9 +395,10 @@ def test_constructor_signature_is_torchs_plus_keywords(family):
         assert ours[name].kind == param.kind, name
         assert ours[name].default == param.default, name
     extra = [p for name, p in ours.items() if name not in theirs]
-    assert "max_grad_norm" in [p.name for p in extra]
+    # (Adan's reference takes a `max_grad_norm` of its own: it is the reference's there)
+    assert ("max_grad_norm" in [p.name for p in extra]) == family.ferro_clipping
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra), extra
-    assert ours["max_grad_norm"].default is None
+    assert ours["max_grad_norm"].default is None or not family.ferro_clipping
     # Positional calls exactly as torch's.
     positional = [
         p.default
@@ -617,7 +619,7 @@ def _trained_twin(family: str = "AdamW", **kwargs: Any) -> Twin:
     return twin
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", CLIPPING)
 def test_state_dict_has_torchs_exact_format(family):
     twin = _trained_twin(family)
     sf, st = twin.f.state_dict(), twin.t.state_dict()
@@ -782,7 +784,7 @@ def _tensors(obj):
     return list(iter_tensors(obj))
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", CLIPPING)
 def test_deepcopy(family):
     twin = _trained_twin(family, max_grad_norm=2.5)
     originals = [p.detach().clone() for p in twin.fp]
@@ -814,7 +816,7 @@ def test_deepcopy(family):
     twin.check()
 
 
-@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("family", CLIPPING)
 def test_pickle(family):
     twin = _trained_twin(family, max_grad_norm=0.75)
     params2, opt2 = pickle.loads(pickle.dumps((twin.fp, twin.f)))

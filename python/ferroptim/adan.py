@@ -70,9 +70,10 @@ def _clips(group: dict[str, Any]) -> bool:
 
 def _rust_unsupported(group: dict[str, Any]) -> bool:
     # Clipping needs the reference's global norm in its own float32 arithmetic, and a
-    # tensor hyperparameter its tensor arithmetic: the torch ops below do both.
+    # tensor hyperparameter other than `lr` (which the kernel reproduces) its tensor
+    # arithmetic: the torch ops below do both.
     _betas(group)  # (betas that do not unpack: the reference's error, first)
-    values = (*group["betas"], *(group[k] for k in ("lr", "weight_decay", "eps")))
+    values = (*group["betas"], group["weight_decay"], group["eps"])
     return _clips(group) or any(isinstance(v, Tensor) for v in values)
 
 
@@ -165,8 +166,6 @@ ADAN_SPEC = OptimizerSpec(
     group_step_key="step",
     has_fused=False,
     sparse_to_torch=True,
-    # The reference reads the grad again (for `previous_grad`) after writing the param.
-    own_grad_alias_to_torch=True,
     numbers=("lr", "weight_decay", "eps", "max_grad_norm"),
     more_numbers=_betas,
     rust_unsupported=_rust_unsupported,

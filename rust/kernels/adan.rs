@@ -32,13 +32,15 @@
 use super::Lerp;
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext};
 use crate::engine::hyper::GroupStep;
-use crate::engine::{Real, MAX_STATES};
+use crate::engine::{Real, TensorScalar, MAX_STATES};
 
 crate::hyper_record! {
     /// Adan's hyperparameters, under the reference's param-group names (plus torch's
     /// `maximize`), and the group's step counter.
     pub struct AdanHyper {
-        lr: f64,
+        /// A float32 tensor `lr` makes the reference compute its scalars (`1 - lr*wd`,
+        /// `-lr / bc1`, ...) in float32 tensor arithmetic.
+        lr: TensorScalar,
         betas: [f64; 3],
         weight_decay: f64,
         /// Decay the param (`p *= 1 - lr*wd`) before the update instead of dividing
@@ -54,7 +56,7 @@ crate::hyper_record! {
 impl Default for AdanHyper {
     fn default() -> Self {
         AdanHyper {
-            lr: 1e-3,
+            lr: TensorScalar::of(1e-3),
             betas: [0.98, 0.92, 0.99],
             weight_decay: 0.0,
             weight_decouple: false,
@@ -151,6 +153,26 @@ impl Elementwise for Adan {
         let [beta1, beta2, beta3] = h.betas;
         let bias_correction1 = 1.0 - beta1.powf(step);
         let bias_correction2 = 1.0 - beta2.powf(step);
+        let lr = h.lr.value;
+        let wd = h.weight_decay;
+        let [decay, divisor, neg_step_size, neg_diff_step_size] = if h.lr.is_f32_tensor {
+            // Each scalar a float32 0-d tensor op, the Python floats rounded to float32.
+            let (lr, wd) = (lr as f32, wd as f32);
+            [
+                1.0 - wd * lr,
+                1.0 + lr * wd,
+                -lr / bias_correction1 as f32,
+                -lr * beta2 as f32 / bias_correction2 as f32,
+            ]
+            .map(f64::from)
+        } else {
+            [
+                1.0 - lr * wd,
+                1.0 + lr * wd,
+                -lr / bias_correction1,
+                -lr * beta2 / bias_correction2,
+            ]
+        };
         AdanConsts {
             fast: Lerp::new(1.0 - beta1),
             diff: Lerp::new(1.0 - beta2),
@@ -159,10 +181,10 @@ impl Elementwise for Adan {
             one_minus_beta3: C::from_f64(1.0 - beta3),
             bias_correction3_sqrt: C::from_f64((1.0 - beta3.powf(step)).sqrt()),
             eps: C::from_f64(h.eps),
-            decay: C::from_f64(1.0 - h.lr * h.weight_decay),
-            divisor: C::from_f64(1.0 + h.lr * h.weight_decay),
-            neg_step_size: C::from_f64(-h.lr / bias_correction1),
-            neg_diff_step_size: C::from_f64(-h.lr * beta2 / bias_correction2),
+            decay: C::from_f64(decay),
+            divisor: C::from_f64(divisor),
+            neg_step_size: C::from_f64(neg_step_size),
+            neg_diff_step_size: C::from_f64(neg_diff_step_size),
         }
     }
 
@@ -234,13 +256,14 @@ mod tests {
             grad_diff = grad_diff * beta2 + grad;
             s[1][i] = s[1][i] * beta3 + (1.0 - beta3) * grad_diff * grad_diff;
             let denom = s[1][i].sqrt() / bias_correction3_sqrt + h.eps;
+            let lr = h.lr.value;
             if h.weight_decay != 0.0 && h.weight_decouple {
-                p[i] *= 1.0 - h.lr * h.weight_decay;
+                p[i] *= 1.0 - lr * h.weight_decay;
             }
-            p[i] += -h.lr / bias_correction1 * s[0][i] / denom;
-            p[i] += -h.lr * beta2 / bias_correction2 * s[2][i] / denom;
+            p[i] += -lr / bias_correction1 * s[0][i] / denom;
+            p[i] += -lr * beta2 / bias_correction2 * s[2][i] / denom;
             if h.weight_decay != 0.0 && !h.weight_decouple {
-                p[i] /= 1.0 + h.lr * h.weight_decay;
+                p[i] /= 1.0 + lr * h.weight_decay;
             }
             s[3][i] = -grad;
         }
@@ -251,7 +274,7 @@ mod tests {
         for maximize in [false, true] {
             for (weight_decay, weight_decouple) in [(0.0, false), (0.1, false), (0.1, true)] {
                 out.push(AdanHyper {
-                    lr: 0.01,
+                    lr: TensorScalar::of(0.01),
                     betas: [0.9, 0.8, 0.99],
                     weight_decay,
                     weight_decouple,
