@@ -104,9 +104,9 @@ def test_cuda_params_step_in_torchs_fused_kernels(family):
     ferro_cls, torch_cls, kwargs, fused = FAMILIES[family]
     pf, pt = make_params(DEVICE), make_params(DEVICE)
     f = ferro_cls(pf, **kwargs)
-    # torch's fused kernels where it has them, else foreach: ferroptim's choice for
-    # tensors off the CPU (torch.optim's own default on CUDA is foreach).
-    t = torch_cls(pt, **kwargs, **({"fused": True} if fused else {"foreach": True}))
+    # torch's fused kernels where it has them, else torch's own default (foreach; for
+    # Adafactor its for-loop): ferroptim's choice for tensors off the CPU.
+    t = torch_cls(pt, **kwargs, **({"fused": True} if fused else {}))
     with kernel_calls() as calls:
         run(f, pf)
     run(t, pt)
@@ -148,7 +148,7 @@ def test_group_mixing_cpu_and_cuda_params(family):
         **kwargs,
         foreach=False,
     )
-    choice = {"fused": True} if fused else {"foreach": True}
+    choice = {"fused": True} if fused else {}  # (torch's default: foreach, or a for-loop)
     t_gpu = torch_cls(
         [{"params": [tg[0]]}, {"params": [tg[1]], "lr": kwargs["lr"] / 3}], **kwargs, **choice
     )

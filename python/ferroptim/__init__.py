@@ -50,7 +50,7 @@ _NEEDS_TORCH = (
 )
 
 try:
-    import torch  # noqa: F401
+    import torch
 except ImportError:  # numpy-only install: the functional API works, the rest explains
     _torch_missing = True
 else:
@@ -67,7 +67,6 @@ else:
     from ferroptim.lars import LARS
     from ferroptim.lbfgs import LBFGS
     from ferroptim.lion import Lion
-    from ferroptim.muon import Muon
     from ferroptim.nadam import NAdam
     from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
@@ -75,11 +74,19 @@ else:
     from ferroptim.sgd import SGD
     from ferroptim.sparse_adam import SparseAdam
 
+    if hasattr(torch.optim, "Muon"):  # (ferroptim.Muon subclasses torch's: torch >= 2.9)
+        from ferroptim.muon import Muon
+
 
 def __getattr__(name: str) -> Any:
     if name == "tune":
         # Imported on first use, so `import ferroptim` costs nothing for users who never tune.
         return importlib.import_module("ferroptim.tune")
+    if name == "Muon" and not _torch_missing:
+        raise ImportError(
+            "ferroptim.Muon subclasses torch.optim.Muon, which this torch lacks "
+            "(it came in torch 2.9)"
+        )
     if name in _NEEDS_TORCH and _torch_missing:
         raise ImportError(
             f"ferroptim.{name} needs PyTorch: pip install 'ferroptim[torch]' "

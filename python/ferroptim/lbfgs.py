@@ -27,6 +27,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 from collections.abc import Callable
@@ -46,6 +47,9 @@ from ferroptim._torch_compat import (
 )
 
 __all__ = ["LBFGS"]
+
+#: Whether this torch's LBFGS takes ``maximize``.
+_TORCH_TAKES_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS.__init__).parameters
 
 _RUST_DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -301,6 +305,13 @@ class LBFGS(torch.optim.LBFGS):
         *,
         maximize: bool = False,
     ) -> None:
+        # (torch's LBFGS took `maximize` only in later releases: torch 2.11's has none)
+        if maximize and not _TORCH_TAKES_MAXIMIZE:
+            raise ValueError(
+                f"maximize=True needs a newer torch: torch {torch.__version__}'s "
+                "LBFGS has no maximize"
+            )
+        extra = {"maximize": maximize} if _TORCH_TAKES_MAXIMIZE else {}
         super().__init__(
             params,
             lr=lr,
@@ -310,7 +321,7 @@ class LBFGS(torch.optim.LBFGS):
             tolerance_change=tolerance_change,
             history_size=history_size,
             line_search_fn=line_search_fn,
-            maximize=maximize,
+            **extra,
         )
 
     def _in_rust(self) -> bool:
