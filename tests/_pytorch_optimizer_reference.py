@@ -70,10 +70,46 @@ def step_each_group_on_grad_copies(optimizer: Any, step: Callable[[], Any]) -> N
             p.grad = grad
 
 
-class AdEMAMix(pytorch_optimizer.AdEMAMix):
+class _TorchConventions:
+    """What both oracles add to their reference class (see the module docs)."""
+
+    #: The pytorch-optimizer class whose own ``step`` runs.
+    reference: Any
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+
+    def _add_group_keys(self, maximize: bool, differentiable: bool) -> None:
+        extra = {"maximize": maximize, "differentiable": differentiable}
+        self.defaults.update(extra)
+        for group in self.param_groups:
+            for key, value in extra.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        if "differentiable" in self.defaults:  # (the constructor's groups: _add_group_keys)
+            for key in ADEMAMIX_EXTRA_GROUP_KEYS:
+                self.param_groups[-1].setdefault(key, self.defaults[key])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # The reference's own step, without the hook wrapper torch puts on a class it
+        # instantiates (hooks run once, around this step).
+        references_step = inspect.unwrap(self.reference.step)
+        step_each_group_on_grad_copies(self, lambda: references_step(self))
+        return loss
+
+
+class AdEMAMix(_TorchConventions, pytorch_optimizer.AdEMAMix):
     """``pytorch_optimizer.AdEMAMix`` with per-group ``maximize``, untouched gradients and
     complex params (see the module docs). Named ``AdEMAMix``, so that errors naming the
     class read as the reference's own."""
+
+    reference = pytorch_optimizer.AdEMAMix
 
     def __init__(
         self,
@@ -106,38 +142,18 @@ class AdEMAMix(pytorch_optimizer.AdEMAMix):
             foreach=foreach,
             **kwargs,
         )
-        extra = {"maximize": maximize, "differentiable": differentiable}
-        self.defaults.update(extra)
-        for group in self.param_groups:
-            for key, value in extra.items():
-                group.setdefault(key, value)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "differentiable" in self.defaults:  # (the constructor's groups: see __init__)
-            for key in ADEMAMIX_EXTRA_GROUP_KEYS:
-                self.param_groups[-1].setdefault(key, self.defaults[key])
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # The reference's own step, without the hook wrapper torch puts on a class it
-        # instantiates (hooks run once, around this step).
-        references_step = inspect.unwrap(pytorch_optimizer.AdEMAMix.step)
-        step_each_group_on_grad_copies(self, lambda: references_step(self))
-        return loss
+        self._add_group_keys(maximize, differentiable)
 
 
 AdEMAMixReference = AdEMAMix
 
 
-class Adan(pytorch_optimizer.Adan):
+class Adan(_TorchConventions, pytorch_optimizer.Adan):
     """``pytorch_optimizer.Adan`` with per-group ``maximize`` and untouched gradients (see
     the module docs; its own ``max_grad_norm`` clips over the groups stepped together, so
     the registry's cases leave it at 0: test_adan checks it against the real class)."""
+
+    reference = pytorch_optimizer.Adan
 
     def __init__(
         self,
@@ -166,27 +182,7 @@ class Adan(pytorch_optimizer.Adan):
             maximize=maximize,
             **kwargs,
         )
-        extra = {"maximize": maximize, "differentiable": differentiable}
-        self.defaults.update(extra)
-        for group in self.param_groups:
-            for key, value in extra.items():
-                group.setdefault(key, value)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "differentiable" in self.defaults:  # (the constructor's groups: see __init__)
-            for key in ADEMAMIX_EXTRA_GROUP_KEYS:
-                self.param_groups[-1].setdefault(key, self.defaults[key])
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        references_step = inspect.unwrap(pytorch_optimizer.Adan.step)
-        step_each_group_on_grad_copies(self, lambda: references_step(self))
-        return loss
+        self._add_group_keys(maximize, differentiable)
 
 
 AdanReference = Adan

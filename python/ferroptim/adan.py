@@ -31,7 +31,7 @@ from torch.optim.optimizer import ParamsT
 from ferroptim import _core
 from ferroptim._hyper import flag
 from ferroptim._optimizer import RustStepMixin
-from ferroptim._reference_errors import negative_lr, no_sparse_gradient
+from ferroptim._reference_errors import check_constructor, no_sparse_gradient
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 
 __all__ = ["Adan"]
@@ -209,22 +209,8 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
-        if lr < 0.0:
-            raise negative_lr(lr)
-        for (name, end), beta in zip(
-            (("beta1", ")"), ("beta2", ")"), ("beta3", "]")), betas, strict=False
-        ):
-            if beta is None and name == "beta1":
-                continue
-            if not (0.0 <= beta < 1.0 if end == ")" else 0.0 <= beta <= 1.0):
-                raise ValueError(f"{name} must be in the range [0.0, 1.0{end}")
-        for name, value in (
-            ("weight_decay", weight_decay),
-            ("max_grad_norm", max_grad_norm),
-            ("eps", eps),
-        ):
-            if value < 0.0:
-                raise ValueError(f"{name} must be non-negative")
+        non_negative = {"weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "eps": eps}
+        check_constructor(lr, betas, non_negative)
         for option in ("use_gc", "adanorm"):
             if kwargs.get(option):
                 raise ValueError(f"ferroptim.Adan does not implement the reference's {option!r}")

@@ -33,7 +33,7 @@ from torch.optim.optimizer import ParamsT
 from ferroptim import _core
 from ferroptim._hyper import flag
 from ferroptim._optimizer import RustStepMixin
-from ferroptim._reference_errors import negative_lr, no_sparse_gradient
+from ferroptim._reference_errors import check_constructor, no_sparse_gradient
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 
 __all__ = ["AdEMAMix"]
@@ -235,23 +235,8 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
-        if lr < 0.0:
-            raise negative_lr(lr)
-        # (validate_betas: beta1 unless None, beta2, and beta3 if there is one)
-        limits = (("beta1", ")"), ("beta2", ")"), ("beta3", "]"))
-        for (name, end), beta in zip(limits, betas, strict=False):
-            if beta is None and name == "beta1":
-                continue
-            if not (0.0 <= beta < 1.0 if end == ")" else 0.0 <= beta <= 1.0):
-                raise ValueError(f"{name} must be in the range [0.0, 1.0{end}")
-        for name, value in (
-            ("alpha", alpha),
-            ("t_alpha_beta3", t_alpha_beta3),
-            ("weight_decay", weight_decay),
-            ("eps", eps),
-        ):
-            if value is not None and value < 0.0:
-                raise ValueError(f"{name} must be non-negative")
+        non_negative = {"alpha": alpha, "t_alpha_beta3": t_alpha_beta3}
+        check_constructor(lr, betas, {**non_negative, "weight_decay": weight_decay, "eps": eps})
         defaults = {
             "lr": lr,
             "betas": betas,
