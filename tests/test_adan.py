@@ -154,3 +154,31 @@ def test_sparse_gradient_raises_the_references_error_before_any_write():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
     assert opt.param_groups[0].get("step", 0) == 0
+
+
+def test_state_made_by_the_step_for_a_staged_param():
+    """``previous_grad`` is made by the step itself: for a param that steps in a staged
+    copy (a lazily negated, transposed view, its grad the param itself) it is laid out
+    like that copy, and the step is the reference's (found by the stateful safety test)."""
+    from _pytorch_optimizer_reference import AdanReference
+
+    def run(cls: type) -> tuple[list[torch.nn.Parameter], Any]:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(37,), (33, 7), (16, 16)]
+        ps = [
+            torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes
+        ]
+        opt = cls(ps, lr=0.01, weight_decay=0.05, foreach=False)
+        p = ps[2]
+        p.data = torch._neg_view(p.data.clone()).t()
+        p.grad = p.detach()
+        for q in ps[:2]:
+            q.grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+        return ps, opt
+
+    (fp, fo), (tp, to) = run(ferroptim.Adan), run(AdanReference)
+    for a, b in zip(fp, tp, strict=True):
+        torch.testing.assert_close(a.detach().resolve_neg(), b.detach().resolve_neg())
+        for key, value in to.state[b].items():
+            torch.testing.assert_close(fo.state[a][key], value)

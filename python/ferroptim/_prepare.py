@@ -515,7 +515,10 @@ def _lay_out_states(
     for k, key in enumerate(gathered.keys):
         buffer = gathered.states[k][i]
         if buffer is None:  # created by the step itself (SGD's momentum buffer)
-            buffer = torch.empty_like(p)
+            # laid out like the memory the kernel steps (a staged copy of a strided or
+            # lazily negated param: the buffer stays laid out like it, as our own state
+            # is re-laid out below); a DTensor param's state is a DTensor
+            buffer = torch.empty_like(p if dtensor else work)
             out.created.append((state, key, buffer))
             fresh = True
         elif buffer.dtype != p.dtype or buffer.shape != p.shape:
