@@ -310,6 +310,23 @@ def lbfgs(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     return make
 
 
+def averaged_model(decay: float) -> Factory:
+    """Factory for ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))``
+    over the case's params, timing its ``update_parameters(model)`` (its first update,
+    a copy, is made untimed)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def make(params: list[Tensor]) -> Runner:
+        model = torch.nn.Module()
+        # (Parameters sharing the params' memory: the model sees every step's values)
+        model.params = torch.nn.ParameterList(torch.nn.Parameter(p.detach()) for p in params)
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        averaged.update_parameters(model)
+        return Runner(lambda: averaged.update_parameters(model), keep=(model, averaged))
+
+    return make
+
+
 def torch_variants(
     cls: type[torch.optim.Optimizer], *, fused: bool = True, **kwargs: object
 ) -> dict[str, Factory]:
@@ -581,6 +598,7 @@ ADEMAMIX_HYPER: dict[str, object] = {
 }
 MUON_HYPER: dict[str, object] = {"lr": 0.02}
 LARS_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}
+EMA_DECAY = 0.999
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -767,6 +785,43 @@ SUITES: dict[str, Suite] = {
             "previous_grad; write p and the four states).",
             "torch has no Adan: the reference is pytorch-optimizer's `Adan`, whose default on "
             "the CPU is its foreach flavour (torch `_foreach_*` ops).",
+        ),
+    ),
+    "ema": Suite(
+        name="ema",
+        title=(
+            "ferroptim.AdamW(ema_decay=0.999) vs AdamW followed by AveragedModel's EMA "
+            "update (get_ema_multi_avg_fn(0.999)): one `step()`"
+        ),
+        bytes_per_element=36,
+        ours=optimizer(ferroptim.AdamW, ema_decay=EMA_DECAY, **ADAMW_HYPER),
+        references={
+            "ferroptim AdamW": optimizer(ferroptim.AdamW, **ADAMW_HYPER),
+            "ferroptim+AveragedModel": sequence(
+                optimizer(ferroptim.AdamW, **ADAMW_HYPER), averaged_model(EMA_DECAY)
+            ),
+            "torch fused+AveragedModel": sequence(
+                optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+                averaged_model(EMA_DECAY),
+            ),
+            "torch default+AveragedModel": sequence(
+                optimizer(torch.optim.AdamW, **ADAMW_HYPER), averaged_model(EMA_DECAY)
+            ),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("EMA cost", OURS, "ferroptim AdamW", overhead=True),
+            Column("vs ferroptim+AveragedModel", "ferroptim+AveragedModel"),
+            Column("vs torch fused+AveragedModel", "torch fused+AveragedModel"),
+            Column("vs torch default+AveragedModel", "torch default+AveragedModel"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 36 bytes/element (AdamW's 28, plus reading and writing the "
+            "average; the param is read back from cache); AdamW then AveragedModel's "
+            "`_foreach_lerp_` streams 28 + 12.",
+            "**EMA cost:** how much longer ferroptim's step takes with `ema_decay` than "
+            "without (the issue's bound: 40%).",
         ),
     ),
     "radam": Suite(

@@ -189,8 +189,10 @@ def test_gradients_are_not_written() -> None:
 
 
 def test_signature_defaults_and_group_keys_are_the_references() -> None:
-    ours = inspect.signature(ferroptim.LARS.__init__).parameters
+    ours = dict(inspect.signature(ferroptim.LARS.__init__).parameters)
     theirs = inspect.signature(pytorch_optimizer.LARS.__init__).parameters
+    # (plus ferroptim's keyword-only `ema_decay`)
+    assert ours.pop("ema_decay").kind is inspect.Parameter.KEYWORD_ONLY
     assert [(n, p.default) for n, p in ours.items()] == [(n, p.default) for n, p in theirs.items()]
     ps = [torch.nn.Parameter(torch.zeros(3, 4))]
     assert ferroptim.LARS(ps).defaults == pytorch_optimizer.LARS(ps).defaults

@@ -186,8 +186,10 @@ def test_unusual_hyperparameter_types_take_torchs_path() -> None:
 
 def test_signature_defaults_and_group_keys_are_torchs() -> None:
     assert issubclass(ferroptim.Muon, torch.optim.Muon)
-    ours = inspect.signature(ferroptim.Muon.__init__).parameters
+    ours = dict(inspect.signature(ferroptim.Muon.__init__).parameters)
     theirs = inspect.signature(torch.optim.Muon.__init__).parameters
+    # (plus ferroptim's keyword-only `ema_decay`)
+    assert ours.pop("ema_decay").kind is inspect.Parameter.KEYWORD_ONLY
     assert [(n, p.default) for n, p in ours.items()] == [(n, p.default) for n, p in theirs.items()]
     p = [torch.nn.Parameter(torch.zeros(3, 4))]
     assert ferroptim.Muon(p).param_groups[0].keys() == torch.optim.Muon(p).param_groups[0].keys()

@@ -61,7 +61,13 @@ class Kernel:
     @property
     def scalar_keys(self) -> list[str]: ...
     def step(
-        self, plan: GroupPlan, unscale: float = 1.0, clip: float = 1.0, fresh: bool = False
+        self,
+        plan: GroupPlan,
+        unscale: float = 1.0,
+        clip: float = 1.0,
+        fresh: bool = False,
+        *,
+        ema: float | None = None,
     ) -> None: ...
 
 class AdafactorKernel:

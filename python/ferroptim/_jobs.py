@@ -34,7 +34,16 @@ class Job:
     """One prepared group: its Rust plans and torch-routed grads (for the global
     norm and the finiteness check), ``run`` to step it, ``cancel`` to forget it."""
 
-    __slots__ = ("_run", "dtensor_grads", "new_state", "norm_plans", "plans", "torch_grads")
+    __slots__ = (
+        "_run",
+        "dtensor_grads",
+        "ema_all",
+        "ema_fused",
+        "new_state",
+        "norm_plans",
+        "plans",
+        "torch_grads",
+    )
 
     def __init__(
         self,
@@ -44,6 +53,9 @@ class Job:
         new_state: list[Tensor] | None = None,
         norm_plans: list[_core.GroupPlan] | None = None,
         dtensor_grads: list[Tensor] | None = None,
+        ema_fused: list[Tensor] | None = None,
+        *,
+        ema_all: bool = False,
     ) -> None:
         self.plans = plans
         self.torch_grads = torch_grads
@@ -54,6 +66,15 @@ class Job:
         self.norm_plans = plans if norm_plans is None else norm_plans
         #: Gradients that are DTensors: their norm is taken across ranks.
         self.dtensor_grads = dtensor_grads or []
+        #: Params whose moving average (``ema_decay``) the Rust step updates.
+        self.ema_fused = ema_fused or []
+        #: The Rust step updates the average of every param of the group that has a
+        #: gradient (a cached plan's step).
+        self.ema_all = ema_all
+
+    def ema_fused_ids(self) -> set[int] | None:
+        """Ids of :attr:`ema_fused` (None: every param with a gradient)."""
+        return None if self.ema_all else {id(p) for p in self.ema_fused}
 
     def run(self, factors: GradFactors) -> None:
         self._run(factors)

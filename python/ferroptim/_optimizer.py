@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ferroptim import _core, _step
+from ferroptim._ema import EmaMixin
 from ferroptim._jobs import CachedPlan, Job
 from ferroptim._prepare import prepare_slow
 from ferroptim._spec import OptimizerSpec
@@ -41,7 +42,7 @@ with torch.inference_mode(False):
     _core._native_recheck()
 
 
-class RustStepMixin:
+class RustStepMixin(EmaMixin):
     """Steps CPU float tensors in Rust, everything else through torch (see module docs).
 
     Subclasses describe their optimizer family with one :class:`OptimizerSpec`, their
@@ -73,8 +74,10 @@ class RustStepMixin:
         max_grad_norm: float | None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         """Call at the end of ``__init__``."""
+        self._ema_init(ema_decay)
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
             if not max_grad_norm > 0.0:
@@ -165,5 +168,6 @@ class RustStepMixin:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         skipped = state_dict.get("skipped_steps")
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._ema_defaults()
         if skipped is not None:
             self.skipped_steps = int(skipped)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ferroptim import _config, _core
+from ferroptim._ema import EMA_KEY, ema_weight, fused_ema_keys
 from ferroptim._hyper import flag
 from ferroptim._jobs import CachedPlan, GradFactors, Job
 from ferroptim._layout import (
@@ -78,7 +79,11 @@ def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...]
         or (unsupported is not never and unsupported(group))
     ):
         return None
-    return (spec.state_keys(group), group.get("differentiable", False), _config._backend)
+    return (
+        spec.state_keys(group) + fused_ema_keys(spec, group),
+        group.get("differentiable", False),
+        _config._backend,
+    )
 
 
 # -- the slow path ------------------------------------------------------------------------
@@ -123,12 +128,13 @@ def prepare_slow(
     if rust is None:
         return Job([], torch_grads, run, new_state)
     return Job(
-        [plan for plan, _, _ in rust.plans],
+        [plan for plan, _, _, _ in rust.plans],
         torch_grads,
         run,
         new_state,
         rust.norm_plans,
         rust.dtensor_grads,
+        rust.ema_fused,
     )
 
 
@@ -390,8 +396,9 @@ class RustWork:
     lazily created buffers are new), staged copies of params that are not one run
     of memory (written back after the step), and buffers to add to the state."""
 
-    #: (plan, fresh, extras): ``extras`` is the spec's ``plan_extras`` result, or None.
-    plans: list[tuple[_core.GroupPlan, bool, Any]] = field(default_factory=list)
+    #: (plan, fresh, extras, ema): ``extras`` is the spec's ``plan_extras`` result, or
+    #: None; ``ema`` the weight of the moving average the plan's step updates, or None.
+    plans: list[tuple[_core.GroupPlan, bool, Any, float | None]] = field(default_factory=list)
     staged: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     created: list[tuple[dict[str, Any], str, Tensor]] = field(default_factory=list)
     #: Plans whose gradients count in a norm computed on this rank alone.
@@ -399,10 +406,14 @@ class RustWork:
     #: DTensor params (stepped through their local shards) and their grads.
     dtensors: list[Tensor] = field(default_factory=list)
     dtensor_grads: list[Tensor] = field(default_factory=list)
+    #: Params whose moving average the plans' steps update.
+    ema_fused: list[Tensor] = field(default_factory=list)
 
     def run(self, kernel: KernelCall, factors: GradFactors) -> None:
-        for plan, fresh, extras in self.plans:
-            if extras is None:
+        for plan, fresh, extras, ema in self.plans:
+            if ema is not None:
+                kernel(plan, factors.unscale, factors.clip, fresh, ema=ema)
+            elif extras is None:
                 kernel(plan, factors.unscale, factors.clip, fresh)
             else:
                 kernel(plan, factors.unscale, factors.clip, fresh, extras)
@@ -426,7 +437,10 @@ class _LaidOut:
 
     states: list[list[Tensor]]
     works: list[Tensor] = field(default_factory=list)
-    kinds: list[tuple[bool, bool]] = field(default_factory=list)
+    #: (fresh, dtensor, averaged): ``averaged``, the param's moving average is updated
+    #: in the kernel's pass (``emas[i]``).
+    kinds: list[tuple[bool, bool, bool]] = field(default_factory=list)
+    emas: list[Tensor | None] = field(default_factory=list)
     written: set[int | None] = field(default_factory=set)
     state_storages: set[int | None] = field(default_factory=set)
 
@@ -443,9 +457,11 @@ def prepare_rust(optimizer: RustStepMixin, gathered: Gathered, group: dict[str, 
             "group; list each parameter once"
         )
     out = RustWork()
-    laid = _lay_out_params(optimizer, gathered, out)
+    laid = _lay_out_params(
+        optimizer, gathered, out, bool(fused_ema_keys(optimizer._ferro_spec, group))
+    )
     grads = _lay_out_grads(optimizer, gathered, group, laid, out)
-    _build_plans(optimizer, gathered, laid, grads, out)
+    _build_plans(optimizer, gathered, group, laid, grads, out)
     return out
 
 
@@ -458,7 +474,9 @@ def _cpu_scalar(state: dict[str, Any], key: str, value: Tensor) -> Tensor:
     return value
 
 
-def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork) -> _LaidOut:
+def _lay_out_params(
+    optimizer: RustStepMixin, gathered: Gathered, out: RustWork, fuse_ema: bool
+) -> _LaidOut:
     step_key = optimizer._ferro_spec.step_key
     contiguous_only = optimizer._ferro_spec.contiguous_only
     laid = _LaidOut(states=[[] for _ in gathered.keys])
@@ -485,8 +503,12 @@ def _lay_out_params(optimizer: RustStepMixin, gathered: Gathered, out: RustWork)
         for key in optimizer._ferro_spec.scalar_keys:
             values = gathered.scalars[key]
             values[i] = _cpu_scalar(state, key, values[i])
+        average = _lay_out_ema(optimizer, p, work) if fuse_ema and not dtensor else None
+        laid.emas.append(average)
+        if average is not None:
+            laid.state_storages.add(storage_key(average))
         laid.works.append(work)
-        laid.kinds.append((fresh, dtensor))
+        laid.kinds.append((fresh, dtensor, average is not None))
         laid.written.add(storage_key(work))
         # A staged param's own memory is written too (the copy back): a grad in it
         # (``p.grad = p.detach()``) must be read as torch would, not as it was.
@@ -537,6 +559,29 @@ def _lay_out_states(
     return fresh
 
 
+def _lay_out_ema(optimizer: RustStepMixin, p: Tensor, work: Tensor) -> Tensor | None:
+    """The param's moving average laid out like ``work`` for the kernel's pass, or None
+    where it has none yet (the step driver copies the stepped param into it)."""
+    state = optimizer.state.get(p)
+    average = state.get(EMA_KEY) if state else None
+    if average is None:
+        return None
+    if not isinstance(average, Tensor) or (average.dtype, average.shape) != (p.dtype, p.shape):
+        described = (
+            f"shape {tuple(average.shape)} and dtype {average.dtype}"
+            if isinstance(average, Tensor)
+            else repr(average)
+        )
+        raise RuntimeError(
+            f"{type(optimizer).__name__}: state {EMA_KEY!r} of a parameter of shape "
+            f"{tuple(p.shape)} and dtype {p.dtype} has {described}"
+        )
+    if average.device != p.device or not same_layout(average, work) or is_lazy(average):
+        average = torch.empty_like(work).copy_(average)  # re-laid out once, for good
+        state[EMA_KEY] = average
+    return average
+
+
 def _check_grad(optimizer: RustStepMixin, name: str, p: Tensor, grad: Tensor) -> None:
     if grad.is_sparse:
         raise RuntimeError(f"{name} does not support sparse gradients")
@@ -585,31 +630,37 @@ def _lay_out_grads(
 def _build_plans(
     optimizer: RustStepMixin,
     gathered: Gathered,
+    group: dict[str, Any],
     laid: _LaidOut,
     grads: list[Tensor],
     out: RustWork,
 ) -> None:
-    """One plan per kind (fresh, dtensor) of param."""
+    """One plan per kind (fresh, dtensor, averaged) of param."""
     step_key = optimizer._ferro_spec.step_key
     spec = optimizer._ferro_spec
     scalars = [gathered.steps] if step_key is not None else []
     scalars += [gathered.scalars[key] for key in spec.scalar_keys]
     for kind in sorted(set(laid.kinds)):
         index = [i for i, k in enumerate(laid.kinds) if k == kind]
+        fresh, dtensor, averaged = kind
+        states = [[s[i] for i in index] for s in laid.states]
+        if averaged:
+            states.append([cast("Tensor", laid.emas[i]) for i in index])
+            out.ema_fused.extend(gathered.params[i] for i in index)
         plan = _one_shot_plan(
             type(optimizer).__name__,
             [laid.works[i] for i in index],
             [grads[i] for i in index],
-            [[s[i] for i in index] for s in laid.states],
+            states,
             [[s[i] for i in index] for s in scalars],
         )
-        fresh, dtensor = kind
         extras = (
             None
             if spec.plan_extras is None
             else spec.plan_extras(_as_torch(optimizer), [gathered.params[i] for i in index])
         )
-        out.plans.append((plan, fresh, extras))
+        weight = ema_weight(group) if averaged else None
+        out.plans.append((plan, fresh, extras, weight))
         if not dtensor:
             out.norm_plans.append(plan)
 

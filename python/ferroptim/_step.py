@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ferroptim import _core
+from ferroptim._ema import EMA_KEY, ema_weight
 from ferroptim._jobs import NO_FACTORS, CachedPlan, GradFactors, Job
 from ferroptim._norms import (
     clip_coefficient,
@@ -72,6 +73,7 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
                 slow = True
                 job = optimizer._prepare_slow(group, plans)
             jobs.append(job)
+            ema_weight(group)  # a bad ema_decay raises before anything is written
         factors = grad_factors(optimizer, jobs, grad_scale, found_inf)
     except BaseException:
         _cancel(optimizer, jobs, undo_state=False)
@@ -82,16 +84,29 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
     else:
         for job in jobs:
             job.run(factors)
-        group_step_key = optimizer._ferro_spec.group_step_key
-        if group_step_key is not None:
-            for group in optimizer.param_groups:
-                group[group_step_key] = group.get(group_step_key, 0) + 1
+        _after_run(optimizer, jobs)
     if slow or factors is None:
         live = {id(g) for g in optimizer.param_groups}
         for key in [k for k in plans if k not in live]:
             del plans[key]
         cache["_ferro_snapshot"] = _core.StateSnapshot(optimizer.state)
     return loss
+
+
+def _after_run(optimizer: RustStepMixin, jobs: list[Job]) -> None:
+    """What follows a step that ran: the moving averages the kernels did not update
+    (``ema_decay``), then the per-group step counters."""
+    if any(group.get("ema_decay") is not None for group in optimizer.param_groups):
+        optimizer._ema_after_step(
+            {
+                id(group): job.ema_fused_ids()
+                for group, job in zip(optimizer.param_groups, jobs, strict=True)
+            }
+        )
+    group_step_key = optimizer._ferro_spec.group_step_key
+    if group_step_key is not None:
+        for group in optimizer.param_groups:
+            group[group_step_key] = group.get(group_step_key, 0) + 1
 
 
 def fast_job(
@@ -109,6 +124,17 @@ def fast_job(
     # Hyperparameters are converted before the plan gathers (and holds) anything.
     spec = optimizer._ferro_spec
     kernel = spec.kernel(group)
+    if EMA_KEY in cached.key[0]:
+        weight = ema_weight(group)
+        if weight is None or not cached.plan.gather():
+            return None
+        plan = cached.plan
+        return Job(
+            [plan],
+            [],
+            lambda factors: kernel(plan, factors.unscale, factors.clip, False, ema=weight),
+            ema_all=True,
+        )
     if not cached.plan.gather():
         return None
     plan = cached.plan

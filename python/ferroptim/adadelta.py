@@ -114,6 +114,7 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -126,4 +127,4 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

@@ -238,6 +238,7 @@ class Adafactor(RustStepMixin, torch.optim.Adafactor):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -249,4 +250,4 @@ class Adafactor(RustStepMixin, torch.optim.Adafactor):
             foreach=foreach,
             maximize=maximize,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

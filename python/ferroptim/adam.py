@@ -205,6 +205,7 @@ class Adam(RustStepMixin, torch.optim.Adam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -220,7 +221,7 @@ class Adam(RustStepMixin, torch.optim.Adam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
 
 
 class AdamW(RustStepMixin, torch.optim.AdamW):
@@ -249,6 +250,7 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -263,4 +265,4 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

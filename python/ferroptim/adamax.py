@@ -159,6 +159,7 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -171,4 +172,4 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
             differentiable=differentiable,
             capturable=capturable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

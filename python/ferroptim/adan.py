@@ -206,6 +206,7 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         differentiable: bool = False,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -228,7 +229,7 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         # (the reference's `max_grad_norm` is a group key; ferroptim's own clipping is off)
-        self._ferro_init(None, skip_nonfinite, nonfinite_group)
+        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

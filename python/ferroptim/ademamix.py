@@ -232,6 +232,7 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -252,7 +253,7 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
             **kwargs,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

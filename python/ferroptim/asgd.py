@@ -165,6 +165,7 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -178,4 +179,4 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
             differentiable,
             capturable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _config, _core
+from ferroptim._ema import EmaMixin
 from ferroptim._torch_compat import hooked_step
 
 __all__ = ["LARS"]
@@ -210,7 +211,7 @@ class _PlainPlan:
     others: list[Tensor]
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(EmaMixin, torch.optim.Optimizer):
     """Drop-in ``pytorch_optimizer.LARS`` whose CPU step runs in Rust.
 
     The reference's signature and defaults (``lr=1e-3``, ``weight_decay=0.0``,
@@ -230,6 +231,8 @@ class LARS(torch.optim.Optimizer):
         nesterov: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
+        *,
+        ema_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, messages and types (its NegativeLRError is a plain
@@ -256,6 +259,7 @@ class LARS(torch.optim.Optimizer):
             "foreach": foreach,
         }
         super().__init__(params, defaults)
+        self._ema_init(ema_decay)
 
     def __str__(self) -> str:
         return "Lars"
@@ -355,8 +359,10 @@ class LARS(torch.optim.Optimizer):
                 self._step_listed(group, params, grads, bufs)
             if plan is None:
                 self._cache_plain(group)
+        if any(group.get("ema_decay") is not None for group in self.param_groups):
+            self._ema_after_step({})
         if slow:
-            self.__dict__["_ferro_snapshot"] = _core.StateSnapshot(self.state)  # type: ignore[arg-type]
+            self.__dict__["_ferro_snapshot"] = _core.StateSnapshot(self.state)
         return loss
 
     def _prepare(

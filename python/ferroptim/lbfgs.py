@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _config, _core
+from ferroptim._ema import EmaMixin
 from ferroptim._torch_compat import (
     hooked_step,
     lbfgs_cubic_interpolate,
@@ -288,7 +289,7 @@ def _away_from_boundary(t: Any, bracket: list[Any], insuf_progress: bool) -> tup
     return t, False
 
 
-class LBFGS(torch.optim.LBFGS):
+class LBFGS(EmaMixin, torch.optim.LBFGS):
     """``torch.optim.LBFGS`` with its vector work in Rust: same arguments, defaults,
     state and ``state_dict``; see the module docstring."""
 
@@ -304,6 +305,7 @@ class LBFGS(torch.optim.LBFGS):
         line_search_fn: str | None = None,
         *,
         maximize: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         # (torch's LBFGS took `maximize` only in later releases: torch 2.11's has none)
         if maximize and not _TORCH_TAKES_MAXIMIZE:
@@ -323,6 +325,7 @@ class LBFGS(torch.optim.LBFGS):
             line_search_fn=line_search_fn,
             **extra,
         )
+        self._ema_init(ema_decay)
 
     def _in_rust(self) -> bool:
         """Whether this step runs ferroptim's path: one group of plain CPU tensors, all
@@ -360,15 +363,19 @@ class LBFGS(torch.optim.LBFGS):
             closure: A closure that reevaluates the model and returns the loss.
         """
         if not self._in_rust():
-            return lbfgs_torch_step()(self, closure)
-        # Only ferroptim's step updates parameters through Rust: torch's own step (the
-        # forced torch backend) calls `_add_grad` too.
-        self._ferro_active = True
-        try:
-            with torch.no_grad():
-                return self._ferro_step(closure)
-        finally:
-            self._ferro_active = False
+            loss = lbfgs_torch_step()(self, closure)
+        else:
+            # Only ferroptim's step updates parameters through Rust: torch's own step (the
+            # forced torch backend) calls `_add_grad` too.
+            self._ferro_active = True
+            try:
+                with torch.no_grad():
+                    loss = self._ferro_step(closure)
+            finally:
+                self._ferro_active = False
+        if self.param_groups[0].get("ema_decay") is not None:
+            self._ema_after_step({})
+        return loss
 
     step = hooked_step(step)
 

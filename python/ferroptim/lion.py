@@ -246,6 +246,7 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         # The reference's checks, with its exception type (AssertionError).
         if not lr > 0.0:
@@ -270,7 +271,7 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

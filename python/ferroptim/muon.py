@@ -35,6 +35,7 @@ from torch.optim import _muon as torch_muon
 from torch.optim.optimizer import ParamsT, _to_scalar
 
 from ferroptim import _config, _core
+from ferroptim._ema import EmaMixin
 from ferroptim._torch_compat import hooked_step
 
 __all__ = ["Muon"]
@@ -150,7 +151,7 @@ def _step_group(
             _finish(params[i], update, group, lr)
 
 
-class Muon(torch.optim.Muon):
+class Muon(EmaMixin, torch.optim.Muon):
     """Drop-in ``torch.optim.Muon`` whose element-wise momentum runs in Rust.
 
     torch's signature, defaults, param-group keys, state (``momentum_buffer``) and
@@ -173,6 +174,8 @@ class Muon(torch.optim.Muon):
         eps: float = torch_muon.EPS,
         ns_steps: int = torch_muon.DEFAULT_NS_STEPS,
         adjust_lr_fn: str | None = None,
+        *,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -185,6 +188,7 @@ class Muon(torch.optim.Muon):
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
         )
+        self._ema_init(ema_decay)
 
     def _gather(
         self, group: dict[str, Any], created: list[Tensor]
@@ -220,6 +224,8 @@ class Muon(torch.optim.Muon):
         for group, params, grads, bufs in prepared:
             if params:
                 _step_group(group, params, grads, bufs)
+        if any(group.get("ema_decay") is not None for group in self.param_groups):
+            self._ema_after_step({})
         return loss
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

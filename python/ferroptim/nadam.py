@@ -183,6 +183,7 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -197,4 +198,4 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

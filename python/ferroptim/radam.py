@@ -177,6 +177,7 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -190,4 +191,4 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

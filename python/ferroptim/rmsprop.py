@@ -128,6 +128,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -142,4 +143,4 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

@@ -177,6 +177,7 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -188,4 +189,4 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
             maximize=maximize,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

@@ -169,6 +169,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -182,4 +183,4 @@ class SGD(RustStepMixin, torch.optim.SGD):
             differentiable=differentiable,
             fused=fused,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

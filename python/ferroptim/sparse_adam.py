@@ -189,6 +189,7 @@ class SparseAdam(RustStepMixin, torch.optim.SparseAdam):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(params, lr, betas, eps, maximize)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group)
+        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)

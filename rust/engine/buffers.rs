@@ -9,6 +9,11 @@ use super::format::{Compute, Format};
 /// Most state buffers any optimizer keeps per parameter (Adan: four).
 pub const MAX_STATES: usize = 4;
 
+/// State buffer slots of a tensor: the kernel's, and one more for the
+/// engine's exponential moving average of the parameter (`ema_decay`), kept
+/// last.
+pub const STATE_SLOTS: usize = MAX_STATES + 1;
+
 /// Most per-tensor scalar slots (ASGD: `step`, `eta`, `mu`).
 pub const MAX_SCALARS: usize = 3;
 
@@ -97,7 +102,7 @@ pub struct TensorBuffers {
     /// A float32 master copy of a low-precision parameter (room for it: the
     /// low-precision issue fills it in; plans refuse it until then).
     pub master: Option<Buffer>,
-    pub states: [Buffer; MAX_STATES],
+    pub states: [Buffer; STATE_SLOTS],
     pub num_states: usize,
     pub scalars: [ScalarSlot; MAX_SCALARS],
     pub num_scalars: usize,
@@ -112,7 +117,7 @@ impl TensorBuffers {
             grad,
             grad_access: GradAccess::Read,
             master: None,
-            states: [Buffer::NONE; MAX_STATES],
+            states: [Buffer::NONE; STATE_SLOTS],
             num_states: 0,
             scalars: [ScalarSlot::NONE; MAX_SCALARS],
             num_scalars: 0,
@@ -178,7 +183,7 @@ impl TensorBuffers {
     }
 }
 
-const STATE_NAMES: [&str; MAX_STATES] = ["state 0", "state 1", "state 2", "state 3"];
+const STATE_NAMES: [&str; STATE_SLOTS] = ["state 0", "state 1", "state 2", "state 3", "state 4"];
 
 /// Why a set of buffers was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,9 +251,9 @@ struct Interval {
 /// memory with any other buffer. Read-only buffers (gradients of a step) may
 /// share memory with each other.
 pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
-    let mut intervals = Vec::with_capacity(tensors.len() * (2 + MAX_STATES));
+    let mut intervals = Vec::with_capacity(tensors.len() * (2 + STATE_SLOTS));
     for (index, t) in tensors.iter().enumerate() {
-        if t.num_states > MAX_STATES {
+        if t.num_states > STATE_SLOTS {
             return Err(EngineError::TooMany {
                 tensor: index,
                 what: "state buffers",
@@ -363,7 +368,7 @@ impl WrittenSet {
     /// Collects the written buffers of `tensors` (their gradients are left
     /// out); refuses them as [`check_buffers`] would.
     pub fn new(tensors: &[TensorBuffers]) -> Result<WrittenSet, EngineError> {
-        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(tensors.len() * (1 + MAX_STATES));
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(tensors.len() * (1 + STATE_SLOTS));
         let without_grads: Vec<TensorBuffers> = tensors
             .iter()
             .map(|t| TensorBuffers { grad: None, ..*t })

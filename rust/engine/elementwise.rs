@@ -79,6 +79,11 @@ pub struct StepContext {
     /// The plan's lazily created state buffers are new: kernels that create
     /// state on the first step (SGD's momentum buffer) write, not read, them.
     pub fresh: bool,
+    /// The weight `1 - ema_decay` of the parameters' exponential moving
+    /// average, kept in each tensor's last state buffer (after the kernel's),
+    /// updated right after the step as `torch.lerp(ema, param, weight)`;
+    /// `None`: no average.
+    pub ema: Option<f64>,
 }
 
 impl Default for StepContext {
@@ -87,6 +92,7 @@ impl Default for StepContext {
             unscale: 1.0,
             clip: 1.0,
             fresh: false,
+            ema: None,
         }
     }
 }
@@ -259,8 +265,9 @@ pub fn step<K: Elementwise>(
             what: format!("{}: flag set and state keys disagree", K::NAME),
         });
     }
+    let num_buffers = keys.len() + usize::from(ctx.ema.is_some());
     for (index, t) in group.tensors().iter().enumerate() {
-        check_tensor::<K>(index, t, keys.len())?;
+        check_tensor::<K>(index, t, num_buffers, ctx.ema.is_some())?;
     }
     let mut scalars = vec![[0.0; MAX_SCALARS]; group.len()];
     for (t, values) in group.tensors().iter().zip(scalars.iter_mut()) {
@@ -294,6 +301,7 @@ pub fn step<K: Elementwise>(
         consts64: per_tensor::<K, f64>(h, &scalars, has_f64),
         prep32: PrepConsts::new(&prep, ctx),
         prep64: PrepConsts::new(&prep, ctx),
+        ema: ctx.ema.map(Lerp::new),
     };
     K::dispatch_flags(flags, runner);
     Ok(())
@@ -304,6 +312,7 @@ fn check_tensor<K: Elementwise>(
     index: usize,
     t: &super::TensorBuffers,
     num_states: usize,
+    ema: bool,
 ) -> Result<(), EngineError> {
     let mismatch = |what: String| {
         Err(EngineError::Mismatch {
@@ -334,8 +343,15 @@ fn check_tensor<K: Elementwise>(
             what: format!("{}: master copies are not supported yet", K::NAME),
         });
     }
-    let state_format = t.states().first().map_or(param.format, |s| s.format);
-    if t.states().iter().any(|s| s.format != state_format)
+    let (kernel_states, ema_buffer) = match t.states().split_last() {
+        Some((last, rest)) if ema => (rest, Some(last)),
+        _ => (t.states(), None),
+    };
+    if ema_buffer.is_some_and(|b| b.format != param.format) {
+        return mismatch("the moving average's dtype differs from the parameter's".to_string());
+    }
+    let state_format = kernel_states.first().map_or(param.format, |s| s.format);
+    if kernel_states.iter().any(|s| s.format != state_format)
         || !supported_formats(param.format, state_format)
     {
         return Err(EngineError::Unsupported {
@@ -372,47 +388,96 @@ struct Runner<'g, 'a, K: Elementwise> {
     consts64: Vec<K::Consts<f64>>,
     prep32: PrepConsts<f32>,
     prep64: PrepConsts<f64>,
+    ema: Option<Lerp>,
 }
+
+/// `torch.lerp(start, end, weight)` with a scalar weight, as torch's CPU kernel
+/// computes it (vectorised and tail alike): `start + weight*(end - start)` for
+/// `|weight| < 0.5`, else `end - (end - start)*(1 - weight)`, each one fused
+/// multiply-add of `end - start` with the weight (or `weight - 1`, exact)
+/// rounded to the tensor's dtype.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lerp {
+    weight: f64,
+}
+
+impl Lerp {
+    pub fn new(weight: f64) -> Lerp {
+        Lerp { weight }
+    }
+
+    /// The coefficient and whether the result is based at `start` (a small weight).
+    #[inline(always)]
+    fn constants<C: Real>(self) -> (C, bool) {
+        let weight = C::from_f64(self.weight);
+        let small = weight.abs() < C::from_f64(0.5);
+        (if small { weight } else { weight - C::ONE }, small)
+    }
+
+    /// `average[i] = lerp(average[i], param[i], weight)` for every element.
+    #[inline(always)]
+    fn apply<P: Storage>(self, param: &[P], average: &mut [P]) {
+        let (coefficient, small) = self.constants::<P::Compute>();
+        let average = &mut average[..param.len()];
+        for (a, p) in average.iter_mut().zip(param) {
+            let start = a.load();
+            let end = p.load();
+            let base = if small { start } else { end };
+            *a = P::store((end - start).mul_add(coefficient, base));
+        }
+    }
+}
+
+/// Elements stepped before their slice of the moving average is updated: the
+/// average reads the just-written parameters from cache, so it adds only its
+/// own 2 × element size of memory traffic to the step's one pass.
+const EMA_BLOCK: usize = 4096;
 
 impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
     type Output = ();
 
     fn run<const FLAGS: u32>(self) {
         let level = self.level;
+        let ema = self.ema;
         self.group.for_each_chunk(|segments| {
             for segment in segments {
                 let t = segment.buffers();
                 let param = t.param.map_or(Format::F32, |b| b.format);
-                let state = t.states().first().map_or(param, |s| s.format);
+                // (with a moving average the kernel's states are all but the last; none
+                // when the average is the only one)
+                let kernel_states = t.num_states - usize::from(ema.is_some());
+                let state = t.states()[..kernel_states]
+                    .first()
+                    .map_or(param, |s| s.format);
                 let i = segment.tensor_index();
                 match (param, state) {
                     (Format::F64, _) => {
                         let k = (&self.consts64[i], &self.prep64);
-                        run_segment::<K, f64, f64, FLAGS>(level, k, segment)
+                        run_segment::<K, f64, f64, FLAGS>(level, k, segment, ema)
                     }
                     (Format::F32, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, f32, half::bf16, FLAGS>(level, k, segment)
+                        run_segment::<K, f32, half::bf16, FLAGS>(level, k, segment, ema)
                     }
                     (Format::BF16, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::bf16, half::bf16, FLAGS>(level, k, segment)
+                        run_segment::<K, half::bf16, half::bf16, FLAGS>(level, k, segment, ema)
                     }
                     (Format::BF16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::bf16, f32, FLAGS>(level, k, segment)
+                        run_segment::<K, half::bf16, f32, FLAGS>(level, k, segment, ema)
                     }
                     (Format::F16, Format::F16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, half::f16, FLAGS>(level, k, segment)
+                        run_segment::<K, half::f16, half::f16, FLAGS>(level, k, segment, ema)
                     }
                     (Format::F16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, f32, FLAGS>(level, k, segment)
+                        run_segment::<K, half::f16, f32, FLAGS>(level, k, segment, ema)
                     }
                     _ => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, f32, f32, FLAGS>(level, k, segment)
+                        run_segment::<K, f32, f32, FLAGS>(level, k, segment, ema)
                     }
                 }
             }
@@ -425,17 +490,20 @@ fn run_segment<K, P, S, const FLAGS: u32>(
     level: SimdLevel,
     (consts, prep): (&K::Consts<P::Compute>, &PrepConsts<P::Compute>),
     segment: ChunkSlices<'_>,
+    ema: Option<Lerp>,
 ) where
     K: Elementwise,
     P: Storage,
     S: Storage<Compute = P::Compute>,
 {
+    let (slices, average) = segment.slices_and_ema(ema.is_some());
     dispatch(
         level,
         UpdateTask::<K, P, S, FLAGS> {
             consts,
             prep,
-            slices: segment.slices(),
+            slices,
+            ema: average.zip(ema),
         },
     )
 }
@@ -444,6 +512,8 @@ struct UpdateTask<'s, K: Elementwise, P: Storage, S, const FLAGS: u32> {
     consts: &'s K::Consts<P::Compute>,
     prep: &'s PrepConsts<P::Compute>,
     slices: Slices<'s, P, S>,
+    /// The moving average of the parameter and its lerp weight.
+    ema: Option<(&'s mut [P], Lerp)>,
 }
 
 impl<K, P, S, const FLAGS: u32> SimdTask for UpdateTask<'_, K, P, S, FLAGS>
@@ -455,8 +525,9 @@ where
     type Output = ();
 
     /// The loop every optimizer runs: one pass, each element loaded, updated
-    /// and stored once. `num_states` and `reads_state` are constants here, so
-    /// the unused slots vanish and the loop vectorises.
+    /// and stored once (with a moving average: block by block, each block's
+    /// average updated right after it). `num_states` and `reads_state` are
+    /// constants here, so the unused slots vanish and the loop vectorises.
     #[inline(always)]
     fn run(self) {
         let Slices {
@@ -474,36 +545,50 @@ where
         let s3 = if used > 3 { &mut s3[..n] } else { s3 };
         let reads = |k: usize| used > k && K::reads_state(FLAGS, k);
         let zero = <P::Compute as Real>::ZERO;
-        for i in 0..n {
-            let mut p = param[i].load();
-            let g = self.prep.apply::<FLAGS>(grad[i].load(), p);
-            let mut s = [zero; MAX_STATES];
-            if reads(0) {
-                s[0] = s0[i].load();
+        let block = if self.ema.is_some() {
+            EMA_BLOCK
+        } else {
+            n.max(1)
+        };
+        let mut average = self.ema;
+        let mut start = 0;
+        while start < n {
+            let end = n.min(start + block);
+            for i in start..end {
+                let mut p = param[i].load();
+                let g = self.prep.apply::<FLAGS>(grad[i].load(), p);
+                let mut s = [zero; MAX_STATES];
+                if reads(0) {
+                    s[0] = s0[i].load();
+                }
+                if reads(1) {
+                    s[1] = s1[i].load();
+                }
+                if reads(2) {
+                    s[2] = s2[i].load();
+                }
+                if reads(3) {
+                    s[3] = s3[i].load();
+                }
+                K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
+                param[i] = P::store(p);
+                if used > 0 {
+                    s0[i] = S::store(s[0]);
+                }
+                if used > 1 {
+                    s1[i] = S::store(s[1]);
+                }
+                if used > 2 {
+                    s2[i] = S::store(s[2]);
+                }
+                if used > 3 {
+                    s3[i] = S::store(s[3]);
+                }
             }
-            if reads(1) {
-                s[1] = s1[i].load();
+            if let Some((values, lerp)) = average.as_mut() {
+                lerp.apply(&param[start..end], &mut values[start..end]);
             }
-            if reads(2) {
-                s[2] = s2[i].load();
-            }
-            if reads(3) {
-                s[3] = s3[i].load();
-            }
-            K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
-            param[i] = P::store(p);
-            if used > 0 {
-                s0[i] = S::store(s[0]);
-            }
-            if used > 1 {
-                s1[i] = S::store(s[1]);
-            }
-            if used > 2 {
-                s2[i] = S::store(s[2]);
-            }
-            if used > 3 {
-                s3[i] = S::store(s[3]);
-            }
+            start = end;
         }
     }
 }

@@ -162,16 +162,35 @@ impl<'g> ChunkSlices<'g> {
     /// # Panics
     /// If a buffer is missing or stored otherwise.
     pub fn slices<P: Storage, S: Storage>(self) -> Slices<'g, P, S> {
+        self.slices_and_ema(false).0
+    }
+
+    /// As [`slices`](Self::slices); with `ema`, the tensor's last state buffer
+    /// is the engine's moving average of the parameter (stored as `P`, like
+    /// the parameter), handed out apart from the kernel's states.
+    ///
+    /// # Panics
+    /// If a buffer is missing or stored otherwise.
+    pub fn slices_and_ema<P: Storage, S: Storage>(
+        self,
+        ema: bool,
+    ) -> (Slices<'g, P, S>, Option<&'g mut [P]>) {
         let t = self.tensor;
+        let (kernel_states, ema_buffer) = match t.states().split_last() {
+            Some((last, rest)) if ema => (rest, Some(*last)),
+            _ => (t.states(), None),
+        };
         let mut states: [&'g mut [S]; MAX_STATES] = Default::default();
-        for (slot, &buffer) in states.iter_mut().zip(t.states()) {
+        for (slot, &buffer) in states.iter_mut().zip(kernel_states) {
             *slot = self.slice(buffer);
         }
-        Slices {
+        let ema = ema_buffer.map(|buffer| self.slice(buffer));
+        let slices = Slices {
             param: self.slice(t.param.expect("a parameter buffer")),
             grad: self.slice(t.grad.expect("a gradient buffer")),
             states,
-        }
+        };
+        (slices, ema)
     }
 
     /// The segment's gradient, read-only.

@@ -18,7 +18,7 @@ pub mod reduce;
 
 pub use buffers::{
     check_buffers, is_dense, Buffer, EngineError, GradAccess, ScalarSlot, TensorBuffers,
-    WrittenSet, MAX_SCALARS, MAX_STATES,
+    WrittenSet, MAX_SCALARS, MAX_STATES, STATE_SLOTS,
 };
 pub use elementwise::{has, Advance, Elementwise, FlagRunner, GradPrep, StepContext, L2, MAXIMIZE};
 pub use format::{Compute, Format, Real, Storage};

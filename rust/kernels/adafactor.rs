@@ -1079,7 +1079,7 @@ mod tests {
                 StepContext {
                     unscale: 0.5,
                     clip: 0.25,
-                    fresh: false,
+                    ..StepContext::default()
                 },
             ] {
                 let mut ours = tensors::<f64>();

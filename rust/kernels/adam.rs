@@ -290,7 +290,7 @@ mod tests {
         let ctx = StepContext {
             unscale: 0.5,
             clip: 0.5,
-            fresh: false,
+            ..StepContext::default()
         };
         let h = AdamHyper::default();
         let mut scaled = buffers::<f32, f32>(&[1000], 2, 0.0, &[0.0]);
@@ -308,6 +308,107 @@ mod tests {
             );
         }
         assert_eq!(scaled[0].p, prescaled[0].p);
+    }
+
+    /// The engine's moving average (`ema_decay`): the kernel's params and states
+    /// are exactly those of a step without it, the average is torch's lerp of
+    /// each stepped param (a small weight and a large one take torch's two
+    /// formulas), and every SIMD level and thread count gives the same bits.
+    #[test]
+    fn moving_average_follows_each_step_and_leaves_the_step_alone() {
+        fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+            if weight.abs() < 0.5 {
+                (end - start).mul_add(weight, start)
+            } else {
+                (end - start).mul_add(weight - 1.0, end)
+            }
+        }
+        let lens = [3, 100, 4099, 70_001];
+        let h = AdamHyper::default();
+        for weight in [0.001, 0.25, 0.75] {
+            let run = |level: SimdLevel| {
+                let mut plain = buffers::<f32, f32>(&lens, 2, 0.0, &[0.0]);
+                let mut averaged = buffers::<f32, f32>(&lens, 3, 0.0, &[0.0]);
+                let mut reference: Vec<Vec<f32>> = Vec::new();
+                for b in averaged.iter_mut() {
+                    b.states[2] = b.p.iter().map(|&x| -x).collect();
+                    reference.push(b.states[2].clone());
+                }
+                let ctx = StepContext {
+                    ema: Some(weight),
+                    ..StepContext::default()
+                };
+                for step in 1..=4 {
+                    set_grads(&mut plain, step);
+                    set_grads(&mut averaged, step);
+                    step_with::<Adam, _, _>(&mut plain, &h, &StepContext::default(), level);
+                    step_with::<Adam, _, _>(&mut averaged, &h, &ctx, level);
+                    for (r, b) in reference.iter_mut().zip(&averaged) {
+                        for (e, &p) in r.iter_mut().zip(&b.p) {
+                            *e = lerp(*e, p, weight as f32);
+                        }
+                    }
+                }
+                for ((a, b), r) in averaged.iter().zip(&plain).zip(&reference) {
+                    assert_eq!(a.p, b.p, "the step changed with an average");
+                    assert_eq!(a.states[..2], b.states[..], "the states changed");
+                    assert_eq!(&a.states[2], r, "the average (weight {weight})");
+                }
+                averaged
+            };
+            let want = run(SimdLevel::Scalar);
+            let mut runs: Vec<_> = SimdLevel::supported().into_iter().map(run).collect();
+            crate::parallel::set_num_threads(1).unwrap();
+            runs.push(run(SimdLevel::detect()));
+            crate::parallel::set_num_threads(2).unwrap();
+            for got in runs {
+                for (a, b) in got.iter().zip(&want) {
+                    assert_eq!(a.states, b.states);
+                }
+            }
+        }
+    }
+
+    /// A moving average stored in another dtype than its param is refused
+    /// before anything is written.
+    #[test]
+    fn moving_average_in_another_dtype_is_refused() {
+        let mut p = vec![1f32; 8];
+        let g = vec![1f32; 8];
+        let (m, v) = (vec![0f32; 8], vec![0f32; 8]);
+        let average = vec![0f64; 8];
+        let mut step = 0f32;
+        let at = |x: usize, f| crate::engine::Buffer::new(x, f);
+        use crate::engine::{Format, Group, ScalarSlot, TensorBuffers};
+        let t = TensorBuffers::param(
+            8,
+            at(p.as_mut_ptr() as usize, Format::F32),
+            Some(at(g.as_ptr() as usize, Format::F32)),
+        )
+        .with_states(&[
+            at(m.as_ptr() as usize, Format::F32),
+            at(v.as_ptr() as usize, Format::F32),
+            at(average.as_ptr() as usize, Format::F64),
+        ])
+        .with_scalars(&[ScalarSlot {
+            addr: &mut step as *mut f32 as usize,
+            format: Format::F32,
+        }]);
+        // SAFETY: every address points into a live local of the stated format.
+        let group = unsafe { Group::new(vec![t]) }.unwrap();
+        let ctx = StepContext {
+            ema: Some(0.1),
+            ..StepContext::default()
+        };
+        let result = crate::engine::elementwise::step::<Adam>(
+            &group,
+            &AdamHyper::default(),
+            &ctx,
+            SimdLevel::detect(),
+        );
+        assert!(result.is_err());
+        assert_eq!(p, vec![1f32; 8]);
+        assert_eq!(step, 0.0);
     }
 
     #[test]

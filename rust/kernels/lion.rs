@@ -284,7 +284,7 @@ mod tests {
         let ctx = StepContext {
             unscale: 0.5,
             clip: 0.5,
-            fresh: false,
+            ..StepContext::default()
         };
         let h = LionHyper::default();
         let mut scaled = buffers::<f32, f32>(&[1000], 1, 0.0, &[]);

@@ -205,8 +205,10 @@ impl Kernel {
 
     /// Steps the gathered plan: every gradient multiplied by `unscale` then
     /// `clip` as it is read; `fresh`: the plan's lazily created state
-    /// buffers are new (written, not read).
-    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, fresh = false))]
+    /// buffers are new (written, not read); `ema`: the weight `1 - ema_decay`
+    /// of the parameters' moving average, each tensor's last state buffer
+    /// (after the kernel's), updated right after the step.
+    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, fresh = false, *, ema = None))]
     fn step(
         &self,
         py: Python<'_>,
@@ -214,11 +216,13 @@ impl Kernel {
         unscale: f64,
         clip: f64,
         fresh: bool,
+        ema: Option<f64>,
     ) -> PyResult<()> {
         let ctx = StepContext {
             unscale,
             clip,
             fresh,
+            ema,
         };
         let configured = &self.configured;
         plan.borrow_mut()
@@ -372,7 +376,7 @@ impl AdafactorKernel {
         let ctx = StepContext {
             unscale,
             clip,
-            fresh: false,
+            ..StepContext::default()
         };
         let (hyper, eps) = (&self.hyper, self.eps);
         // (`moments` keeps the tensors alive until the run returns)

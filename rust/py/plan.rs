@@ -29,7 +29,7 @@ use super::native::{self, Fingerprint};
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
     check_buffers, Buffer, EngineError, Format, Group, ScalarSlot, TensorBuffers, WrittenSet,
-    MAX_SCALARS, MAX_STATES,
+    MAX_SCALARS, MAX_STATES, STATE_SLOTS,
 };
 use crate::simd::{self, SimdLevel};
 
@@ -552,7 +552,7 @@ impl GroupPlan {
                 "one state dict per parameter expected",
             ));
         }
-        if state_keys.len() > MAX_STATES || scalar_keys.len() > MAX_SCALARS {
+        if state_keys.len() > STATE_SLOTS || scalar_keys.len() > MAX_SCALARS {
             return Err(PyValueError::new_err(
                 "too many state buffers per parameter",
             ));
@@ -618,7 +618,7 @@ impl GroupPlan {
                 "params, grads and every state and scalar list must have the same length",
             ));
         }
-        if states.len() > MAX_STATES || scalars.len() > MAX_SCALARS {
+        if states.len() > STATE_SLOTS || scalars.len() > MAX_SCALARS {
             return Err(PyValueError::new_err(
                 "too many state buffers per parameter",
             ));
