@@ -72,7 +72,11 @@ def test_matches_averaged_model(name: str, dtype: torch.dtype) -> None:
 #: The element-wise optimizers, whose kernel updates the average in its pass (Adafactor's
 #: three passes take torch's lerp after the step).
 FUSED = tuple(
-    n for n in DENSE if FAMILIES[n].rust and FAMILIES[n].ferro._ferro_spec.plan_extras is None
+    n
+    for n in DENSE
+    if FAMILIES[n].rust
+    and FAMILIES[n].ferro._ferro_spec.plan_extras is None
+    and FAMILIES[n].ferro._ferro_spec.ema_in_kernel
 )
 
 
@@ -263,3 +267,30 @@ def test_optimizers_with_their_own_step(name: str) -> None:
         opt.step(closure)
         averaged.update_parameters(model)
     _assert_averages(model, opt, averaged)
+
+
+@pytest.mark.parametrize("change", ["resized", "re-pointed", "strided"])
+def test_average_changed_behind_the_plans_back(change: str) -> None:
+    """An average resized or re-pointed in place (same tensor object) is seen by the cached
+    plan: refused before anything is written where it no longer fits its param, stepped
+    where it does (a strided view is re-laid out once)."""
+    model, opt, averaged = _train("AdamW", torch.float32, 3)
+    average = opt.state[model.vector]["ema"]
+    before = [p.detach().clone() for p in model.parameters()]
+    _set_grads(model, 3)
+    if change == "resized":
+        average.resize_(10)
+    elif change == "re-pointed":
+        average.data = torch.zeros(5)
+    else:
+        wide = torch.zeros(2 * average.numel())
+        wide[::2] = average
+        average.set_(wide.untyped_storage(), 0, average.shape, (2,))
+        opt.step()
+        averaged.update_parameters(model)
+        _assert_averages(model, opt, averaged)
+        return
+    with pytest.raises(RuntimeError, match="'ema'"):
+        opt.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)

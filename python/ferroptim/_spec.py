@@ -211,6 +211,11 @@ class OptimizerSpec:
     #: kernel as its fifth argument (Adafactor's row/column moments, whose shapes are
     #: not the param's). Raises torch's error for state the step cannot use.
     plan_extras: Callable[[torch.optim.Optimizer, list[Tensor]], Any] | None = None
+    #: Whether :attr:`kernel` is an element-wise ``_core.Kernel`` step, which updates the
+    #: params' moving average (``ema_decay``) in its own pass when handed ``ema=``; False:
+    #: the average is updated with torch's lerp after the step (also wherever
+    #: :attr:`plan_extras` is set).
+    ema_in_kernel: bool = True
     #: The message of torch's RuntimeError for a step counter that is not a tensor.
     step_type_message: str = (
         "API has changed, `state_steps` argument must contain a list of singleton tensors"
