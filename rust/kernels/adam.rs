@@ -374,9 +374,9 @@ mod tests {
     #[test]
     fn moving_average_in_another_dtype_is_refused() {
         let mut p = vec![1f32; 8];
-        let g = vec![1f32; 8];
+        let g = [1f32; 8];
         let (m, v) = (vec![0f32; 8], vec![0f32; 8]);
-        let average = vec![0f64; 8];
+        let average = [0f64; 8];
         let mut step = 0f32;
         let at = |x: usize, f| crate::engine::Buffer::new(x, f);
         use crate::engine::{Format, Group, ScalarSlot, TensorBuffers};

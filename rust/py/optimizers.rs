@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString, PyTuple};
 
 use super::error::{hyper_error, not_plannable, unknown_kernel};
 use super::hot::Hot;
@@ -95,20 +95,34 @@ fn unpack_error(value: &Bound<'_, PyAny>, count: usize) -> Option<PyErr> {
 }
 
 impl GroupSource<'_, '_> {
-    /// `count` numbers, unpacked as the optimizer's step unpacks them (`beta1, beta2 =
+    /// `N` numbers, unpacked as the optimizer's step unpacks them (`beta1, beta2 =
     /// group["betas"]`): what does not unpack raises what that unpacking raises.
-    fn numbers(&self, name: &'static str, count: usize) -> Result<Vec<f64>, HyperError> {
+    fn numbers<const N: usize>(&self, name: &'static str) -> Result<[f64; N], HyperError> {
         let value = self.item(name)?;
+        let mut out = [0.0; N];
+        // (every step reads `betas`: a tuple of the right length, the usual value, is
+        // read in place, without collecting its items first)
+        if let Ok(tuple) = value.cast_exact::<PyTuple>() {
+            if tuple.len() == N {
+                for (slot, item) in out.iter_mut().zip(tuple.iter()) {
+                    *slot = number(name, &item)?;
+                }
+                return Ok(out);
+            }
+        }
         let items = value
             .try_iter()
             .and_then(|it| it.collect::<PyResult<Vec<_>>>())
             .ok()
-            .filter(|items| items.len() == count);
+            .filter(|items| items.len() == N);
         let Some(items) = items else {
-            *self.python_error.borrow_mut() = unpack_error(&value, count);
+            *self.python_error.borrow_mut() = unpack_error(&value, N);
             return Err(type_error(name, &value));
         };
-        items.iter().map(|item| number(name, item)).collect()
+        for (slot, item) in out.iter_mut().zip(&items) {
+            *slot = number(name, item)?;
+        }
+        Ok(out)
     }
 }
 
@@ -147,13 +161,11 @@ impl HyperSource for GroupSource<'_, '_> {
     }
 
     fn pair(&self, name: &'static str) -> Result<[f64; 2], HyperError> {
-        let numbers = self.numbers(name, 2)?;
-        Ok([numbers[0], numbers[1]])
+        self.numbers(name)
     }
 
     fn triple(&self, name: &'static str) -> Result<[f64; 3], HyperError> {
-        let numbers = self.numbers(name, 3)?;
-        Ok([numbers[0], numbers[1], numbers[2]])
+        self.numbers(name)
     }
 
     fn is_none(&self, name: &'static str) -> Result<bool, HyperError> {
