@@ -1,9 +1,8 @@
 """Oracles from ``pytorch-optimizer`` for the optimizers ferroptim takes from it.
 
-``AdEMAMixReference`` (``AdanReference``, ``LambReference``) is
-``pytorch_optimizer.AdEMAMix`` (``.Adan``, ``.Lamb``) itself (its constructor, its
-``step``, its arithmetic), with what ferroptim.AdEMAMix (ferroptim.Adan, ferroptim.LAMB)
-adds as torch conventions:
+``AdEMAMixReference`` (``AdanReference``) is ``pytorch_optimizer.AdEMAMix`` (``.Adan``)
+itself (its constructor, its ``step``, its arithmetic), with what ferroptim.AdEMAMix
+(ferroptim.Adan) adds as torch conventions:
 
 * ``maximize`` per param group (the reference keeps one ``maximize`` attribute for the
   whole optimizer): each group is stepped with the attribute set from the group;
@@ -31,7 +30,12 @@ import numpy as np
 import pytorch_optimizer
 import torch
 
-__all__ = ["ADEMAMIX_EXTRA_GROUP_KEYS", "AdEMAMixReference", "AdanReference", "LambReference"]
+__all__ = [
+    "ADEMAMIX_EXTRA_GROUP_KEYS",
+    "AdEMAMixReference",
+    "AdanReference",
+    "exact_norms_and_sqrt",
+]
 
 #: Param-group keys ferroptim.AdEMAMix has beyond ``pytorch_optimizer.AdEMAMix``'s.
 ADEMAMIX_EXTRA_GROUP_KEYS = ("maximize", "differentiable")
@@ -214,71 +218,3 @@ def exact_norms_and_sqrt() -> Iterator[None]:
         yield
     finally:
         torch._foreach_norm, torch._foreach_sqrt = norm, sqrt  # type: ignore[assignment]
-
-
-class Lamb(_TorchConventions, pytorch_optimizer.Lamb):
-    """``pytorch_optimizer.Lamb`` with per-group ``maximize`` and untouched gradients (see
-    the module docs), its default flavour's norms and square roots correctly rounded
-    (:func:`exact_norms_and_sqrt`; test_lamb compares with the unpatched class too). Its
-    ``pre_norm`` scales by the norm over the groups stepped together, so the registry's
-    cases leave it off (test_lamb checks it against the real class)."""
-
-    reference = pytorch_optimizer.Lamb
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        weight_decouple: bool = True,
-        fixed_decay: bool = False,
-        rectify: bool = False,
-        degenerated_to_sgd: bool = False,
-        n_sma_threshold: int = 5,
-        grad_averaging: bool = True,
-        max_grad_norm: float = 1.0,
-        adam: bool = False,
-        pre_norm: bool = False,
-        eps: float = 1e-6,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        *,
-        differentiable: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            weight_decouple=weight_decouple,
-            fixed_decay=fixed_decay,
-            rectify=rectify,
-            degenerated_to_sgd=degenerated_to_sgd,
-            n_sma_threshold=n_sma_threshold,
-            grad_averaging=grad_averaging,
-            max_grad_norm=max_grad_norm,
-            adam=adam,
-            pre_norm=pre_norm,
-            eps=eps,
-            foreach=foreach,
-            maximize=maximize,
-            **kwargs,
-        )
-        self._add_group_keys(maximize, differentiable)
-
-    def _can_use_foreach(self, group: dict[str, Any]) -> bool:
-        # The real class takes its per-parameter flavour for a group with a complex param
-        # (``can_use_foreach``); here complex params arrive as real views of them.
-        if any(p._base is not None and p._base.is_complex() for p in group["params"]):
-            return False
-        return super()._can_use_foreach(group)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        with exact_norms_and_sqrt():
-            return super().step(closure)
-
-
-LambReference = Lamb

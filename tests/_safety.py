@@ -27,7 +27,6 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "Lion": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "AdEMAMix": {"weight_decay": 0.05, "weight_decouple": True, "t_alpha_beta3": 10.0},
     "Adan": {"weight_decay": 0.05},
-    "LAMB": {"weight_decay": 0.05, "weight_decouple": False},
     "RAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "Adadelta": {"weight_decay": 0.05},
     "Rprop": {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},

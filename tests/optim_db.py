@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import torch
 from _lion_reference import LionReference
-from _pytorch_optimizer_reference import AdanReference, AdEMAMixReference, LambReference
+from _pytorch_optimizer_reference import AdanReference, AdEMAMixReference
 
 
 def _import_ferroptim() -> Any:
@@ -1245,68 +1245,6 @@ FAMILIES: dict[str, Family] = {
             ("weight_decay", 0.1),
             ("maximize", True),
             ("weight_decouple", True),
-            ("maximize", False),
-        ),
-    ),
-    "LAMB": Family(
-        "LAMB",
-        ferroptim.LAMB,
-        # pytorch_optimizer.Lamb (its default flavour) with per-group `maximize`, gradients
-        # left untouched and its norms and square roots correctly rounded: see
-        # _pytorch_optimizer_reference.py; test_lamb.py checks against the real class.
-        LambReference,
-        grid={
-            "weight_decay": (0.0, 0.1),
-            "weight_decouple": (True, False),
-            "grad_averaging": (True, False),
-            "adam": (False, True),
-            "maximize": (False, True),
-        },
-        # (coupling a zero decay changes nothing)
-        valid=lambda kw: kw["weight_decay"] != 0 or kw.get("weight_decouple", True),
-        state_keys=lambda group: (
-            "exp_avg",
-            "exp_avg_sq",
-            "weight_norm",
-            "adam_norm",
-            "trust_ratio",
-        ),
-        second_group={"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-4},
-        # Its default flavour (foreach): its for-loop rounds otherwise (it divides where
-        # the default multiplies by a reciprocal).
-        reference_kwargs={},
-        variants=(
-            {"lr": 0.05, "betas": (0.5, 0.9), "weight_decay": 0.3, "grad_averaging": False},
-            {"lr": 1e-4, "maximize": True, "weight_decouple": False, "weight_decay": 0.1},
-        ),
-        state_tensors=("exp_avg", "exp_avg_sq"),
-        scalar_state=(),
-        has_step=False,
-        has_fused=False,
-        kernel="lamb_step",
-        ferro_clipping=False,
-        full_grid=True,
-        per_tensor_reductions=True,
-        fsdp2=False,
-        bad_input_kwargs={"weight_decay": 0.1},
-        numbers=("lr", "weight_decay", "eps"),
-        unusual=[
-            pytest.param({"lr": 10.0, "weight_decay": 0.01}, id="huge-lr"),
-            pytest.param({"betas": (0.0, 0.0)}, id="betas-zero"),
-            pytest.param({"lr": torch.tensor(1e-2)}, id="tensor-lr"),
-            pytest.param({"eps": 0.0}, id="eps-zero"),
-        ],
-        mixed_dtype_kwargs={"weight_decay": 0.1},
-        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3},
-        train_kwargs={"lr": 1e-3, "weight_decay": 0.02},
-        interop_training={"lr": 1e-3, "weight_decay": 0.02},
-        live_changes=(
-            ("lr", 0.05),
-            ("betas", (0.5, 0.9)),
-            ("weight_decay", 0.1),
-            ("maximize", True),
-            ("weight_decouple", False),
-            ("adam", True),
             ("maximize", False),
         ),
     ),

@@ -510,11 +510,6 @@ ALIASING_FLAGS = {
         {"weight_decay": 0.1},
         {"weight_decay": 0.1, "weight_decouple": True, "maximize": True},
     ],
-    "LAMB": [
-        {},
-        {"weight_decay": 0.1},
-        {"weight_decay": 0.1, "weight_decouple": False, "maximize": True, "adam": True},
-    ],
     "RAdam": [
         {},
         {"weight_decay": 0.1},
@@ -574,7 +569,6 @@ STATE_ALIASES = [
     pytest.param("Lion", {}, "exp_avg", id="Lion-exp_avg"),
     pytest.param("AdEMAMix", {}, "exp_avg_slow", id="AdEMAMix-exp_avg_slow"),
     pytest.param("Adan", {}, "exp_avg_diff", id="Adan-exp_avg_diff"),
-    pytest.param("LAMB", {}, "exp_avg_sq", id="LAMB-exp_avg_sq"),
     pytest.param("RAdam", {}, "exp_avg_sq", id="RAdam-exp_avg_sq"),
     pytest.param("Adadelta", {}, "square_avg", id="Adadelta-square_avg"),
     pytest.param("Adadelta", {}, "acc_delta", id="Adadelta-acc_delta"),
@@ -733,7 +727,6 @@ FLAGS = {
     "Lion": ("maximize", "decoupled_weight_decay"),
     "AdEMAMix": ("maximize", "weight_decouple"),
     "Adan": ("maximize", "weight_decouple"),
-    "LAMB": ("maximize", "weight_decouple", "adam"),
     "RAdam": ("maximize", "decoupled_weight_decay"),
     "Adadelta": ("maximize",),
     "Rprop": ("maximize",),

@@ -37,7 +37,9 @@ writing them (the reference negates them in place for ``maximize`` and scales th
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,38 +101,61 @@ def lamb_kernel(group: dict[str, Any]) -> KernelCall:
     kernel = _core.LambKernel(group, size)
 
     def call(
-        plan: _core.GroupPlan,
-        unscale: float,
-        clip: float,
-        fresh: bool,
-        extras: tuple[list[dict[str, Any]], list[torch.dtype], float],
+        plan: _core.GroupPlan, unscale: float, clip: float, fresh: bool, extras: _Extras
     ) -> None:
-        states, dtypes, pre_scale = extras
-        values = kernel.step(plan, unscale, clip, pre_scale)
-        _keep_norms(states, dtypes, values)
+        values = kernel.step(plan, unscale, clip, extras.pre_scale)
+        extras.keep_norms(values)
 
     return call
 
 
-def _keep_norms(
-    states: list[dict[str, Any]], dtypes: list[torch.dtype], values: list[float]
-) -> None:
-    """Stores each param's ``weight_norm``, ``adam_norm`` and ``trust_ratio`` as the
-    reference does: 0-d tensors of the param's dtype (views of one tensor)."""
-    n = len(states)
-    if not n:
-        return
-    first = dtypes[0]
-    if all(d == first for d in dtypes):
-        weight_norms, adam_norms, ratios = (
-            row.unbind() for row in torch.tensor(values, dtype=first).view(3, n)
-        )
-        for state, wn, an, tr in zip(states, weight_norms, adam_norms, ratios, strict=True):
+@dataclass
+class _Extras:
+    """What a Rust step needs beside its plan: the pre-norm scale, and where the norms it
+    returns go (the params' states, in plan order)."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    pre_scale: float
+
+    def keep_norms(self, values: list[float]) -> None:
+        """Stores each param's ``weight_norm``, ``adam_norm`` and ``trust_ratio`` as the
+        reference does: 0-d tensors of the param's dtype, views of one tensor per plan.
+        Where the states still hold the views stored last step, their values are
+        overwritten in place (making 3 views per param costs a few µs per param, more
+        than the step of a small tensor)."""
+        n = len(self.states)
+        if not n:
+            return
+        dtype = self.params[0].dtype
+        if any(p.dtype != dtype for p in self.params):
+            for i, (state, p) in enumerate(zip(self.states, self.params, strict=True)):
+                for k, key in enumerate(_NORM_KEYS):
+                    state[key] = torch.tensor(values[k * n + i], dtype=p.dtype)
+            return
+        cache: dict[tuple[int, ...], tuple[Tensor, list[tuple[Tensor, ...]]]]
+        cache = self.optimizer.__dict__.setdefault("_ferro_lamb_norms", {})
+        key = tuple(map(id, self.params))
+        entry = cache.get(key)
+        if entry is not None and entry[0].dtype == dtype and self._hold(entry[1]):
+            # (float64 values, each already rounded to the dtype: the copy is exact)
+            entry[0].copy_(torch.tensor(values, dtype=torch.float64).view(3, n))
+            return
+        buffer = torch.tensor(values, dtype=dtype).view(3, n)
+        views = [row.unbind() for row in buffer]
+        for state, wn, an, tr in zip(self.states, *views, strict=True):
             state["weight_norm"], state["adam_norm"], state["trust_ratio"] = wn, an, tr
-        return
-    for i, (state, dtype) in enumerate(zip(states, dtypes, strict=True)):
-        for k, key in enumerate(_NORM_KEYS):
-            state[key] = torch.tensor(values[k * n + i], dtype=dtype)
+        if len(cache) > 64:  # (plans come and go with param lists: keep a few)
+            cache.clear()
+        cache[key] = (buffer, views)
+
+    def _hold(self, views: list[tuple[Tensor, ...]]) -> bool:
+        """Whether every state still holds the views stored last step."""
+        return all(
+            all(map(operator.is_, (s.get(key) for s in self.states), row))
+            for key, row in zip(_NORM_KEYS, views, strict=True)
+        )
 
 
 def _pre_scale(optimizer: torch.optim.Optimizer) -> Tensor | float:
@@ -139,15 +164,10 @@ def _pre_scale(optimizer: torch.optim.Optimizer) -> Tensor | float:
     return 1.0 if scale is None else scale
 
 
-def _plan_extras(
-    optimizer: torch.optim.Optimizer, params: list[Tensor]
-) -> tuple[list[dict[str, Any]], list[torch.dtype], float]:
+def _plan_extras(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> _Extras:
     # Where the kernel's norms go (in plan order), and the pre-norm scale.
-    return (
-        [optimizer.state[p] for p in params],
-        [p.dtype for p in params],
-        float(_pre_scale(optimizer)),
-    )
+    state = optimizer.state
+    return _Extras(optimizer, params, [state[p] for p in params], float(_pre_scale(optimizer)))
 
 
 def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
@@ -172,8 +192,10 @@ def _uses_foreach(group: dict[str, Any]) -> bool:
     per-parameter ``update``): its ``_can_use_foreach``."""
     if group.get("foreach") is False or group.get("adanorm") or group.get("rectify"):
         return False
-    with_grad = [p for p in group["params"] if p.grad is not None]
-    return bool(with_grad) and not any(p.grad.is_sparse or torch.is_complex(p) for p in with_grad)
+    # (every step reads this: attribute reads only. A sparse gradient raises the
+    # reference's error whichever the flavour, and a group without gradients steps
+    # nothing in either.)
+    return not any(p.dtype.is_complex and p.grad is not None for p in group["params"])
 
 
 def _rust_unsupported(group: dict[str, Any]) -> bool:
