@@ -10,7 +10,7 @@ Used by the pytest-benchmark suite (``test_*.py``) and by ``report.py``.
   Each contender is a factory ``params -> Runner``; a :class:`Runner` is the timed
   call plus an optional untimed ``prepare`` before every call.
 * :data:`SUITES` is the registry: AdamW, SGD with momentum, Adagrad, RMSprop, Adamax, NAdam,
-  Lion (against lion-pytorch), LARS (against pytorch-optimizer), Muon (2-D weights),
+  Lion (against lion-pytorch), LARS and LAMB (against pytorch-optimizer), Muon (2-D weights),
   RAdam, Adadelta,
   Rprop, ASGD, SparseAdam, LBFGS (``step(closure)`` on its own closure cases, :func:`lbfgs`),
   ``clip_grad_norm_``, AdamW with in-step clipping against torch's clip + step, and
@@ -599,6 +599,7 @@ ADEMAMIX_HYPER: dict[str, object] = {
 MUON_HYPER: dict[str, object] = {"lr": 0.02}
 LARS_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}
 EMA_DECAY = 0.999
+LAMB_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -1019,6 +1020,29 @@ SUITES: dict[str, Suite] = {
             "torch has no LARS: the reference is pytorch-optimizer's `LARS` (pinned 4.1.0), "
             "whose default on CPU is its foreach flavour.",
             _SAME_GRADS,
+        ),
+    ),
+    "lamb": Suite(
+        name="lamb",
+        title=(
+            "ferroptim.LAMB vs pytorch_optimizer.Lamb (its default flavour on CPU: foreach; "
+            "lr 1e-3, decoupled weight decay 0.01): one `step()`"
+        ),
+        bytes_per_element=40,
+        ours=optimizer(ferroptim.LAMB, **LAMB_HYPER),
+        references={
+            f"pytorch-optimizer {flavour}": optimizer(pytorch_optimizer.Lamb, **flags, **LAMB_HYPER)
+            for flavour, flags in (("default", {}), ("for-loop", {"foreach": False}))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 40 bytes/element in two passes: the moments and norms' pass reads "
+            "p, g, exp_avg, exp_avg_sq and writes exp_avg, exp_avg_sq (24), the update reads "
+            "p, exp_avg, exp_avg_sq and writes p (16).",
+            "torch has no LAMB: the reference is pytorch-optimizer's `Lamb` (pinned 4.1.0), "
+            "whose default on CPU is its foreach flavour.",
         ),
     ),
     "muon": Suite(

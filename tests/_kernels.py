@@ -2,7 +2,8 @@
 
 Parity with torch proves nothing about *where* a step ran if ferroptim quietly
 handed it to torch. Every Rust step goes through ``_core.Kernel(name, group).step``
-or Adafactor's ``_core.AdafactorKernel(group, eps1, eps2).step`` (the optimizer modules
+or Adafactor's ``_core.AdafactorKernel(group, eps1, eps2).step`` or LAMB's
+``_core.LambKernel(group, step_size).step`` (the optimizer modules
 look them up at call time), so replacing both with factories of proxies sees every
 step: :func:`intercept_steps`.
 """
@@ -43,6 +44,7 @@ def intercept_steps(on_step: OnStep) -> Iterator[None]:
     """Routes every Rust kernel step through ``on_step`` while the block runs."""
     real = _core.Kernel
     real_adafactor = _core.AdafactorKernel  # (Adafactor's own entry point: moments beside the plan)
+    real_lamb = _core.LambKernel  # (LAMB's own two-pass entry point)
 
     def factory(name: str, group: Any) -> _Proxy:
         return _Proxy(real(name, group), on_step)
@@ -50,13 +52,18 @@ def intercept_steps(on_step: OnStep) -> Iterator[None]:
     def adafactor_factory(group: Any, eps1: float, eps2: float) -> _Proxy:
         return _Proxy(real_adafactor(group, eps1, eps2), on_step)
 
+    def lamb_factory(group: Any, step_size: float) -> _Proxy:
+        return _Proxy(real_lamb(group, step_size), on_step)
+
     _core.Kernel = factory  # type: ignore[misc,assignment]
     _core.AdafactorKernel = adafactor_factory  # type: ignore[misc,assignment]
+    _core.LambKernel = lamb_factory  # type: ignore[misc,assignment]
     try:
         yield
     finally:
         _core.Kernel = real  # type: ignore[misc]
         _core.AdafactorKernel = real_adafactor  # type: ignore[misc]
+        _core.LambKernel = real_lamb  # type: ignore[misc]
 
 
 @contextlib.contextmanager

@@ -21,14 +21,21 @@ it, its in-place gradients) is checked in ``tests/test_ademamix.py``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytorch_optimizer
 import torch
 
-__all__ = ["ADEMAMIX_EXTRA_GROUP_KEYS", "AdEMAMixReference", "AdanReference"]
+__all__ = [
+    "ADEMAMIX_EXTRA_GROUP_KEYS",
+    "AdEMAMixReference",
+    "AdanReference",
+    "exact_norms_and_sqrt",
+]
 
 #: Param-group keys ferroptim.AdEMAMix has beyond ``pytorch_optimizer.AdEMAMix``'s.
 ADEMAMIX_EXTRA_GROUP_KEYS = ("maximize", "differentiable")
@@ -186,3 +193,28 @@ class Adan(_TorchConventions, pytorch_optimizer.Adan):
 
 
 AdanReference = Adan
+
+
+@contextlib.contextmanager
+def exact_norms_and_sqrt() -> Iterator[None]:
+    """``torch._foreach_norm`` returning float64 norms rounded to each tensor's dtype, and
+    ``torch._foreach_sqrt`` correctly rounded (NumPy's, on the same dtype): the two ops
+    of ``pytorch_optimizer.Lamb``'s default flavour torch does not round correctly on
+    every CPU (ferroptim's are)."""
+    norm, sqrt = torch._foreach_norm, torch._foreach_sqrt
+
+    def exact_norm(tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return [torch.linalg.vector_norm(t.double()).to(t.dtype) for t in tensors]
+
+    def exact_sqrt(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(
+            t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors
+        ):
+            return sqrt(tensors)
+        return [torch.from_numpy(np.sqrt(t.detach().numpy())) for t in tensors]
+
+    torch._foreach_norm, torch._foreach_sqrt = exact_norm, exact_sqrt  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch._foreach_norm, torch._foreach_sqrt = norm, sqrt  # type: ignore[assignment]

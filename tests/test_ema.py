@@ -242,16 +242,20 @@ class Matrices(nn.Module):
         self.second = nn.Parameter(torch.randn(65, 33, generator=g))
 
 
-@pytest.mark.parametrize("name", ["LARS", "Muon", "LBFGS"])
+@pytest.mark.parametrize("name", ["LARS", "LAMB", "Muon", "LBFGS"])
 def test_optimizers_with_their_own_step(name: str) -> None:
-    """The optimizers whose step is not one element-wise pass update the average with
-    torch's lerp after the step: the same values as AveragedModel."""
+    """The optimizers whose step is not one element-wise pass (or, LARS and LAMB, is not
+    in the shared registry) update the average with torch's lerp after the step: the
+    same values as AveragedModel."""
     # (torch's LBFGS views each gradient flat: no transposed param for it)
-    model: nn.Module = Params(torch.float32) if name == "LARS" else Matrices()
+    model: nn.Module = Params(torch.float32) if name in ("LARS", "LAMB") else Matrices()
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY))
-    kwargs: dict[str, Any] = {"LARS": {"lr": 0.1, "weight_decay": 1e-4}, "Muon": {"lr": 0.02}}.get(
-        name, {"lr": 0.1, "max_iter": 3}
-    )
+    kwargs: dict[str, Any] = {
+        "LARS": {"lr": 0.1, "weight_decay": 1e-4},
+        "LAMB": {"lr": 1e-2, "weight_decay": 1e-2},
+        "Muon": {"lr": 0.02},
+        "LBFGS": {"lr": 0.1, "max_iter": 3},
+    }[name]
     opt = getattr(ferroptim, name)(model.parameters(), ema_decay=DECAY, **kwargs)
     target = [
         torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) for p in model.parameters()

@@ -32,8 +32,10 @@ _NEEDS_TORCH = (
     "Adam",
     "AdamW",
     "Adamax",
+    "LAMB",
     "LARS",
     "LBFGS",
+    "Lamb",
     "Lion",
     "Muon",
     "NAdam",
@@ -64,6 +66,7 @@ else:
     from ferroptim.ademamix import AdEMAMix
     from ferroptim.asgd import ASGD
     from ferroptim.clip import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from ferroptim.lamb import LAMB, Lamb
     from ferroptim.lars import LARS
     from ferroptim.lbfgs import LBFGS
     from ferroptim.lion import Lion
@@ -101,6 +104,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ASGD",
+    "LAMB",
     "LARS",
     "LBFGS",
     "SGD",
@@ -112,6 +116,7 @@ __all__ = [
     "AdamW",
     "Adamax",
     "Adan",
+    "Lamb",
     "Lion",
     "Muon",
     "NAdam",

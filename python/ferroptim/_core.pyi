@@ -89,6 +89,19 @@ class AdafactorKernel:
         clip: float = 1.0,
     ) -> None: ...
 
+class LambKernel:
+    """LAMB's Rust step, its hyperparameters read by name from a group, its step size
+    given."""
+
+    def __init__(self, group: Mapping[str, object], step_size: float) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def state_keys(self) -> list[str]: ...
+    def step(
+        self, plan: GroupPlan, unscale: float = 1.0, clip: float = 1.0, pre_scale: float = 1.0
+    ) -> list[float]: ...
+
 def kernel_names() -> list[str]: ...
 def grad_norms(
     plans: Sequence[GroupPlan], norm_type: float, unscale: float = 1.0

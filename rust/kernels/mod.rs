@@ -24,6 +24,7 @@ pub mod adan;
 pub mod ademamix;
 pub mod asgd;
 pub mod clip;
+pub mod lamb;
 pub mod lars;
 pub mod lbfgs;
 pub mod lion;

@@ -105,6 +105,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::StateSnapshot>()?;
     m.add_class::<optimizers::Kernel>()?;
     m.add_class::<optimizers::AdafactorKernel>()?;
+    m.add_class::<optimizers::LambKernel>()?;
     m.add_function(wrap_pyfunction!(optimizers::kernel_names, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grad_norms, m)?)?;
     m.add_function(wrap_pyfunction!(clip::grads_finite, m)?)?;

@@ -16,6 +16,7 @@ use super::plan::GroupPlan;
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{Buffer, HyperError, HyperRecord, HyperSource, StepContext, TensorScalar};
 use crate::kernels::adafactor::{self, AdafactorHyper, Epsilons, Moment};
+use crate::kernels::lamb::{self, LambHyper, LambStep};
 use crate::kernels::registry::{Configured, NAMES};
 
 /// A param group (or any mapping) as a source of hyperparameters.
@@ -399,5 +400,78 @@ impl AdafactorKernel {
 
     fn __repr__(&self) -> String {
         format!("AdafactorKernel({:?}, {:?})", self.hyper, self.eps)
+    }
+}
+
+/// LAMB's step (`kernels/lamb.rs`): its hyperparameters read by name from a param
+/// group now, the step size and the pre-norm scale given as the reference's Python
+/// computes them.
+#[pyclass(module = "ferroptim._core", frozen)]
+pub struct LambKernel {
+    hyper: LambHyper,
+    step_size: f64,
+}
+
+#[pymethods]
+impl LambKernel {
+    #[new]
+    fn new(group: &Bound<'_, PyMapping>, step_size: f64) -> PyResult<LambKernel> {
+        let source = GroupSource {
+            group,
+            python_error: RefCell::new(None),
+        };
+        let hyper = LambHyper::read(&source)
+            .map_err(|e| source.python_error.take().unwrap_or_else(|| hyper_error(e)))?;
+        Ok(LambKernel { hyper, step_size })
+    }
+
+    /// The kernel's name (as `Kernel.name`).
+    #[getter]
+    fn name(&self) -> &'static str {
+        "lamb"
+    }
+
+    /// State buffers in the plan, in kernel order.
+    #[getter]
+    fn state_keys(&self) -> Vec<&'static str> {
+        vec!["exp_avg", "exp_avg_sq"]
+    }
+
+    /// Steps the gathered plan (param, grad, `exp_avg`, `exp_avg_sq` per tensor);
+    /// returns every tensor's weight norm, then every adam norm, then every trust
+    /// ratio (each rounded to its tensor's dtype). `pre_scale`: the reference's
+    /// `pre_norm` gradient scale.
+    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, pre_scale = 1.0))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        plan: &Bound<'_, GroupPlan>,
+        unscale: f64,
+        clip: f64,
+        pre_scale: f64,
+    ) -> PyResult<Vec<f64>> {
+        let ctx = StepContext {
+            unscale,
+            clip,
+            ..StepContext::default()
+        };
+        let hyper = &self.hyper;
+        let step = &LambStep {
+            step_size: self.step_size,
+            pre_scale,
+        };
+        let norms = plan.borrow_mut().run(py, true, |group, level| {
+            lamb::step(group, hyper, step, &ctx, level)
+        })?;
+        Ok((0..3)
+            .flat_map(|k| norms.iter().map(move |n| n[k]))
+            .collect())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "LambKernel({:?}, step_size={:?})",
+            self.hyper, self.step_size
+        )
     }
 }
