@@ -134,6 +134,11 @@ class OptimizerSpec:
     #: :attr:`torch_step` read the count of steps before this one; the step driver
     #: increments it in every group once the step has run (not on a skipped step).
     group_step_key: str | None = None
+    #: ``advance_group(group)``: the per-group state a step moves on besides
+    #: :attr:`group_step_key` (Schedule-Free's ``k``, ``lr_max``, ``weight_sum``), updated
+    #: by the step driver in every group once the step has run (not on a skipped step);
+    #: the kernel and :attr:`torch_step` read the values from before this step.
+    advance_group: Callable[[dict[str, Any]], None] | None = None
     #: Per-tensor scalar state the kernel reads and writes besides the step counter
     #: (0-d tensors, e.g. NAdam's ``mu_product``), in the kernel's slot order.
     scalar_keys: tuple[str, ...] = ()

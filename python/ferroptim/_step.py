@@ -82,16 +82,25 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
     else:
         for job in jobs:
             job.run(factors)
-        group_step_key = optimizer._ferro_spec.group_step_key
-        if group_step_key is not None:
-            for group in optimizer.param_groups:
-                group[group_step_key] = group.get(group_step_key, 0) + 1
+        _advance_groups(optimizer)
     if slow or factors is None:
         live = {id(g) for g in optimizer.param_groups}
         for key in [k for k in plans if k not in live]:
             del plans[key]
         cache["_ferro_snapshot"] = _core.StateSnapshot(optimizer.state)
     return loss
+
+
+def _advance_groups(optimizer: RustStepMixin) -> None:
+    """The per-group state a step taken moves on, in every group (``group_step_key``,
+    ``advance_group``)."""
+    spec = optimizer._ferro_spec
+    if spec.group_step_key is not None:
+        for group in optimizer.param_groups:
+            group[spec.group_step_key] = group.get(spec.group_step_key, 0) + 1
+    if spec.advance_group is not None:
+        for group in optimizer.param_groups:
+            spec.advance_group(group)
 
 
 def fast_job(
