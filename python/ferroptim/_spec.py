@@ -127,6 +127,9 @@ class OptimizerSpec:
     #: ``init_state(param, group)``: a param's state on its first step (step counter
     #: included), for optimizers torch lacks (no ``_init_group`` to borrow).
     init_state: Callable[[Tensor, dict[str, Any]], dict[str, Any]] | None = None
+    #: The state key whose absence makes :attr:`init_state` run (Schedule-Free's reference
+    #: re-creates its state ``if 'z' not in state``); None: when the state is empty.
+    init_key: str | None = None
     #: Name of the per-parameter step counter in the state, or None (SGD has none).
     step_key: str | None = "step"
     #: Name of a per-group step counter (a Python int in the param group, as the
@@ -256,7 +259,7 @@ class OptimizerSpec:
             gathered.has_complex |= param.is_complex()
             gathered.has_sparse_grad |= grad.is_sparse
             state = optimizer.state[param]
-            if not state:
+            if not state or (self.init_key is not None and self.init_key not in state):
                 state.update(self.init_state(param, group))
             gathered.params.append(param)
             gathered.grads.append(grad)

@@ -27,8 +27,10 @@ The group scalars are computed here, from the values before the step, and handed
 kernel by name; the step driver stores the new ones once the step has run (so a step that
 raises or is skipped leaves the group as it was).
 
-One difference from the reference, none in the numbers: it overwrites ``p.grad`` with the
-normalised, decayed gradient; ferroptim leaves gradients untouched, as torch.optim does.
+Differences from the reference: it overwrites ``p.grad`` with the normalised, decayed
+gradient (ferroptim leaves gradients untouched, as torch.optim does); complex params step as
+real views here, as torch.optim's algorithms step them (the reference computes in complex
+arithmetic: AdamW's ``grad * grad`` is then not ``|grad|**2``).
 """
 
 from __future__ import annotations
@@ -100,11 +102,13 @@ def _adamw_kernel(group: dict[str, Any]) -> KernelCall:
     """The group's Rust kernel with this step's scalars (see the module docs)."""
     beta1, beta2 = group["betas"]  # (the reference's unpacking, and its error, first)
     s = group_scalars(group)
+    # (float(): where `lr` is a tensor these are 0-d tensors, whose values the reference's
+    # ops read as Python scalars)
     hyper = {
         **group,
-        "scheduled_lr": s.lr,
-        "ckp1": s.ckp1,
-        "y_lr": s.lr * (beta1 * (1 - s.ckp1) - 1),
+        "scheduled_lr": float(s.lr),
+        "ckp1": float(s.ckp1),
+        "y_lr": float(s.lr * (beta1 * (1 - s.ckp1) - 1)),
         "bias_correction2": 1 - beta2 ** (group["k"] + 1),
     }
     return _core.Kernel("schedulefree_adamw", hyper).step
@@ -115,9 +119,9 @@ def _sgd_kernel(group: dict[str, Any]) -> KernelCall:
     s = group_scalars(group)
     hyper = {
         **group,
-        "scheduled_lr": s.lr,
-        "ckp1": s.ckp1,
-        "y_lr": s.lr * (group["momentum"] * (1 - s.ckp1) - 1),
+        "scheduled_lr": float(s.lr),
+        "ckp1": float(s.ckp1),
+        "y_lr": float(s.lr * (group["momentum"] * (1 - s.ckp1) - 1)),
     }
     return _core.Kernel("schedulefree_sgd", hyper).step
 
@@ -140,26 +144,34 @@ def _adamw_numbers(group: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def _tensor_hyper(group: dict[str, Any], names: tuple[str, ...]) -> bool:
-    # A tensor hyperparameter makes the reference compute its scalars in tensor
-    # arithmetic: its torch ops below reproduce that, the kernels do not.
+    # A tensor hyperparameter the ops read (eps, weight decay, betas, momentum) makes the
+    # reference compute in tensor arithmetic: its torch ops below reproduce that, the
+    # kernels do not. A tensor `lr` (torch's recipe for a compiled step with a scheduler)
+    # only makes the group scalars tensors, computed here by the reference's expressions
+    # and handed to the kernel as the numbers the reference's ops then read.
     return any(isinstance(group[name], Tensor) for name in names)
 
 
 def _adamw_rust_unsupported(group: dict[str, Any]) -> bool:
-    names = ("lr", "eps", "weight_decay", "r", "weight_lr_power", "lr_max", "weight_sum")
-    return _tensor_hyper(group, names) or any(isinstance(b, Tensor) for b in group["betas"])
+    beta1, beta2 = group["betas"]  # (the reference's unpacking, and its error, first)
+    names = ("eps", "weight_decay", "r", "weight_lr_power")
+    return _tensor_hyper(group, names) or isinstance(beta1, Tensor) or isinstance(beta2, Tensor)
 
 
 def _sgd_rust_unsupported(group: dict[str, Any]) -> bool:
-    names = ("lr", "momentum", "weight_decay", "r", "weight_lr_power", "lr_max", "weight_sum")
-    return _tensor_hyper(group, names)
+    return _tensor_hyper(group, ("momentum", "weight_decay", "r", "weight_lr_power"))
+
+
+def _real(tensors: list[Tensor]) -> list[Tensor]:
+    # (complex params step as real views, as torch.optim's algorithms step them)
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
 def _grads(gathered: Gathered, group: dict[str, Any]) -> list[Tensor]:
     # (new tensors: the reference's in-place gradient updates would show in p.grad)
     if flag(group["maximize"]):
-        return [torch.neg(g) for g in gathered.grads]
-    return [g.clone() for g in gathered.grads]
+        return _real([torch.neg(g) for g in gathered.grads])
+    return _real([g.clone() for g in gathered.grads])
 
 
 def _adamw_torch_step(
@@ -179,7 +191,8 @@ def _adamw_torch_step(
     eps, decay = group["eps"], group["weight_decay"]
     s = group_scalars(group)
     bias_correction2 = 1 - beta2 ** (group["k"] + 1)
-    y, (z, exp_avg_sq), grad = gathered.params, gathered.states, _grads(gathered, group)
+    y, z, exp_avg_sq = (_real(t) for t in (gathered.params, *gathered.states))
+    grad = _grads(gathered, group)
     if foreach:
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
@@ -216,7 +229,8 @@ def _sgd_torch_step(
         return
     momentum, weight_decay = group["momentum"], group["weight_decay"]
     s = group_scalars(group)
-    y, (z,), grad = gathered.params, gathered.states, _grads(gathered, group)
+    y, z = _real(gathered.params), _real(gathered.states[0])
+    grad = _grads(gathered, group)
     if foreach:
         if weight_decay != 0:
             torch._foreach_add_(grad, y, alpha=weight_decay)
@@ -232,13 +246,23 @@ def _sgd_torch_step(
         z_p.sub_(g, alpha=s.lr)
 
 
+def _adamw_check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
+    """The reference's error for a sparse gradient (its ``addcmul_`` has no sparse kernel:
+    torch's NotImplementedError), raised before anything is written: the same op on a
+    scratch tensor raises it."""
+    for grad in gathered.grads:
+        if grad.is_sparse:
+            torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device).addcmul_(grad, grad)
+
+
 _COMMON_SPEC: dict[str, Any] = {
     "step_key": None,
+    # Sparse gradients take the torch-op code: SGD's steps them as the reference does (its
+    # ops take them), AdamW's raises the reference's error first.
+    "sparse_to_torch": True,
     "advance_group": advance_group,
     "has_fused": False,
-    # (the reference's complex arithmetic, e.g. AdamW's `grad * grad`, is not the
-    # element-wise arithmetic of real views)
-    "complex_as_real": False,
+    "init_key": "z",
 }
 
 SCHEDULEFREE_ADAMW_SPEC = OptimizerSpec(
@@ -249,6 +273,7 @@ SCHEDULEFREE_ADAMW_SPEC = OptimizerSpec(
     numbers=("lr", "eps", "weight_decay"),
     more_numbers=_adamw_numbers,
     rust_unsupported=_adamw_rust_unsupported,
+    check_torch_path=_adamw_check_torch_path,
     **_COMMON_SPEC,
 )
 
@@ -327,7 +352,9 @@ class ScheduleFreeAdamW(_ScheduleFree):
     Call ``optimizer.train()`` before training and ``optimizer.eval()`` before evaluating
     or saving, as with the reference. CPU float32/float64 params step in Rust; other
     devices and dtypes, complex params and tensor hyperparameters step through the
-    reference's torch ops.
+    reference's torch ops (tensor ``betas``/``eps``/``weight_decay``). Complex params step
+    as real views, as torch.optim's algorithms step them (the reference's complex
+    arithmetic squares ``grad`` as a complex number).
 
     Extra keywords (torch's conventions): ``maximize``; ``max_grad_norm`` clips the global
     L2 norm of all gradients inside the step (see :mod:`ferroptim.clip`);
