@@ -476,3 +476,36 @@ def test_max_grad_norm_clips_like_clipping_first(kind):
             theirs.step()
     for a, b in zip(fp, tp, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_tensor_lr_with_a_scheduler_steps_in_rust_to_the_references_bits(kind):
+    """torch's recipe for a compiled step (``lr`` a tensor, moved by a scheduler): the
+    reference then computes ``lr_max``, ``weight_sum`` and ``ckp1`` in float32 tensor
+    arithmetic; ferroptim computes them with the same expressions and steps in Rust."""
+
+    def run(cls: Any, **extra: Any) -> tuple[list[Any], Any]:
+        def make(ps: list[torch.nn.Parameter]) -> Any:
+            opt = cls(ps, lr=torch.tensor(0.01), warmup_steps=5, weight_decay=0.05, **extra)
+            opt.sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=7)
+            return opt
+
+        params = _params()
+        opt = make(params)
+        opt.train()
+        gen = torch.Generator().manual_seed(6)
+        for _ in range(30):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+            opt.sched.step()
+        opt.eval()
+        return params, opt
+
+    with kernel_calls() as calls:
+        ours = run(PAIRS[kind][0]())
+    assert sum(calls.values()) == 30
+    with correctly_rounded_sqrt():
+        theirs = run(PAIRS[kind][1], foreach=False)
+    _assert_bitwise(ours, theirs)
+    assert isinstance(ours[1].param_groups[0]["lr_max"], torch.Tensor)
