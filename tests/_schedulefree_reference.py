@@ -42,13 +42,19 @@ SCHEDULEFREE_EXTRA_GROUP_KEYS = ("maximize",)
 
 
 def _train_mode(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.train()`` for an optimizer without state: it only sets the groups'
+    """``optimizer.train()`` for an optimizer without state, which only sets the groups'
     ``train_mode`` (its lookup of each param's state would also leave an empty entry per
     param in ``optimizer.state``, which the registry's tests, written for torch's lazily
     created state, do not expect; test_schedulefree checks the real ``train()``)."""
     assert not any(optimizer.state.values())
     for group in optimizer.param_groups:
         group["train_mode"] = True
+    # The reference's `foreach=True` default also makes torch's `zero_grad` use
+    # `_foreach_zero_`, which refuses lazily negated gradients (the stateful safety test
+    # makes them): both sides of the registry's twins zero gradients one by one instead,
+    # as torch's own optimizers do by default (`zero_grad` reads only the defaults).
+    if optimizer.defaults.get("foreach"):
+        optimizer.defaults["foreach"] = None
 
 
 class TrainedScheduleFreeAdamW(ferroptim.ScheduleFreeAdamW):

@@ -1261,11 +1261,6 @@ FAMILIES: dict[str, Family] = {
         # _schedulefree_reference.py; test_schedulefree.py checks the real classes.
         TrainedScheduleFreeAdamW,
         ScheduleFreeAdamWReference,
-        # The reference's `foreach=True` default makes torch's `zero_grad` use
-        # `_foreach_zero_`, which refuses lazily negated gradients (the stateful safety
-        # test's): the registry's cases take the for-loop flag on both sides
-        # (test_schedulefree steps the defaults).
-        fixed={"foreach": False},
         grid={
             "warmup_steps": (0, 10),
             "weight_decay": (0.0, 0.05),
@@ -1306,11 +1301,6 @@ FAMILIES: dict[str, Family] = {
         "ScheduleFreeSGD",
         TrainedScheduleFreeSGD,
         ScheduleFreeSGDReference,
-        # The reference's `foreach=True` default makes torch's `zero_grad` use
-        # `_foreach_zero_`, which refuses lazily negated gradients (the stateful safety
-        # test's): the registry's cases take the for-loop flag on both sides
-        # (test_schedulefree steps the defaults).
-        fixed={"foreach": False},
         grid={
             "warmup_steps": (0, 10),
             "weight_decay": (0.0, 0.05),
