@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import ferroptim
 import lion_pytorch
 import pytorch_optimizer
+import schedulefree
 import torch
 from ferroptim import _core
 from torch import Tensor
@@ -231,6 +232,18 @@ def optimizer(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
 
     def make(params: list[Tensor]) -> Runner:
         opt = cls(params, **kwargs)
+        return Runner(opt.step, keep=opt)
+
+    return make
+
+
+def trained(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
+    """:func:`optimizer` for a Schedule-Free optimizer: put in train mode (``.train()``)
+    before its steps, as its reference requires."""
+
+    def make(params: list[Tensor]) -> Runner:
+        opt = cls(params, **kwargs)
+        opt.train()  # type: ignore[attr-defined]
         return Runner(opt.step, keep=opt)
 
     return make
@@ -600,6 +613,8 @@ MUON_HYPER: dict[str, object] = {"lr": 0.02}
 LARS_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9}
 EMA_DECAY = 0.999
 LAMB_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2}
+SF_ADAMW_HYPER: dict[str, object] = {"lr": 2.5e-3, "weight_decay": 1e-2, "warmup_steps": 1000}
+SF_SGD_HYPER: dict[str, object] = {"lr": 0.1, "weight_decay": 1e-4, "warmup_steps": 1000}
 RADAM_HYPER: dict[str, object] = {"lr": 1e-3, "weight_decay": 1e-2, "decoupled_weight_decay": True}
 
 #: Where torch has no fused kernel its for-loop may run a list of small-state tensors
@@ -764,6 +779,56 @@ SUITES: dict[str, Suite] = {
             "write p and the three states).",
             "torch has no AdEMAMix: the reference is pytorch-optimizer's `AdEMAMix`, whose "
             "default on the CPU is its foreach flavour (torch `_foreach_*` ops).",
+        ),
+    ),
+    "schedulefree_adamw": Suite(
+        name="schedulefree_adamw",
+        title=(
+            "ferroptim.ScheduleFreeAdamW vs schedulefree.AdamWScheduleFree (its default "
+            "flavour; lr 2.5e-3, weight decay 0.01, warmup 1000 steps): one `step()`"
+        ),
+        bytes_per_element=28,
+        ours=restore_grads(trained(ferroptim.ScheduleFreeAdamW, **SF_ADAMW_HYPER)),
+        references={
+            f"schedulefree {flavour}": restore_grads(
+                trained(schedulefree.AdamWScheduleFree, **flags, **SF_ADAMW_HYPER)
+            )
+            for flavour, flags in (("default", {}), ("for-loop", {"foreach": False}))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 28 bytes/element (read y, g, z, exp_avg_sq; write y, z, exp_avg_sq).",
+            "torch has no Schedule-Free AdamW: the reference is the schedulefree package's "
+            "`AdamWScheduleFree`, whose default on the CPU is its foreach flavour (torch "
+            "`_foreach_*` ops). It overwrites the gradients: every contender's are rewritten "
+            "(untimed) before each step.",
+        ),
+    ),
+    "schedulefree_sgd": Suite(
+        name="schedulefree_sgd",
+        title=(
+            "ferroptim.ScheduleFreeSGD vs schedulefree.SGDScheduleFree (its default flavour; "
+            "lr 0.1, momentum 0.9, weight decay 1e-4, warmup 1000 steps): one `step()`"
+        ),
+        bytes_per_element=20,
+        ours=restore_grads(trained(ferroptim.ScheduleFreeSGD, **SF_SGD_HYPER)),
+        references={
+            f"schedulefree {flavour}": restore_grads(
+                trained(schedulefree.SGDScheduleFree, **flags, **SF_SGD_HYPER)
+            )
+            for flavour, flags in (("default", {}), ("for-loop", {"foreach": False}))
+        },
+        floor=adam_floor,
+        floor_cases=_LIST_FLOORS,
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 20 bytes/element (read y, g, z; write y, z).",
+            "torch has no Schedule-Free SGD: the reference is the schedulefree package's "
+            "`SGDScheduleFree`, whose default on the CPU is its foreach flavour. It overwrites "
+            "the gradients (weight decay): every contender's are rewritten (untimed) before "
+            "each step.",
         ),
     ),
     "adan": Suite(

@@ -27,6 +27,8 @@ SAFETY_FAMILIES: dict[str, dict[str, Any]] = {
     "Lion": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "AdEMAMix": {"weight_decay": 0.05, "weight_decouple": True, "t_alpha_beta3": 10.0},
     "Adan": {"weight_decay": 0.05},
+    "ScheduleFreeAdamW": {"weight_decay": 0.05, "warmup_steps": 5, "r": 0.5},
+    "ScheduleFreeSGD": {"weight_decay": 0.05, "warmup_steps": 5, "momentum": 0.5},
     "RAdam": {"weight_decay": 0.05, "decoupled_weight_decay": True},
     "Adadelta": {"weight_decay": 0.05},
     "Rprop": {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)},

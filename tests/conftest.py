@@ -669,11 +669,15 @@ PRISTINE_STATE: dict[str, float | str] = {
     "step_size": "lr",
     "eta": "lr",
     "mu": 1.0,
+    # (Schedule-Free's `z` starts as a copy of the param)
+    "z": "param",
 }
 
 
 def _pristine(key: str, opt: torch.optim.Optimizer, param: torch.Tensor, value: Any) -> Any:
     pristine = PRISTINE_STATE.get(key, 0.0)
+    if pristine == "param":
+        return param.detach()
     if pristine != "lr":
         return pristine
     lr = next(g["lr"] for g in opt.param_groups if any(p is param for p in g["params"]))

@@ -41,6 +41,12 @@ import pytest
 import torch
 from _lion_reference import LionReference
 from _pytorch_optimizer_reference import AdanReference, AdEMAMixReference
+from _schedulefree_reference import (
+    ScheduleFreeAdamWReference,
+    ScheduleFreeSGDReference,
+    TrainedScheduleFreeAdamW,
+    TrainedScheduleFreeSGD,
+)
 
 
 def _import_ferroptim() -> Any:
@@ -1245,6 +1251,90 @@ FAMILIES: dict[str, Family] = {
             ("weight_decay", 0.1),
             ("maximize", True),
             ("weight_decouple", True),
+            ("maximize", False),
+        ),
+    ),
+    "ScheduleFreeAdamW": Family(
+        "ScheduleFreeAdamW",
+        # ferroptim.ScheduleFreeAdamW and schedulefree.AdamWScheduleFree (with per-group
+        # `maximize` and gradients left untouched), both in train mode from the start: see
+        # _schedulefree_reference.py; test_schedulefree.py checks the real classes.
+        TrainedScheduleFreeAdamW,
+        ScheduleFreeAdamWReference,
+        grid={
+            "warmup_steps": (0, 10),
+            "weight_decay": (0.0, 0.05),
+            "r": (0.0, 0.5),
+            "weight_lr_power": (2.0, 0.0),
+            "maximize": (False, True),
+        },
+        state_keys=lambda group: ("z", "exp_avg_sq"),
+        second_group={"lr": 1e-3, "betas": (0.8, 0.99), "eps": 1e-6},
+        # (the reference's per-parameter loop: its foreach flavour runs the same ops)
+        reference_kwargs={"foreach": False},
+        variants=(
+            {"lr": 0.05, "betas": (0.5, 0.9), "weight_decay": 0.3, "warmup_steps": 5},
+            {"lr": 1e-4, "maximize": True, "r": 1.0, "weight_lr_power": 0.0},
+        ),
+        state_tensors=("z", "exp_avg_sq"),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="schedulefree_adamw_step",
+        bad_input_kwargs={"weight_decay": 0.05, "warmup_steps": 5},
+        numbers=("lr", "eps", "weight_decay"),
+        mixed_dtype_kwargs={"weight_decay": 0.05, "warmup_steps": 5},
+        mixed_routing_kwargs={"lr": 1e-3, "weight_decay": 0.05, "eps": 1e-3},
+        train_kwargs={"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 5},
+        interop_training={"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": 5},
+        live_changes=(
+            ("lr", 0.05),
+            ("betas", (0.5, 0.9)),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("warmup_steps", 20),
+            ("r", 1.0),
+            ("maximize", False),
+        ),
+    ),
+    "ScheduleFreeSGD": Family(
+        "ScheduleFreeSGD",
+        TrainedScheduleFreeSGD,
+        ScheduleFreeSGDReference,
+        grid={
+            "warmup_steps": (0, 10),
+            "weight_decay": (0.0, 0.05),
+            "r": (0.0, 0.5),
+            "weight_lr_power": (2.0, 0.0),
+            "maximize": (False, True),
+        },
+        state_keys=lambda group: ("z",),
+        second_group={"lr": 0.3, "momentum": 0.7},
+        reference_kwargs={"foreach": False},
+        variants=(
+            {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.3, "warmup_steps": 5},
+            {"lr": 1e-3, "maximize": True, "r": 1.0, "weight_lr_power": 0.0},
+        ),
+        state_tensors=("z",),
+        scalar_state=(),
+        has_step=False,
+        has_fused=False,
+        kernel="schedulefree_sgd_step",
+        # (the reference's ops take sparse gradients: test_schedulefree compares them)
+        sparse=True,
+        bad_input_kwargs={"weight_decay": 0.05, "warmup_steps": 5},
+        numbers=("lr", "momentum", "weight_decay"),
+        mixed_dtype_kwargs={"weight_decay": 0.05, "warmup_steps": 5},
+        mixed_routing_kwargs={"lr": 0.1, "weight_decay": 0.05},
+        train_kwargs={"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 5},
+        interop_training={"lr": 0.1, "weight_decay": 0.01, "warmup_steps": 5},
+        live_changes=(
+            ("lr", 0.05),
+            ("momentum", 0.5),
+            ("weight_decay", 0.1),
+            ("maximize", True),
+            ("warmup_steps", 20),
+            ("r", 1.0),
             ("maximize", False),
         ),
     ),

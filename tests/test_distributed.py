@@ -42,8 +42,8 @@ BATCH = 16  # full batch; each rank gets BATCH // WORLD rows
 # Families, models, data (shared by the workers and the parent's references)
 # ----------------------------------------------------------------------------------------
 
-#: (class name, kwargs): every optimizer of the registry, state buffers in play (by class
-#: name: the spawned workers look the class up in ferroptim or torch.optim).
+#: (class name, kwargs): every optimizer of the registry, state buffers in play (the
+#: spawned workers make the registry's class: :func:`make_opt`).
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     name: (family.ferro.__name__, {**family.fixed, **kwargs})
     for name, (family, kwargs) in train_cases().items()
@@ -68,12 +68,13 @@ def make_opt(
     family: str, params: Any, *, torch_ref: bool = False, **extra: Any
 ) -> torch.optim.Optimizer:
     """The family's ferroptim optimizer, or (``torch_ref``) its for-loop reference."""
-    cls_name, kwargs = FAMILIES[family]
+    _, kwargs = FAMILIES[family]
     if torch_ref:
         # (torch.optim's class, or the reference of an optimizer torch lacks: the registry's)
         reference = train_cases()[family][0].torch
         return reference(params, **kwargs, foreach=False, **extra)
-    return getattr(ferroptim, cls_name)(params, **kwargs, **extra)
+    # (the registry's class: ferroptim's, or a test subclass of it)
+    return train_cases()[family][0].ferro(params, **kwargs, **extra)
 
 
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
@@ -309,9 +310,9 @@ def _zero(rank: int, family: str) -> dict[str, Any]:
 
     dtype = torch.float64
     model = DDP(make_mlp(0, dtype))
-    cls_name, kwargs = FAMILIES[family]
+    _, kwargs = FAMILIES[family]
     opt = ZeroRedundancyOptimizer(
-        model.parameters(), optimizer_class=getattr(ferroptim, cls_name), **kwargs
+        model.parameters(), optimizer_class=train_cases()[family][0].ferro, **kwargs
     )
     local_type = type(opt.optim).__name__
     local_params = sum(len(g["params"]) for g in opt.optim.param_groups)

@@ -46,6 +46,8 @@ _NEEDS_TORCH = (
     "ASGD",
     "AdEMAMix",
     "Adan",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "clip_grad_norm_",
     "clip_grad_value_",
     "get_total_norm",
@@ -74,6 +76,7 @@ else:
     from ferroptim.radam import RAdam
     from ferroptim.rmsprop import RMSprop
     from ferroptim.rprop import Rprop
+    from ferroptim.schedulefree import ScheduleFreeAdamW, ScheduleFreeSGD
     from ferroptim.sgd import SGD
     from ferroptim.sparse_adam import SparseAdam
 
@@ -123,6 +126,8 @@ __all__ = [
     "RAdam",
     "RMSprop",
     "Rprop",
+    "ScheduleFreeAdamW",
+    "ScheduleFreeSGD",
     "SparseAdam",
     "__version__",
     "clip_grad_norm_",

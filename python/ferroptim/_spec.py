@@ -127,6 +127,9 @@ class OptimizerSpec:
     #: ``init_state(param, group)``: a param's state on its first step (step counter
     #: included), for optimizers torch lacks (no ``_init_group`` to borrow).
     init_state: Callable[[Tensor, dict[str, Any]], dict[str, Any]] | None = None
+    #: The state key whose absence makes :attr:`init_state` run (Schedule-Free's reference
+    #: re-creates its state ``if 'z' not in state``); None: when the state is empty.
+    init_key: str | None = None
     #: Name of the per-parameter step counter in the state, or None (SGD has none).
     step_key: str | None = "step"
     #: Name of a per-group step counter (a Python int in the param group, as the
@@ -134,6 +137,11 @@ class OptimizerSpec:
     #: :attr:`torch_step` read the count of steps before this one; the step driver
     #: increments it in every group once the step has run (not on a skipped step).
     group_step_key: str | None = None
+    #: ``advance_group(group)``: the per-group state a step moves on besides
+    #: :attr:`group_step_key` (Schedule-Free's ``k``, ``lr_max``, ``weight_sum``), updated
+    #: by the step driver in every group once the step has run (not on a skipped step);
+    #: the kernel and :attr:`torch_step` read the values from before this step.
+    advance_group: Callable[[dict[str, Any]], None] | None = None
     #: Per-tensor scalar state the kernel reads and writes besides the step counter
     #: (0-d tensors, e.g. NAdam's ``mu_product``), in the kernel's slot order.
     scalar_keys: tuple[str, ...] = ()
@@ -256,7 +264,7 @@ class OptimizerSpec:
             gathered.has_complex |= param.is_complex()
             gathered.has_sparse_grad |= grad.is_sparse
             state = optimizer.state[param]
-            if not state:
+            if not state or (self.init_key is not None and self.init_key not in state):
                 state.update(self.init_state(param, group))
             gathered.params.append(param)
             gathered.grads.append(grad)

@@ -95,7 +95,8 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
 
 def _after_run(optimizer: RustStepMixin, jobs: list[Job]) -> None:
     """What follows a step that ran: the moving averages the kernels did not update
-    (``ema_decay``), then the per-group step counters."""
+    (``ema_decay``), then the per-group state a step moves on, in every group
+    (``group_step_key``, ``advance_group``)."""
     if any(group.get("ema_decay") is not None for group in optimizer.param_groups):
         optimizer._ema_after_step(
             {
@@ -103,10 +104,13 @@ def _after_run(optimizer: RustStepMixin, jobs: list[Job]) -> None:
                 for group, job in zip(optimizer.param_groups, jobs, strict=True)
             }
         )
-    group_step_key = optimizer._ferro_spec.group_step_key
-    if group_step_key is not None:
+    spec = optimizer._ferro_spec
+    if spec.group_step_key is not None:
         for group in optimizer.param_groups:
-            group[group_step_key] = group.get(group_step_key, 0) + 1
+            group[spec.group_step_key] = group.get(spec.group_step_key, 0) + 1
+    if spec.advance_group is not None:
+        for group in optimizer.param_groups:
+            spec.advance_group(group)
 
 
 def fast_job(

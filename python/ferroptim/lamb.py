@@ -136,8 +136,8 @@ class _Extras:
             return
         cache: dict[tuple[int, ...], tuple[Tensor, list[tuple[Tensor, ...]]]]
         cache = self.optimizer.__dict__.setdefault("_ferro_lamb_norms", {})
-        key = tuple(map(id, self.params))
-        entry = cache.get(key)
+        ids = tuple(map(id, self.params))
+        entry = cache.get(ids)
         if entry is not None and entry[0].dtype == dtype and self._hold(entry[1]):
             # (float64 values, each already rounded to the dtype: the copy is exact)
             entry[0].copy_(torch.tensor(values, dtype=torch.float64).view(3, n))
@@ -148,7 +148,7 @@ class _Extras:
             state["weight_norm"], state["adam_norm"], state["trust_ratio"] = wn, an, tr
         if len(cache) > 64:  # (plans come and go with param lists: keep a few)
             cache.clear()
-        cache[key] = (buffer, views)
+        cache[ids] = (buffer, views)
 
     def _hold(self, views: list[tuple[Tensor, ...]]) -> bool:
         """Whether every state still holds the views stored last step."""

@@ -35,6 +35,7 @@ pub mod radam;
 pub mod registry;
 pub mod rmsprop;
 pub mod rprop;
+pub mod schedulefree;
 pub mod sgd;
 pub mod sparse_adam;
 #[cfg(test)]

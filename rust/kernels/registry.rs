@@ -85,5 +85,7 @@ registry! {
     Asgd => super::asgd::Asgd,
     Ademamix => super::ademamix::Ademamix,
     Adan => super::adan::Adan,
+    ScheduleFreeAdamw => super::schedulefree::ScheduleFreeAdamw,
+    ScheduleFreeSgd => super::schedulefree::ScheduleFreeSgd,
     StreamProbe => super::probe::StreamProbe,
 }
