@@ -137,10 +137,15 @@ def make_lexicon(seed: int = 0) -> Lexicon:
     rng = random.Random(seed)
     syllables = [c + v for c in "bdfgklmnprtvz" for v in "aeiou"]
 
+    taken: set[str] = set()  # the word classes are disjoint
+
     def words(count: int, lengths: Sequence[int]) -> list[str]:
         out: set[str] = set()
         while len(out) < count:
-            out.add("".join(rng.choice(syllables) for _ in range(rng.choice(lengths))))
+            word = "".join(rng.choice(syllables) for _ in range(rng.choice(lengths)))
+            if word not in taken:
+                out.add(word)
+                taken.add(word)
         return sorted(out)
 
     nouns = words(30, (1, 2, 2, 3))
