@@ -5,8 +5,8 @@ their losses with torch.optim.AdamW in float32 (the reference):
 
 * ``digits``: the demo's 64-1024-1024-10 MLP on scikit-learn's bundled digits
   (``examples/demo.py``), batch 64, the demo's lr 1e-3 and weight decay 1e-2, 400 steps;
-* ``charlm``: a 2-layer causal transformer (d_model 64, context 64), batch 32, predicting the next
-  character of text generated here by a small stochastic grammar (a made-up lexicon,
+* ``charlm``: a 2-layer causal transformer (d_model 64, context 64), batch 32, predicting
+  the next character of text generated here by a small stochastic grammar (a made-up lexicon,
   subject-verb agreement, verbs that take only some objects, nested relative clauses,
   quoted speech), so the loss keeps falling for a while: spelling first, then grammar;
   lr 3e-3, weight decay 0.1, 400 steps.
@@ -14,7 +14,8 @@ their losses with torch.optim.AdamW in float32 (the reference):
 Variants (each model trained once per seed; a seed fixes the initial weights and the
 batch order, the same for every variant; warmup then cosine decay of the learning rate):
 
-* ``fp32``: ``torch.optim.AdamW`` on float32 params (the reference);
+* ``fp32``: ``torch.optim.AdamW`` on float32 params (the reference; on CPU torch's
+  default is its for-loop implementation);
 * ``ferro-fp32``: ``ferroptim.AdamW``, float32;
 * ``bf16-states``: ``ferroptim.AdamW(..., state_dtype=torch.bfloat16)``: float32 params,
   exp_avg/exp_avg_sq kept in bfloat16 with stochastic rounding;
