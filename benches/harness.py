@@ -890,6 +890,32 @@ SUITES: dict[str, Suite] = {
             "without (the issue's bound: 40%).",
         ),
     ),
+    "bf16_states": Suite(
+        name="bf16_states",
+        title=(
+            "ferroptim.AdamW(state_dtype=torch.bfloat16) (bf16 moments, stochastic "
+            "rounding) vs torch.optim.AdamW on float32 states: one `step()`"
+        ),
+        bytes_per_element=20,
+        ours=optimizer(ferroptim.AdamW, state_dtype=torch.bfloat16, **ADAMW_HYPER),
+        references={
+            "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+            "torch default": optimizer(torch.optim.AdamW, **ADAMW_HYPER),
+            "ferroptim float32 states": optimizer(ferroptim.AdamW, **ADAMW_HYPER),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("vs torch fused", "torch fused"),
+            Column("vs torch default", "torch default"),
+            Column("vs ferroptim float32 states", "ferroptim float32 states"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 20 bytes/element (param read and written, grad read: 12; two "
+            "bfloat16 moments read and written: 8) against float32 AdamW's 28: a kernel at "
+            "the floor is at most 28/20 = 1.4x torch's fused float32 step.",
+        ),
+    ),
     "radam": Suite(
         name="radam",
         title=(

@@ -146,6 +146,8 @@ def test_signature_is_the_references_plus_keywords(kind):
         "skip_nonfinite",
         "nonfinite_group",
         "ema_decay",
+        "state_dtype",
+        "seed",
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
 

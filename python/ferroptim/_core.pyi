@@ -22,6 +22,7 @@ class GroupPlan:
         grads: Sequence[torch.Tensor],
         states: Sequence[Sequence[torch.Tensor]],
         scalars: Sequence[Sequence[torch.Tensor]],
+        streams: Sequence[int] | None = None,
     ) -> GroupPlan: ...
     @staticmethod
     def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...
@@ -68,6 +69,7 @@ class Kernel:
         fresh: bool = False,
         *,
         ema: float | None = None,
+        stochastic: int | None = None,
     ) -> None: ...
 
 class AdafactorKernel:

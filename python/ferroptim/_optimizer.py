@@ -29,6 +29,7 @@ from torch import Tensor
 from ferroptim import _core, _step
 from ferroptim._ema import EmaMixin
 from ferroptim._jobs import CachedPlan, Job
+from ferroptim._lowp import LowPrecisionMixin
 from ferroptim._prepare import prepare_slow
 from ferroptim._spec import OptimizerSpec
 from ferroptim._torch_compat import hooked_step, scalar_dtype
@@ -42,7 +43,7 @@ with torch.inference_mode(False):
     _core._native_recheck()
 
 
-class RustStepMixin(EmaMixin):
+class RustStepMixin(EmaMixin, LowPrecisionMixin):
     """Steps CPU float tensors in Rust, everything else through torch (see module docs).
 
     Subclasses describe their optimizer family with one :class:`OptimizerSpec`, their
@@ -75,9 +76,12 @@ class RustStepMixin(EmaMixin):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         """Call at the end of ``__init__``."""
         self._ema_init(ema_decay)
+        self._lowp_init(state_dtype, seed)
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
             if not max_grad_norm > 0.0:
@@ -167,7 +171,9 @@ class RustStepMixin(EmaMixin):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         skipped = state_dict.get("skipped_steps")
+        state_dtypes = self._lowp_groups_before_load()
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self._ema_defaults()
+        self._lowp_after_load(state_dtypes)
         if skipped is not None:
             self.skipped_steps = int(skipped)

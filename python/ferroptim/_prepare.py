@@ -40,6 +40,14 @@ from ferroptim._layout import (
     staged,
     storage_key,
 )
+from ferroptim._lowp import (
+    STATE_DTYPE_KEY,
+    narrow_states,
+    round_new_states,
+    rounding_key,
+    state_dtype_for,
+    widen_states,
+)
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec, always, never
 from ferroptim._torch_compat import (
     capturable_devices,
@@ -83,6 +91,7 @@ def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...]
         spec.state_keys(group) + fused_ema_keys(spec, group),
         group.get("differentiable", False),
         _config._backend,
+        group.get(STATE_DTYPE_KEY),
     )
 
 
@@ -117,9 +126,11 @@ def prepare_slow(
             check_torch_step(spec, gathered, group)
             rust = prepare_rust(optimizer, gathered, group)
 
+    stochastic = rounding_key(optimizer.param_groups, group)
+
     def run(factors: GradFactors) -> None:
         if rust is not None and kernel is not None:
-            rust.run(kernel, factors)
+            rust.run(kernel, factors, stochastic)
         if torch_run is not None:
             with torch.set_grad_enabled(differentiable):
                 torch_run(factors)
@@ -357,7 +368,10 @@ def prepare_torch(
     init_group = {**group, "params": params}
     if implied_fused:
         init_group["fused"] = True
+    # narrow states (state_dtype) step as float32 copies, rounded back after the step
+    widened = widen_states(optimizer, spec, group, params)
     gathered = spec.gather_group(_as_torch(optimizer), init_group)
+    round_new_states(optimizer, spec, group, params, widened)
     if implied_fused:
         _steps_to_devices(optimizer, gathered)
     check_torch_step(spec, gathered, group, for_loop=not foreach and not fused)
@@ -383,6 +397,7 @@ def prepare_torch(
         if fused:
             gathered.grad_scale, gathered.found_inf = factors.grad_scale, factors.found_inf
         spec.torch_step(_as_torch(optimizer), gathered, group, foreach=foreach, fused=fused)
+        narrow_states(optimizer, spec, group, params, widened)
 
     return run, list(gathered.grads)
 
@@ -409,9 +424,11 @@ class RustWork:
     #: Params whose moving average the plans' steps update.
     ema_fused: list[Tensor] = field(default_factory=list)
 
-    def run(self, kernel: KernelCall, factors: GradFactors) -> None:
+    def run(self, kernel: KernelCall, factors: GradFactors, stochastic: int | None) -> None:
         for plan, fresh, extras, ema in self.plans:
-            if ema is not None:
+            if stochastic is not None:
+                kernel(plan, factors.unscale, factors.clip, fresh, ema=ema, stochastic=stochastic)
+            elif ema is not None:
                 kernel(plan, factors.unscale, factors.clip, fresh, ema=ema)
             elif extras is None:
                 kernel(plan, factors.unscale, factors.clip, fresh)
@@ -458,7 +475,7 @@ def prepare_rust(optimizer: RustStepMixin, gathered: Gathered, group: dict[str, 
         )
     out = RustWork()
     laid = _lay_out_params(
-        optimizer, gathered, out, bool(fused_ema_keys(optimizer._ferro_spec, group))
+        optimizer, gathered, group, out, bool(fused_ema_keys(optimizer._ferro_spec, group))
     )
     grads = _lay_out_grads(optimizer, gathered, group, laid, out)
     _build_plans(optimizer, gathered, group, laid, grads, out)
@@ -475,7 +492,11 @@ def _cpu_scalar(state: dict[str, Any], key: str, value: Tensor) -> Tensor:
 
 
 def _lay_out_params(
-    optimizer: RustStepMixin, gathered: Gathered, out: RustWork, fuse_ema: bool
+    optimizer: RustStepMixin,
+    gathered: Gathered,
+    group: dict[str, Any],
+    out: RustWork,
+    fuse_ema: bool,
 ) -> _LaidOut:
     step_key = optimizer._ferro_spec.step_key
     contiguous_only = optimizer._ferro_spec.contiguous_only
@@ -497,7 +518,7 @@ def _lay_out_params(
         # (touching optimizer.state[p] would create an entry: torch's SGD without
         # momentum keeps none)
         state = optimizer.state[p] if gathered.keys or step_key is not None else NO_STATE
-        fresh = _lay_out_states(optimizer, gathered, i, work, state, laid, out)
+        fresh = _lay_out_states(optimizer, gathered, group, i, work, state, laid, out)
         if step_key is not None:
             gathered.steps[i] = _cpu_scalar(state, step_key, gathered.steps[i])
         for key in optimizer._ferro_spec.scalar_keys:
@@ -523,6 +544,7 @@ def _lay_out_params(
 def _lay_out_states(
     optimizer: RustStepMixin,
     gathered: Gathered,
+    group: dict[str, Any],
     i: int,
     work: Tensor,
     state: dict[str, Any],
@@ -534,16 +556,23 @@ def _lay_out_states(
     p = gathered.params[i]
     dtensor = is_dtensor(p)
     fresh = False
+    dtype = state_dtype_for(group, p)
     for k, key in enumerate(gathered.keys):
         buffer = gathered.states[k][i]
         if buffer is None:  # created by the step itself (SGD's momentum buffer)
             # laid out like the memory the kernel steps (a staged copy of a strided or
             # lazily negated param: the buffer stays laid out like it, as our own state
             # is re-laid out below); a DTensor param's state is a DTensor
-            buffer = torch.empty_like(p if dtensor else work)
+            buffer = torch.empty_like(p if dtensor else work, dtype=dtype)
             out.created.append((state, key, buffer))
             fresh = True
-        elif buffer.dtype != p.dtype or buffer.shape != p.shape:
+        elif dtype != p.dtype and buffer.dtype == p.dtype and buffer.shape == p.shape:
+            # (torch's _init_group made it, or a checkpoint or the user put it there, in
+            # the param's dtype: kept in state_dtype from now on, rounded to nearest)
+            buffer = state[key] = torch.empty_like(buffer if dtensor else work, dtype=dtype).copy_(
+                buffer
+            )
+        elif buffer.dtype != dtype or buffer.shape != p.shape:
             raise RuntimeError(
                 f"{type(optimizer).__name__}: state {key!r} of a parameter of shape "
                 f"{tuple(p.shape)} and dtype {p.dtype} has shape {tuple(buffer.shape)} and "
@@ -553,7 +582,7 @@ def _lay_out_states(
             buffer.device != p.device or not same_layout(buffer, work) or is_lazy(buffer)
         ):
             # Our own state: re-lay it out once, for good.
-            buffer = torch.empty_like(work).copy_(buffer)
+            buffer = torch.empty_like(work, dtype=dtype).copy_(buffer)
             state[key] = buffer
         laid.states[k].append(local(buffer))
     return fresh
@@ -640,6 +669,8 @@ def _build_plans(
     spec = optimizer._ferro_spec
     scalars = [gathered.steps] if step_key is not None else []
     scalars += [gathered.scalars[key] for key in spec.scalar_keys]
+    # each param's stream of stochastic rounding: its index in the group
+    position = {id(p): i for i, p in enumerate(group["params"])}
     for kind in sorted(set(laid.kinds)):
         index = [i for i, k in enumerate(laid.kinds) if k == kind]
         fresh, dtensor, averaged = kind
@@ -653,6 +684,7 @@ def _build_plans(
             [grads[i] for i in index],
             states,
             [[s[i] for i in index] for s in scalars],
+            [position[id(gathered.params[i])] for i in index],
         )
         extras = (
             None
@@ -671,12 +703,14 @@ def _one_shot_plan(
     grads: list[Tensor],
     states: list[list[Tensor]],
     scalars: list[list[Tensor]],
+    streams: list[int],
 ) -> _core.GroupPlan:
     """A plan for one step of tensors already laid out for the kernel; ``scalars[k]``:
-    every param's scalar state slot ``k`` (the step counter first)."""
+    every param's scalar state slot ``k`` (the step counter first); ``streams[i]``: the
+    param's index in its group (its stream of stochastic rounding)."""
     try:
         return _core.GroupPlan.from_tensors(
-            real(params), real(grads), [real(s) for s in states], scalars
+            real(params), real(grads), [real(s) for s in states], scalars, streams
         )
     except ValueError as error:
         raise RuntimeError(f"{name}: {error}") from error

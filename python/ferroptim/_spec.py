@@ -224,6 +224,10 @@ class OptimizerSpec:
     #: the average is updated with torch's lerp after the step (also wherever
     #: :attr:`plan_extras` is set).
     ema_in_kernel: bool = True
+    #: Whether the family keeps its state buffers in ``state_dtype`` (bfloat16 for float32
+    #: params, stochastically rounded, see :mod:`ferroptim._lowp`): the element-wise
+    #: kernels, whose loops load and store each buffer in its own format.
+    keeps_state_dtype: bool = True
     #: The message of torch's RuntimeError for a step counter that is not a tensor.
     step_type_message: str = (
         "API has changed, `state_steps` argument must contain a list of singleton tensors"

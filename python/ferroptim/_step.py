@@ -26,6 +26,7 @@ from torch import Tensor
 from ferroptim import _core
 from ferroptim._ema import EMA_KEY, ema_weight
 from ferroptim._jobs import NO_FACTORS, CachedPlan, GradFactors, Job
+from ferroptim._lowp import advance_rounding, rounding_key
 from ferroptim._norms import (
     clip_coefficient,
     clip_coefficient_value,
@@ -96,7 +97,7 @@ def step(optimizer: RustStepMixin, closure: Callable[[], Any] | None) -> Any:
 def _after_run(optimizer: RustStepMixin, jobs: list[Job]) -> None:
     """What follows a step that ran: the moving averages the kernels did not update
     (``ema_decay``), then the per-group state a step moves on, in every group
-    (``group_step_key``, ``advance_group``)."""
+    (``rounding_step``, ``group_step_key``, ``advance_group``)."""
     if any(group.get("ema_decay") is not None for group in optimizer.param_groups):
         optimizer._ema_after_step(
             {
@@ -104,6 +105,7 @@ def _after_run(optimizer: RustStepMixin, jobs: list[Job]) -> None:
                 for group, job in zip(optimizer.param_groups, jobs, strict=True)
             }
         )
+    advance_rounding(optimizer.param_groups)
     spec = optimizer._ferro_spec
     if spec.group_step_key is not None:
         for group in optimizer.param_groups:
@@ -128,6 +130,20 @@ def fast_job(
     # Hyperparameters are converted before the plan gathers (and holds) anything.
     spec = optimizer._ferro_spec
     kernel = spec.kernel(group)
+    stochastic = rounding_key(optimizer.param_groups, group)
+    if stochastic is not None:
+        weight = ema_weight(group) if EMA_KEY in cached.key[0] else None
+        if not cached.plan.gather():
+            return None
+        plan = cached.plan
+        return Job(
+            [plan],
+            [],
+            lambda factors: kernel(
+                plan, factors.unscale, factors.clip, False, ema=weight, stochastic=stochastic
+            ),
+            ema_all=weight is not None,
+        )
     if EMA_KEY in cached.key[0]:
         weight = ema_weight(group)
         if weight is None or not cached.plan.gather():

@@ -187,6 +187,7 @@ def _grad_error(param: Tensor, grad: Tensor, state: dict[str, Any]) -> type[Exce
 
 
 ADAFACTOR_SPEC = OptimizerSpec(
+    keeps_state_dtype=False,
     state_keys=_state_keys,
     kernel=adafactor_kernel,
     torch_step=_torch_step,

@@ -160,6 +160,8 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -172,4 +174,6 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
             differentiable=differentiable,
             capturable=capturable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )

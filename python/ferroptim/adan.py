@@ -207,6 +207,8 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -229,7 +231,7 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         # (the reference's `max_grad_norm` is a group key; ferroptim's own clipping is off)
-        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

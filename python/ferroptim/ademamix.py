@@ -233,6 +233,8 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -253,7 +255,9 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
             **kwargs,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

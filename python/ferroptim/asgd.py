@@ -166,6 +166,8 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -179,4 +181,6 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
             differentiable,
             capturable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )

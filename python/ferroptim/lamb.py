@@ -381,6 +381,7 @@ def _check_torch_path(gathered: Gathered, group: dict[str, Any]) -> None:
 
 
 LAMB_SPEC = OptimizerSpec(
+    keeps_state_dtype=False,
     state_keys=_state_keys,
     kernel=lamb_kernel,
     torch_step=_torch_step,
@@ -485,6 +486,9 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
         check_constructor(
             lr, betas, {"weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "eps": eps}
         )
+        # (not swallowed into the defaults as the reference's other extra keywords are:
+        # LAMB's two passes keep full-precision states, and says so)
+        state_dtype, seed = kwargs.pop("state_dtype", None), kwargs.pop("seed", None)
         self.degenerated_to_sgd = degenerated_to_sgd
         self.n_sma_threshold = n_sma_threshold
         self.pre_norm = pre_norm
@@ -507,7 +511,7 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
             **kwargs,
         }
         super().__init__(params, defaults)
-        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed)
 
     def __str__(self) -> str:
         return "Lamb"

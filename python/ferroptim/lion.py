@@ -247,6 +247,8 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         # The reference's checks, with its exception type (AssertionError).
         if not lr > 0.0:
@@ -271,7 +273,9 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -184,6 +184,8 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -198,4 +200,6 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )

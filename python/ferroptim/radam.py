@@ -178,6 +178,8 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -191,4 +193,6 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
             capturable=capturable,
             differentiable=differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )

@@ -129,6 +129,8 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -143,4 +145,6 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             maximize,
             differentiable,
         )
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )

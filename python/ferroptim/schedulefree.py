@@ -304,7 +304,7 @@ class _ScheduleFree(RustStepMixin, torch.optim.Optimizer):
                     state = self.state[p]
                     if "z" in state:
                         weight = self._swap_weight(group, to_train=False)
-                        p.lerp_(end=state["z"].to(p.device), weight=weight)
+                        p.lerp_(end=state["z"].to(device=p.device, dtype=p.dtype), weight=weight)
                 group["train_mode"] = False
 
     @torch.no_grad()
@@ -316,7 +316,7 @@ class _ScheduleFree(RustStepMixin, torch.optim.Optimizer):
                     state = self.state[p]
                     if "z" in state:
                         weight = self._swap_weight(group, to_train=True)
-                        p.lerp_(end=state["z"].to(p.device), weight=weight)
+                        p.lerp_(end=state["z"].to(device=p.device, dtype=p.dtype), weight=weight)
                 group["train_mode"] = True
 
     def step(self, closure: Any = None) -> Any:
@@ -382,6 +382,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         # The reference's defaults, in its order (it checks no argument).
         defaults = {
@@ -401,7 +403,9 @@ class ScheduleFreeAdamW(_ScheduleFree):
             "maximize": maximize,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:
         beta1, _ = group["betas"]
@@ -437,6 +441,8 @@ class ScheduleFreeSGD(_ScheduleFree):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
         # The reference's checks, with its messages.
         if lr < 0.0:
@@ -461,7 +467,9 @@ class ScheduleFreeSGD(_ScheduleFree):
             "maximize": maximize,
         }
         super().__init__(params, defaults)
-        self._ferro_init(max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay)
+        self._ferro_init(
+            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+        )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:
         momentum = group["momentum"]

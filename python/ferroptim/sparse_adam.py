@@ -150,6 +150,7 @@ def _torch_step(
 
 
 SPARSE_ADAM_SPEC = OptimizerSpec(
+    keeps_state_dtype=False,
     state_keys=_state_keys,
     kernel=_no_dense_kernel,
     torch_step=_torch_step,

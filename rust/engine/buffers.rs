@@ -106,6 +106,9 @@ pub struct TensorBuffers {
     pub num_states: usize,
     pub scalars: [ScalarSlot; MAX_SCALARS],
     pub num_scalars: usize,
+    /// The tensor's stream of stochastic-rounding random numbers (its index in
+    /// its param group: stable across steps, plans and checkpoints).
+    pub stream: u64,
 }
 
 impl TensorBuffers {
@@ -121,6 +124,7 @@ impl TensorBuffers {
             num_states: 0,
             scalars: [ScalarSlot::NONE; MAX_SCALARS],
             num_scalars: 0,
+            stream: 0,
         }
     }
 
@@ -132,6 +136,11 @@ impl TensorBuffers {
             grad_access: GradAccess::Write,
             ..TensorBuffers::param(len, grad, None)
         }
+    }
+
+    pub fn with_stream(mut self, stream: u64) -> TensorBuffers {
+        self.stream = stream;
+        self
     }
 
     pub fn with_states(mut self, states: &[Buffer]) -> TensorBuffers {

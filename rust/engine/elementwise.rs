@@ -23,6 +23,7 @@ use super::buffers::{EngineError, ScalarSlot, MAX_SCALARS, MAX_STATES};
 use super::format::{Format, Real, Storage};
 use super::group::{ChunkSlices, Group, Slices};
 use super::hyper::HyperRecord;
+use super::random;
 use crate::simd::{dispatch, SimdLevel, SimdTask};
 
 /// Flag bit owned by the engine: negate the gradient (`maximize=True`).
@@ -84,6 +85,10 @@ pub struct StepContext {
     /// updated right after the step as `torch.lerp(ema, param, weight)`;
     /// `None`: no average.
     pub ema: Option<f64>,
+    /// The group's per-step key of stochastic rounding: narrow (bfloat16,
+    /// float16) stores round stochastically with random bits drawn from
+    /// (key, tensor stream, buffer, element index); `None`: round to nearest.
+    pub stochastic: Option<u64>,
 }
 
 impl Default for StepContext {
@@ -93,6 +98,7 @@ impl Default for StepContext {
             clip: 1.0,
             fresh: false,
             ema: None,
+            stochastic: None,
         }
     }
 }
@@ -267,7 +273,7 @@ pub fn step<K: Elementwise>(
     }
     let num_buffers = keys.len() + usize::from(ctx.ema.is_some());
     for (index, t) in group.tensors().iter().enumerate() {
-        check_tensor::<K>(index, t, num_buffers, ctx.ema.is_some())?;
+        check_tensor::<K>(index, t, num_buffers, ctx)?;
     }
     let mut scalars = vec![[0.0; MAX_SCALARS]; group.len()];
     for (t, values) in group.tensors().iter().zip(scalars.iter_mut()) {
@@ -302,6 +308,7 @@ pub fn step<K: Elementwise>(
         prep32: PrepConsts::new(&prep, ctx),
         prep64: PrepConsts::new(&prep, ctx),
         ema: ctx.ema.map(Lerp::new),
+        stochastic: ctx.stochastic,
     };
     K::dispatch_flags(flags, runner);
     Ok(())
@@ -312,8 +319,9 @@ fn check_tensor<K: Elementwise>(
     index: usize,
     t: &super::TensorBuffers,
     num_states: usize,
-    ema: bool,
+    ctx: &StepContext,
 ) -> Result<(), EngineError> {
+    let ema = ctx.ema.is_some();
     let mismatch = |what: String| {
         Err(EngineError::Mismatch {
             what: format!("{}: parameter {index}: {what}", K::NAME),
@@ -338,10 +346,8 @@ fn check_tensor<K: Elementwise>(
     if grad.format != param.format {
         return mismatch("the gradient's dtype differs from the parameter's".to_string());
     }
-    if t.master.is_some() {
-        return Err(EngineError::Unsupported {
-            what: format!("{}: master copies are not supported yet", K::NAME),
-        });
+    if let Some(master) = t.master {
+        return check_master::<K>(index, t, param.format, master.format, ctx);
     }
     let (kernel_states, ema_buffer) = match t.states().split_last() {
         Some((last, rest)) if ema => (rest, Some(last)),
@@ -363,7 +369,59 @@ fn check_tensor<K: Elementwise>(
             ),
         });
     }
+    if ctx.stochastic.is_some() && !stochastic_formats(param.format, state_format) {
+        return Err(EngineError::Unsupported {
+            what: format!(
+                "{}: parameter {index}: stochastic rounding of {} parameters with {} states",
+                K::NAME,
+                param.format.name(),
+                state_format.name()
+            ),
+        });
+    }
     Ok(())
+}
+
+/// Refuses a parameter with a master copy the loops cannot step: a float32
+/// master of a bfloat16 parameter, float32 states (or bfloat16 ones, rounded
+/// stochastically), no moving average fused.
+fn check_master<K: Elementwise>(
+    index: usize,
+    t: &super::TensorBuffers,
+    param: Format,
+    master: Format,
+    ctx: &StepContext,
+) -> Result<(), EngineError> {
+    let state = t.states().first().map_or(Format::F32, |s| s.format);
+    let states_ok = t.states().iter().all(|s| s.format == state)
+        && (state == Format::F32 || (state == Format::BF16 && ctx.stochastic.is_some()));
+    if param != Format::BF16 || master != Format::F32 || !states_ok || ctx.ema.is_some() {
+        return Err(EngineError::Unsupported {
+            what: format!(
+                "{}: parameter {index}: a {} master copy of a {} parameter with {} states{}",
+                K::NAME,
+                master.name(),
+                param.name(),
+                state.name(),
+                if ctx.ema.is_some() {
+                    " and a moving average"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The (parameter, state) format pairs whose loops round stochastically
+/// (float32 and float64 pairs have nothing to round: they run as they are).
+pub fn stochastic_formats(param: Format, state: Format) -> bool {
+    use Format::*;
+    matches!(
+        (param, state),
+        (F32, F32) | (F64, F64) | (F32, BF16) | (BF16, BF16)
+    )
 }
 
 /// The (parameter, state) format pairs the loops are compiled for.
@@ -389,6 +447,7 @@ struct Runner<'g, 'a, K: Elementwise> {
     prep32: PrepConsts<f32>,
     prep64: PrepConsts<f64>,
     ema: Option<Lerp>,
+    stochastic: Option<u64>,
 }
 
 /// `torch.lerp(start, end, weight)` with a scalar weight, as torch's CPU kernel
@@ -439,6 +498,7 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
     fn run<const FLAGS: u32>(self) {
         let level = self.level;
         let ema = self.ema;
+        let stochastic = self.stochastic;
         self.group.for_each_chunk(|segments| {
             for segment in segments {
                 let t = segment.buffers();
@@ -450,34 +510,60 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                     .first()
                     .map_or(param, |s| s.format);
                 let i = segment.tensor_index();
+                if t.master.is_some() {
+                    let k = (&self.consts32[i], &self.prep32);
+                    match (state, stochastic) {
+                        (Format::BF16, Some(key)) => {
+                            run_master::<K, half::bf16, FLAGS, true>(level, k, segment, key)
+                        }
+                        _ => run_master::<K, f32, FLAGS, false>(level, k, segment, 0),
+                    }
+                    continue;
+                }
                 match (param, state) {
                     (Format::F64, _) => {
                         let k = (&self.consts64[i], &self.prep64);
-                        run_segment::<K, f64, f64, FLAGS>(level, k, segment, ema)
+                        run_segment::<K, f64, f64, FLAGS, false>(level, k, segment, ema, 0)
                     }
                     (Format::F32, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, f32, half::bf16, FLAGS>(level, k, segment, ema)
+                        match stochastic {
+                            Some(key) => run_segment::<K, f32, half::bf16, FLAGS, true>(
+                                level, k, segment, ema, key,
+                            ),
+                            None => run_segment::<K, f32, half::bf16, FLAGS, false>(
+                                level, k, segment, ema, 0,
+                            ),
+                        }
                     }
                     (Format::BF16, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::bf16, half::bf16, FLAGS>(level, k, segment, ema)
+                        match stochastic {
+                            Some(key) => run_segment::<K, half::bf16, half::bf16, FLAGS, true>(
+                                level, k, segment, ema, key,
+                            ),
+                            None => run_segment::<K, half::bf16, half::bf16, FLAGS, false>(
+                                level, k, segment, ema, 0,
+                            ),
+                        }
                     }
                     (Format::BF16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::bf16, f32, FLAGS>(level, k, segment, ema)
+                        run_segment::<K, half::bf16, f32, FLAGS, false>(level, k, segment, ema, 0)
                     }
                     (Format::F16, Format::F16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, half::f16, FLAGS>(level, k, segment, ema)
+                        run_segment::<K, half::f16, half::f16, FLAGS, false>(
+                            level, k, segment, ema, 0,
+                        )
                     }
                     (Format::F16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, f32, FLAGS>(level, k, segment, ema)
+                        run_segment::<K, half::f16, f32, FLAGS, false>(level, k, segment, ema, 0)
                     }
                     _ => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, f32, f32, FLAGS>(level, k, segment, ema)
+                        run_segment::<K, f32, f32, FLAGS, false>(level, k, segment, ema, 0)
                     }
                 }
             }
@@ -485,41 +571,138 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
     }
 }
 
+/// Runs one segment's update; with `SR`, narrow stores round stochastically
+/// under the group's per-step key `step_key`.
 #[inline(always)]
-fn run_segment<K, P, S, const FLAGS: u32>(
+fn run_segment<K, P, S, const FLAGS: u32, const SR: bool>(
     level: SimdLevel,
     (consts, prep): (&K::Consts<P::Compute>, &PrepConsts<P::Compute>),
     segment: ChunkSlices<'_>,
     ema: Option<Lerp>,
+    step_key: u64,
 ) where
     K: Elementwise,
     P: Storage,
     S: Storage<Compute = P::Compute>,
 {
+    let rounding = Rounding {
+        step_key,
+        stream: segment.buffers().stream,
+        offset: segment.range().start,
+    };
     let (slices, average) = segment.slices_and_ema(ema.is_some());
     dispatch(
         level,
-        UpdateTask::<K, P, S, FLAGS> {
+        UpdateTask::<K, P, P, S, FLAGS, SR, false> {
             consts,
             prep,
             slices,
             ema: average.zip(ema),
+            low: &mut [],
+            rounding,
         },
     )
 }
 
-struct UpdateTask<'s, K: Elementwise, P: Storage, S, const FLAGS: u32> {
-    consts: &'s K::Consts<P::Compute>,
-    prep: &'s PrepConsts<P::Compute>,
-    slices: Slices<'s, P, S>,
-    /// The moving average of the parameter and its lerp weight.
-    ema: Option<(&'s mut [P], Lerp)>,
+/// Runs one segment of a bfloat16 parameter with a float32 master copy: the
+/// master is updated from the bfloat16 gradient (states stored as `S`), then
+/// the parameter is written as the master rounded to nearest.
+#[inline(always)]
+fn run_master<K, S, const FLAGS: u32, const SR: bool>(
+    level: SimdLevel,
+    (consts, prep): (&K::Consts<f32>, &PrepConsts<f32>),
+    segment: ChunkSlices<'_>,
+    step_key: u64,
+) where
+    K: Elementwise,
+    S: Storage<Compute = f32>,
+{
+    let rounding = Rounding {
+        step_key,
+        stream: segment.buffers().stream,
+        offset: segment.range().start,
+    };
+    let (slices, low) = segment.master_slices::<f32, half::bf16, S>();
+    dispatch(
+        level,
+        UpdateTask::<K, f32, half::bf16, S, FLAGS, SR, true> {
+            consts,
+            prep,
+            slices,
+            ema: None,
+            low,
+            rounding,
+        },
+    )
 }
 
-impl<K, P, S, const FLAGS: u32> SimdTask for UpdateTask<'_, K, P, S, FLAGS>
+/// Where a segment's random bits come from: the group's step key, the
+/// tensor's stream, and the segment's first element's index in its tensor.
+#[derive(Clone, Copy)]
+struct Rounding {
+    step_key: u64,
+    stream: u64,
+    offset: usize,
+}
+
+impl Rounding {
+    /// The keys of the state buffers (then the parameter, last) for the
+    /// elements whose index has high 32 bits `high`.
+    #[inline]
+    fn keys(&self, high: u64) -> [u32; MAX_STATES + 1] {
+        let mut keys = [0; MAX_STATES + 1];
+        for (k, key) in keys.iter_mut().enumerate() {
+            let buffer = if k == MAX_STATES {
+                random::PARAM_STREAM
+            } else {
+                k as u64
+            };
+            *key = random::block_key(self.step_key, self.stream, buffer, high);
+        }
+        keys
+    }
+}
+
+/// Stores `value`: stochastically rounded with the element's random bits
+/// under `SR`, else to nearest.
+#[inline(always)]
+fn put<T: Storage, const SR: bool>(value: T::Compute, index: u32, key: u32) -> T {
+    if SR {
+        T::store_stochastic(value, random::bits(index, key))
+    } else {
+        T::store(value)
+    }
+}
+
+/// One segment's update. `P`: the stored form of the value updated (the
+/// parameter, or its float32 master copy under `MASTER`); `G`: the gradient's
+/// (and, under `MASTER`, the low-precision parameter's); `S`: the states'.
+struct UpdateTask<
+    's,
+    K: Elementwise,
+    P: Storage,
+    G,
+    S,
+    const FLAGS: u32,
+    const SR: bool,
+    const MASTER: bool,
+> {
+    consts: &'s K::Consts<P::Compute>,
+    prep: &'s PrepConsts<P::Compute>,
+    slices: Slices<'s, P, S, G>,
+    /// The moving average of the parameter and its lerp weight.
+    ema: Option<(&'s mut [P], Lerp)>,
+    /// Under `MASTER`: the low-precision parameter, written from the master.
+    low: &'s mut [G],
+    rounding: Rounding,
+}
+
+impl<K, P, G, S, const FLAGS: u32, const SR: bool, const MASTER: bool> SimdTask
+    for UpdateTask<'_, K, P, G, S, FLAGS, SR, MASTER>
 where
     K: Elementwise,
     P: Storage,
+    G: Storage<Compute = P::Compute>,
     S: Storage<Compute = P::Compute>,
 {
     type Output = ();
@@ -537,6 +720,8 @@ where
         } = self.slices;
         let n = param.len();
         let grad = &grad[..n];
+        let low = self.low;
+        let low = if MASTER { &mut low[..n] } else { low };
         let used = K::num_states(FLAGS);
         let [s0, s1, s2, s3] = states;
         let s0 = if used > 0 { &mut s0[..n] } else { s0 };
@@ -551,10 +736,19 @@ where
             n.max(1)
         };
         let mut average = self.ema;
+        let offset = self.rounding.offset;
         let mut start = 0;
         while start < n {
-            let end = n.min(start + block);
+            let mut end = n.min(start + block);
+            let mut keys = [0u32; MAX_STATES + 1];
+            if SR {
+                // One block of keys per 2^32 elements of the tensor.
+                let high = ((offset + start) >> 32) as u64;
+                end = end.min((((high + 1) << 32) as usize) - offset);
+                keys = self.rounding.keys(high);
+            }
             for i in start..end {
+                let index = (offset + i) as u32;
                 let mut p = param[i].load();
                 let g = self.prep.apply::<FLAGS>(grad[i].load(), p);
                 let mut s = [zero; MAX_STATES];
@@ -571,18 +765,21 @@ where
                     s[3] = s3[i].load();
                 }
                 K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
-                param[i] = P::store(p);
+                param[i] = put::<P, SR>(p, index, keys[MAX_STATES]);
+                if MASTER {
+                    low[i] = G::store(p);
+                }
                 if used > 0 {
-                    s0[i] = S::store(s[0]);
+                    s0[i] = put::<S, SR>(s[0], index, keys[0]);
                 }
                 if used > 1 {
-                    s1[i] = S::store(s[1]);
+                    s1[i] = put::<S, SR>(s[1], index, keys[1]);
                 }
                 if used > 2 {
-                    s2[i] = S::store(s[2]);
+                    s2[i] = put::<S, SR>(s[2], index, keys[2]);
                 }
                 if used > 3 {
-                    s3[i] = S::store(s[3]);
+                    s3[i] = put::<S, SR>(s[3], index, keys[3]);
                 }
             }
             if let Some((values, lerp)) = average.as_mut() {

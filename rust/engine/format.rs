@@ -161,6 +161,16 @@ pub trait Storage: Copy + Send + Sync + 'static {
     const FORMAT: Format;
     fn load(self) -> Self::Compute;
     fn store(value: Self::Compute) -> Self;
+    /// Stores `value` rounded stochastically with the uniform random `bits`:
+    /// up to the next representable magnitude with probability equal to the
+    /// fraction of the gap `value` covers (unbiased), else down; NaN stays
+    /// NaN, infinities stay. Formats that hold the compute type exactly store
+    /// it unchanged.
+    #[inline(always)]
+    fn store_stochastic(value: Self::Compute, bits: u32) -> Self {
+        let _ = bits;
+        Self::store(value)
+    }
 }
 
 macro_rules! impl_identity_storage {
@@ -196,6 +206,17 @@ impl Storage for bf16 {
     fn store(value: f32) -> bf16 {
         bf16::from_f32(value)
     }
+    /// The magnitude's dropped 16 bits plus 16 random bits carry into the kept
+    /// ones with probability (dropped bits) / 2^16: exactly stochastic rounding
+    /// of the magnitude (torchao's and bitsandbytes' bf16 rounding). A carry out
+    /// of the largest finite value gives infinity, as round to nearest does for
+    /// values that close; NaN becomes torch's quiet NaN (0x7FC0).
+    #[inline(always)]
+    fn store_stochastic(value: f32, bits: u32) -> bf16 {
+        let raised = value.to_bits().wrapping_add(bits & 0xffff);
+        let rounded = (raised >> 16) as u16;
+        bf16::from_bits(if value.is_nan() { 0x7fc0 } else { rounded })
+    }
 }
 
 /// float16: widened exactly, narrowed with round to nearest even.
@@ -209,6 +230,34 @@ impl Storage for f16 {
     #[inline(always)]
     fn store(value: f32) -> f16 {
         f16::from_f32(value)
+    }
+    /// Between the two float16 values around `value` (the gap is a power of
+    /// two, so the fraction covered is exact), up with probability equal to
+    /// that fraction at 24-bit resolution. Past the largest finite value it
+    /// keeps to the finite side; NaN and infinities round to nearest.
+    #[inline(always)]
+    fn store_stochastic(value: f32, bits: u32) -> f16 {
+        let nearest = f16::from_f32(value);
+        if !value.is_finite() || (nearest.is_infinite() && value.abs() >= 65520.0) {
+            return nearest;
+        }
+        // The float16 value next to `value` towards zero, and the one after it.
+        let mut toward_zero = nearest;
+        if nearest.to_f32().abs() > value.abs() {
+            toward_zero = f16::from_bits(nearest.to_bits() - 1);
+        }
+        let away = f16::from_bits(toward_zero.to_bits() + 1);
+        if away.is_infinite() {
+            return toward_zero;
+        }
+        let (low, high) = (toward_zero.to_f32().abs(), away.to_f32().abs());
+        let fraction = (value.abs() - low) / (high - low);
+        let threshold = (bits >> 8) as f32 * (1.0 / 16_777_216.0);
+        if threshold < fraction {
+            away
+        } else {
+            toward_zero
+        }
     }
 }
 
@@ -231,6 +280,46 @@ mod tests {
         for x in [0.0f32, -1.5, 3.0, 1e-3] {
             assert_eq!(bf16::store(x).load(), bf16::from_f32(x).to_f32());
         }
+    }
+
+    #[test]
+    fn stochastic_rounding_picks_a_neighbour_with_the_right_odds() {
+        // 1 + 2^-9 is a quarter of the way from 1.0 to the next bfloat16 (1 + 2^-7).
+        let x = 1.0 + 2f32.powi(-9);
+        let up = bf16::store_stochastic(x, 0xc000).load();
+        let down = bf16::store_stochastic(x, 0xbfff).load();
+        assert_eq!((up, down), (1.0 + 2f32.powi(-7), 1.0));
+        let ups = (0..1u32 << 16)
+            .filter(|&r| bf16::store_stochastic(x, r).load() > 1.0)
+            .count();
+        assert_eq!(ups, 1 << 14);
+        // Negative values round their magnitude the same way.
+        assert_eq!(
+            bf16::store_stochastic(-x, 0xc000).load(),
+            -(1.0 + 2f32.powi(-7))
+        );
+        // Representable values never move; NaN and infinities stay.
+        for r in [0, 0xffff, 0x1234_5678] {
+            assert_eq!(bf16::store_stochastic(1.5, r).load(), 1.5);
+            assert_eq!(
+                bf16::store_stochastic(f32::INFINITY, r).load(),
+                f32::INFINITY
+            );
+            assert_eq!(bf16::store_stochastic(f32::NAN, r).to_bits(), 0x7fc0);
+            assert_eq!(f16::store_stochastic(0.5, r).load(), 0.5);
+        }
+        // float16: a quarter of the way from 1.0 to 1 + 2^-10, and a subnormal.
+        let y = 1.0 + 2f32.powi(-12);
+        let ups = (0..1u32 << 16)
+            .filter(|&r| f16::store_stochastic(y, r << 16).load() > 1.0)
+            .count();
+        assert_eq!(ups, 1 << 14);
+        let tiny = 2f32.powi(-25); // half of float16's smallest subnormal
+        let ups = (0..1u32 << 16)
+            .filter(|&r| f16::store_stochastic(-tiny, r << 16).load() < 0.0)
+            .count();
+        assert_eq!(ups, 1 << 15);
+        assert_eq!(f16::store_stochastic(65510.0, u32::MAX).load(), 65504.0);
     }
 
     #[test]

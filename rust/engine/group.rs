@@ -110,9 +110,9 @@ pub struct ChunkSlices<'g> {
 
 /// Typed slices over one segment: the parameter and states are writable, the
 /// gradient read-only. Unused state slots are empty.
-pub struct Slices<'s, P, S> {
+pub struct Slices<'s, P, S, G = P> {
     pub param: &'s mut [P],
-    pub grad: &'s [P],
+    pub grad: &'s [G],
     pub states: [&'s mut [S]; MAX_STATES],
 }
 
@@ -191,6 +191,29 @@ impl<'g> ChunkSlices<'g> {
             states,
         };
         (slices, ema)
+    }
+
+    /// The slices of a parameter with a float32 master copy: the master (stored
+    /// as `M`) in the parameter's place, the gradient as `G` (the parameter's
+    /// low precision), the states as `S`, and the low-precision parameter apart
+    /// (written from the master).
+    ///
+    /// # Panics
+    /// If a buffer is missing or stored otherwise.
+    pub fn master_slices<M: Storage, G: Storage, S: Storage>(
+        self,
+    ) -> (Slices<'g, M, S, G>, &'g mut [G]) {
+        let t = self.tensor;
+        let mut states: [&'g mut [S]; MAX_STATES] = Default::default();
+        for (slot, &buffer) in states.iter_mut().zip(t.states()) {
+            *slot = self.slice(buffer);
+        }
+        let slices = Slices {
+            param: self.slice(t.master.expect("a master copy")),
+            grad: self.slice(t.grad.expect("a gradient buffer")),
+            states,
+        };
+        (slices, self.slice(t.param.expect("a parameter buffer")))
     }
 
     /// The segment's gradient, read-only.

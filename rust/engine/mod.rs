@@ -6,6 +6,7 @@
 //! * [`group`]: a parameter group cut into chunks across all its tensors;
 //! * [`hyper`]: hyperparameter records read by name;
 //! * [`elementwise`]: the `Elementwise` trait and the step driver;
+//! * [`random`]: the counter-based generator of stochastic rounding;
 //! * [`reduce`]: reductions (per tensor, per row or column) and maps over
 //!   gradients (norms, clipping, factored moments).
 
@@ -14,6 +15,7 @@ pub mod elementwise;
 pub mod format;
 pub mod group;
 pub mod hyper;
+pub mod random;
 pub mod reduce;
 
 pub use buffers::{

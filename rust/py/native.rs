@@ -76,6 +76,10 @@ pub struct Layout {
     /// The low bytes of the flag word for a CPU float32 / float64 tensor.
     float32_flags: u64,
     float64_flags: u64,
+    /// ... and for bfloat16 / float16 (state buffers kept narrower than their
+    /// parameter).
+    bfloat16_flags: u64,
+    float16_flags: u64,
     /// The key set of a plain CPU float tensor: no negation or conjugation
     /// bit, no Python subclass dispatch, not an inference tensor.
     plain_keys: u64,
@@ -174,6 +178,8 @@ impl Layout {
         match fp.flags {
             f if f == self.float32_flags => Some(Format::F32),
             f if f == self.float64_flags => Some(Format::F64),
+            f if f == self.bfloat16_flags => Some(Format::BF16),
+            f if f == self.float16_flags => Some(Format::F16),
             _ => None,
         }
     }
@@ -476,7 +482,7 @@ fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
         return Ok(None);
     }
 
-    let layout = Layout {
+    let mut layout = Layout {
         cdata: 8 * cdata,
         storage: 8 * storage,
         ndim: 8 * ndim,
@@ -488,8 +494,34 @@ fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
         storage_bytes: 8 * storage_bytes,
         float32_flags: wa[flags] & DTYPE_DEVICE_MASK,
         float64_flags: wb[flags] & DTYPE_DEVICE_MASK,
+        bfloat16_flags: 0,
+        float16_flags: 0,
         plain_keys: wa[keys],
     };
+    for (name, slot) in [("bfloat16", 0), ("float16", 1)] {
+        let probe = zeros(&torch, vec![4], &torch.getattr(name)?)?;
+        // SAFETY: a live tensor object, the GIL held; the offsets were found on
+        // live objects of the same type.
+        let Some(fp) = (unsafe { layout.read(probe.as_ptr()) }) else {
+            return Ok(None);
+        };
+        let flags = fp.flags;
+        let distinct = [
+            layout.float32_flags,
+            layout.float64_flags,
+            layout.bfloat16_flags,
+        ]
+        .iter()
+        .all(|&f| f != flags);
+        if !distinct || (flags ^ layout.float32_flags) & !0xffff != 0 {
+            return Ok(None);
+        }
+        if slot == 0 {
+            layout.bfloat16_flags = flags;
+        } else {
+            layout.float16_flags = flags;
+        }
+    }
     Ok(confirm(py, &torch, &layout)?.then_some(layout))
 }
 

@@ -220,26 +220,30 @@ impl Kernel {
     /// `clip` as it is read; `fresh`: the plan's lazily created state
     /// buffers are new (written, not read); `ema`: the weight `1 - ema_decay`
     /// of the parameters' moving average, each tensor's last state buffer
-    /// (after the kernel's), updated right after the step.
-    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, fresh = false, *, ema = None))]
+    /// (after the kernel's), updated right after the step; `stochastic`: the
+    /// group's per-step key of stochastic rounding (narrow states and
+    /// parameters round stochastically; None: to nearest).
+    #[pyo3(signature = (plan, unscale = 1.0, clip = 1.0, fresh = false, *, ema = None, stochastic = None))]
     fn step(
         &self,
-        py: Python<'_>,
         plan: &Bound<'_, GroupPlan>,
         unscale: f64,
         clip: f64,
         fresh: bool,
         ema: Option<f64>,
+        stochastic: Option<u64>,
     ) -> PyResult<()> {
         let ctx = StepContext {
             unscale,
             clip,
             fresh,
             ema,
+            stochastic,
         };
         let configured = &self.configured;
-        plan.borrow_mut()
-            .run(py, true, |group, level| configured.step(group, &ctx, level))
+        plan.borrow_mut().run(plan.py(), true, |group, level| {
+            configured.step(group, &ctx, level)
+        })
     }
 
     fn __repr__(&self) -> String {

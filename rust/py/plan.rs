@@ -28,8 +28,8 @@ use super::hot::{Hot, Ref};
 use super::native::{self, Fingerprint};
 use super::tensor::{Layout, TensorInfo};
 use crate::engine::{
-    check_buffers, Buffer, EngineError, Format, Group, ScalarSlot, TensorBuffers, WrittenSet,
-    MAX_SCALARS, MAX_STATES, STATE_SLOTS,
+    check_buffers, elementwise::supported_formats, Buffer, EngineError, Format, Group, ScalarSlot,
+    TensorBuffers, WrittenSet, MAX_SCALARS, MAX_STATES, STATE_SLOTS,
 };
 use crate::simd::{self, SimdLevel};
 
@@ -80,6 +80,8 @@ struct Entry {
     addr: usize,
     len: usize,
     dtype: Format,
+    /// The parameter's index in its group: its stream of stochastic rounding.
+    stream: u64,
     /// `None` until the parameter has been stepped once (state is lazy).
     state: Option<EntryState>,
     /// Where the re-check will read (see `Entry::prefetch`).
@@ -179,6 +181,7 @@ pub struct GroupPlan {
 /// The one-shot plan arguments for one parameter (see `from_tensors`).
 struct OneShot<'a, 'py> {
     index: usize,
+    stream: u64,
     param: &'a Bound<'py, PyAny>,
     grad: &'a Bound<'py, PyAny>,
     states: Vec<&'a Bound<'py, PyAny>>,
@@ -242,9 +245,25 @@ fn buffer(info: &TensorInfo<'_>) -> Buffer {
     Buffer::new(info.addr, info.dtype)
 }
 
-/// Checks that `other` can be stepped element by element with `param`.
+/// Checks that `other` can be stepped element by element with `param`, in
+/// the parameter's dtype (a state may instead be one the engine loads into the
+/// parameter's compute type: bfloat16 states of a float32 parameter).
 fn check_companion(param: &TensorInfo<'_>, other: &TensorInfo<'_>, what: &str) -> PyResult<()> {
-    if other.dtype != param.dtype {
+    check_layout(param, other, what, other.dtype == param.dtype)
+}
+
+fn check_state(param: &TensorInfo<'_>, state: &TensorInfo<'_>, what: &str) -> PyResult<()> {
+    let narrower = supported_formats(param.dtype, state.dtype);
+    check_layout(param, state, what, state.dtype == param.dtype || narrower)
+}
+
+fn check_layout(
+    param: &TensorInfo<'_>,
+    other: &TensorInfo<'_>,
+    what: &str,
+    dtype_ok: bool,
+) -> PyResult<()> {
+    if !dtype_ok {
         return Err(not_plannable(format!(
             "{what} is {} but its parameter is {}",
             other.dtype.name(),
@@ -391,8 +410,8 @@ impl GroupPlan {
         let mut states = Vec::with_capacity(one.states.len());
         for (k, tensor) in one.states.into_iter().enumerate() {
             let what = format!("state {k} of parameter {i}");
-            let state = TensorInfo::inspect(tensor, &what)?;
-            check_companion(&info, &state, &what)?;
+            let state = TensorInfo::inspect_state(tensor, &what)?;
+            check_state(&info, &state, &what)?;
             states.push(buffer(&state));
             self.keepalive.push(tensor.clone().unbind());
         }
@@ -407,7 +426,8 @@ impl GroupPlan {
         self.ready.push(
             TensorBuffers::param(info.len, buffer(&info), Some(buffer(&grad)))
                 .with_states(&states)
-                .with_scalars(&scalars),
+                .with_scalars(&scalars)
+                .with_stream(one.stream),
         );
         Ok(())
     }
@@ -431,8 +451,8 @@ impl GroupPlan {
             let tensor = dict
                 .get_item(key)?
                 .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
-            let info = TensorInfo::inspect(&tensor, &what)?;
-            check_companion(param, &info, &what)?;
+            let info = TensorInfo::inspect_state(&tensor, &what)?;
+            check_state(param, &info, &what)?;
             states.push(buffer(&info));
             buffers.push(Tracked::new(&tensor, info.dtype, &what)?);
         }
@@ -497,7 +517,8 @@ impl GroupPlan {
             Some(Buffer::new(grad_addr, entry.dtype)),
         )
         .with_states(&state.states)
-        .with_scalars(&slots[..state.scalars.len()]);
+        .with_scalars(&slots[..state.scalars.len()])
+        .with_stream(entry.stream);
         Some(Gathered::Ready(buffers, grad))
     }
 
@@ -592,6 +613,7 @@ impl GroupPlan {
                 addr: info.addr,
                 len: info.len,
                 dtype: info.dtype,
+                stream: index as u64,
                 state,
                 hints,
             });
@@ -603,19 +625,26 @@ impl GroupPlan {
 
     /// A one-shot plan over explicit tensors (already validated and laid out
     /// by the caller; re-checked here): `states[k][i]` is state buffer `k` of
-    /// parameter `i`, `scalars[k][i]` its scalar state slot `k` (a 0-d tensor).
+    /// parameter `i`, `scalars[k][i]` its scalar state slot `k` (a 0-d tensor);
+    /// `streams[i]` parameter `i`'s stream of stochastic rounding (its index in
+    /// its param group; default: `i`).
     #[staticmethod]
-    #[pyo3(signature = (params, grads, states, scalars))]
+    #[pyo3(signature = (params, grads, states, scalars, streams = None))]
     fn from_tensors(
         params: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
         states: Vec<Vec<Bound<'_, PyAny>>>,
         scalars: Vec<Vec<Bound<'_, PyAny>>>,
+        streams: Option<Vec<u64>>,
     ) -> PyResult<GroupPlan> {
         let n = params.len();
-        if grads.len() != n || states.iter().chain(&scalars).any(|s| s.len() != n) {
+        let streams = streams.unwrap_or_else(|| (0..n as u64).collect());
+        if grads.len() != n
+            || streams.len() != n
+            || states.iter().chain(&scalars).any(|s| s.len() != n)
+        {
             return Err(PyValueError::new_err(
-                "params, grads and every state and scalar list must have the same length",
+                "params, grads, streams and every state and scalar list must have the same length",
             ));
         }
         if states.len() > STATE_SLOTS || scalars.len() > MAX_SCALARS {
@@ -627,6 +656,7 @@ impl GroupPlan {
         for i in 0..n {
             plan.add_one_shot(OneShot {
                 index: i,
+                stream: streams[i],
                 param: &params[i],
                 grad: &grads[i],
                 states: states.iter().map(|list| &list[i]).collect(),

@@ -17,6 +17,8 @@ use crate::engine::{is_dense, Format};
 pub struct TorchDtypes {
     pub float32: Py<PyAny>,
     pub float64: Py<PyAny>,
+    pub bfloat16: Py<PyAny>,
+    pub float16: Py<PyAny>,
     pub tensor_type: Py<PyAny>,
 }
 
@@ -28,6 +30,8 @@ pub fn torch(py: Python<'_>) -> PyResult<&TorchDtypes> {
         Ok(TorchDtypes {
             float32: torch.getattr("float32")?.unbind(),
             float64: torch.getattr("float64")?.unbind(),
+            bfloat16: torch.getattr("bfloat16")?.unbind(),
+            float16: torch.getattr("float16")?.unbind(),
             tensor_type: torch.getattr("Tensor")?.unbind(),
         })
     })
@@ -40,6 +44,19 @@ pub fn engine_dtype(py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option
         Some(Format::F32)
     } else if dtype.is(&torch.float64) {
         Some(Format::F64)
+    } else {
+        None
+    })
+}
+
+/// The storage format for a torch dtype the engine keeps states in besides
+/// the compute dtypes (bfloat16, float16), if it is one.
+pub fn narrow_dtype(py: Python<'_>, dtype: &Bound<'_, PyAny>) -> PyResult<Option<Format>> {
+    let torch = torch(py)?;
+    Ok(if dtype.is(&torch.bfloat16) {
+        Some(Format::BF16)
+    } else if dtype.is(&torch.float16) {
+        Some(Format::F16)
     } else {
         None
     })
@@ -85,6 +102,20 @@ impl<'py> TensorInfo<'py> {
     /// Inspects a CPU float32/float64 strided tensor; any other tensor is a
     /// `ValueError` naming `what`.
     pub fn inspect(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
+        Self::inspect_with(tensor, what, false)
+    }
+
+    /// As [`inspect`](Self::inspect), a bfloat16 or float16 tensor accepted too
+    /// (a state buffer kept narrower than its parameter).
+    pub fn inspect_state(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
+        Self::inspect_with(tensor, what, true)
+    }
+
+    fn inspect_with(
+        tensor: &Bound<'py, PyAny>,
+        what: &str,
+        narrow: bool,
+    ) -> PyResult<TensorInfo<'py>> {
         let py = tensor.py();
         if !tensor.is_instance(torch(py)?.tensor_type.bind(py))? {
             return Err(PyValueError::new_err(format!(
@@ -98,7 +129,12 @@ impl<'py> TensorInfo<'py> {
             return Err(PyValueError::new_err(format!("{what} is sparse")));
         }
         let dtype_obj = tensor.getattr(intern!(py, "dtype"))?;
-        let dtype = engine_dtype(py, &dtype_obj)?.ok_or_else(|| {
+        let narrowed = if narrow {
+            narrow_dtype(py, &dtype_obj)?
+        } else {
+            None
+        };
+        let dtype = engine_dtype(py, &dtype_obj)?.or(narrowed).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "{what} has dtype {dtype_obj}, not float32 or float64"
             ))

@@ -1,0 +1,335 @@
+"""Optimizer states in bfloat16: ``state_dtype=torch.bfloat16`` on every element-wise
+ferroptim optimizer.
+
+A group with ``state_dtype=torch.bfloat16`` keeps every floating state buffer of its
+float32 params (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ``square_avg``, …) in
+bfloat16: 2 bytes per element instead of 4. Each step loads them into float32, computes
+the update exactly as the float32 optimizer does (the same kernel, torch's order), and
+stores them back with **stochastic rounding**: up to the next bfloat16 with probability
+equal to the fraction of the gap the float32 value covers, so the rounding is unbiased
+and small updates (``(1 - beta2) * grad**2`` against a large ``exp_avg_sq``) are not
+rounded away. In Rust this happens inside the step's single pass (20 bytes per element
+for AdamW instead of 28).
+
+The random bits are a pure function of (seed, the group's index and its step counter,
+the param's index in its group, the state buffer, the element's index in memory order):
+the same for any thread count and SIMD level, on Rust's path and torch's (other devices,
+``set_backend("torch")``) alike, and reproducible from the checkpoint. The seed defaults
+to ``torch.initial_seed()`` (so ``torch.manual_seed`` fixes it; nothing is drawn from
+torch's generator) or is given as ``seed=``.
+
+Param-group keys, present only when ``state_dtype`` is set (so default groups keep
+torch's keys): ``state_dtype``, ``seed`` and ``rounding_step`` (the counter). In a
+checkpoint the states are bfloat16 tensors under torch's keys: ``torch.optim`` loads it
+(it casts states to the param's dtype) and a ferroptim optimizer loads any checkpoint
+into its own ``state_dtype`` (the constructor's choice wins over the checkpoint's).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ferroptim._layout import is_dense, is_lazy
+
+if TYPE_CHECKING:
+    from ferroptim._spec import OptimizerSpec
+
+__all__ = [
+    "STATE_DTYPE_KEY",
+    "LowPrecisionMixin",
+    "round_new_states",
+    "rounding_key",
+    "state_dtype_for",
+    "stochastic_round",
+    "stream_index",
+]
+
+STATE_DTYPE_KEY = "state_dtype"
+SEED_KEY = "seed"
+COUNTER_KEY = "rounding_step"
+_STATE_DTYPES = (torch.bfloat16,)
+_MASK32 = 0xFFFF_FFFF
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+_GOLDEN = 0x9E37_79B9_7F4A_7C15
+#: The buffer number of a param's own store in the random streams (rust/engine/random.rs).
+PARAM_STREAM = 15
+
+
+def check_state_dtype(value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in _STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be None or torch.bfloat16, got {value!r} (float16 and 8-bit "
+            "states are not supported yet)"
+        )
+    return torch.bfloat16
+
+
+def _check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int, got {value!r}")
+    return value & _MASK64
+
+
+# -- the counter-based generator (mirrors rust/engine/random.rs bit for bit) ------------
+
+
+def mix64(x: int) -> int:
+    """splitmix64: one step of the generator, a bijective 64-bit mix."""
+    z = (x + _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def step_key(seed: int, group_index: int, counter: int) -> int:
+    """The per-step key of a group's random streams."""
+    return mix64(mix64(mix64(seed) ^ group_index) ^ counter)
+
+
+def block_key(key: int, stream: int, buffer: int, high: int) -> int:
+    """The 32-bit key of one buffer's elements ``high << 32 ..`` of tensor ``stream``."""
+    return mix64(mix64(key ^ mix64(stream)) ^ ((high << 4) | buffer)) & _MASK32
+
+
+def _mul32(x: Tensor, constant: int) -> Tensor:
+    # x * constant mod 2^32 without int64 overflow: 16-bit halves of the constant.
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB_352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846C_A68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(index: Tensor, key: int, stream: int, buffer: int) -> Tensor:
+    """The random bits (int64 tensor of 32-bit values) of the elements whose index in
+    their tensor is ``index``, in the step keyed ``key``."""
+    highs = index >> 32
+    top = int(highs.max()) if index.numel() else 0
+    bits = torch.empty_like(index)
+    for high in range(top + 1):
+        word = block_key(key, stream, buffer, high)
+        values = _mix32((index & _MASK32) ^ word)
+        bits = values if top == 0 else torch.where(highs == high, values, bits)
+    return bits
+
+
+def memory_index(t: Tensor) -> Tensor:
+    """Each element's index in the memory order of ``t`` (dense, non-overlapping), as
+    the Rust kernel walks it: int64, shaped like ``t``."""
+    n = t.numel()
+    index = torch.arange(n, dtype=torch.int64, device=t.device)
+    if t.is_contiguous() or t.dim() == 0:
+        return index.view(t.shape)
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (-strides[d], -d))
+    inverse = [order.index(d) for d in range(t.dim())]
+    return index.view([t.shape[d] for d in order]).permute(inverse)
+
+
+def stream_index(param: Tensor) -> Tensor:
+    """The index each element of ``param`` (and so of its states, whatever their own
+    layout) has in its random stream: its place in the memory the Rust kernel walks (a
+    dense param in place, in memory order; any other in a row-major staged copy)."""
+    if param.is_contiguous() or not is_dense(param) or is_lazy(param):
+        return torch.arange(param.numel(), dtype=torch.int64, device=param.device).view(param.shape)
+    return memory_index(param)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
+    """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16) with ``bits``:
+    the low 16 bits of the random word added to the float32 bit pattern, then the low
+    16 bits dropped (rust's ``Storage::store_stochastic`` for bf16)."""
+    if dtype != torch.bfloat16 or x.dtype != torch.float32:
+        raise ValueError(f"stochastic rounding of {x.dtype} to {dtype} is not supported")
+    raw = x.view(torch.int32).to(torch.int64) & _MASK32
+    raised = ((raw + (bits & 0xFFFF)) >> 16) & 0xFFFF
+    signed = raised - ((raised >> 15) << 16)  # as int16's two's complement
+    out = signed.to(torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isnan(x), torch.full_like(out, float("nan")), out)
+
+
+# -- the optimizer's side ---------------------------------------------------------------
+
+
+def state_dtype_for(group: dict[str, Any], param: Tensor) -> torch.dtype:
+    """The dtype the group keeps ``param``'s floating state buffers in."""
+    dtype = group.get(STATE_DTYPE_KEY)
+    if dtype is None or param.dtype == dtype:
+        return param.dtype
+    if param.dtype != torch.float32:
+        raise ValueError(
+            f"state_dtype={dtype} keeps the states of float32 parameters; a parameter of "
+            f"dtype {param.dtype} is in its group (give it a group with state_dtype=None)"
+        )
+    return dtype
+
+
+def rounding_key(groups: list[dict[str, Any]], group: dict[str, Any]) -> int | None:
+    """The group's per-step key of stochastic rounding, or None where it keeps its
+    states in its params' dtype."""
+    if group.get(STATE_DTYPE_KEY) is None:
+        return None
+    index = next(i for i, g in enumerate(groups) if g is group)
+    return step_key(int(group[SEED_KEY]), index, int(group[COUNTER_KEY]))
+
+
+def advance_rounding(groups: list[dict[str, Any]]) -> None:
+    """After a step ran: every rounding group's counter moves on."""
+    for group in groups:
+        if group.get(STATE_DTYPE_KEY) is not None:
+            group[COUNTER_KEY] = int(group[COUNTER_KEY]) + 1
+
+
+def narrow_states(
+    optimizer: Any,
+    spec: OptimizerSpec,
+    group: dict[str, Any],
+    params: list[Tensor],
+    saved: dict[tuple[int, str], Tensor],
+) -> None:
+    """After torch's step (which runs on states widened to the params' dtype, see
+    :func:`widen_states`): each float32 state buffer of the group stored back in the
+    group's ``state_dtype``, stochastically rounded, into the buffer it was widened from
+    where there is one."""
+    dtype = group.get(STATE_DTYPE_KEY)
+    if dtype is None:
+        return
+    key = rounding_key(optimizer.param_groups, group)
+    assert key is not None
+    position = {id(p): i for i, p in enumerate(group["params"])}
+    keys = spec.state_keys(group)
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or state_dtype_for(group, p) == p.dtype:
+            continue
+        for k, name in enumerate(keys):
+            wide = state.get(name)
+            if not isinstance(wide, Tensor) or wide.dtype != torch.float32:
+                continue
+            with torch.no_grad():
+                bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
+                narrow = stochastic_round(wide, dtype, bits)
+                original = saved.get((id(p), name))
+                if original is not None and original.shape == narrow.shape:
+                    original.copy_(narrow)
+                    narrow = original
+            state[name] = narrow
+
+
+def widen_states(
+    optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
+) -> dict[tuple[int, str], Tensor]:
+    """Before torch's step: the group's narrow state buffers replaced in the state by
+    float32 copies (torch's kernels step them as the param's dtype); returns the
+    originals, which :func:`narrow_states` writes back into."""
+    saved: dict[tuple[int, str], Tensor] = {}
+    dtype = group.get(STATE_DTYPE_KEY)
+    if dtype is None:
+        return saved
+    keys = spec.state_keys(group)
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or state_dtype_for(group, p) == p.dtype:
+            continue
+        for name in keys:
+            narrow = state.get(name)
+            if isinstance(narrow, Tensor) and narrow.dtype == dtype:
+                saved[(id(p), name)] = narrow
+                state[name] = narrow.to(p.dtype)
+    return saved
+
+
+def round_new_states(
+    optimizer: Any,
+    spec: OptimizerSpec,
+    group: dict[str, Any],
+    params: list[Tensor],
+    widened: dict[tuple[int, str], Tensor],
+) -> None:
+    """Before torch's step: state buffers just made in the param's dtype (by torch's
+    ``_init_group``: zeros, Adagrad's initial accumulator, Rprop's step sizes,
+    Schedule-Free's ``z``) take the values they have in ``state_dtype`` (rounded to
+    nearest, in place), as the Rust path stores them before its first update."""
+    dtype = group.get(STATE_DTYPE_KEY)
+    if dtype is None:
+        return
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or state_dtype_for(group, p) == p.dtype:
+            continue
+        for name in spec.state_keys(group):
+            value = state.get(name)
+            if (
+                isinstance(value, Tensor)
+                and value.dtype == p.dtype
+                and (id(p), name) not in widened
+            ):
+                with torch.no_grad():
+                    value.copy_(value.to(dtype))
+
+
+class LowPrecisionMixin:
+    """``state_dtype`` and ``seed`` for an optimizer class (see module docs)."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
+    defaults: dict[str, Any]
+    _ferro_spec: ClassVar[OptimizerSpec]
+
+    def _lowp_init(self, state_dtype: Any, seed: Any) -> None:
+        """Call at the end of ``__init__``: the settings become param-group defaults
+        (left out when ``state_dtype`` is None)."""
+        dtype = check_state_dtype(state_dtype)
+        if dtype is None:
+            if seed is not None:
+                raise ValueError("seed seeds the stochastic rounding of state_dtype; set both")
+            return
+        if not self._ferro_spec.keeps_state_dtype:
+            raise ValueError(f"{type(self).__name__} does not support state_dtype")
+        settings = {
+            STATE_DTYPE_KEY: dtype,
+            SEED_KEY: torch.initial_seed() & _MASK64 if seed is None else _check_seed(seed),
+            COUNTER_KEY: 0,
+        }
+        self.defaults.update(settings)
+        for group in self.param_groups:
+            for name, value in settings.items():
+                group.setdefault(name, value)
+
+    def _lowp_groups_before_load(self) -> list[Any]:
+        return [group.get(STATE_DTYPE_KEY) for group in self.param_groups]
+
+    def _lowp_after_load(self, dtypes: list[Any]) -> None:
+        """After torch's ``load_state_dict`` (which cast every state to its param's
+        dtype): each group keeps the ``state_dtype`` it had (the checkpoint's seed and
+        counter where it has them, so a resumed run draws the same bits), and its
+        states are converted to it (to nearest)."""
+        for group, dtype in zip(self.param_groups, dtypes, strict=True):
+            if dtype is None:
+                for name in (STATE_DTYPE_KEY, SEED_KEY, COUNTER_KEY):
+                    group.pop(name, None)
+                continue
+            group[STATE_DTYPE_KEY] = dtype
+            group.setdefault(SEED_KEY, self.defaults.get(SEED_KEY, torch.initial_seed()))
+            group.setdefault(COUNTER_KEY, 0)
+            keys = self._ferro_spec.state_keys(group)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or state_dtype_for(group, p) == p.dtype:
+                    continue
+                for name in keys:
+                    value = state.get(name)
+                    if isinstance(value, Tensor) and value.is_floating_point():
+                        state[name] = value.to(dtype)
