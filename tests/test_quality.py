@@ -57,7 +57,7 @@ def runs() -> Iterator[dict[str, dict[str, quality.RunResult]]]:
 
 
 # Final loss (mean over the last 10% of steps) at most this fraction of the first step's.
-FALLS_TO = {"digits": 0.2, "charlm": 0.75}
+FALLS_TO = {"digits": 0.12, "charlm": 0.65}  # measured: 0.07, 0.53
 
 
 @pytest.mark.parametrize("task", ["digits", "charlm"])
@@ -93,8 +93,9 @@ def test_bf16_states_stay_close(runs, task):
     }
     assert dtypes == {"exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
-    # Within 2% of fp32 after a few dozen steps (the full run asks 1% of the mean of 3 seeds).
-    assert quality.tail_mean(run.losses) == pytest.approx(quality.tail_mean(ref.losses), rel=0.02)
+    # Within 0.5% of fp32 after a few dozen steps (measured: 0.05%, 0.02%; the issue asks
+    # 1% at the end of the full run, mean of 3 seeds).
+    assert quality.tail_mean(run.losses) == pytest.approx(quality.tail_mean(ref.losses), rel=5e-3)
 
 
 def test_bf16_param_baseline_trains_bf16_params():
