@@ -113,14 +113,18 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def random_bits(index: Tensor, key: int, stream: int, buffer: int) -> Tensor:
-    """The random bits (int64 tensor of 32-bit values) of the elements whose index in
-    their tensor is ``index``, in the step keyed ``key``."""
+    """The random bits (int64 tensor; the low 16 are what a bfloat16 store uses) of the
+    elements whose index in their tensor is ``index``, for state buffer ``buffer`` (or
+    :data:`PARAM_STREAM`) in the step keyed ``key``: one 32-bit word per pair of state
+    buffers, its low half for the even buffer, its high half for the odd one."""
     highs = index >> 32
     top = int(highs.max()) if index.numel() else 0
+    word_number = PARAM_STREAM if buffer == PARAM_STREAM else buffer // 2
+    shift = 16 if buffer != PARAM_STREAM and buffer % 2 else 0
     bits = torch.empty_like(index)
     for high in range(top + 1):
-        word = block_key(key, stream, buffer, high)
-        values = _mix32((index & _MASK32) ^ word)
+        word = block_key(key, stream, word_number, high)
+        values = _mix32((index & _MASK32) ^ word) >> shift
         bits = values if top == 0 else torch.where(highs == high, values, bits)
     return bits
 

@@ -646,16 +646,18 @@ struct Rounding {
 }
 
 impl Rounding {
-    /// The keys of the state buffers (then the parameter, last) for the
-    /// elements whose index has high 32 bits `high`.
+    /// The keys of the random words for the elements whose index has high 32
+    /// bits `high`: one word per pair of state buffers (a bfloat16 store uses 16
+    /// bits: buffer `2j` the word's low half, `2j + 1` its high half), then one
+    /// for the parameter (last).
     #[inline]
-    fn keys(&self, high: u64) -> [u32; MAX_STATES + 1] {
-        let mut keys = [0; MAX_STATES + 1];
-        for (k, key) in keys.iter_mut().enumerate() {
-            let buffer = if k == MAX_STATES {
+    fn keys(&self, high: u64) -> [u32; WORDS] {
+        let mut keys = [0; WORDS];
+        for (j, key) in keys.iter_mut().enumerate() {
+            let buffer = if j == WORDS - 1 {
                 random::PARAM_STREAM
             } else {
-                k as u64
+                j as u64
             };
             *key = random::block_key(self.step_key, self.stream, buffer, high);
         }
@@ -663,14 +665,28 @@ impl Rounding {
     }
 }
 
-/// Stores `value`: stochastically rounded with the element's random bits
-/// under `SR`, else to nearest.
+/// Random words per element: one per pair of state buffers, one for the parameter.
+const WORDS: usize = MAX_STATES / 2 + 1;
+
+/// Stores `value`: stochastically rounded with the random `bits` under `SR`,
+/// else to nearest.
 #[inline(always)]
-fn put<T: Storage, const SR: bool>(value: T::Compute, index: u32, key: u32) -> T {
+fn put<T: Storage, const SR: bool>(value: T::Compute, bits: u32) -> T {
     if SR {
-        T::store_stochastic(value, random::bits(index, key))
+        T::store_stochastic(value, bits)
     } else {
         T::store(value)
+    }
+}
+
+/// The element's random word under key `key` (0 when not rounding
+/// stochastically: nothing is computed).
+#[inline(always)]
+fn word<const SR: bool>(index: u32, key: u32) -> u32 {
+    if SR {
+        random::bits(index, key)
+    } else {
+        0
     }
 }
 
@@ -740,7 +756,7 @@ where
         let mut start = 0;
         while start < n {
             let mut end = n.min(start + block);
-            let mut keys = [0u32; MAX_STATES + 1];
+            let mut keys = [0u32; WORDS];
             if SR {
                 // One block of keys per 2^32 elements of the tensor.
                 let high = ((offset + start) >> 32) as u64;
@@ -765,21 +781,23 @@ where
                     s[3] = s3[i].load();
                 }
                 K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
-                param[i] = put::<P, SR>(p, index, keys[MAX_STATES]);
+                param[i] = put::<P, SR>(p, word::<SR>(index, keys[WORDS - 1]));
                 if MASTER {
                     low[i] = G::store(p);
                 }
+                let low_pair = if used > 0 { word::<SR>(index, keys[0]) } else { 0 };
+                let high_pair = if used > 2 { word::<SR>(index, keys[1]) } else { 0 };
                 if used > 0 {
-                    s0[i] = put::<S, SR>(s[0], index, keys[0]);
+                    s0[i] = put::<S, SR>(s[0], low_pair);
                 }
                 if used > 1 {
-                    s1[i] = put::<S, SR>(s[1], index, keys[1]);
+                    s1[i] = put::<S, SR>(s[1], low_pair >> 16);
                 }
                 if used > 2 {
-                    s2[i] = put::<S, SR>(s[2], index, keys[2]);
+                    s2[i] = put::<S, SR>(s[2], high_pair);
                 }
                 if used > 3 {
-                    s3[i] = put::<S, SR>(s[3], index, keys[3]);
+                    s3[i] = put::<S, SR>(s[3], high_pair >> 16);
                 }
             }
             if let Some((values, lerp)) = average.as_mut() {

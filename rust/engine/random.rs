@@ -31,7 +31,8 @@ pub fn mix32(mut x: u32) -> u32 {
     x ^ (x >> 16)
 }
 
-/// The buffer slot of a parameter's own store (after the state slots).
+/// The word number of a parameter's own store (after the state buffers'
+/// words: one per pair of them).
 pub const PARAM_STREAM: u64 = 15;
 
 /// The 32-bit key of one buffer's elements `high << 32 .. (high + 1) << 32`
