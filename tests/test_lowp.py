@@ -365,3 +365,160 @@ def test_training_quality_matches_float32() -> None:
         losses[state_dtype] = loss.item()
     assert losses[None] < 0.05
     assert abs(losses[BF16] / losses[None] - 1) < 0.05, losses
+
+
+# -- bfloat16 params: float32 master copies and stochastic rounding -----------------------
+
+
+def _bf16_model() -> nn.Module:
+    return Params().to(BF16)
+
+
+def _wide_twin(model: nn.Module) -> nn.Module:
+    twin = Params()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            q.copy_(p.float())
+    return twin
+
+
+def _set_pair_grads(narrow: nn.Module, wide: nn.Module, step: int, skip: str | None) -> None:
+    _set_grads(wide, step, skip=skip)
+    for (name, p), q in zip(narrow.named_parameters(), wide.parameters(), strict=True):
+        p.grad = None if name == skip else q.grad.to(BF16)
+        if p.grad is not None:
+            q.grad = p.grad.float()  # the float32 run reads the same (upcast) gradient
+
+
+@pytest.mark.parametrize("state_dtype", [None, BF16], ids=["f32-states", "bf16-states"])
+@pytest.mark.parametrize("name", NARROW)
+def test_master_weights_follow_the_float32_optimizer_exactly(name: str, state_dtype: Any) -> None:
+    """A bfloat16 model with ``master_weights=True``: each param's float32 master copy is
+    the float32 optimizer's param fed the same (upcast) gradients, bit for bit, every
+    step; the param is its master rounded to nearest; the states are the float32 run's."""
+    narrow_model = _bf16_model()
+    wide_model = _wide_twin(narrow_model)
+    extra = {"seed": 1234} if state_dtype is not None else {"seed": None}
+    narrow = _make(name, narrow_model, state_dtype=state_dtype, master_weights=True, **extra)
+    wide = _make(name, wide_model, state_dtype=state_dtype, **extra)
+    for step in range(25):
+        _set_pair_grads(narrow_model, wide_model, step, "small" if step % 4 == 3 else None)
+        narrow.step()
+        wide.step()
+        pairs = zip(narrow_model.named_parameters(), wide_model.parameters(), strict=True)
+        for (pname, p), q in pairs:
+            master = narrow.state[p]["master_param"]
+            assert master.dtype == torch.float32
+            assert torch.equal(master, q), f"step {step}: {pname}"
+            assert torch.equal(p, q.to(BF16)), f"step {step}: {pname}"
+            for key, value in wide.state[q].items():
+                assert torch.equal(narrow.state[p][key], value), f"step {step}: {pname}.{key}"
+
+
+@pytest.mark.parametrize("name", NARROW)
+def test_stochastic_rounding_of_bf16_params(name: str) -> None:
+    """A bfloat16 model with ``stochastic_rounding=True``: each step computes in float32
+    exactly as the float32 optimizer from the same (upcast) values, and stores the param
+    and its (bfloat16) states rounded with the generator's bits."""
+    narrow_model = _bf16_model()
+    wide_model = _wide_twin(narrow_model)
+    narrow = _make(name, narrow_model, state_dtype=None, stochastic_rounding=True, seed=77)
+    wide = _make(name, wide_model, state_dtype=None, seed=None)
+    keys = FAMILIES[name].ferro._ferro_spec.state_keys
+    for step in range(20):
+        skip = "small" if step % 4 == 3 else None
+        _set_pair_grads(narrow_model, wide_model, step, skip)
+        narrow.step()
+        wide.step()
+        for index, group in enumerate(narrow.param_groups):
+            key = _lowp.step_key(77, index, step)
+            pairs = zip(group["params"], wide.param_groups[index]["params"], strict=True)
+            for stream, (p, q) in enumerate(pairs):
+                if p.grad is None:
+                    continue
+                where = _lowp.stream_index(p.detach())
+                if step > 0:
+                    bits = _lowp.random_bits(where, key, stream, _lowp.PARAM_STREAM)
+                    want = _lowp.stochastic_round(q.detach(), BF16, bits)
+                    assert torch.equal(p, want), f"step {step}: param {index}.{stream}"
+                for k, state_key in enumerate(keys(group)):
+                    if state_key not in narrow.state[p]:
+                        continue
+                    got = narrow.state[p][state_key]
+                    assert got.dtype == BF16
+                    if step > 0:
+                        bits = _lowp.random_bits(where, key, stream, k)
+                        want = _lowp.stochastic_round(wide.state[q][state_key], BF16, bits)
+                        assert torch.equal(got, want), f"step {step}: {state_key}"
+                    wide.state[q][state_key].copy_(got)  # the next step starts alike
+                with torch.no_grad():
+                    q.copy_(p)
+
+
+def test_stochastic_rounding_keeps_small_updates() -> None:
+    """An update of a quarter of a bfloat16 ulp: round to nearest (torch's bfloat16 SGD)
+    never moves the params; stochastic rounding moves a quarter of them a whole ulp,
+    the float32 trajectory on average; a master copy keeps it exactly."""
+    start = torch.full((1 << 16,), 1.0, dtype=BF16)
+    grad = torch.full_like(start, 2.0**-9)  # lr 1: a quarter of the ulp at 1.0 (2^-7)
+    runs = {}
+    for label, kwargs in {
+        "torch": {},
+        "rounding": {"stochastic_rounding": True, "seed": 1},
+        "master": {"master_weights": True},
+    }.items():
+        p = nn.Parameter(start.clone())
+        opt = (
+            torch.optim.SGD([p], lr=1.0, foreach=False)
+            if label == "torch"
+            else ferroptim.SGD([p], lr=1.0, **kwargs)
+        )
+        p.grad = -grad
+        opt.step()
+        runs[label] = (p.detach().float(), opt)
+    assert torch.equal(runs["torch"][0], start.float())
+    moved = (runs["rounding"][0] > 1.0).float().mean().item()
+    assert abs(moved - 0.25) < 0.01
+    master = runs["master"][1].state[next(iter(runs["master"][1].state))]["master_param"]
+    assert torch.equal(master, torch.full_like(master, 1.0 + 2.0**-9))
+
+
+def test_master_copies_survive_checkpoints() -> None:
+    narrow_model = _bf16_model()
+    opt = ferroptim.AdamW(narrow_model.parameters(), master_weights=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in narrow_model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(BF16)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["state"][0]["master_param"].dtype == torch.float32
+    assert saved["state"][0]["exp_avg"].dtype == torch.float32
+    again = ferroptim.AdamW(narrow_model.parameters(), master_weights=True)
+    again.load_state_dict(saved)  # (torch's own loading would round them to bfloat16)
+    for p in narrow_model.parameters():
+        for key in ("master_param", "exp_avg", "exp_avg_sq"):
+            assert again.state[p][key].dtype == torch.float32
+            assert torch.equal(again.state[p][key], opt.state[p][key])
+    reference = torch.optim.AdamW(narrow_model.parameters())
+    reference.load_state_dict(saved)  # torch.optim takes it (and ignores the master)
+    plain = ferroptim.AdamW(narrow_model.parameters())  # no master: the copy is dropped
+    plain.load_state_dict(saved)
+    assert "master_param" not in plain.state[narrow_model.vector]
+
+
+def test_bf16_param_settings_are_checked() -> None:
+    p = nn.Parameter(torch.ones(10, dtype=BF16))
+    with pytest.raises(ValueError, match="choose one"):
+        ferroptim.AdamW([p], stochastic_rounding=True, master_weights=True)
+    with pytest.raises(ValueError, match="does not support"):
+        ferroptim.LAMB([p], master_weights=True)
+    opt = ferroptim.AdamW([p], master_weights=True)
+    p.grad = torch.ones(10, dtype=BF16)
+    ferroptim.set_backend("torch")
+    with pytest.raises(ValueError, match="torch's path"):
+        opt.step()
+    ferroptim.set_backend("auto")
+    assert torch.equal(p, torch.ones(10, dtype=BF16)) and not opt.state
+    opt.step()
+    assert opt.state[p]["master_param"].dtype == torch.float32

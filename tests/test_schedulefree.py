@@ -148,6 +148,8 @@ def test_signature_is_the_references_plus_keywords(kind):
         "ema_decay",
         "state_dtype",
         "seed",
+        "stochastic_rounding",
+        "master_weights",
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
 

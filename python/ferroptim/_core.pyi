@@ -15,6 +15,7 @@ class GroupPlan:
         states: Sequence[dict[str, object]],
         state_keys: Sequence[str],
         scalar_keys: Sequence[str],
+        master: bool = False,
     ) -> None: ...
     @staticmethod
     def from_tensors(
@@ -23,6 +24,7 @@ class GroupPlan:
         states: Sequence[Sequence[torch.Tensor]],
         scalars: Sequence[Sequence[torch.Tensor]],
         streams: Sequence[int] | None = None,
+        master: bool = False,
     ) -> GroupPlan: ...
     @staticmethod
     def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...

@@ -62,7 +62,12 @@ def ema_weight(group: dict[str, Any]) -> float | None:
 def fused_ema_keys(spec: OptimizerSpec, group: dict[str, Any]) -> tuple[str, ...]:
     """``("ema",)`` where the group's Rust step updates the average in its own pass (an
     element-wise kernel, nothing beside the plan), else ``()``."""
-    if group.get(_DECAY_KEY) is None or spec.plan_extras is not None or not spec.ema_in_kernel:
+    if (
+        group.get(_DECAY_KEY) is None
+        or spec.plan_extras is not None
+        or not spec.ema_in_kernel
+        or group.get("master_weights")  # (the kernel's master loop writes no average)
+    ):
         return ()
     return (EMA_KEY,)
 

@@ -48,8 +48,15 @@ __all__ = [
 ]
 
 STATE_DTYPE_KEY = "state_dtype"
+ROUNDING_KEY = "stochastic_rounding"
+MASTER_KEY = "master_weights"
+#: The state key of a low-precision param's float32 master copy.
+MASTER_STATE = "master_param"
 SEED_KEY = "seed"
 COUNTER_KEY = "rounding_step"
+_SETTINGS = (STATE_DTYPE_KEY, ROUNDING_KEY, MASTER_KEY)
+#: Param dtypes whose steps ``stochastic_rounding`` and ``master_weights`` change.
+LOW_PARAM_DTYPES = (torch.bfloat16,)
 _STATE_DTYPES = (torch.bfloat16,)
 _MASK32 = 0xFFFF_FFFF
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -167,12 +174,31 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
 # -- the optimizer's side ---------------------------------------------------------------
 
 
+def has_master(group: dict[str, Any], param: Tensor) -> bool:
+    """Whether the group keeps a float32 master copy of ``param``."""
+    return bool(group.get(MASTER_KEY)) and param.dtype in LOW_PARAM_DTYPES
+
+
+def rounds_param(group: dict[str, Any], param: Tensor) -> bool:
+    """Whether the group stores ``param``'s update stochastically rounded."""
+    return bool(group.get(ROUNDING_KEY)) and param.dtype in LOW_PARAM_DTYPES
+
+
+def low_params(group: dict[str, Any]) -> bool:
+    """Whether the group steps bfloat16 params its own way (master copies or
+    stochastic rounding) rather than as torch's for-loop does."""
+    return bool(group.get(MASTER_KEY) or group.get(ROUNDING_KEY))
+
+
 def state_dtype_for(group: dict[str, Any], param: Tensor) -> torch.dtype:
-    """The dtype the group keeps ``param``'s floating state buffers in."""
+    """The dtype the group keeps ``param``'s floating state buffers in: ``state_dtype``,
+    else the dtype the update computes in (float32 for a param with a master copy, the
+    param's own otherwise)."""
+    base = torch.float32 if has_master(group, param) else param.dtype
     dtype = group.get(STATE_DTYPE_KEY)
-    if dtype is None or param.dtype == dtype:
-        return param.dtype
-    if param.dtype != torch.float32:
+    if dtype is None or base == dtype:
+        return base
+    if base != torch.float32:
         raise ValueError(
             f"state_dtype={dtype} keeps the states of float32 parameters; a parameter of "
             f"dtype {param.dtype} is in its group (give it a group with state_dtype=None)"
@@ -181,9 +207,9 @@ def state_dtype_for(group: dict[str, Any], param: Tensor) -> torch.dtype:
 
 
 def rounding_key(groups: list[dict[str, Any]], group: dict[str, Any]) -> int | None:
-    """The group's per-step key of stochastic rounding, or None where it keeps its
-    states in its params' dtype."""
-    if group.get(STATE_DTYPE_KEY) is None:
+    """The group's per-step key of stochastic rounding, or None where nothing is
+    rounded stochastically."""
+    if SEED_KEY not in group:
         return None
     index = next(i for i, g in enumerate(groups) if g is group)
     return step_key(int(group[SEED_KEY]), index, int(group[COUNTER_KEY]))
@@ -192,7 +218,7 @@ def rounding_key(groups: list[dict[str, Any]], group: dict[str, Any]) -> int | N
 def advance_rounding(groups: list[dict[str, Any]]) -> None:
     """After a step ran: every rounding group's counter moves on."""
     for group in groups:
-        if group.get(STATE_DTYPE_KEY) is not None:
+        if SEED_KEY in group:
             group[COUNTER_KEY] = int(group[COUNTER_KEY]) + 1
 
 
@@ -292,48 +318,106 @@ class LowPrecisionMixin:
     defaults: dict[str, Any]
     _ferro_spec: ClassVar[OptimizerSpec]
 
-    def _lowp_init(self, state_dtype: Any, seed: Any) -> None:
+    def _lowp_init(
+        self,
+        state_dtype: Any,
+        seed: Any,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
+    ) -> None:
         """Call at the end of ``__init__``: the settings become param-group defaults
-        (left out when ``state_dtype`` is None)."""
+        (each left out when off, so default groups keep torch's keys)."""
         dtype = check_state_dtype(state_dtype)
-        if dtype is None:
-            if seed is not None:
-                raise ValueError("seed seeds the stochastic rounding of state_dtype; set both")
-            return
-        if not self._ferro_spec.keeps_state_dtype:
-            raise ValueError(f"{type(self).__name__} does not support state_dtype")
-        settings = {
-            STATE_DTYPE_KEY: dtype,
-            SEED_KEY: torch.initial_seed() & _MASK64 if seed is None else _check_seed(seed),
-            COUNTER_KEY: 0,
-        }
+        if stochastic_rounding not in (False, True) or master_weights not in (False, True):
+            raise TypeError("stochastic_rounding and master_weights must be True or False")
+        if stochastic_rounding and master_weights:
+            raise ValueError(
+                "stochastic_rounding and master_weights are two answers to the same "
+                "problem: a param with a float32 master copy is its rounding; choose one"
+            )
+        random = dtype is not None or stochastic_rounding
+        if not random and seed is not None:
+            raise ValueError(
+                "seed seeds stochastic rounding: give state_dtype or stochastic_rounding too"
+            )
+        if (dtype is not None or stochastic_rounding or master_weights) and not (
+            self._ferro_spec.keeps_state_dtype
+        ):
+            raise ValueError(
+                f"{type(self).__name__} does not support state_dtype, stochastic_rounding "
+                "or master_weights"
+            )
+        settings: dict[str, Any] = {}
+        if dtype is not None:
+            settings[STATE_DTYPE_KEY] = dtype
+        if stochastic_rounding:
+            settings[ROUNDING_KEY] = True
+        if master_weights:
+            settings[MASTER_KEY] = True
+        if random:
+            settings[SEED_KEY] = (
+                torch.initial_seed() & _MASK64 if seed is None else _check_seed(seed)
+            )
+            settings[COUNTER_KEY] = 0
         self.defaults.update(settings)
         for group in self.param_groups:
             for name, value in settings.items():
                 group.setdefault(name, value)
 
-    def _lowp_groups_before_load(self) -> list[Any]:
-        return [group.get(STATE_DTYPE_KEY) for group in self.param_groups]
+    def _lowp_before_load(self, state_dict: dict[str, Any]) -> Any:
+        """The groups' settings, and the checkpoint's floating state tensors (torch's
+        ``load_state_dict`` casts each to its param's dtype, which would round a
+        bfloat16 param's float32 master copy and states)."""
+        settings = [{k: g[k] for k in _SETTINGS if k in g} for g in self.param_groups]
+        tensors = {
+            (index, key): value
+            for index, state in state_dict.get("state", {}).items()
+            for key, value in state.items()
+            if isinstance(value, Tensor) and value.is_floating_point() and key != "step"
+        }
+        return settings, tensors
 
-    def _lowp_after_load(self, dtypes: list[Any]) -> None:
-        """After torch's ``load_state_dict`` (which cast every state to its param's
-        dtype): each group keeps the ``state_dtype`` it had (the checkpoint's seed and
-        counter where it has them, so a resumed run draws the same bits), and its
-        states are converted to it (to nearest)."""
-        for group, dtype in zip(self.param_groups, dtypes, strict=True):
-            if dtype is None:
-                for name in (STATE_DTYPE_KEY, SEED_KEY, COUNTER_KEY):
-                    group.pop(name, None)
-                continue
-            group[STATE_DTYPE_KEY] = dtype
-            group.setdefault(SEED_KEY, self.defaults.get(SEED_KEY, torch.initial_seed()))
-            group.setdefault(COUNTER_KEY, 0)
-            keys = self._ferro_spec.state_keys(group)
+    def _lowp_after_load(self, saved: Any) -> None:
+        """After torch's ``load_state_dict``: each group keeps the settings it had (the
+        constructor's choice wins over the checkpoint's; its seed and counter are
+        taken where it has them, so a resumed run draws the same bits), and each
+        param's states are converted to the dtype the group keeps them in (to nearest;
+        a missing master copy is made on the next step)."""
+        settings, tensors = saved
+        index = 0
+        for group, own in zip(self.param_groups, settings, strict=True):
+            for name in _SETTINGS:
+                group.pop(name, None)
+            group.update(own)
+            if STATE_DTYPE_KEY in own or own.get(ROUNDING_KEY):
+                group.setdefault(SEED_KEY, self.defaults.get(SEED_KEY, torch.initial_seed()))
+                group.setdefault(COUNTER_KEY, 0)
+            else:
+                group.pop(SEED_KEY, None)
+                group.pop(COUNTER_KEY, None)
+            keys = self._ferro_spec.state_keys(group) if self._ferro_spec.keeps_state_dtype else ()
             for p in group["params"]:
-                state = self.state.get(p)
-                if not state or state_dtype_for(group, p) == p.dtype:
-                    continue
-                for name in keys:
-                    value = state.get(name)
-                    if isinstance(value, Tensor) and value.is_floating_point():
-                        state[name] = value.to(dtype)
+                self._lowp_convert(group, p, index, keys, tensors)
+                index += 1
+
+    def _lowp_convert(
+        self,
+        group: dict[str, Any],
+        p: Tensor,
+        index: int,
+        keys: tuple[str, ...],
+        tensors: dict[tuple[Any, str], Tensor],
+    ) -> None:
+        state = self.state.get(p)
+        if not state:
+            return
+        dtype = state_dtype_for(group, p)
+        for name in keys:
+            value = tensors.get((index, name), state.get(name))
+            if isinstance(value, Tensor) and value.is_floating_point():
+                state[name] = value.to(device=p.device, dtype=dtype)
+        master = tensors.get((index, MASTER_STATE))
+        if has_master(group, p) and master is not None:
+            state[MASTER_STATE] = master.to(device=p.device, dtype=torch.float32)
+        elif not has_master(group, p):
+            state.pop(MASTER_STATE, None)

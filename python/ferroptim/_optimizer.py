@@ -78,10 +78,12 @@ class RustStepMixin(EmaMixin, LowPrecisionMixin):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         """Call at the end of ``__init__``."""
         self._ema_init(ema_decay)
-        self._lowp_init(state_dtype, seed)
+        self._lowp_init(state_dtype, seed, stochastic_rounding, master_weights)
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
             if not max_grad_norm > 0.0:
@@ -171,9 +173,9 @@ class RustStepMixin(EmaMixin, LowPrecisionMixin):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         skipped = state_dict.get("skipped_steps")
-        state_dtypes = self._lowp_groups_before_load()
+        settings = self._lowp_before_load(state_dict)
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self._ema_defaults()
-        self._lowp_after_load(state_dtypes)
+        self._lowp_after_load(settings)
         if skipped is not None:
             self.skipped_steps = int(skipped)

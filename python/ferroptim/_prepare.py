@@ -41,7 +41,13 @@ from ferroptim._layout import (
     storage_key,
 )
 from ferroptim._lowp import (
+    LOW_PARAM_DTYPES,
+    MASTER_KEY,
+    MASTER_STATE,
+    ROUNDING_KEY,
     STATE_DTYPE_KEY,
+    has_master,
+    low_params,
     narrow_states,
     round_new_states,
     rounding_key,
@@ -92,6 +98,8 @@ def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...]
         group.get("differentiable", False),
         _config._backend,
         group.get(STATE_DTYPE_KEY),
+        bool(group.get(ROUNDING_KEY)),
+        bool(group.get(MASTER_KEY)),
     )
 
 
@@ -113,6 +121,8 @@ def prepare_slow(
         kernel = spec.kernel(group) if has_grads else None
         if torch_params:
             spec.check_hyperparameters(group)
+        if has_grads:
+            _init_master_states(optimizer, group, rust_params)
         gathered = (
             spec.gather_group(_as_torch(optimizer), {**group, "params": rust_params})
             if has_grads
@@ -157,11 +167,15 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
         or _config.get_backend() == "torch"
         or optimizer._ferro_spec.rust_unsupported(group)
     ):
+        low = low_params(group)
+        for p in group["params"]:
+            _check_low_param_off_rust(optimizer, p, low)
         return [], list(group["params"])
     rust: list[Tensor] = []
     other: list[Tensor] = []
+    low = low_params(group)
     for p in group["params"]:
-        if _steps_in_rust(optimizer, p):
+        if _steps_in_rust(optimizer, p, low):
             rust.append(p)
             continue
         if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
@@ -169,16 +183,59 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
                 f"{type(optimizer).__name__}: a parameter of dtype {p.dtype} has a gradient; "
                 "only floating-point and complex parameters can be optimized"
             )
+        _check_low_param_off_rust(optimizer, p, low)
         other.append(p)
     return rust, other
 
 
-def _steps_in_rust(optimizer: RustStepMixin, p: Tensor) -> bool:
+def _check_low_param_off_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> None:
+    # master_weights / stochastic_rounding are the Rust kernels' (CPU, plain tensors):
+    # elsewhere a bfloat16 param would silently step as torch's for-loop does.
+    if low and p.grad is not None and p.dtype in LOW_PARAM_DTYPES:
+        raise ValueError(
+            f"{type(optimizer).__name__}: master_weights and stochastic_rounding step "
+            f"plain CPU bfloat16 params in Rust; this one ({p.device}, "
+            f"{type(p).__name__}) would take torch's path, which does not have them yet"
+        )
+
+
+def _init_master_states(
+    optimizer: RustStepMixin, group: dict[str, Any], params: list[Tensor]
+) -> None:
+    """A param with a float32 master copy gets, on its first step, the state the float32
+    optimizer would make for the master (Adagrad's initial accumulator, Rprop's step
+    sizes are not bfloat16 values): the spec gathers float32 stand-ins, whose state and
+    values (the master copy) become the param's."""
+    fresh = [
+        p
+        for p in params
+        if has_master(group, p) and p.grad is not None and not optimizer.state.get(p)
+    ]
+    if not fresh:
+        return
+    stand_ins = []
+    for p in fresh:
+        stand_in = torch.empty_like(p, dtype=torch.float32).copy_(p.detach())
+        stand_in.grad = cast("Tensor", p.grad).float()
+        stand_ins.append(stand_in)
+    optimizer._ferro_spec.gather_group(_as_torch(optimizer), {**group, "params": stand_ins})
+    for p, stand_in in zip(fresh, stand_ins, strict=True):
+        state = optimizer.state.pop(stand_in, {})
+        state[MASTER_STATE] = stand_in
+        stand_in.grad = None
+        optimizer.state[p] = state
+
+
+def _steps_in_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> bool:
     grad = p.grad
     spec = optimizer._ferro_spec
     return (
         p.device.type == "cpu"
-        and (p.dtype in RUST_DTYPES or (spec.complex_as_real and p.dtype in _COMPLEX_DTYPES))
+        and (
+            p.dtype in RUST_DTYPES
+            or (spec.complex_as_real and p.dtype in _COMPLEX_DTYPES)
+            or (low and p.dtype in LOW_PARAM_DTYPES and is_plain(p))
+        )
         and not (spec.sparse_to_torch and grad is not None and grad.is_sparse)
         and (is_plain(p) or (spec.dtensor_in_rust and is_dtensor(p)))
         and (grad is None or is_plain(grad) or is_dtensor(grad))
@@ -454,10 +511,13 @@ class _LaidOut:
 
     states: list[list[Tensor]]
     works: list[Tensor] = field(default_factory=list)
-    #: (fresh, dtensor, averaged): ``averaged``, the param's moving average is updated
-    #: in the kernel's pass (``emas[i]``).
-    kinds: list[tuple[bool, bool, bool]] = field(default_factory=list)
+    #: (fresh, dtensor, averaged, mastered): ``averaged``, the param's moving average is
+    #: updated in the kernel's pass (``emas[i]``); ``mastered``, it steps its float32
+    #: master copy (``masters[i]``).
+    kinds: list[tuple[bool, bool, bool, bool]] = field(default_factory=list)
     emas: list[Tensor | None] = field(default_factory=list)
+    #: Each param's float32 master copy (``master_weights``), or None.
+    masters: list[Tensor | None] = field(default_factory=list)
     written: set[int | None] = field(default_factory=set)
     state_storages: set[int | None] = field(default_factory=set)
 
@@ -517,7 +577,8 @@ def _lay_out_params(
             out.dtensors.append(p)
         # (touching optimizer.state[p] would create an entry: torch's SGD without
         # momentum keeps none)
-        state = optimizer.state[p] if gathered.keys or step_key is not None else NO_STATE
+        keeps_state = gathered.keys or step_key is not None or has_master(group, p)
+        state = optimizer.state[p] if keeps_state else NO_STATE
         fresh = _lay_out_states(optimizer, gathered, group, i, work, state, laid, out)
         if step_key is not None:
             gathered.steps[i] = _cpu_scalar(state, step_key, gathered.steps[i])
@@ -528,8 +589,12 @@ def _lay_out_params(
         laid.emas.append(average)
         if average is not None:
             laid.state_storages.add(storage_key(average))
+        master = _lay_out_master(p, work, state) if has_master(group, p) else None
+        laid.masters.append(master)
+        if master is not None:
+            laid.state_storages.add(storage_key(master))
         laid.works.append(work)
-        laid.kinds.append((fresh, dtensor, average is not None))
+        laid.kinds.append((fresh, dtensor, average is not None, master is not None))
         laid.written.add(storage_key(work))
         # A staged param's own memory is written too (the copy back): a grad in it
         # (``p.grad = p.detach()``) must be read as torch would, not as it was.
@@ -566,9 +631,15 @@ def _lay_out_states(
             buffer = torch.empty_like(p if dtensor else work, dtype=dtype)
             out.created.append((state, key, buffer))
             fresh = True
-        elif dtype != p.dtype and buffer.dtype == p.dtype and buffer.shape == p.shape:
+        elif (
+            (dtype != p.dtype or has_master(group, p))
+            and buffer.dtype in (p.dtype, torch.float32)
+            and buffer.dtype != dtype
+            and buffer.shape == p.shape
+        ):
             # (torch's _init_group made it, or a checkpoint or the user put it there, in
-            # the param's dtype: kept in state_dtype from now on, rounded to nearest)
+            # the param's or the master's dtype: kept in the group's state dtype from now
+            # on, rounded to nearest)
             buffer = state[key] = torch.empty_like(buffer if dtensor else work, dtype=dtype).copy_(
                 buffer
             )
@@ -586,6 +657,25 @@ def _lay_out_states(
             state[key] = buffer
         laid.states[k].append(local(buffer))
     return fresh
+
+
+def _lay_out_master(p: Tensor, work: Tensor, state: dict[str, Any]) -> Tensor:
+    """The param's float32 master copy laid out like ``work``: made from the param on
+    its first step (or after a checkpoint without one), else the state's, re-laid out
+    once if it is not (an odd one is replaced by the param's values, as a missing one
+    is: the master is only ever more exact than its param)."""
+    master = state.get(MASTER_STATE)
+    if not (
+        isinstance(master, Tensor)
+        and master.dtype == torch.float32
+        and master.shape == p.shape
+        and master.device == p.device
+    ):
+        master = torch.empty_like(work, dtype=torch.float32).copy_(work)
+    elif not same_layout(master, work) or is_lazy(master):
+        master = torch.empty_like(work, dtype=torch.float32).copy_(master)
+    state[MASTER_STATE] = master
+    return master
 
 
 def _lay_out_ema(optimizer: RustStepMixin, p: Tensor, work: Tensor) -> Tensor | None:
@@ -673,11 +763,13 @@ def _build_plans(
     position = {id(p): i for i, p in enumerate(group["params"])}
     for kind in sorted(set(laid.kinds)):
         index = [i for i, k in enumerate(laid.kinds) if k == kind]
-        fresh, dtensor, averaged = kind
+        fresh, dtensor, averaged, mastered = kind
         states = [[s[i] for i in index] for s in laid.states]
         if averaged:
             states.append([cast("Tensor", laid.emas[i]) for i in index])
             out.ema_fused.extend(gathered.params[i] for i in index)
+        if mastered:
+            states.append([cast("Tensor", laid.masters[i]) for i in index])
         plan = _one_shot_plan(
             type(optimizer).__name__,
             [laid.works[i] for i in index],
@@ -685,6 +777,7 @@ def _build_plans(
             states,
             [[s[i] for i in index] for s in scalars],
             [position[id(gathered.params[i])] for i in index],
+            mastered,
         )
         extras = (
             None
@@ -704,13 +797,14 @@ def _one_shot_plan(
     states: list[list[Tensor]],
     scalars: list[list[Tensor]],
     streams: list[int],
+    master: bool,
 ) -> _core.GroupPlan:
     """A plan for one step of tensors already laid out for the kernel; ``scalars[k]``:
     every param's scalar state slot ``k`` (the step counter first); ``streams[i]``: the
     param's index in its group (its stream of stochastic rounding)."""
     try:
         return _core.GroupPlan.from_tensors(
-            real(params), real(grads), [real(s) for s in states], scalars, streams
+            real(params), real(grads), [real(s) for s in states], scalars, streams, master
         )
     except ValueError as error:
         raise RuntimeError(f"{name}: {error}") from error
@@ -733,9 +827,10 @@ def cache_plan(
     if group.get("differentiable", False) or _config.get_backend() == "torch":
         return
     params = group["params"]
+    low = low_params(group)
     if not all(
         p.device.type == "cpu"
-        and p.dtype in RUST_DTYPES
+        and (p.dtype in RUST_DTYPES or (low and p.dtype in LOW_PARAM_DTYPES))
         and is_plain(p)
         and step_plannable(optimizer, p)
         and (p.is_contiguous() or not optimizer._ferro_spec.contiguous_only)
@@ -745,12 +840,16 @@ def cache_plan(
     key = plan_key(optimizer, group)
     if key is None:
         return
+    # (a group with master copies plans only when every param has one: the kernel's
+    # plan lists each param's master after its states)
+    master = bool(group.get(MASTER_KEY)) and all(p.dtype in LOW_PARAM_DTYPES for p in params)
     try:
         plan = _core.GroupPlan(
             params,
             [optimizer.state.get(p, NO_STATE) for p in params],
-            list(key[0]),
+            [*key[0], MASTER_STATE] if master else list(key[0]),
             scalar_keys(optimizer._ferro_spec),
+            master,
         )
     except (ValueError, RuntimeError):
         return  # not plannable (odd layout, foreign state): the slow path stays correct

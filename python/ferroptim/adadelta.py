@@ -117,6 +117,8 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -130,5 +132,12 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
             differentiable=differentiable,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )

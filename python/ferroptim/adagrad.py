@@ -10,6 +10,7 @@ from torch.optim import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
 from ferroptim import _core
+from ferroptim._lowp import LOW_PARAM_DTYPES
 from ferroptim._optimizer import RustStepMixin
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec
 from ferroptim._torch_compat import init_group
@@ -138,6 +139,8 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -152,5 +155,22 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             fused=fused,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )
+        if master_weights:
+            # torch made each accumulator in its param's dtype; a param with a float32
+            # master copy accumulates in float32, from the exact initial value
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state.get(p, {})
+                    if p.dtype in LOW_PARAM_DTYPES and "sum" in state:
+                        state["sum"] = torch.full_like(
+                            p, group["initial_accumulator_value"], dtype=torch.float32
+                        )

@@ -208,6 +208,8 @@ class Adam(RustStepMixin, torch.optim.Adam):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -224,7 +226,14 @@ class Adam(RustStepMixin, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )
 
 
@@ -257,6 +266,8 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -272,5 +283,12 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
             fused=fused,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )

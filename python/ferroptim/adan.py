@@ -209,6 +209,8 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -231,7 +233,16 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         # (the reference's `max_grad_norm` is a group key; ferroptim's own clipping is off)
-        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed)
+        self._ferro_init(
+            None,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

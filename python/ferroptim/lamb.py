@@ -489,6 +489,8 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
         # (not swallowed into the defaults as the reference's other extra keywords are:
         # LAMB's two passes keep full-precision states, and says so)
         state_dtype, seed = kwargs.pop("state_dtype", None), kwargs.pop("seed", None)
+        rounding = kwargs.pop("stochastic_rounding", False)
+        master = kwargs.pop("master_weights", False)
         self.degenerated_to_sgd = degenerated_to_sgd
         self.n_sma_threshold = n_sma_threshold
         self.pre_norm = pre_norm
@@ -511,7 +513,9 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
             **kwargs,
         }
         super().__init__(params, defaults)
-        self._ferro_init(None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed)
+        self._ferro_init(
+            None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed, rounding, master
+        )
 
     def __str__(self) -> str:
         return "Lamb"

@@ -249,6 +249,8 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         # The reference's checks, with its exception type (AssertionError).
         if not lr > 0.0:
@@ -274,7 +276,14 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -131,6 +131,8 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -146,5 +148,12 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             differentiable,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )

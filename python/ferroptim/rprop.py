@@ -180,6 +180,8 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -192,5 +194,12 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
             differentiable=differentiable,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )

@@ -384,6 +384,8 @@ class ScheduleFreeAdamW(_ScheduleFree):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         # The reference's defaults, in its order (it checks no argument).
         defaults = {
@@ -404,7 +406,14 @@ class ScheduleFreeAdamW(_ScheduleFree):
         }
         super().__init__(params, defaults)
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:
@@ -443,6 +452,8 @@ class ScheduleFreeSGD(_ScheduleFree):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         # The reference's checks, with its messages.
         if lr < 0.0:
@@ -468,7 +479,14 @@ class ScheduleFreeSGD(_ScheduleFree):
         }
         super().__init__(params, defaults)
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:

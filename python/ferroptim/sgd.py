@@ -172,6 +172,8 @@ class SGD(RustStepMixin, torch.optim.SGD):
         ema_decay: float | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        stochastic_rounding: bool = False,
+        master_weights: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -186,5 +188,12 @@ class SGD(RustStepMixin, torch.optim.SGD):
             fused=fused,
         )
         self._ferro_init(
-            max_grad_norm, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed
+            max_grad_norm,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            stochastic_rounding,
+            master_weights,
         )

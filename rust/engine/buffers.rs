@@ -138,6 +138,17 @@ impl TensorBuffers {
         }
     }
 
+    /// With `master`, the last state buffer is the parameter's float32 master
+    /// copy: moved to the master role (plans list it after the states).
+    pub fn with_master_last(mut self, master: bool) -> TensorBuffers {
+        if master && self.num_states > 0 {
+            self.num_states -= 1;
+            self.master = Some(self.states[self.num_states]);
+            self.states[self.num_states] = Buffer::NONE;
+        }
+        self
+    }
+
     pub fn with_stream(mut self, stream: u64) -> TensorBuffers {
         self.stream = stream;
         self

@@ -785,8 +785,16 @@ where
                 if MASTER {
                     low[i] = G::store(p);
                 }
-                let low_pair = if used > 0 { word::<SR>(index, keys[0]) } else { 0 };
-                let high_pair = if used > 2 { word::<SR>(index, keys[1]) } else { 0 };
+                let low_pair = if used > 0 {
+                    word::<SR>(index, keys[0])
+                } else {
+                    0
+                };
+                let high_pair = if used > 2 {
+                    word::<SR>(index, keys[1])
+                } else {
+                    0
+                };
                 if used > 0 {
                     s0[i] = put::<S, SR>(s[0], low_pair);
                 }

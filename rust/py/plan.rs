@@ -171,6 +171,8 @@ pub struct GroupPlan {
     written_tensors: Vec<Py<PyAny>>,
     /// Whether `ready` holds buffers for a run.
     gathered: bool,
+    /// Whether each parameter's last state buffer is its float32 master copy.
+    master: bool,
     /// Buffer exports pinning the memory of array plans (`from_arrays`).
     exports: Vec<PyUntypedBuffer>,
     /// Step counters owned by array plans (each `step - 1`; the heap buffer
@@ -301,6 +303,7 @@ impl GroupPlan {
             keepalive: Vec::new(),
             written_tensors: Vec::new(),
             gathered: false,
+            master: false,
             exports: Vec::new(),
             owned_steps: Vec::new(),
         }
@@ -398,14 +401,16 @@ impl GroupPlan {
     /// Checks one parameter of a one-shot plan and adds its buffers.
     fn add_one_shot(&mut self, one: OneShot<'_, '_>) -> PyResult<()> {
         let i = one.index;
-        let info = TensorInfo::inspect(one.param, &format!("parameter {i}"))?;
+        // (a bfloat16 or float16 parameter too: the engine steps the formats it has
+        // loops for and refuses the rest before writing)
+        let info = TensorInfo::inspect_state(one.param, &format!("parameter {i}"))?;
         if info.layout == Layout::Strided {
             return Err(not_plannable(format!(
                 "parameter {i} has gaps or overlaps in memory"
             )));
         }
         let what = format!("gradient of parameter {i}");
-        let grad = TensorInfo::inspect(one.grad, &what)?;
+        let grad = TensorInfo::inspect_state(one.grad, &what)?;
         check_companion(&info, &grad, &what)?;
         let mut states = Vec::with_capacity(one.states.len());
         for (k, tensor) in one.states.into_iter().enumerate() {
@@ -426,6 +431,7 @@ impl GroupPlan {
         self.ready.push(
             TensorBuffers::param(info.len, buffer(&info), Some(buffer(&grad)))
                 .with_states(&states)
+                .with_master_last(self.master)
                 .with_scalars(&scalars)
                 .with_stream(one.stream),
         );
@@ -517,6 +523,7 @@ impl GroupPlan {
             Some(Buffer::new(grad_addr, entry.dtype)),
         )
         .with_states(&state.states)
+        .with_master_last(self.master)
         .with_scalars(&slots[..state.scalars.len()])
         .with_stream(entry.stream);
         Some(Gathered::Ready(buffers, grad))
@@ -557,16 +564,19 @@ impl GroupPlan {
 #[pymethods]
 impl GroupPlan {
     /// A cached plan for a group's `params` list. `states[i]` is the state
-    /// dict of `params[i]` (empty until its first step). Raises `ValueError`
-    /// if the group cannot be planned (the caller then keeps the slow path).
+    /// dict of `params[i]` (empty until its first step); with `master`, the
+    /// last state key names each parameter's float32 master copy. Raises
+    /// `ValueError` if the group cannot be planned (the caller then keeps the
+    /// slow path).
     #[new]
-    #[pyo3(signature = (params, states, state_keys, scalar_keys))]
+    #[pyo3(signature = (params, states, state_keys, scalar_keys, master = false))]
     fn new(
         py: Python<'_>,
         params: &Bound<'_, PyList>,
         states: Vec<Bound<'_, PyDict>>,
         state_keys: Vec<Bound<'_, PyString>>,
         scalar_keys: Vec<Bound<'_, PyString>>,
+        master: bool,
     ) -> PyResult<GroupPlan> {
         if states.len() != params.len() {
             return Err(PyValueError::new_err(
@@ -582,10 +592,11 @@ impl GroupPlan {
             state_keys.into_iter().map(Bound::unbind).collect(),
             scalar_keys.into_iter().map(Bound::unbind).collect(),
         );
+        plan.master = master;
         let mut written = Vec::with_capacity(params.len());
         for (index, (param, dict)) in params.iter().zip(&states).enumerate() {
             let what = format!("parameter {index}");
-            let info = TensorInfo::inspect(&param, &what)?;
+            let info = TensorInfo::inspect_state(&param, &what)?;
             if info.layout == Layout::Strided {
                 return Err(not_plannable(format!(
                     "{what} has gaps or overlaps in memory"
@@ -627,15 +638,17 @@ impl GroupPlan {
     /// by the caller; re-checked here): `states[k][i]` is state buffer `k` of
     /// parameter `i`, `scalars[k][i]` its scalar state slot `k` (a 0-d tensor);
     /// `streams[i]` parameter `i`'s stream of stochastic rounding (its index in
-    /// its param group; default: `i`).
+    /// its param group; default: `i`); with `master`, each parameter's last
+    /// state is its float32 master copy.
     #[staticmethod]
-    #[pyo3(signature = (params, grads, states, scalars, streams = None))]
+    #[pyo3(signature = (params, grads, states, scalars, streams = None, master = false))]
     fn from_tensors(
         params: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
         states: Vec<Vec<Bound<'_, PyAny>>>,
         scalars: Vec<Vec<Bound<'_, PyAny>>>,
         streams: Option<Vec<u64>>,
+        master: bool,
     ) -> PyResult<GroupPlan> {
         let n = params.len();
         let streams = streams.unwrap_or_else(|| (0..n as u64).collect());
@@ -653,6 +666,7 @@ impl GroupPlan {
             ));
         }
         let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
+        plan.master = master;
         for i in 0..n {
             plan.add_one_shot(OneShot {
                 index: i,
