@@ -107,6 +107,33 @@ def test_bf16_param_baseline_trains_bf16_params():
     assert quality.tail_mean(run.losses) < FALLS_TO["digits"] * run.losses[0]
 
 
+# The bf16-param variants of ferroptim: (state key, dtype) each param's state holds.
+BF16_PARAM_STATES = {
+    "bf16-params-sr": {"exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16},
+    "bf16-params-master": {
+        "exp_avg": torch.float32,
+        "exp_avg_sq": torch.float32,
+        "master_param": torch.float32,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", sorted(BF16_PARAM_STATES))
+def test_ferroptim_bf16_param_variants_train(variant):
+    if (reason := VARIANTS[variant].missing()) is not None:
+        pytest.skip(reason)
+    task = quality.digits_task(40)
+    run = quality.train(task, VARIANTS[variant], 0, task.batches(0, task.steps))
+    assert all(p.dtype == torch.bfloat16 for p in run.model.parameters())
+    for state in run.optimizer.state.values():
+        dtypes = {key: v.dtype for key, v in state.items() if key != "step"}
+        assert dtypes == BF16_PARAM_STATES[variant]
+    if variant == "bf16-params-master":  # the param is its master rounded to nearest
+        for p in run.model.parameters():
+            assert torch.equal(p, run.optimizer.state[p]["master_param"].bfloat16())
+    assert quality.tail_mean(run.losses) < FALLS_TO["digits"] * run.losses[0]
+
+
 def test_same_batches_and_init_per_seed():
     task = quality.charlm_task(3, batch_size=4)
     a, b, c = task.batches(0, 3), task.batches(0, 3), task.batches(1, 3)
