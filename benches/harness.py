@@ -237,6 +237,22 @@ def optimizer(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     return make
 
 
+def on_bfloat16(factory: Factory) -> Factory:
+    """``factory`` on bfloat16 copies of the case's params and grads (a model trained in
+    bfloat16), made when the runner is."""
+
+    def make(params: list[Tensor]) -> Runner:
+        narrow = []
+        for p in params:
+            q = p.detach().to(torch.bfloat16).requires_grad_(True)
+            q.grad = None if p.grad is None else p.grad.to(torch.bfloat16)
+            narrow.append(q)
+        runner = factory(narrow)
+        return Runner(runner.step, runner.prepare, keep=(runner.keep, narrow))
+
+    return make
+
+
 def trained(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     """:func:`optimizer` for a Schedule-Free optimizer: put in train mode (``.train()``)
     before its steps, as its reference requires."""
@@ -914,6 +930,48 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 20 bytes/element (param read and written, grad read: 12; two "
             "bfloat16 moments read and written: 8) against float32 AdamW's 28: a kernel at "
             "the floor is at most 28/20 = 1.4x torch's fused float32 step.",
+        ),
+    ),
+    "bf16_params": Suite(
+        name="bf16_params",
+        title=(
+            "ferroptim.AdamW on a bfloat16 model (bf16 params, grads and states, "
+            "`stochastic_rounding=True`) vs torch.optim.AdamW on the float32 model: one `step()`"
+        ),
+        bytes_per_element=14,
+        ours=on_bfloat16(optimizer(ferroptim.AdamW, stochastic_rounding=True, **ADAMW_HYPER)),
+        references={
+            "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+            "torch default": optimizer(torch.optim.AdamW, **ADAMW_HYPER),
+            "ferroptim master_weights": on_bfloat16(
+                optimizer(ferroptim.AdamW, master_weights=True, **ADAMW_HYPER)
+            ),
+            "torch fused bf16 params": on_bfloat16(
+                optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER)
+            ),
+            "torch for-loop bf16 params": on_bfloat16(
+                optimizer(torch.optim.AdamW, foreach=False, **ADAMW_HYPER)
+            ),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("vs torch fused", "torch fused"),
+            Column("vs torch default", "torch default"),
+            Column("master_weights vs torch fused", "torch fused", "ferroptim master_weights"),
+            Column("vs torch fused on bf16", "torch fused bf16 params"),
+            Column("vs torch for-loop on bf16", "torch for-loop bf16 params"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** with `stochastic_rounding=True` 14 bytes/element (bfloat16 param "
+            "read and written, grad read: 6; two bfloat16 moments read and written: 8) "
+            "against float32 AdamW's 28: a kernel at the floor is at most 2x torch's fused "
+            "float32 step. With `master_weights=True` 30 bytes/element (bfloat16 param read "
+            "and written and grad read: 6; the float32 master read and written: 8; float32 "
+            "moments: 16).",
+            "torch's own bfloat16 AdamW rounds every intermediate to bfloat16 (the for-loop) "
+            "or keeps bfloat16 moments with round-to-nearest stores (fused); neither keeps a "
+            "float32 master or rounds stochastically.",
         ),
     ),
     "radam": Suite(

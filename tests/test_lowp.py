@@ -522,3 +522,8 @@ def test_bf16_param_settings_are_checked() -> None:
     assert torch.equal(p, torch.ones(10, dtype=BF16)) and not opt.state
     opt.step()
     assert opt.state[p]["master_param"].dtype == torch.float32
+    half = nn.Parameter(torch.ones(10, dtype=torch.float16))
+    half.grad = torch.ones(10, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16"):
+        ferroptim.AdamW([half], stochastic_rounding=True).step()
+    assert torch.equal(half, torch.ones(10, dtype=torch.float16))
