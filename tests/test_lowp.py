@@ -225,6 +225,32 @@ def test_threads_and_simd_levels_give_the_same_bits(name: str, simd_levels: list
     _assert_same(runs[0], runs[1])
 
 
+def test_bf16_params_give_the_same_bits_on_any_threads_and_simd_level(
+    simd_levels: list[str],
+) -> None:
+    runs = []
+    for threads, level in [(1, simd_levels[-1]), (ferroptim.max_num_threads(), simd_levels[0])]:
+        ferroptim.set_num_threads(threads)
+        ferroptim.set_simd_level(level)
+        for kwargs in ({"stochastic_rounding": True}, {"master_weights": True}):
+            model = _bf16_model()
+            opt = _make(
+                "AdamW",
+                model,
+                state_dtype=None,
+                seed=5 if kwargs.get("stochastic_rounding") else None,
+                **kwargs,
+            )
+            g = torch.Generator().manual_seed(3)
+            for _ in range(6):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=g).to(BF16)
+                opt.step()
+            runs.append((model, opt))
+    _assert_same(runs[0], runs[2])
+    _assert_same(runs[1], runs[3])
+
+
 def test_state_is_half_the_bytes() -> None:
     model = Params()
     opt = ferroptim.AdamW(model.parameters(), state_dtype=BF16)

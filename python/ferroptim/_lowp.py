@@ -27,6 +27,7 @@ into its own ``state_dtype`` (the constructor's choice wins over the checkpoint'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -222,40 +223,22 @@ def advance_rounding(groups: list[dict[str, Any]]) -> None:
             group[COUNTER_KEY] = int(group[COUNTER_KEY]) + 1
 
 
-def narrow_states(
-    optimizer: Any,
-    spec: OptimizerSpec,
-    group: dict[str, Any],
-    params: list[Tensor],
-    saved: dict[tuple[int, str], Tensor],
-) -> None:
-    """After torch's step (which runs on states widened to the params' dtype, see
-    :func:`widen_states`): each float32 state buffer of the group stored back in the
-    group's ``state_dtype``, stochastically rounded, into the buffer it was widened from
-    where there is one."""
-    dtype = group.get(STATE_DTYPE_KEY)
-    if dtype is None:
+def _narrower_states(
+    optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
+) -> Iterator[tuple[Tensor, dict[str, Any], int, str, Tensor]]:
+    """(param, its state, buffer number, key, tensor) for each state tensor of the params
+    whose group keeps their states narrower than the param (torch's path)."""
+    if group.get(STATE_DTYPE_KEY) is None:
         return
-    key = rounding_key(optimizer.param_groups, group)
-    assert key is not None
-    position = {id(p): i for i, p in enumerate(group["params"])}
     keys = spec.state_keys(group)
     for p in params:
         state = optimizer.state.get(p)
         if not state or state_dtype_for(group, p) == p.dtype:
             continue
         for k, name in enumerate(keys):
-            wide = state.get(name)
-            if not isinstance(wide, Tensor) or wide.dtype != torch.float32:
-                continue
-            with torch.no_grad():
-                bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
-                narrow = stochastic_round(wide, dtype, bits)
-                original = saved.get((id(p), name))
-                if original is not None and original.shape == narrow.shape:
-                    original.copy_(narrow)
-                    narrow = original
-            state[name] = narrow
+            value = state.get(name)
+            if isinstance(value, Tensor):
+                yield p, state, k, name, value
 
 
 def widen_states(
@@ -266,18 +249,10 @@ def widen_states(
     originals, which :func:`narrow_states` writes back into."""
     saved: dict[tuple[int, str], Tensor] = {}
     dtype = group.get(STATE_DTYPE_KEY)
-    if dtype is None:
-        return saved
-    keys = spec.state_keys(group)
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state or state_dtype_for(group, p) == p.dtype:
-            continue
-        for name in keys:
-            narrow = state.get(name)
-            if isinstance(narrow, Tensor) and narrow.dtype == dtype:
-                saved[(id(p), name)] = narrow
-                state[name] = narrow.to(p.dtype)
+    for p, state, _, name, narrow in _narrower_states(optimizer, spec, group, params):
+        if narrow.dtype == dtype:
+            saved[(id(p), name)] = narrow
+            state[name] = narrow.to(p.dtype)
     return saved
 
 
@@ -293,21 +268,37 @@ def round_new_states(
     Schedule-Free's ``z``) take the values they have in ``state_dtype`` (rounded to
     nearest, in place), as the Rust path stores them before its first update."""
     dtype = group.get(STATE_DTYPE_KEY)
-    if dtype is None:
-        return
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state or state_dtype_for(group, p) == p.dtype:
+    for p, _, _, name, value in _narrower_states(optimizer, spec, group, params):
+        if value.dtype == p.dtype and (id(p), name) not in widened:
+            with torch.no_grad():
+                value.copy_(value.to(dtype))
+
+
+def narrow_states(
+    optimizer: Any,
+    spec: OptimizerSpec,
+    group: dict[str, Any],
+    params: list[Tensor],
+    saved: dict[tuple[int, str], Tensor],
+) -> None:
+    """After torch's step (which ran on states widened to the params' dtype, see
+    :func:`widen_states`): each float32 state buffer of the group stored back in the
+    group's ``state_dtype``, stochastically rounded, into the buffer it was widened from
+    where there is one."""
+    dtype = group.get(STATE_DTYPE_KEY)
+    key = rounding_key(optimizer.param_groups, group)
+    position = {id(p): i for i, p in enumerate(group["params"])}
+    for p, state, k, name, wide in list(_narrower_states(optimizer, spec, group, params)):
+        if wide.dtype != torch.float32 or key is None or dtype is None:
             continue
-        for name in spec.state_keys(group):
-            value = state.get(name)
-            if (
-                isinstance(value, Tensor)
-                and value.dtype == p.dtype
-                and (id(p), name) not in widened
-            ):
-                with torch.no_grad():
-                    value.copy_(value.to(dtype))
+        with torch.no_grad():
+            bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
+            narrow = stochastic_round(wide, dtype, bits)
+            original = saved.get((id(p), name))
+            if original is not None and original.shape == narrow.shape:
+                original.copy_(narrow)
+                narrow = original
+        state[name] = narrow
 
 
 class LowPrecisionMixin:
