@@ -553,3 +553,87 @@ def test_bf16_param_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="float16"):
         ferroptim.AdamW([half], stochastic_rounding=True).step()
     assert torch.equal(half, torch.ones(10, dtype=torch.float16))
+
+
+# -- the cached plan when narrow states and master copies change between steps ------------
+
+
+def _two_runs(mutate: Any, **kwargs: Any) -> tuple[nn.Module, Any]:
+    model = Params() if "master_weights" not in kwargs else _bf16_model()
+    seed = {"seed": 3} if "state_dtype" in kwargs else {}
+    opt = ferroptim.AdamW(model.parameters(), **seed, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        if step == 2:
+            mutate(model, opt)
+        opt.step()
+    return model, opt
+
+
+def test_a_narrow_state_replaced_by_a_float32_one_is_converted() -> None:
+    def to_float32(model: nn.Module, opt: Any) -> None:
+        opt.state[model.vector]["exp_avg"] = opt.state[model.vector]["exp_avg"].float()
+
+    def same_values(model: nn.Module, opt: Any) -> None:
+        opt.state[model.vector]["exp_avg"] = opt.state[model.vector]["exp_avg"].clone()
+
+    a = _two_runs(to_float32, state_dtype=BF16)
+    b = _two_runs(same_values, state_dtype=BF16)
+    assert a[1].state[a[0].vector]["exp_avg"].dtype == BF16
+    _assert_same(a, b)
+
+
+@pytest.mark.parametrize("what", ["resized", "strided", "other shape"])
+def test_a_broken_narrow_state_is_refused_or_relaid_before_writing(what: str) -> None:
+    model = Params()
+    opt = ferroptim.AdamW(model.parameters(), state_dtype=BF16)
+    _set_grads(model, 0)
+    opt.step()
+    state = opt.state[model.vector]
+    if what == "resized":
+        state["exp_avg"].resize_(10)
+    elif what == "strided":
+        wide = torch.zeros(2 * 4099, dtype=BF16)
+        wide[::2] = state["exp_avg"]
+        state["exp_avg"] = wide[::2]
+    else:
+        state["exp_avg"] = torch.zeros(4098, dtype=BF16)
+    before = [p.detach().clone() for p in model.parameters()]
+    _set_grads(model, 1)
+    if what == "strided":  # a view with gaps: re-laid out (values kept), then stepped
+        opt.step()
+        assert opt.state[model.vector]["exp_avg"].is_contiguous()
+        return
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_master_copies_changed_between_steps() -> None:
+    """A master copy replaced by one of another shape or dtype is made again from its
+    param; one shared by two params is refused before anything is written."""
+
+    def replace(model: nn.Module, opt: Any) -> None:
+        opt.state[model.vector]["master_param"] = torch.zeros(7)
+
+    model, opt = _two_runs(replace, master_weights=True)
+    master = opt.state[model.vector]["master_param"]
+    assert master.shape == model.vector.shape and master.dtype == torch.float32
+    assert torch.equal(model.vector, master.to(BF16))
+
+    model = _bf16_model()
+    opt = ferroptim.AdamW(model.parameters(), master_weights=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[model.small]["master_param"] = opt.state[model.vector]["master_param"][:3]
+    before = [p.detach().clone() for p in model.parameters()]
+    masters = [opt.state[p]["master_param"].clone() for p in model.parameters()]
+    with pytest.raises((RuntimeError, ValueError)):
+        opt.step()
+    for p, q, m in zip(model.parameters(), before, masters, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], m)
