@@ -396,8 +396,8 @@ def test_training_quality_matches_float32() -> None:
 # -- bfloat16 params: float32 master copies and stochastic rounding -----------------------
 
 
-def _bf16_model() -> nn.Module:
-    return Params().to(BF16)
+def _bf16_model(dtype: torch.dtype = BF16) -> nn.Module:
+    return Params().to(dtype)
 
 
 def _wide_twin(model: nn.Module) -> nn.Module:
@@ -411,18 +411,25 @@ def _wide_twin(model: nn.Module) -> nn.Module:
 def _set_pair_grads(narrow: nn.Module, wide: nn.Module, step: int, skip: str | None) -> None:
     _set_grads(wide, step, skip=skip)
     for (name, p), q in zip(narrow.named_parameters(), wide.parameters(), strict=True):
-        p.grad = None if name == skip else q.grad.to(BF16)
+        p.grad = None if name == skip else q.grad.to(p.dtype)
         if p.grad is not None:
             q.grad = p.grad.float()  # the float32 run reads the same (upcast) gradient
 
 
+LOW = [pytest.param(BF16, id="bf16"), pytest.param(torch.float16, id="f16")]
+
+
+@pytest.mark.parametrize("low", LOW)
 @pytest.mark.parametrize("state_dtype", [None, BF16], ids=["f32-states", "bf16-states"])
 @pytest.mark.parametrize("name", NARROW)
-def test_master_weights_follow_the_float32_optimizer_exactly(name: str, state_dtype: Any) -> None:
-    """A bfloat16 model with ``master_weights=True``: each param's float32 master copy is
-    the float32 optimizer's param fed the same (upcast) gradients, bit for bit, every
-    step; the param is its master rounded to nearest; the states are the float32 run's."""
-    narrow_model = _bf16_model()
+def test_master_weights_follow_the_float32_optimizer_exactly(
+    name: str, state_dtype: Any, low: torch.dtype
+) -> None:
+    """A bfloat16 or float16 model with ``master_weights=True``: each param's float32
+    master copy is the float32 optimizer's param fed the same (upcast) gradients, bit for
+    bit, every step; the param is its master rounded to nearest; the states are the
+    float32 run's."""
+    narrow_model = _bf16_model(low)
     wide_model = _wide_twin(narrow_model)
     extra = {"seed": 1234} if state_dtype is not None else {"seed": None}
     narrow = _make(name, narrow_model, state_dtype=state_dtype, master_weights=True, **extra)
@@ -436,17 +443,18 @@ def test_master_weights_follow_the_float32_optimizer_exactly(name: str, state_dt
             master = narrow.state[p]["master_param"]
             assert master.dtype == torch.float32
             assert torch.equal(master, q), f"step {step}: {pname}"
-            assert torch.equal(p, q.to(BF16)), f"step {step}: {pname}"
+            assert torch.equal(p, q.to(low)), f"step {step}: {pname}"
             for key, value in wide.state[q].items():
                 assert torch.equal(narrow.state[p][key], value), f"step {step}: {pname}.{key}"
 
 
+@pytest.mark.parametrize("low", LOW)
 @pytest.mark.parametrize("name", NARROW)
-def test_stochastic_rounding_of_bf16_params(name: str) -> None:
-    """A bfloat16 model with ``stochastic_rounding=True``: each step computes in float32
-    exactly as the float32 optimizer from the same (upcast) values, and stores the param
-    and its (bfloat16) states rounded with the generator's bits."""
-    narrow_model = _bf16_model()
+def test_stochastic_rounding_of_low_precision_params(name: str, low: torch.dtype) -> None:
+    """A bfloat16 or float16 model with ``stochastic_rounding=True``: each step computes
+    in float32 exactly as the float32 optimizer from the same (upcast) values, and stores
+    the param and its states (in the param's dtype) rounded with the generator's bits."""
+    narrow_model = _bf16_model(low)
     wide_model = _wide_twin(narrow_model)
     narrow = _make(name, narrow_model, state_dtype=None, stochastic_rounding=True, seed=77)
     wide = _make(name, wide_model, state_dtype=None, seed=None)
@@ -465,16 +473,16 @@ def test_stochastic_rounding_of_bf16_params(name: str) -> None:
                 where = _lowp.stream_index(p.detach())
                 if step > 0:
                     bits = _lowp.random_bits(where, key, stream, _lowp.PARAM_STREAM)
-                    want = _lowp.stochastic_round(q.detach(), BF16, bits)
+                    want = _lowp.stochastic_round(q.detach(), low, bits)
                     assert torch.equal(p, want), f"step {step}: param {index}.{stream}"
                 for k, state_key in enumerate(keys(group)):
                     if state_key not in narrow.state[p]:
                         continue
                     got = narrow.state[p][state_key]
-                    assert got.dtype == BF16
+                    assert got.dtype == low
                     if step > 0:
                         bits = _lowp.random_bits(where, key, stream, k)
-                        want = _lowp.stochastic_round(wide.state[q][state_key], BF16, bits)
+                        want = _lowp.stochastic_round(wide.state[q][state_key], low, bits)
                         assert torch.equal(got, want), f"step {step}: {state_key}"
                     wide.state[q][state_key].copy_(got)  # the next step starts alike
                 with torch.no_grad():
@@ -548,11 +556,6 @@ def test_bf16_param_settings_are_checked() -> None:
     assert torch.equal(p, torch.ones(10, dtype=BF16)) and not opt.state
     opt.step()
     assert opt.state[p]["master_param"].dtype == torch.float32
-    half = nn.Parameter(torch.ones(10, dtype=torch.float16))
-    half.grad = torch.ones(10, dtype=torch.float16)
-    with pytest.raises(ValueError, match="float16"):
-        ferroptim.AdamW([half], stochastic_rounding=True).step()
-    assert torch.equal(half, torch.ones(10, dtype=torch.float16))
 
 
 # -- the cached plan when narrow states and master copies change between steps ------------

@@ -57,7 +57,7 @@ SEED_KEY = "seed"
 COUNTER_KEY = "rounding_step"
 _SETTINGS = (STATE_DTYPE_KEY, ROUNDING_KEY, MASTER_KEY)
 #: Param dtypes whose steps ``stochastic_rounding`` and ``master_weights`` change.
-LOW_PARAM_DTYPES = (torch.bfloat16,)
+LOW_PARAM_DTYPES = (torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.bfloat16,)
 _MASK32 = 0xFFFF_FFFF
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -160,16 +160,40 @@ def stream_index(param: Tensor) -> Tensor:
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
-    """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16) with ``bits``:
-    the low 16 bits of the random word added to the float32 bit pattern, then the low
-    16 bits dropped (rust's ``Storage::store_stochastic`` for bf16)."""
-    if dtype != torch.bfloat16 or x.dtype != torch.float32:
+    """``x`` (float32) rounded stochastically to ``dtype`` (bfloat16 or float16) with the
+    low 16 of ``bits`` (rust's ``Storage::store_stochastic``): up to the next value with
+    probability equal to the fraction of the gap ``x`` covers."""
+    if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"stochastic rounding of {x.dtype} to {dtype} is not supported")
+    if dtype == torch.float16:
+        return _round_float16(x, bits)
+    # bfloat16: the random bits added to the float32 bit pattern, the low 16 dropped
     raw = x.view(torch.int32).to(torch.int64) & _MASK32
     raised = ((raw + (bits & 0xFFFF)) >> 16) & 0xFFFF
-    signed = raised - ((raised >> 15) << 16)  # as int16's two's complement
-    out = signed.to(torch.int16).view(torch.bfloat16)
+    out = _as_16_bit(raised, torch.bfloat16)
     return torch.where(torch.isnan(x), torch.full_like(out, float("nan")), out)
+
+
+def _as_16_bit(pattern: Tensor, dtype: torch.dtype) -> Tensor:
+    """int64 tensor of 16-bit patterns viewed as ``dtype``."""
+    signed = pattern - ((pattern >> 15) << 16)  # as int16's two's complement
+    return signed.to(torch.int16).view(dtype)
+
+
+def _round_float16(x: Tensor, bits: Tensor) -> Tensor:
+    """float16: between the two values around ``x`` (a power-of-two gap, so the fraction
+    is exact), up when ``(bits & 0xFFFF) / 2^16`` is below the fraction; past the largest
+    finite value to the finite side; NaN and infinities to nearest."""
+    nearest = x.to(torch.float16)
+    pattern = nearest.view(torch.int16).to(torch.int64) & 0xFFFF
+    toward = torch.where(nearest.float().abs() > x.abs(), pattern - 1, pattern)
+    low, high = _as_16_bit(toward, torch.float16), _as_16_bit(toward + 1, torch.float16)
+    low_magnitude, high_magnitude = low.float().abs(), high.float().abs()
+    fraction = (x.abs() - low_magnitude) / (high_magnitude - low_magnitude)
+    threshold = (bits & 0xFFFF).to(torch.float32) * (1.0 / 65536.0)
+    out = torch.where((threshold < fraction) & ~torch.isinf(high), high, low)
+    keep = ~torch.isfinite(x) | (torch.isinf(nearest) & (x.abs() >= 65520.0))
+    return torch.where(keep, nearest, out)
 
 
 # -- the optimizer's side ---------------------------------------------------------------

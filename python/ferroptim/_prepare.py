@@ -191,15 +191,10 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
 def _check_low_param_off_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> None:
     # master_weights / stochastic_rounding are the Rust kernels' (CPU, plain tensors):
     # elsewhere a bfloat16 param would silently step as torch's for-loop does.
-    if low and p.grad is not None and p.dtype == torch.float16:
-        raise ValueError(
-            f"{type(optimizer).__name__}: master_weights and stochastic_rounding step "
-            "bfloat16 params; float16 ones are not supported yet (give them a group without)"
-        )
     if low and p.grad is not None and p.dtype in LOW_PARAM_DTYPES:
         raise ValueError(
             f"{type(optimizer).__name__}: master_weights and stochastic_rounding step "
-            f"plain CPU bfloat16 params in Rust; this one ({p.device}, "
+            f"plain CPU bfloat16/float16 params in Rust; this one ({p.device}, "
             f"{type(p).__name__}) would take torch's path, which does not have them yet"
         )
 

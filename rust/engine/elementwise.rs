@@ -383,8 +383,8 @@ fn check_tensor<K: Elementwise>(
 }
 
 /// Refuses a parameter with a master copy the loops cannot step: a float32
-/// master of a bfloat16 parameter, float32 states (or bfloat16 ones, rounded
-/// stochastically), no moving average fused.
+/// master of a bfloat16 or float16 parameter, float32 states (or bfloat16
+/// ones, rounded stochastically), no moving average fused.
 fn check_master<K: Elementwise>(
     index: usize,
     t: &super::TensorBuffers,
@@ -395,7 +395,8 @@ fn check_master<K: Elementwise>(
     let state = t.states().first().map_or(Format::F32, |s| s.format);
     let states_ok = t.states().iter().all(|s| s.format == state)
         && (state == Format::F32 || (state == Format::BF16 && ctx.stochastic.is_some()));
-    if param != Format::BF16 || master != Format::F32 || !states_ok || ctx.ema.is_some() {
+    let low = matches!(param, Format::BF16 | Format::F16);
+    if !low || master != Format::F32 || !states_ok || ctx.ema.is_some() {
         return Err(EngineError::Unsupported {
             what: format!(
                 "{}: parameter {index}: a {} master copy of a {} parameter with {} states{}",
@@ -420,7 +421,7 @@ pub fn stochastic_formats(param: Format, state: Format) -> bool {
     use Format::*;
     matches!(
         (param, state),
-        (F32, F32) | (F64, F64) | (F32, BF16) | (BF16, BF16)
+        (F32, F32) | (F64, F64) | (F32, BF16) | (BF16, BF16) | (F16, F16)
     )
 }
 
@@ -512,11 +513,18 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                 let i = segment.tensor_index();
                 if t.master.is_some() {
                     let k = (&self.consts32[i], &self.prep32);
-                    match (state, stochastic) {
-                        (Format::BF16, Some(key)) => {
-                            run_master::<K, half::bf16, FLAGS, true>(level, k, segment, key)
+                    use half::{bf16, f16};
+                    match (param, state, stochastic) {
+                        (Format::F16, Format::BF16, Some(key)) => {
+                            run_master::<K, f16, bf16, FLAGS, true>(level, k, segment, key)
                         }
-                        _ => run_master::<K, f32, FLAGS, false>(level, k, segment, 0),
+                        (Format::F16, _, _) => {
+                            run_master::<K, f16, f32, FLAGS, false>(level, k, segment, 0)
+                        }
+                        (_, Format::BF16, Some(key)) => {
+                            run_master::<K, bf16, bf16, FLAGS, true>(level, k, segment, key)
+                        }
+                        _ => run_master::<K, bf16, f32, FLAGS, false>(level, k, segment, 0),
                     }
                     continue;
                 }
@@ -553,9 +561,14 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                     }
                     (Format::F16, Format::F16) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, half::f16, FLAGS, false>(
-                            level, k, segment, ema, 0,
-                        )
+                        match stochastic {
+                            Some(key) => run_segment::<K, half::f16, half::f16, FLAGS, true>(
+                                level, k, segment, ema, key,
+                            ),
+                            None => run_segment::<K, half::f16, half::f16, FLAGS, false>(
+                                level, k, segment, ema, 0,
+                            ),
+                        }
                     }
                     (Format::F16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
@@ -604,17 +617,19 @@ fn run_segment<K, P, S, const FLAGS: u32, const SR: bool>(
     )
 }
 
-/// Runs one segment of a bfloat16 parameter with a float32 master copy: the
-/// master is updated from the bfloat16 gradient (states stored as `S`), then
-/// the parameter is written as the master rounded to nearest.
+/// Runs one segment of a bfloat16 or float16 (`N`) parameter with a float32
+/// master copy: the master is updated from the low-precision gradient (states
+/// stored as `S`), then the parameter is written as the master rounded to
+/// nearest.
 #[inline(always)]
-fn run_master<K, S, const FLAGS: u32, const SR: bool>(
+fn run_master<K, N, S, const FLAGS: u32, const SR: bool>(
     level: SimdLevel,
     (consts, prep): (&K::Consts<f32>, &PrepConsts<f32>),
     segment: ChunkSlices<'_>,
     step_key: u64,
 ) where
     K: Elementwise,
+    N: Storage<Compute = f32>,
     S: Storage<Compute = f32>,
 {
     let rounding = Rounding {
@@ -622,10 +637,10 @@ fn run_master<K, S, const FLAGS: u32, const SR: bool>(
         stream: segment.buffers().stream,
         offset: segment.range().start,
     };
-    let (slices, low) = segment.master_slices::<f32, half::bf16, S>();
+    let (slices, low) = segment.master_slices::<f32, N, S>();
     dispatch(
         level,
-        UpdateTask::<K, f32, half::bf16, S, FLAGS, SR, true> {
+        UpdateTask::<K, f32, N, S, FLAGS, SR, true> {
             consts,
             prep,
             slices,

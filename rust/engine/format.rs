@@ -233,7 +233,8 @@ impl Storage for f16 {
     }
     /// Between the two float16 values around `value` (the gap is a power of
     /// two, so the fraction covered is exact), up with probability equal to
-    /// that fraction at 24-bit resolution. Past the largest finite value it
+    /// that fraction at 16-bit resolution (the low 16 random bits, as bfloat16
+    /// uses). Past the largest finite value it
     /// keeps to the finite side; NaN and infinities round to nearest.
     #[inline(always)]
     fn store_stochastic(value: f32, bits: u32) -> f16 {
@@ -252,7 +253,7 @@ impl Storage for f16 {
         }
         let (low, high) = (toward_zero.to_f32().abs(), away.to_f32().abs());
         let fraction = (value.abs() - low) / (high - low);
-        let threshold = (bits >> 8) as f32 * (1.0 / 16_777_216.0);
+        let threshold = (bits & 0xffff) as f32 * (1.0 / 65_536.0);
         if threshold < fraction {
             away
         } else {
@@ -311,12 +312,12 @@ mod tests {
         // float16: a quarter of the way from 1.0 to 1 + 2^-10, and a subnormal.
         let y = 1.0 + 2f32.powi(-12);
         let ups = (0..1u32 << 16)
-            .filter(|&r| f16::store_stochastic(y, r << 16).load() > 1.0)
+            .filter(|&r| f16::store_stochastic(y, r).load() > 1.0)
             .count();
         assert_eq!(ups, 1 << 14);
         let tiny = 2f32.powi(-25); // half of float16's smallest subnormal
         let ups = (0..1u32 << 16)
-            .filter(|&r| f16::store_stochastic(-tiny, r << 16).load() < 0.0)
+            .filter(|&r| f16::store_stochastic(-tiny, r).load() < 0.0)
             .count();
         assert_eq!(ups, 1 << 15);
         assert_eq!(f16::store_stochastic(65510.0, u32::MAX).load(), 65504.0);

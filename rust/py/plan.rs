@@ -255,7 +255,10 @@ fn check_companion(param: &TensorInfo<'_>, other: &TensorInfo<'_>, what: &str) -
 }
 
 fn check_state(param: &TensorInfo<'_>, state: &TensorInfo<'_>, what: &str) -> PyResult<()> {
-    let narrower = supported_formats(param.dtype, state.dtype);
+    // (bfloat16 states of a float16 parameter: those of its float32 master copy; the
+    // engine refuses them without one, before writing)
+    let narrower = supported_formats(param.dtype, state.dtype)
+        || (param.dtype == Format::F16 && state.dtype == Format::BF16);
     check_layout(param, state, what, state.dtype == param.dtype || narrower)
 }
 
