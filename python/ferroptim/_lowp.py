@@ -1,5 +1,5 @@
-"""Optimizer states in bfloat16: ``state_dtype=torch.bfloat16`` on every element-wise
-ferroptim optimizer.
+"""Lower precision on every element-wise ferroptim optimizer: ``state_dtype``,
+``master_weights``, ``stochastic_rounding`` and their ``seed``.
 
 A group with ``state_dtype=torch.bfloat16`` keeps every floating state buffer of its
 float32 params (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ``square_avg``, …) in
@@ -11,18 +11,27 @@ and small updates (``(1 - beta2) * grad**2`` against a large ``exp_avg_sq``) are
 rounded away. In Rust this happens inside the step's single pass (20 bytes per element
 for AdamW instead of 28).
 
+bfloat16 and float16 params: with ``master_weights=True`` each keeps a float32 copy in
+``state["master_param"]`` that steps exactly as the float32 optimizer's param (its states
+float32, or ``state_dtype``), and the param is written as the master rounded to nearest;
+with ``stochastic_rounding=True`` the param and its states (in the param's dtype) are
+stored stochastically rounded. Both run in Rust only (CPU, plain tensors); a param of
+such a group that would take torch's path raises.
+
 The random bits are a pure function of (seed, the group's index and its step counter,
-the param's index in its group, the state buffer, the element's index in memory order):
-the same for any thread count and SIMD level, on Rust's path and torch's (other devices,
+the param's index in its group, the buffer, the element's index in memory order): the
+same for any thread count and SIMD level, on Rust's path and torch's (other devices,
 ``set_backend("torch")``) alike, and reproducible from the checkpoint. The seed defaults
 to ``torch.initial_seed()`` (so ``torch.manual_seed`` fixes it; nothing is drawn from
 torch's generator) or is given as ``seed=``.
 
-Param-group keys, present only when ``state_dtype`` is set (so default groups keep
-torch's keys): ``state_dtype``, ``seed`` and ``rounding_step`` (the counter). In a
-checkpoint the states are bfloat16 tensors under torch's keys: ``torch.optim`` loads it
-(it casts states to the param's dtype) and a ferroptim optimizer loads any checkpoint
-into its own ``state_dtype`` (the constructor's choice wins over the checkpoint's).
+Param-group keys, each present only when set (so default groups keep torch's keys):
+``state_dtype``, ``master_weights``, ``stochastic_rounding``, and ``seed`` with
+``rounding_step`` (the counter) where anything is rounded stochastically. In a
+checkpoint the states keep torch's keys: ``torch.optim`` loads it (it casts states to the
+param's dtype), and a ferroptim optimizer loads any checkpoint into its own settings
+(the constructor's choice wins over the checkpoint's; float32 masters and states of
+low-precision params are kept float32).
 """
 
 from __future__ import annotations
