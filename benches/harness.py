@@ -253,6 +253,22 @@ def on_bfloat16(factory: Factory) -> Factory:
     return make
 
 
+def bitsandbytes_adamw8bit() -> dict[str, Factory]:
+    """bitsandbytes' ``AdamW8bit`` (blockwise 8-bit states, its CPU path) as a contender
+    where bitsandbytes is installed (the ``bench`` extra pins it), else nothing."""
+    try:
+        import bitsandbytes as bnb  # (optional, and slow to import)
+    except ImportError:
+        return {}
+    return {"bitsandbytes AdamW8bit": optimizer(bnb.optim.AdamW8bit, **ADAMW_HYPER)}
+
+
+def bitsandbytes_column() -> tuple[Column, ...]:
+    if not bitsandbytes_adamw8bit():
+        return ()
+    return (Column("vs bitsandbytes AdamW8bit", "bitsandbytes AdamW8bit"),)
+
+
 def trained(cls: type[torch.optim.Optimizer], **kwargs: object) -> Factory:
     """:func:`optimizer` for a Schedule-Free optimizer: put in train mode (``.train()``)
     before its steps, as its reference requires."""
@@ -930,6 +946,73 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 20 bytes/element (param read and written, grad read: 12; two "
             "bfloat16 moments read and written: 8) against float32 AdamW's 28: a kernel at "
             "the floor is at most 28/20 = 1.4x torch's fused float32 step.",
+        ),
+    ),
+    "q8_states": Suite(
+        name="q8_states",
+        title=(
+            'ferroptim.AdamW(state_dtype="8bit") (8-bit blockwise moments) vs '
+            "torch.optim.AdamW on float32 states: one `step()`"
+        ),
+        bytes_per_element=16,
+        ours=optimizer(ferroptim.AdamW, state_dtype="8bit", **ADAMW_HYPER),
+        references={
+            "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+            "torch default": optimizer(torch.optim.AdamW, **ADAMW_HYPER),
+            "ferroptim float32 states": optimizer(ferroptim.AdamW, **ADAMW_HYPER),
+            "ferroptim bf16 states": optimizer(
+                ferroptim.AdamW, state_dtype=torch.bfloat16, **ADAMW_HYPER
+            ),
+            **bitsandbytes_adamw8bit(),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("vs torch fused", "torch fused"),
+            Column("vs torch default", "torch default"),
+            Column("vs ferroptim float32 states", "ferroptim float32 states"),
+            Column("vs ferroptim bf16 states", "ferroptim bf16 states"),
+            *bitsandbytes_column(),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** about 16 bytes/element (param read and written, grad read: 12; two "
+            "8-bit moments read and written: 4; one float32 scale per 256 elements each) "
+            "against float32 AdamW's 28: a kernel at the floor is at most 1.75x torch's "
+            "fused float32 step. Small tensors (under 4096 elements: `min_8bit_size`) keep "
+            "float32 states, as bitsandbytes does.",
+        ),
+    ),
+    "q8_params": Suite(
+        name="q8_params",
+        title=(
+            "ferroptim.AdamW on a bfloat16 model with 8-bit states "
+            '(`state_dtype="8bit", stochastic_rounding=True`) vs torch.optim.AdamW on the '
+            "float32 model: one `step()`"
+        ),
+        bytes_per_element=10,
+        ours=on_bfloat16(
+            optimizer(
+                ferroptim.AdamW, state_dtype="8bit", stochastic_rounding=True, **ADAMW_HYPER
+            )
+        ),
+        references={
+            "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
+            "torch default": optimizer(torch.optim.AdamW, **ADAMW_HYPER),
+            "ferroptim bf16 params": on_bfloat16(
+                optimizer(ferroptim.AdamW, stochastic_rounding=True, **ADAMW_HYPER)
+            ),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("vs torch fused", "torch fused"),
+            Column("vs torch default", "torch default"),
+            Column("vs ferroptim bf16 states", "ferroptim bf16 params"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** about 10 bytes/element (bfloat16 param read and written, grad "
+            "read: 6; two 8-bit moments read and written: 4) against float32 AdamW's 28: a "
+            "kernel at the floor is at most 2.8x torch's fused float32 step.",
         ),
     ),
     "bf16_params": Suite(

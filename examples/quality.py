@@ -1,4 +1,5 @@
-"""Training quality of lower-precision AdamW: bf16 states and bf16 params against fp32.
+"""Training quality of lower-precision AdamW: bf16 and 8-bit states and bf16 params
+against fp32.
 
 Trains two small models, nothing downloaded, with AdamW in several precisions and compares
 their losses with torch.optim.AdamW in float32 (the reference):
@@ -19,6 +20,11 @@ batch order, the same for every variant; warmup then cosine decay of the learnin
 * ``ferro-fp32``: ``ferroptim.AdamW``, float32;
 * ``bf16-states``: ``ferroptim.AdamW(..., state_dtype=torch.bfloat16)``: float32 params,
   exp_avg/exp_avg_sq kept in bfloat16 with stochastic rounding;
+* ``8bit-states``: ``ferroptim.AdamW(..., state_dtype="8bit")`` with ``min_8bit_size=0``:
+  float32 params, every exp_avg/exp_avg_sq 8-bit blockwise (bitsandbytes' maps), even
+  the small tensors bitsandbytes would leave in float32 (the harshest case);
+* ``bf16-params-8bit``: the bfloat16 model with ``stochastic_rounding=True`` and 8-bit
+  states (``min_8bit_size=0``): about 10 bytes of step traffic per param;
 * ``bf16-params-rne``: the model in bfloat16 (params, activations, grads) stepped by
   ``torch.optim.AdamW(foreach=False)``: every update rounded to nearest, so updates under
   half an ulp of the param are lost (the baseline expected to fall behind);
@@ -98,6 +104,25 @@ VARIANTS: tuple[Variant, ...] = (
         torch.float32,
         lambda params, **hp: ferroptim.AdamW(params, state_dtype=torch.bfloat16, **hp),
         needs="state_dtype",
+    ),
+    Variant(
+        "8bit-states",
+        torch.float32,
+        lambda params, **hp: ferroptim.AdamW(
+            [{"params": list(params), "min_8bit_size": 0}], state_dtype="8bit", **hp
+        ),
+        needs="state_dtype",
+    ),
+    Variant(
+        "bf16-params-8bit",
+        torch.bfloat16,
+        lambda params, **hp: ferroptim.AdamW(
+            [{"params": list(params), "min_8bit_size": 0}],
+            state_dtype="8bit",
+            stochastic_rounding=True,
+            **hp,
+        ),
+        needs="stochastic_rounding",
     ),
     # torch's for-loop: what a bf16 model gets from torch.optim on CPU (round to nearest).
     Variant(

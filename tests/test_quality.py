@@ -29,7 +29,7 @@ import quality  # noqa: E402  (examples/quality.py)
 VARIANTS = {v.name: v for v in quality.VARIANTS}
 HAS_BF16_STATES = VARIANTS["bf16-states"].missing() is None
 # The variants the quick checks run: float32 both ways, and bf16 states where they exist.
-CHECKED = ["fp32", "ferro-fp32"] + (["bf16-states"] if HAS_BF16_STATES else [])
+CHECKED = ["fp32", "ferro-fp32"] + (["bf16-states", "8bit-states"] if HAS_BF16_STATES else [])
 
 
 def quick_tasks() -> list[quality.Task]:
@@ -98,6 +98,21 @@ def test_bf16_states_stay_close(runs, task):
     assert quality.tail_mean(run.losses) == pytest.approx(quality.tail_mean(ref.losses), rel=5e-3)
 
 
+@pytest.mark.parametrize("task", ["digits", "charlm"])
+def test_8bit_states_stay_close(runs, task):
+    run, ref = runs[task]["8bit-states"], runs[task]["fp32"]
+    dtypes = {
+        value.dtype
+        for state in run.optimizer.state.values()
+        for key, value in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    }
+    assert dtypes == {torch.uint8}  # every moment 8-bit (min_8bit_size=0)
+    # Within 1% of fp32 after a few dozen steps (the issue asks 1% at the end of the full
+    # run, mean of 3 seeds).
+    assert quality.tail_mean(run.losses) == pytest.approx(quality.tail_mean(ref.losses), rel=1e-2)
+
+
 def test_bf16_param_baseline_trains_bf16_params():
     task = quality.digits_task(40)
     run = quality.train(task, VARIANTS["bf16-params-rne"], 0, task.batches(0, task.steps))
@@ -110,6 +125,7 @@ def test_bf16_param_baseline_trains_bf16_params():
 # The bf16-param variants of ferroptim: (state key, dtype) each param's state holds.
 BF16_PARAM_STATES = {
     "bf16-params-sr": {"exp_avg": torch.bfloat16, "exp_avg_sq": torch.bfloat16},
+    "bf16-params-8bit": {"exp_avg": torch.uint8, "exp_avg_sq": torch.uint8},
     "bf16-params-master": {
         "exp_avg": torch.float32,
         "exp_avg_sq": torch.float32,

@@ -16,6 +16,7 @@ class GroupPlan:
         state_keys: Sequence[str],
         scalar_keys: Sequence[str],
         master: bool = False,
+        signed: Sequence[bool] = (),
     ) -> None: ...
     @staticmethod
     def from_tensors(
@@ -25,6 +26,7 @@ class GroupPlan:
         scalars: Sequence[Sequence[torch.Tensor]],
         streams: Sequence[int] | None = None,
         master: bool = False,
+        signed: Sequence[bool] = (),
     ) -> GroupPlan: ...
     @staticmethod
     def from_grads(grads: Sequence[torch.Tensor]) -> GroupPlan: ...

@@ -25,8 +25,19 @@ same for any thread count and SIMD level, on Rust's path and torch's (other devi
 to ``torch.initial_seed()`` (so ``torch.manual_seed`` fixes it; nothing is drawn from
 torch's generator) or is given as ``seed=``.
 
+``state_dtype="8bit"`` keeps the moment states (``exp_avg``, ``exp_avg_sq``,
+``momentum_buffer``, ``square_avg``, ``sum``, … : :data:`QUANTIZED_STATES`) of params of
+at least ``min_8bit_size`` elements (a param-group key, default 4096, as bitsandbytes)
+8-bit blockwise quantized (:mod:`ferroptim._q8`: bitsandbytes' dynamic maps, one float32
+scale per 256 elements), each a packed uint8 tensor in the state; the other states and
+smaller params' states stay full precision (float32 for bfloat16/float16 params). The
+Rust step dequantizes, updates and requantizes each block in its one pass.
+``state_dict()`` holds the dequantized states (loadable by torch.optim and any
+ferroptim optimizer); ``state_dict(compact=True)`` the packed ones.
+
 Param-group keys, each present only when set (so default groups keep torch's keys):
-``state_dtype``, ``master_weights``, ``stochastic_rounding``, and ``seed`` with
+``state_dtype`` (with ``min_8bit_size`` for 8-bit states), ``master_weights``,
+``stochastic_rounding``, and ``seed`` with
 ``rounding_step`` (the counter) where anything is rounded stochastically. In a
 checkpoint the states keep torch's keys: ``torch.optim`` loads it (it casts states to the
 param's dtype), and a ferroptim optimizer loads any checkpoint into its own settings
@@ -42,7 +53,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ferroptim._layout import is_dense, is_lazy
+from ferroptim import _q8
+from ferroptim._layout import is_dense, is_lazy, laid_out_like
+from ferroptim._torch_compat import is_dtensor
 
 if TYPE_CHECKING:
     from ferroptim._spec import OptimizerSpec
@@ -50,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STATE_DTYPE_KEY",
     "LowPrecisionMixin",
+    "quantized_keys",
     "round_new_states",
     "rounding_key",
     "state_dtype_for",
@@ -58,13 +72,36 @@ __all__ = [
 ]
 
 STATE_DTYPE_KEY = "state_dtype"
+#: ``state_dtype`` of 8-bit blockwise states.
+EIGHT_BIT = "8bit"
+#: Params with fewer elements keep full-precision states under ``state_dtype="8bit"``.
+MIN_8BIT_KEY = "min_8bit_size"
+DEFAULT_MIN_8BIT_SIZE = 4096
+#: The state buffers ``state_dtype="8bit"`` quantizes, by key: True for the signed map
+#: (states of either sign: first moments, momentum), False for the unsigned one
+#: (non-negative states: second moments, accumulators). Any other state (ASGD's ``ax``,
+#: Rprop's ``prev`` and ``step_size``, Adan's ``previous_grad``, Schedule-Free's ``z``:
+#: values like params or gradients, not moments) stays full precision.
+QUANTIZED_STATES: dict[str, bool] = {
+    "exp_avg": True,
+    "exp_avg_slow": True,
+    "exp_avg_diff": True,
+    "momentum_buffer": True,
+    "grad_avg": True,
+    "exp_avg_sq": False,
+    "max_exp_avg_sq": False,
+    "exp_inf": False,
+    "square_avg": False,
+    "sum": False,
+    "acc_delta": False,
+}
 ROUNDING_KEY = "stochastic_rounding"
 MASTER_KEY = "master_weights"
 #: The state key of a low-precision param's float32 master copy.
 MASTER_STATE = "master_param"
 SEED_KEY = "seed"
 COUNTER_KEY = "rounding_step"
-_SETTINGS = (STATE_DTYPE_KEY, ROUNDING_KEY, MASTER_KEY)
+_SETTINGS = (STATE_DTYPE_KEY, MIN_8BIT_KEY, ROUNDING_KEY, MASTER_KEY)
 #: Param dtypes whose steps ``stochastic_rounding`` and ``master_weights`` change.
 LOW_PARAM_DTYPES = (torch.bfloat16, torch.float16)
 _STATE_DTYPES = (torch.bfloat16,)
@@ -75,13 +112,15 @@ _GOLDEN = 0x9E37_79B9_7F4A_7C15
 PARAM_STREAM = 15
 
 
-def check_state_dtype(value: Any) -> torch.dtype | None:
+def check_state_dtype(value: Any) -> torch.dtype | str | None:
     if value is None:
         return None
+    if isinstance(value, str) and value == EIGHT_BIT:
+        return EIGHT_BIT
     if value not in _STATE_DTYPES:
         raise ValueError(
-            f"state_dtype must be None or torch.bfloat16, got {value!r} (float16 and 8-bit "
-            "states are not supported yet)"
+            f"state_dtype must be None, torch.bfloat16 or '8bit', got {value!r} (float16 "
+            "states are not supported)"
         )
     return torch.bfloat16
 
@@ -224,12 +263,77 @@ def low_params(group: dict[str, Any]) -> bool:
     return bool(group.get(MASTER_KEY) or group.get(ROUNDING_KEY))
 
 
+def quantizes(group: dict[str, Any], param: Tensor) -> bool:
+    """Whether the group keeps ``param``'s moment states 8-bit (``state_dtype="8bit"``,
+    a param of at least ``min_8bit_size`` elements: float32, bfloat16, or float16 with a
+    master copy; not a DTensor: a sharded param's states stay full precision)."""
+    return (
+        group.get(STATE_DTYPE_KEY) == EIGHT_BIT
+        and (param.dtype in (torch.float32, torch.bfloat16) or has_master(group, param))
+        and param.numel() >= int(group.get(MIN_8BIT_KEY, DEFAULT_MIN_8BIT_SIZE))
+        and not is_dtensor(param)
+    )
+
+
+def quantized_keys(keys: tuple[str, ...], group: dict[str, Any], param: Tensor) -> dict[str, bool]:
+    """The state keys among ``keys`` the group keeps 8-bit for ``param``, each with its
+    map (True: signed)."""
+    if not quantizes(group, param):
+        return {}
+    return {key: QUANTIZED_STATES[key] for key in keys if key in QUANTIZED_STATES}
+
+
+def memory_order(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` (shaped like ``like``) as a flat vector in the order the Rust kernel
+    walks ``like``'s elements: its memory order where it is dense and not lazy (stepped
+    in place), row-major otherwise (stepped in a contiguous staged copy)."""
+    if like.is_contiguous() or not is_dense(like) or is_lazy(like):
+        return values.reshape(-1)
+    laid = laid_out_like(values, like)
+    return laid.as_strided((laid.numel(),), (1,), laid.storage_offset())
+
+
+def from_memory_order(flat: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`memory_order`: a tensor of ``dtype`` laid out like ``like``
+    holding ``flat``'s values."""
+    if like.is_contiguous() or not is_dense(like) or is_lazy(like):
+        return flat.to(dtype).reshape(like.shape).clone()
+    out = torch.empty_like(like, dtype=dtype)
+    out.as_strided((out.numel(),), (1,), out.storage_offset()).copy_(flat)
+    return out
+
+
+def pack(values: Tensor, like: Tensor, signed: bool) -> Tensor:
+    """A state shaped like ``like`` quantized to a packed 8-bit state."""
+    return _q8.quantize(memory_order(values, like), signed)
+
+
+def unpack(packed: Tensor, like: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
+    """A packed 8-bit state of ``like``'s elements dequantized (to ``dtype``, laid out like
+    ``like``)."""
+    return from_memory_order(_q8.dequantize(packed, like.numel(), signed), like, dtype)
+
+
+def is_packed(value: Any, param: Tensor) -> bool:
+    """Whether ``value`` is a packed 8-bit state of ``param``'s elements."""
+    return (
+        isinstance(value, Tensor)
+        and value.dtype == torch.uint8
+        and value.dim() == 1
+        and value.numel() == _q8.packed_len(param.numel())
+    )
+
+
 def state_dtype_for(group: dict[str, Any], param: Tensor) -> torch.dtype:
     """The dtype the group keeps ``param``'s floating state buffers in: ``state_dtype``,
     else the dtype the update computes in (float32 for a param with a master copy, the
-    param's own otherwise)."""
+    param's own otherwise). Under ``state_dtype="8bit"``: that of the states left full
+    precision (float32 beside 8-bit states of a param that steps in Rust)."""
     base = torch.float32 if has_master(group, param) else param.dtype
     dtype = group.get(STATE_DTYPE_KEY)
+    if dtype == EIGHT_BIT:
+        in_rust = base == torch.float32 or rounds_param(group, param)
+        return torch.float32 if quantizes(group, param) and in_rust else base
     if dtype is None or base == dtype:
         return base
     if base != torch.float32:
@@ -260,13 +364,14 @@ def _narrower_states(
     optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
 ) -> Iterator[tuple[Tensor, dict[str, Any], int, str, Tensor]]:
     """(param, its state, buffer number, key, tensor) for each state tensor of the params
-    whose group keeps their states narrower than the param (torch's path)."""
+    whose group keeps their states otherwise than in the param's dtype (torch's path):
+    narrower (``state_dtype``), 8-bit, or float32 beside 8-bit ones."""
     if group.get(STATE_DTYPE_KEY) is None:
         return
     keys = spec.state_keys(group)
     for p in params:
         state = optimizer.state.get(p)
-        if not state or state_dtype_for(group, p) == p.dtype:
+        if not state or (state_dtype_for(group, p) == p.dtype and not quantizes(group, p)):
             continue
         for k, name in enumerate(keys):
             value = state.get(name)
@@ -277,13 +382,16 @@ def _narrower_states(
 def widen_states(
     optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
 ) -> dict[tuple[int, str], Tensor]:
-    """Before torch's step: the group's narrow state buffers replaced in the state by
-    float32 copies (torch's kernels step them as the param's dtype); returns the
-    originals, which :func:`narrow_states` writes back into."""
+    """Before torch's step: the group's narrow (or 8-bit) state buffers replaced in the
+    state by copies in the param's dtype (torch's kernels step them as the param's
+    dtype); returns the originals, which :func:`narrow_states` writes back into."""
     saved: dict[tuple[int, str], Tensor] = {}
     dtype = group.get(STATE_DTYPE_KEY)
     for p, state, _, name, narrow in _narrower_states(optimizer, spec, group, params):
-        if narrow.dtype == dtype:
+        if is_packed(narrow, p) and name in QUANTIZED_STATES:
+            saved[(id(p), name)] = narrow
+            state[name] = unpack(narrow, p.detach(), QUANTIZED_STATES[name], p.dtype)
+        elif narrow.dtype == dtype or (dtype == EIGHT_BIT and narrow.dtype != p.dtype):
             saved[(id(p), name)] = narrow
             state[name] = narrow.to(p.dtype)
     return saved
@@ -299,12 +407,22 @@ def round_new_states(
     """Before torch's step: state buffers just made in the param's dtype (by torch's
     ``_init_group``: zeros, Adagrad's initial accumulator, Rprop's step sizes,
     Schedule-Free's ``z``) take the values they have in ``state_dtype`` (rounded to
-    nearest, in place), as the Rust path stores them before its first update."""
+    nearest, or quantized and dequantized, in place), as the Rust path stores them
+    before its first update."""
     dtype = group.get(STATE_DTYPE_KEY)
     for p, _, _, name, value in _narrower_states(optimizer, spec, group, params):
-        if value.dtype == p.dtype and (id(p), name) not in widened:
-            with torch.no_grad():
+        if value.dtype != p.dtype or (id(p), name) in widened:
+            continue
+        with torch.no_grad():
+            if dtype != EIGHT_BIT:
                 value.copy_(value.to(dtype))
+                continue
+            signed = quantized_keys((name,), group, p).get(name)
+            if signed is not None:
+                like = p.detach()
+                value.copy_(unpack(pack(value, like, signed), like, signed, p.dtype))
+            else:
+                value.copy_(value.to(state_dtype_for(group, p)))
 
 
 def narrow_states(
@@ -315,9 +433,12 @@ def narrow_states(
     saved: dict[tuple[int, str], Tensor],
 ) -> None:
     """After torch's step (which ran on states widened to the params' dtype, see
-    :func:`widen_states`): each float32 state buffer of the group stored back in the
-    group's ``state_dtype``, stochastically rounded, into the buffer it was widened from
-    where there is one."""
+    :func:`widen_states`): each state buffer of the group stored back as the group keeps
+    it (stochastically rounded to ``state_dtype``, or quantized to 8 bits), into the
+    buffer it was widened from where there is one."""
+    if group.get(STATE_DTYPE_KEY) == EIGHT_BIT:
+        _requantize_states(optimizer, spec, group, params, saved)
+        return
     dtype = group.get(STATE_DTYPE_KEY)
     key = rounding_key(optimizer.param_groups, group)
     position = {id(p): i for i, p in enumerate(group["params"])}
@@ -329,6 +450,35 @@ def narrow_states(
             narrow = stochastic_round(wide, dtype, bits)
             original = saved.get((id(p), name))
             if original is not None and original.shape == narrow.shape:
+                original.copy_(narrow)
+                narrow = original
+        state[name] = narrow
+
+
+def _requantize_states(
+    optimizer: Any,
+    spec: OptimizerSpec,
+    group: dict[str, Any],
+    params: list[Tensor],
+    saved: dict[tuple[int, str], Tensor],
+) -> None:
+    """:func:`narrow_states` for 8-bit states: the moments quantized (to nearest), the
+    other states stored in the dtype the group keeps them in."""
+    for p, state, _, name, wide in list(_narrower_states(optimizer, spec, group, params)):
+        if not wide.is_floating_point():
+            continue
+        signed = quantized_keys((name,), group, p).get(name)
+        with torch.no_grad():
+            if signed is not None:
+                narrow = pack(wide, p.detach(), signed)
+            else:
+                narrow = wide.to(state_dtype_for(group, p))
+            original = saved.get((id(p), name))
+            if (
+                original is not None
+                and (original.shape, original.dtype) == (narrow.shape, narrow.dtype)
+                and original is not wide
+            ):
                 original.copy_(narrow)
                 narrow = original
         state[name] = narrow
@@ -359,7 +509,7 @@ class LowPrecisionMixin:
                 "stochastic_rounding and master_weights are two answers to the same "
                 "problem: a param with a float32 master copy is its rounding; choose one"
             )
-        random = dtype is not None or stochastic_rounding
+        random = dtype == torch.bfloat16 or stochastic_rounding
         if not random and seed is not None:
             raise ValueError(
                 "seed seeds stochastic rounding: give state_dtype or stochastic_rounding too"
@@ -374,6 +524,8 @@ class LowPrecisionMixin:
         settings: dict[str, Any] = {}
         if dtype is not None:
             settings[STATE_DTYPE_KEY] = dtype
+        if dtype == EIGHT_BIT:
+            settings[MIN_8BIT_KEY] = DEFAULT_MIN_8BIT_SIZE
         if stochastic_rounding:
             settings[ROUNDING_KEY] = True
         if master_weights:
@@ -388,16 +540,39 @@ class LowPrecisionMixin:
             for name, value in settings.items():
                 group.setdefault(name, value)
 
+    def _lowp_dequantize(self, state_dict: dict[str, Any]) -> None:
+        """A fresh ``state_dict``'s packed 8-bit states replaced by their float32 values
+        shaped like their params (in new per-param dicts: torch's ``state_dict`` shares
+        the live ones)."""
+        if not any(g.get(STATE_DTYPE_KEY) == EIGHT_BIT for g in self.param_groups):
+            return
+        states = state_dict["state"]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, state in list(states.items()):
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                continue
+            p = params[index].detach()
+            unpacked = {
+                key: unpack(value, p, QUANTIZED_STATES[key], torch.float32)
+                for key, value in state.items()
+                if key in QUANTIZED_STATES and is_packed(value, p)
+            }
+            if unpacked:
+                states[index] = {**state, **unpacked}
+
     def _lowp_before_load(self, state_dict: dict[str, Any]) -> Any:
-        """The groups' settings, and the checkpoint's floating state tensors (torch's
-        ``load_state_dict`` casts each to its param's dtype, which would round a
-        bfloat16 param's float32 master copy and states)."""
+        """The groups' settings, and the checkpoint's floating and packed 8-bit state
+        tensors (torch's ``load_state_dict`` casts each to its param's dtype, which would
+        round a bfloat16 param's float32 master copy and states, and turn codes into
+        numbers)."""
         settings = [{k: g[k] for k in _SETTINGS if k in g} for g in self.param_groups]
         tensors = {
             (index, key): value
             for index, state in state_dict.get("state", {}).items()
             for key, value in state.items()
-            if isinstance(value, Tensor) and value.is_floating_point() and key != "step"
+            if isinstance(value, Tensor)
+            and (value.is_floating_point() or value.dtype == torch.uint8)
+            and key != "step"
         }
         return settings, tensors
 
@@ -413,7 +588,7 @@ class LowPrecisionMixin:
             for name in _SETTINGS:
                 group.pop(name, None)
             group.update(own)
-            if STATE_DTYPE_KEY in own or own.get(ROUNDING_KEY):
+            if own.get(STATE_DTYPE_KEY) == torch.bfloat16 or own.get(ROUNDING_KEY):
                 group.setdefault(SEED_KEY, self.defaults.get(SEED_KEY, torch.initial_seed()))
                 group.setdefault(COUNTER_KEY, 0)
             else:
@@ -436,9 +611,22 @@ class LowPrecisionMixin:
         if not state:
             return
         dtype = state_dtype_for(group, p)
+        quantized = quantized_keys(keys, group, p)
+        like = p.detach()
         for name in keys:
             value = tensors.get((index, name), state.get(name))
-            if isinstance(value, Tensor) and value.is_floating_point():
+            if not isinstance(value, Tensor):
+                continue
+            if is_packed(value, p) and name in QUANTIZED_STATES:
+                if name in quantized:  # kept as it is (a compact checkpoint)
+                    state[name] = value.to(device=p.device).contiguous()
+                    continue
+                value = unpack(value.to(p.device), like, QUANTIZED_STATES[name], torch.float32)
+            if not value.is_floating_point():
+                continue
+            if name in quantized:
+                state[name] = pack(value.to(p.device), like, quantized[name])
+            else:
                 state[name] = value.to(device=p.device, dtype=dtype)
         master = tensors.get((index, MASTER_STATE))
         if has_master(group, p) and master is not None:

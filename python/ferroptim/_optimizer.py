@@ -76,7 +76,7 @@ class RustStepMixin(EmaMixin, LowPrecisionMixin):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
@@ -141,10 +141,16 @@ class RustStepMixin(EmaMixin, LowPrecisionMixin):
         self.nonfinite_group = settings["nonfinite_group"]
         self.__dict__.setdefault("last_grad_norm", None)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, compact: bool = False) -> dict[str, Any]:
         """torch's ``state_dict``; with ``skip_nonfinite`` it also records ``skipped_steps``
-        (torch's ``load_state_dict`` ignores the extra key)."""
+        (torch's ``load_state_dict`` ignores the extra key). 8-bit states
+        (``state_dtype="8bit"``) are saved dequantized, as float32 tensors shaped like
+        their params, which torch.optim and every ferroptim optimizer load; with
+        ``compact=True`` as they are kept, packed (about a quarter of the bytes), which
+        ferroptim optimizers load into any ``state_dtype``."""
         state_dict = super().state_dict()  # type: ignore[misc]
+        if not compact:
+            self._lowp_dequantize(state_dict)
         if self.skip_nonfinite:
             state_dict["skipped_steps"] = self.skipped_steps
         self._steps_on_host(state_dict)

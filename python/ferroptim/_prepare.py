@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from ferroptim import _config, _core
+from ferroptim import _config, _core, _q8
 from ferroptim._ema import EMA_KEY, ema_weight, fused_ema_keys
 from ferroptim._hyper import flag
 from ferroptim._jobs import CachedPlan, GradFactors, Job
@@ -44,11 +44,16 @@ from ferroptim._lowp import (
     LOW_PARAM_DTYPES,
     MASTER_KEY,
     MASTER_STATE,
+    MIN_8BIT_KEY,
+    QUANTIZED_STATES,
     ROUNDING_KEY,
     STATE_DTYPE_KEY,
     has_master,
+    is_packed,
     low_params,
     narrow_states,
+    pack,
+    quantized_keys,
     round_new_states,
     rounding_key,
     state_dtype_for,
@@ -98,6 +103,7 @@ def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...]
         group.get("differentiable", False),
         _config._backend,
         group.get(STATE_DTYPE_KEY),
+        group.get(MIN_8BIT_KEY),
         bool(group.get(ROUNDING_KEY)),
         bool(group.get(MASTER_KEY)),
     )
@@ -622,8 +628,16 @@ def _lay_out_states(
     dtensor = is_dtensor(p)
     fresh = False
     dtype = state_dtype_for(group, p)
+    quantized = quantized_keys(gathered.keys, group, p)
     for k, key in enumerate(gathered.keys):
         buffer = gathered.states[k][i]
+        if key in quantized:
+            buffer, created = _lay_out_packed(optimizer, state, key, buffer, work, quantized[key])
+            if created:
+                out.created.append((state, key, buffer))
+                fresh = True
+            laid.states[k].append(buffer)
+            continue
         if buffer is None:  # created by the step itself (SGD's momentum buffer)
             # laid out like the memory the kernel steps (a staged copy of a strided or
             # lazily negated param: the buffer stays laid out like it, as our own state
@@ -657,6 +671,44 @@ def _lay_out_states(
             state[key] = buffer
         laid.states[k].append(local(buffer))
     return fresh
+
+
+def _lay_out_packed(
+    optimizer: RustStepMixin,
+    state: dict[str, Any],
+    key: str,
+    buffer: Tensor | None,
+    work: Tensor,
+    signed: bool,
+) -> tuple[Tensor, bool]:
+    """A packed 8-bit state of ``work``'s elements for the kernel (and whether it is new:
+    created by this step, written before it is read): ours as it is, or one in any
+    floating dtype shaped like the param (torch's ``_init_group``, a checkpoint, the
+    user) quantized once, for good."""
+    n = work.numel()
+    if buffer is None:  # (zeros: the kernel writes codes and scales, not the padding)
+        return torch.zeros(_q8.packed_len(n), dtype=torch.uint8, device=work.device), True
+    if is_packed(buffer, work):
+        if (
+            buffer.device == work.device
+            and buffer.is_contiguous()
+            and buffer.storage_offset() % 4 == 0
+            and not is_lazy(buffer)
+        ):
+            return buffer, False
+        packed = torch.empty(_q8.packed_len(n), dtype=torch.uint8, device=work.device)
+        packed.copy_(buffer)
+    elif buffer.is_floating_point() and buffer.shape == work.shape:
+        packed = pack(buffer.detach().to(work.device), work, signed)
+    else:
+        raise RuntimeError(
+            f"{type(optimizer).__name__}: state {key!r} of a parameter of shape "
+            f"{tuple(work.shape)} is neither an 8-bit state of its {n} elements nor a "
+            f"floating tensor of its shape (it has shape {tuple(buffer.shape)} and dtype "
+            f"{buffer.dtype})"
+        )
+    state[key] = packed
+    return packed, False
 
 
 def _lay_out_master(p: Tensor, work: Tensor, state: dict[str, Any]) -> Tensor:
@@ -778,6 +830,7 @@ def _build_plans(
             [[s[i] for i in index] for s in scalars],
             [position[id(gathered.params[i])] for i in index],
             mastered,
+            [QUANTIZED_STATES.get(key, False) for key in gathered.keys],
         )
         extras = (
             None
@@ -798,13 +851,21 @@ def _one_shot_plan(
     scalars: list[list[Tensor]],
     streams: list[int],
     master: bool,
+    signed: list[bool],
 ) -> _core.GroupPlan:
     """A plan for one step of tensors already laid out for the kernel; ``scalars[k]``:
     every param's scalar state slot ``k`` (the step counter first); ``streams[i]``: the
-    param's index in its group (its stream of stochastic rounding)."""
+    param's index in its group (its stream of stochastic rounding); ``signed[k]``: the
+    map of state ``k`` where it is 8-bit."""
     try:
         return _core.GroupPlan.from_tensors(
-            real(params), real(grads), [real(s) for s in states], scalars, streams, master
+            real(params),
+            real(grads),
+            [real(s) for s in states],
+            scalars,
+            streams,
+            master,
+            signed,
         )
     except ValueError as error:
         raise RuntimeError(f"{name}: {error}") from error
@@ -850,6 +911,7 @@ def cache_plan(
             [*key[0], MASTER_STATE] if master else list(key[0]),
             scalar_keys(optimizer._ferro_spec),
             master,
+            [QUANTIZED_STATES.get(k, False) for k in key[0]],
         )
     except (ValueError, RuntimeError):
         return  # not plannable (odd layout, foreign state): the slow path stays correct

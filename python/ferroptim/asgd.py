@@ -166,7 +166,7 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,

@@ -178,7 +178,7 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
         skip_nonfinite: bool | str = False,
         nonfinite_group: Any = None,
         ema_decay: float | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,

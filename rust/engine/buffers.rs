@@ -22,28 +22,26 @@ pub const MAX_SCALARS: usize = 3;
 pub struct Buffer {
     pub addr: usize,
     pub format: Format,
-    /// [`Format::Q8Block`]: address of the float32 block scales; 0 otherwise.
-    pub scales: usize,
 }
 
 impl Buffer {
     pub const NONE: Buffer = Buffer {
         addr: 0,
         format: Format::F32,
-        scales: 0,
     };
 
     pub fn new(addr: usize, format: Format) -> Buffer {
-        Buffer {
-            addr,
-            format,
-            scales: 0,
-        }
+        Buffer { addr, format }
     }
 
-    /// Bytes of `len` elements (the codes, for blockwise formats).
+    /// Bytes of `len` elements (codes, padding and scales, for blockwise
+    /// formats: see [`super::quant::packed_len`]).
     pub fn bytes(&self, len: usize) -> usize {
-        len * self.format.size()
+        if self.format.is_quantized() {
+            super::quant::packed_len(len)
+        } else {
+            len * self.format.size()
+        }
     }
 }
 
@@ -266,8 +264,8 @@ struct Interval {
     what: &'static str,
 }
 
-/// Checks every buffer of a group: non-null, aligned, blockwise formats
-/// refused until they can be loaded, and no buffer that is written shares
+/// Checks every buffer of a group: non-null, aligned (blockwise formats to
+/// their float32 scales), 8-bit blockwise formats only for states, and no buffer that is written shares
 /// memory with any other buffer. Read-only buffers (gradients of a step) may
 /// share memory with each other.
 pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
@@ -286,10 +284,10 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
             });
         }
         for (buffer, written, what) in t.roles() {
-            if buffer.format == Format::Q8Block {
+            if buffer.format.is_quantized() && !what.starts_with("state") {
                 return Err(EngineError::Unsupported {
                     what: format!(
-                        "{what} of parameter {index}: 8-bit blockwise states are not supported yet"
+                        "{what} of parameter {index}: 8-bit blockwise storage is for states"
                     ),
                 });
             }
@@ -303,7 +301,7 @@ pub fn check_buffers(tensors: &[TensorBuffers]) -> Result<(), EngineError> {
                     what,
                 });
             }
-            if !buffer.addr.is_multiple_of(buffer.format.size()) {
+            if !buffer.addr.is_multiple_of(buffer.format.align()) {
                 return Err(EngineError::Misaligned {
                     tensor: index,
                     what,
@@ -482,12 +480,30 @@ mod tests {
             check_buffers(&[misaligned]),
             Err(EngineError::Misaligned { .. })
         ));
-        let q8 = Buffer::new(s.as_ptr() as usize, Format::Q8Block);
+        // An 8-bit state: 64 codes and one scale (68 bytes) fit in `s`'s 128
+        // bytes; the scales need 4-byte alignment; a quantised param is refused.
+        let q8 = Buffer::new(s.as_ptr() as usize, Format::Q8Signed);
         let blockwise = TensorBuffers::param(64, f32_buffer(&p), None).with_states(&[q8]);
+        assert!(check_buffers(&[blockwise]).is_ok());
+        assert_eq!(q8.bytes(64), 68);
+        let odd = Buffer::new(s.as_ptr() as usize + 2, Format::Q8Unsigned);
+        let misaligned = TensorBuffers::param(64, f32_buffer(&p), None).with_states(&[odd]);
         assert!(matches!(
-            check_buffers(&[blockwise]),
+            check_buffers(&[misaligned]),
+            Err(EngineError::Misaligned { .. })
+        ));
+        let as_param = TensorBuffers::param(64, q8, None);
+        assert!(matches!(
+            check_buffers(&[as_param]),
             Err(EngineError::Unsupported { .. })
         ));
+        // Codes and scales of 64 elements reach 4 bytes past 64 bytes: a param
+        // starting there overlaps.
+        let next = Buffer::new(s.as_ptr() as usize + 64, Format::F32);
+        let tight = TensorBuffers::param(1, next, None);
+        let mut with_q8 = blockwise;
+        with_q8.len = 64;
+        assert!(check_buffers(&[with_q8, tight]).is_err());
     }
 
     #[test]

@@ -20,8 +20,9 @@
 //!   bfloat16, float16 storage) or float64.
 
 use super::buffers::{EngineError, ScalarSlot, MAX_SCALARS, MAX_STATES};
+use super::format::Q8_BLOCK;
 use super::format::{Format, Real, Storage};
-use super::group::{ChunkSlices, Group, Slices};
+use super::group::{BlockState, ChunkSlices, Group, QuantizedSlices, Slices};
 use super::hyper::HyperRecord;
 use super::random;
 use crate::simd::{dispatch, SimdLevel, SimdTask};
@@ -346,6 +347,9 @@ fn check_tensor<K: Elementwise>(
     if grad.format != param.format {
         return mismatch("the gradient's dtype differs from the parameter's".to_string());
     }
+    if t.states().iter().any(|s| s.format.is_quantized()) {
+        return check_quantized::<K>(index, t, param.format, ctx);
+    }
     if let Some(master) = t.master {
         return check_master::<K>(index, t, param.format, master.format, ctx);
     }
@@ -413,6 +417,51 @@ fn check_master<K: Elementwise>(
         });
     }
     Ok(())
+}
+
+/// Refuses a tensor with 8-bit states the loops cannot step: float32
+/// parameters, bfloat16 or float16 ones with a float32 master copy (and no
+/// moving average), or bfloat16 ones rounded stochastically; every other
+/// state in float32, a moving average in the parameter's dtype.
+fn check_quantized<K: Elementwise>(
+    index: usize,
+    t: &super::TensorBuffers,
+    param: Format,
+    ctx: &StepContext,
+) -> Result<(), EngineError> {
+    let ema = ctx.ema.is_some();
+    let (kernel_states, ema_buffer) = match t.states().split_last() {
+        Some((last, rest)) if ema => (rest, Some(last)),
+        _ => (t.states(), None),
+    };
+    let low = matches!(param, Format::BF16 | Format::F16);
+    let states_ok = kernel_states
+        .iter()
+        .all(|s| s.format.is_quantized() || s.format == Format::F32);
+    let master_ok = match t.master {
+        Some(m) => m.format == Format::F32 && low && !ema,
+        None => param == Format::F32 || (param == Format::BF16 && ctx.stochastic.is_some()),
+    };
+    let ema_ok = ema_buffer.is_none_or(|b| b.format == param);
+    if (param == Format::F32 || low) && states_ok && master_ok && ema_ok {
+        return Ok(());
+    }
+    Err(EngineError::Unsupported {
+        what: format!(
+            "{}: parameter {index}: 8-bit states of {} parameters{} with states {:?}",
+            K::NAME,
+            param.name(),
+            if t.master.is_some() {
+                " with a master copy"
+            } else {
+                ""
+            },
+            kernel_states
+                .iter()
+                .map(|s| s.format.name())
+                .collect::<Vec<_>>()
+        ),
+    })
 }
 
 /// The (parameter, state) format pairs whose loops round stochastically
@@ -511,6 +560,29 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                     .first()
                     .map_or(param, |s| s.format);
                 let i = segment.tensor_index();
+                if t.states().iter().any(|s| s.format.is_quantized()) {
+                    let k = (&self.consts32[i], &self.prep32);
+                    use half::{bf16, f16};
+                    match (param, t.master.is_some(), stochastic) {
+                        (Format::BF16, true, _) => {
+                            run_quantized::<K, f32, bf16, FLAGS, false, true>(
+                                level, k, segment, None, 0,
+                            )
+                        }
+                        (Format::F16, true, _) => run_quantized::<K, f32, f16, FLAGS, false, true>(
+                            level, k, segment, None, 0,
+                        ),
+                        (Format::BF16, false, Some(key)) => {
+                            run_quantized::<K, bf16, bf16, FLAGS, true, false>(
+                                level, k, segment, ema, key,
+                            )
+                        }
+                        _ => run_quantized::<K, f32, f32, FLAGS, false, false>(
+                            level, k, segment, ema, 0,
+                        ),
+                    }
+                    continue;
+                }
                 if t.master.is_some() {
                     let k = (&self.consts32[i], &self.prep32);
                     use half::{bf16, f16};
@@ -649,6 +721,128 @@ fn run_master<K, N, S, const FLAGS: u32, const SR: bool>(
             rounding,
         },
     )
+}
+
+/// Runs one segment of a tensor with 8-bit blockwise states: block by block,
+/// the quantised states are dequantised into float32 scratch, the update runs
+/// on the block as for float32 states (the value updated stored as `P`: the
+/// parameter, or under `MASTER` its float32 master copy with the
+/// low-precision parameter and gradient stored as `G`), and the block's new
+/// states are quantised back with fresh scales.
+#[inline(always)]
+fn run_quantized<K, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool>(
+    level: SimdLevel,
+    (consts, prep): (&K::Consts<f32>, &PrepConsts<f32>),
+    segment: ChunkSlices<'_>,
+    ema: Option<Lerp>,
+    step_key: u64,
+) where
+    K: Elementwise,
+    P: Storage<Compute = f32>,
+    G: Storage<Compute = f32>,
+{
+    let rounding = Rounding {
+        step_key,
+        stream: segment.buffers().stream,
+        offset: segment.range().start,
+    };
+    let slices = segment.quantized_slices::<P, G>(ema.is_some(), MASTER);
+    dispatch(
+        level,
+        QuantizedTask::<K, P, G, FLAGS, SR, MASTER> {
+            consts,
+            prep,
+            slices,
+            ema,
+            rounding,
+        },
+    )
+}
+
+/// One segment's update with 8-bit states (see [`run_quantized`]).
+struct QuantizedTask<'s, K: Elementwise, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool>
+{
+    consts: &'s K::Consts<f32>,
+    prep: &'s PrepConsts<f32>,
+    slices: QuantizedSlices<'s, P, G>,
+    ema: Option<Lerp>,
+    rounding: Rounding,
+}
+
+impl<K, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool> SimdTask
+    for QuantizedTask<'_, K, P, G, FLAGS, SR, MASTER>
+where
+    K: Elementwise,
+    P: Storage<Compute = f32>,
+    G: Storage<Compute = f32>,
+{
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let QuantizedSlices {
+            param,
+            grad,
+            low,
+            mut states,
+            ema: mut average,
+        } = self.slices;
+        let n = param.len();
+        let used = K::num_states(FLAGS);
+        let mut scratch = [[0f32; Q8_BLOCK]; MAX_STATES];
+        for (block, start) in (0..n).step_by(Q8_BLOCK).enumerate() {
+            let end = n.min(start + Q8_BLOCK);
+            let mut views: [&mut [f32]; MAX_STATES] = Default::default();
+            for (k, ((view, state), buffer)) in views
+                .iter_mut()
+                .zip(states.iter_mut())
+                .zip(scratch.iter_mut())
+                .enumerate()
+                .take(used)
+            {
+                *view = match state {
+                    BlockState::Unused => &mut [],
+                    BlockState::Plain(values) => &mut values[start..end],
+                    BlockState::Quantized { codes, scales, map } => {
+                        let buffer = &mut buffer[..end - start];
+                        if K::reads_state(FLAGS, k) {
+                            map.dequantize_block(&codes[start..end], scales[block], buffer);
+                        }
+                        buffer
+                    }
+                };
+            }
+            UpdateTask::<K, P, G, f32, FLAGS, SR, MASTER> {
+                consts: self.consts,
+                prep: self.prep,
+                slices: Slices {
+                    param: &mut param[start..end],
+                    grad: &grad[start..end],
+                    states: views,
+                },
+                ema: average
+                    .as_deref_mut()
+                    .map(|values| &mut values[start..end])
+                    .zip(self.ema),
+                low: if MASTER {
+                    &mut low[start..end]
+                } else {
+                    &mut []
+                },
+                rounding: Rounding {
+                    offset: self.rounding.offset + start,
+                    ..self.rounding
+                },
+            }
+            .run();
+            for (state, buffer) in states.iter_mut().zip(&scratch).take(used) {
+                if let BlockState::Quantized { codes, scales, map } = state {
+                    scales[block] =
+                        map.quantize_block(&buffer[..end - start], &mut codes[start..end]);
+                }
+            }
+        }
+    }
 }
 
 /// Where a segment's random bits come from: the group's step key, the

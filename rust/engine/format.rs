@@ -17,15 +17,16 @@ pub enum Format {
     F64,
     BF16,
     F16,
-    /// 8-bit blockwise: one `u8` code per element and one float32 scale per
-    /// block of [`Q8_BLOCK`] elements (the buffer's `scales` address). Chunks
-    /// of a tensor holding such a buffer are cut on block boundaries. Its
-    /// load/store (the quantisation map) belongs to the 8-bit issue; until
-    /// then plans refuse it.
-    Q8Block,
+    /// 8-bit blockwise with bitsandbytes' signed dynamic map (first moments):
+    /// one `u8` code per element and one float32 scale per block of
+    /// [`Q8_BLOCK`] elements, packed in one buffer (see [`super::quant`]).
+    /// Chunks of a tensor holding such a buffer are cut on block boundaries.
+    Q8Signed,
+    /// As [`Format::Q8Signed`] with the unsigned map (second moments).
+    Q8Unsigned,
 }
 
-/// Elements per scale of [`Format::Q8Block`].
+/// Elements per scale of the 8-bit blockwise formats.
 pub const Q8_BLOCK: usize = 256;
 
 /// The type a tensor's arithmetic runs in.
@@ -42,8 +43,22 @@ impl Format {
             Format::F64 => 8,
             Format::F32 => 4,
             Format::BF16 | Format::F16 => 2,
-            Format::Q8Block => 1,
+            Format::Q8Signed | Format::Q8Unsigned => 1,
         }
+    }
+
+    /// Alignment in bytes the buffer's address needs (blockwise formats: their
+    /// float32 scales').
+    pub fn align(self) -> usize {
+        match self {
+            Format::Q8Signed | Format::Q8Unsigned => 4,
+            other => other.size(),
+        }
+    }
+
+    /// Whether this is an 8-bit blockwise format.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, Format::Q8Signed | Format::Q8Unsigned)
     }
 
     /// torch's name of the dtype (the codes' dtype for blockwise formats).
@@ -53,7 +68,8 @@ impl Format {
             Format::F64 => "float64",
             Format::BF16 => "bfloat16",
             Format::F16 => "float16",
-            Format::Q8Block => "uint8 (8-bit blockwise)",
+            Format::Q8Signed => "uint8 (8-bit blockwise, signed map)",
+            Format::Q8Unsigned => "uint8 (8-bit blockwise, unsigned map)",
         }
     }
 
@@ -67,7 +83,7 @@ impl Format {
     /// Elements per block that chunk cuts must respect (1: any cut).
     pub fn block(self) -> usize {
         match self {
-            Format::Q8Block => Q8_BLOCK,
+            Format::Q8Signed | Format::Q8Unsigned => Q8_BLOCK,
             _ => 1,
         }
     }
@@ -327,7 +343,8 @@ mod tests {
     fn formats_describe_themselves() {
         assert_eq!(Format::BF16.compute(), Compute::F32);
         assert_eq!(Format::F64.compute(), Compute::F64);
-        assert_eq!(Format::Q8Block.block(), Q8_BLOCK);
+        assert_eq!(Format::Q8Unsigned.block(), Q8_BLOCK);
+        assert_eq!(Format::Q8Signed.align(), 4);
         assert_eq!(<bf16 as Storage>::FORMAT.size(), 2);
     }
 

@@ -12,7 +12,8 @@ use std::marker::PhantomData;
 use std::ops::Range;
 
 use super::buffers::{check_buffers, Buffer, EngineError, TensorBuffers, MAX_STATES};
-use super::format::Storage;
+use super::format::{Format, Storage, Q8_BLOCK};
+use super::quant::{self, QMap};
 use crate::parallel::{ChunkPlan, Segment, CHUNK_ALIGN, CHUNK_ELEMENTS};
 
 /// One parameter group, ready to step.
@@ -116,6 +117,30 @@ pub struct Slices<'s, P, S, G = P> {
     pub states: [&'s mut [S]; MAX_STATES],
 }
 
+/// One state buffer of a segment whose tensor keeps 8-bit states.
+#[derive(Default)]
+pub enum BlockState<'s> {
+    #[default]
+    Unused,
+    /// Kept in float32.
+    Plain(&'s mut [f32]),
+    /// 8-bit codes of the segment's elements and the scales of its blocks.
+    Quantized {
+        codes: &'s mut [u8],
+        scales: &'s mut [f32],
+        map: &'static QMap,
+    },
+}
+
+/// The slices of [`ChunkSlices::quantized_slices`].
+pub struct QuantizedSlices<'s, P, G> {
+    pub param: &'s mut [P],
+    pub grad: &'s [G],
+    pub low: &'s mut [G],
+    pub states: [BlockState<'s>; MAX_STATES],
+    pub ema: Option<&'s mut [P]>,
+}
+
 impl<'g> ChunkSlices<'g> {
     pub fn buffers(&self) -> &'g TensorBuffers {
         self.tensor
@@ -216,6 +241,85 @@ impl<'g> ChunkSlices<'g> {
         (slices, self.slice(t.param.expect("a parameter buffer")))
     }
 
+    /// The slices of a tensor with 8-bit blockwise states (the segment starts
+    /// on a block boundary: chunk cuts respect blocks): the value updated
+    /// (the parameter stored as `P`, or with `master` its float32 master copy),
+    /// the gradient as `G`, the low-precision parameter apart under `master`,
+    /// each state plain (float32) or quantised, and with `ema` the moving
+    /// average (the last state buffer, stored as `P`).
+    ///
+    /// # Panics
+    /// If a buffer is missing or stored otherwise, or the segment does not
+    /// start on a block boundary.
+    pub fn quantized_slices<P: Storage, G: Storage>(
+        self,
+        ema: bool,
+        master: bool,
+    ) -> QuantizedSlices<'g, P, G> {
+        assert!(
+            self.range.start.is_multiple_of(Q8_BLOCK),
+            "a segment of 8-bit states cut inside a block"
+        );
+        let t = self.tensor;
+        let (kernel_states, ema_buffer) = match t.states().split_last() {
+            Some((last, rest)) if ema => (rest, Some(*last)),
+            _ => (t.states(), None),
+        };
+        let mut states: [BlockState<'g>; MAX_STATES] = Default::default();
+        for (slot, &buffer) in states.iter_mut().zip(kernel_states) {
+            *slot = match buffer.format {
+                Format::Q8Signed => self.quantized(buffer, quant::signed()),
+                Format::Q8Unsigned => self.quantized(buffer, quant::unsigned()),
+                _ => BlockState::Plain(self.slice(buffer)),
+            };
+        }
+        let param = t.param.expect("a parameter buffer");
+        let (updated, low) = if master {
+            (t.master.expect("a master copy"), self.slice(param))
+        } else {
+            (param, <&mut [G]>::default())
+        };
+        QuantizedSlices {
+            param: self.slice(updated),
+            grad: self.slice(t.grad.expect("a gradient buffer")),
+            low,
+            states,
+            ema: ema_buffer.map(|buffer| self.slice(buffer)),
+        }
+    }
+
+    /// A quantised state's codes and block scales over this segment.
+    fn quantized(&self, buffer: Buffer, map: &'static QMap) -> BlockState<'g> {
+        let range = self.range.clone();
+        if range.is_empty() {
+            return BlockState::Quantized {
+                codes: Default::default(),
+                scales: Default::default(),
+                map,
+            };
+        }
+        let len = self.tensor.len;
+        let blocks = range.start / Q8_BLOCK..range.end.div_ceil(Q8_BLOCK);
+        // SAFETY: `Group::new`'s contract makes `buffer.addr` valid for
+        // `packed_len(len)` bytes (`Buffer::bytes`, which the overlap check
+        // covered): `len` codes, then from `scales_offset(len)` (4-byte
+        // aligned: `check_buffers` checked the address's alignment) one float32
+        // per block. `range` lies inside 0..len and its blocks inside the
+        // scales; the chunk plan gives each block to exactly one segment (cuts
+        // fall on block boundaries), so these slices alias nothing else.
+        unsafe {
+            let codes = std::slice::from_raw_parts_mut(
+                (buffer.addr as *mut u8).add(range.start),
+                range.len(),
+            );
+            let scales = std::slice::from_raw_parts_mut(
+                ((buffer.addr + quant::scales_offset(len)) as *mut f32).add(blocks.start),
+                blocks.len(),
+            );
+            BlockState::Quantized { codes, scales, map }
+        }
+    }
+
     /// The segment's gradient, read-only.
     pub fn grad<G: Storage>(self) -> &'g [G] {
         self.slice(self.tensor.grad.expect("a gradient buffer"))
@@ -239,7 +343,6 @@ impl<'g> ChunkSlices<'g> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::format::Format;
 
     #[test]
     fn zero_size_buffers_may_be_null_and_are_never_touched() {

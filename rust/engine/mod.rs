@@ -15,6 +15,7 @@ pub mod elementwise;
 pub mod format;
 pub mod group;
 pub mod hyper;
+pub mod quant;
 pub mod random;
 pub mod reduce;
 

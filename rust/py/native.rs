@@ -80,6 +80,8 @@ pub struct Layout {
     /// parameter).
     bfloat16_flags: u64,
     float16_flags: u64,
+    /// uint8: the packed 8-bit blockwise states.
+    uint8_flags: u64,
     /// The key set of a plain CPU float tensor: no negation or conjugation
     /// bit, no Python subclass dispatch, not an inference tensor.
     plain_keys: u64,
@@ -180,6 +182,8 @@ impl Layout {
             f if f == self.float64_flags => Some(Format::F64),
             f if f == self.bfloat16_flags => Some(Format::BF16),
             f if f == self.float16_flags => Some(Format::F16),
+            // (which map the codes use is the plan's to say: see `same_storage`)
+            f if f == self.uint8_flags => Some(Format::Q8Signed),
             _ => None,
         }
     }
@@ -272,6 +276,12 @@ fn is_tensor(object: &Bound<'_, PyAny>) -> PyResult<bool> {
     object.is_instance(super::tensor::torch(py)?.tensor_type.bind(py))
 }
 
+/// Whether a tensor stored as `found` holds `wanted`'s elements (both 8-bit
+/// blockwise formats are uint8 tensors: the map is the plan's choice).
+pub fn same_storage(found: Format, wanted: Format) -> bool {
+    found == wanted || (found.is_quantized() && wanted.is_quantized())
+}
+
 /// Whether a raw reading matches torch's own answers for `tensor`.
 fn agrees<'py>(
     tensor: &Bound<'py, PyAny>,
@@ -281,7 +291,9 @@ fn agrees<'py>(
 ) -> PyResult<bool> {
     let py = tensor.py();
     let call = |name: &Bound<'py, pyo3::types::PyString>| tensor.call_method0(name);
-    if layout.plain_dtype(fp) != Some(dtype)
+    if !layout
+        .plain_dtype(fp)
+        .is_some_and(|found| same_storage(found, dtype))
         || call(intern!(py, "is_neg"))?.is_truthy()?
         || call(intern!(py, "is_conj"))?.is_truthy()?
     {
@@ -496,9 +508,10 @@ fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
         float64_flags: wb[flags] & DTYPE_DEVICE_MASK,
         bfloat16_flags: 0,
         float16_flags: 0,
+        uint8_flags: 0,
         plain_keys: wa[keys],
     };
-    for (name, slot) in [("bfloat16", 0), ("float16", 1)] {
+    for (name, slot) in [("bfloat16", 0), ("float16", 1), ("uint8", 2)] {
         let probe = zeros(&torch, vec![4], &torch.getattr(name)?)?;
         // SAFETY: a live tensor object, the GIL held; the offsets were found on
         // live objects of the same type.
@@ -510,16 +523,17 @@ fn calibrate(py: Python<'_>) -> PyResult<Option<Layout>> {
             layout.float32_flags,
             layout.float64_flags,
             layout.bfloat16_flags,
+            layout.float16_flags,
         ]
         .iter()
         .all(|&f| f != flags);
         if !distinct || (flags ^ layout.float32_flags) & !0xffff != 0 {
             return Ok(None);
         }
-        if slot == 0 {
-            layout.bfloat16_flags = flags;
-        } else {
-            layout.float16_flags = flags;
+        match slot {
+            0 => layout.bfloat16_flags = flags,
+            1 => layout.float16_flags = flags,
+            _ => layout.uint8_flags = flags,
         }
     }
     Ok(confirm(py, &torch, &layout)?.then_some(layout))

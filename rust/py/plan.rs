@@ -27,9 +27,10 @@ use super::error::{engine_error, internal, not_plannable, run_caught};
 use super::hot::{Hot, Ref};
 use super::native::{self, Fingerprint};
 use super::tensor::{Layout, TensorInfo};
+use crate::engine::quant::packed_len;
 use crate::engine::{
-    check_buffers, elementwise::supported_formats, Buffer, EngineError, Format, Group, ScalarSlot,
-    TensorBuffers, WrittenSet, MAX_SCALARS, MAX_STATES, STATE_SLOTS,
+    check_buffers, elementwise::supported_formats, Buffer, Compute, EngineError, Format, Group,
+    ScalarSlot, TensorBuffers, WrittenSet, MAX_SCALARS, MAX_STATES, STATE_SLOTS,
 };
 use crate::simd::{self, SimdLevel};
 
@@ -173,6 +174,9 @@ pub struct GroupPlan {
     gathered: bool,
     /// Whether each parameter's last state buffer is its float32 master copy.
     master: bool,
+    /// Per state buffer: whether a uint8 (8-bit blockwise) state uses the
+    /// signed map (first moments) or the unsigned one; empty: none is 8-bit.
+    signed: Vec<bool>,
     /// Buffer exports pinning the memory of array plans (`from_arrays`).
     exports: Vec<PyUntypedBuffer>,
     /// Step counters owned by array plans (each `step - 1`; the heap buffer
@@ -262,6 +266,46 @@ fn check_state(param: &TensorInfo<'_>, state: &TensorInfo<'_>, what: &str) -> Py
     check_layout(param, state, what, state.dtype == param.dtype || narrower)
 }
 
+/// The buffer of state `k` of a parameter: a packed 8-bit blockwise state
+/// (a uint8 tensor of `packed_len(n)` bytes for a float32, bfloat16 or
+/// float16 parameter of `n` elements) with the map `signed[k]` names, else a
+/// state laid out like its parameter (see `check_state`).
+fn state_buffer(
+    param: &TensorInfo<'_>,
+    state: &TensorInfo<'_>,
+    signed: Option<bool>,
+    what: &str,
+) -> PyResult<Buffer> {
+    if !state.dtype.is_quantized() {
+        check_state(param, state, what)?;
+        return Ok(buffer(state));
+    }
+    let Some(signed) = signed else {
+        return Err(not_plannable(format!(
+            "{what} is uint8 but its 8-bit map was not named"
+        )));
+    };
+    if param.dtype.compute() != Compute::F32 {
+        return Err(not_plannable(format!(
+            "{what} is 8-bit but its parameter is {}",
+            param.dtype.name()
+        )));
+    }
+    let bytes = packed_len(param.len);
+    if state.layout != Layout::Contiguous || state.len != bytes {
+        return Err(not_plannable(format!(
+            "{what} is not a contiguous packed 8-bit state of {} elements ({bytes} bytes)",
+            param.len
+        )));
+    }
+    let format = if signed {
+        Format::Q8Signed
+    } else {
+        Format::Q8Unsigned
+    };
+    Ok(Buffer::new(state.addr, format))
+}
+
 fn check_layout(
     param: &TensorInfo<'_>,
     other: &TensorInfo<'_>,
@@ -307,6 +351,7 @@ impl GroupPlan {
             written_tensors: Vec::new(),
             gathered: false,
             master: false,
+            signed: Vec::new(),
             exports: Vec::new(),
             owned_steps: Vec::new(),
         }
@@ -418,9 +463,13 @@ impl GroupPlan {
         let mut states = Vec::with_capacity(one.states.len());
         for (k, tensor) in one.states.into_iter().enumerate() {
             let what = format!("state {k} of parameter {i}");
-            let state = TensorInfo::inspect_state(tensor, &what)?;
-            check_state(&info, &state, &what)?;
-            states.push(buffer(&state));
+            let state = TensorInfo::inspect_packed(tensor, &what)?;
+            states.push(state_buffer(
+                &info,
+                &state,
+                self.signed.get(k).copied(),
+                &what,
+            )?);
             self.keepalive.push(tensor.clone().unbind());
         }
         let mut scalars = Vec::with_capacity(one.scalars.len());
@@ -454,15 +503,19 @@ impl GroupPlan {
         }
         let mut buffers = Vec::with_capacity(self.state_keys.len());
         let mut states = Vec::with_capacity(self.state_keys.len());
-        for key in &self.state_keys {
+        for (k, key) in self.state_keys.iter().enumerate() {
             let key = key.bind(py);
             let what = format!("state {key:?} of parameter {index}");
             let tensor = dict
                 .get_item(key)?
                 .ok_or_else(|| not_plannable(format!("{what} is missing")))?;
-            let info = TensorInfo::inspect_state(&tensor, &what)?;
-            check_state(param, &info, &what)?;
-            states.push(buffer(&info));
+            let info = TensorInfo::inspect_packed(&tensor, &what)?;
+            states.push(state_buffer(
+                param,
+                &info,
+                self.signed.get(k).copied(),
+                &what,
+            )?);
             buffers.push(Tracked::new(&tensor, info.dtype, &what)?);
         }
         let mut scalars = Vec::with_capacity(self.scalar_keys.len());
@@ -568,11 +621,13 @@ impl GroupPlan {
 impl GroupPlan {
     /// A cached plan for a group's `params` list. `states[i]` is the state
     /// dict of `params[i]` (empty until its first step); with `master`, the
-    /// last state key names each parameter's float32 master copy. Raises
+    /// last state key names each parameter's float32 master copy; `signed[k]`:
+    /// whether state `k`, when it is a packed 8-bit (uint8) tensor, uses the
+    /// signed map (else the unsigned one). Raises
     /// `ValueError` if the group cannot be planned (the caller then keeps the
     /// slow path).
     #[new]
-    #[pyo3(signature = (params, states, state_keys, scalar_keys, master = false))]
+    #[pyo3(signature = (params, states, state_keys, scalar_keys, master = false, signed = Vec::new()))]
     fn new(
         py: Python<'_>,
         params: &Bound<'_, PyList>,
@@ -580,6 +635,7 @@ impl GroupPlan {
         state_keys: Vec<Bound<'_, PyString>>,
         scalar_keys: Vec<Bound<'_, PyString>>,
         master: bool,
+        signed: Vec<bool>,
     ) -> PyResult<GroupPlan> {
         if states.len() != params.len() {
             return Err(PyValueError::new_err(
@@ -596,6 +652,7 @@ impl GroupPlan {
             scalar_keys.into_iter().map(Bound::unbind).collect(),
         );
         plan.master = master;
+        plan.signed = signed;
         let mut written = Vec::with_capacity(params.len());
         for (index, (param, dict)) in params.iter().zip(&states).enumerate() {
             let what = format!("parameter {index}");
@@ -642,9 +699,9 @@ impl GroupPlan {
     /// parameter `i`, `scalars[k][i]` its scalar state slot `k` (a 0-d tensor);
     /// `streams[i]` parameter `i`'s stream of stochastic rounding (its index in
     /// its param group; default: `i`); with `master`, each parameter's last
-    /// state is its float32 master copy.
+    /// state is its float32 master copy; `signed[k]` as for `GroupPlan(...)`.
     #[staticmethod]
-    #[pyo3(signature = (params, grads, states, scalars, streams = None, master = false))]
+    #[pyo3(signature = (params, grads, states, scalars, streams = None, master = false, signed = Vec::new()))]
     fn from_tensors(
         params: Vec<Bound<'_, PyAny>>,
         grads: Vec<Bound<'_, PyAny>>,
@@ -652,6 +709,7 @@ impl GroupPlan {
         scalars: Vec<Vec<Bound<'_, PyAny>>>,
         streams: Option<Vec<u64>>,
         master: bool,
+        signed: Vec<bool>,
     ) -> PyResult<GroupPlan> {
         let n = params.len();
         let streams = streams.unwrap_or_else(|| (0..n as u64).collect());
@@ -670,6 +728,7 @@ impl GroupPlan {
         }
         let mut plan = GroupPlan::empty(Vec::new(), Vec::new());
         plan.master = master;
+        plan.signed = signed;
         for i in 0..n {
             plan.add_one_shot(OneShot {
                 index: i,

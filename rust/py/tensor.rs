@@ -19,6 +19,7 @@ pub struct TorchDtypes {
     pub float64: Py<PyAny>,
     pub bfloat16: Py<PyAny>,
     pub float16: Py<PyAny>,
+    pub uint8: Py<PyAny>,
     pub tensor_type: Py<PyAny>,
 }
 
@@ -32,6 +33,7 @@ pub fn torch(py: Python<'_>) -> PyResult<&TorchDtypes> {
             float64: torch.getattr("float64")?.unbind(),
             bfloat16: torch.getattr("bfloat16")?.unbind(),
             float16: torch.getattr("float16")?.unbind(),
+            uint8: torch.getattr("uint8")?.unbind(),
             tensor_type: torch.getattr("Tensor")?.unbind(),
         })
     })
@@ -102,19 +104,27 @@ impl<'py> TensorInfo<'py> {
     /// Inspects a CPU float32/float64 strided tensor; any other tensor is a
     /// `ValueError` naming `what`.
     pub fn inspect(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
-        Self::inspect_with(tensor, what, false)
+        Self::inspect_with(tensor, what, false, false)
     }
 
     /// As [`inspect`](Self::inspect), a bfloat16 or float16 tensor accepted too
     /// (a state buffer kept narrower than its parameter).
     pub fn inspect_state(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
-        Self::inspect_with(tensor, what, true)
+        Self::inspect_with(tensor, what, true, false)
+    }
+
+    /// As [`inspect_state`](Self::inspect_state), a uint8 tensor accepted too
+    /// (a packed 8-bit blockwise state: its dtype reads as
+    /// [`Format::Q8Signed`] until the plan names its map).
+    pub fn inspect_packed(tensor: &Bound<'py, PyAny>, what: &str) -> PyResult<TensorInfo<'py>> {
+        Self::inspect_with(tensor, what, true, true)
     }
 
     fn inspect_with(
         tensor: &Bound<'py, PyAny>,
         what: &str,
         narrow: bool,
+        packed: bool,
     ) -> PyResult<TensorInfo<'py>> {
         let py = tensor.py();
         if !tensor.is_instance(torch(py)?.tensor_type.bind(py))? {
@@ -134,6 +144,8 @@ impl<'py> TensorInfo<'py> {
         } else {
             None
         };
+        let narrowed =
+            narrowed.or((packed && dtype_obj.is(&torch(py)?.uint8)).then_some(Format::Q8Signed));
         let dtype = engine_dtype(py, &dtype_obj)?.or(narrowed).ok_or_else(|| {
             PyValueError::new_err(format!(
                 "{what} has dtype {dtype_obj}, not float32 or float64"
