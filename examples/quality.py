@@ -25,6 +25,8 @@ batch order, the same for every variant; warmup then cosine decay of the learnin
   the small tensors bitsandbytes would leave in float32 (the harshest case);
 * ``bf16-params-8bit``: the bfloat16 model with ``stochastic_rounding=True`` and 8-bit
   states (``min_8bit_size=0``): about 10 bytes of step traffic per param;
+* ``bnb-8bit``: ``bitsandbytes.optim.AdamW8bit(..., min_8bit_size=0)`` (where
+  bitsandbytes is installed): the same 8-bit format, its CPU implementation;
 * ``bf16-params-rne``: the model in bfloat16 (params, activations, grads) stepped by
   ``torch.optim.AdamW(foreach=False)``: every update rounded to nearest, so updates under
   half an ulp of the param are lost (the baseline expected to fall behind);
@@ -52,6 +54,7 @@ other work: 250 s and 20 s; each variant takes about 40 s of the full run.)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import math
@@ -88,12 +91,22 @@ class Variant:
     param_dtype: torch.dtype
     make: OptimizerFactory
     needs: str | None = None
+    #: A package the variant imports (a reference implementation), if any.
+    package: str | None = None
 
     def missing(self) -> str | None:
         """Why this ferroptim cannot run the variant, or ``None`` when it can."""
+        if self.package is not None and importlib.util.find_spec(self.package) is None:
+            return f"{self.package} is not installed"
         if self.needs is None or self.needs in inspect.signature(ferroptim.AdamW).parameters:
             return None
         return f"ferroptim {ferroptim.__version__}'s AdamW has no `{self.needs}` keyword"
+
+
+def _bitsandbytes_adamw8bit(params: Iterable[Tensor], **hp: Any) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb  # (optional: the test extra pins it)
+
+    return bnb.optim.AdamW8bit(params, min_8bit_size=0, **hp)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -124,6 +137,8 @@ VARIANTS: tuple[Variant, ...] = (
         ),
         needs="stochastic_rounding",
     ),
+    # bitsandbytes' 8-bit AdamW (its CPU path), every moment 8-bit as in 8bit-states.
+    Variant("bnb-8bit", torch.float32, _bitsandbytes_adamw8bit, package="bitsandbytes"),
     # torch's for-loop: what a bf16 model gets from torch.optim on CPU (round to nearest).
     Variant(
         "bf16-params-rne",
@@ -406,6 +421,8 @@ class RunResult:
     seconds: float
     model: nn.Module = field(repr=False)
     optimizer: torch.optim.Optimizer = field(repr=False)
+    #: Of ``seconds``, the time in ``optimizer.step()``.
+    step_seconds: float = 0.0
 
 
 def train(task: Task, variant: Variant, seed: int, batches: Sequence[Batch]) -> RunResult:
@@ -416,19 +433,22 @@ def train(task: Task, variant: Variant, seed: int, batches: Sequence[Batch]) -> 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(len(batches), task.warmup))
     losses: list[float] = []
     start = time.perf_counter()
+    step_seconds = 0.0
     model.train()
     for batch in batches:
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model, batch)
         loss.backward()
+        step_start = time.perf_counter()
         opt.step()
+        step_seconds += time.perf_counter() - step_start
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
         heldout = task.loss(model, task.heldout).item()
-    return RunResult(losses, heldout, seconds, model, opt)
+    return RunResult(losses, heldout, seconds, model, opt, step_seconds)
 
 
 def tail_mean(losses: Sequence[float], fraction: float = 0.1) -> float:
@@ -445,6 +465,7 @@ class Summary:
     heldout: list[float]
     seconds: list[float]
     curve: list[float]  # train loss per step, mean over seeds
+    step_seconds: list[float] = field(default_factory=list)
 
     def as_json(self, reference: Summary | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -453,6 +474,7 @@ class Summary:
             "heldout_loss": statistics.fmean(self.heldout),
             "heldout_loss_per_seed": self.heldout,
             "train_seconds": sum(self.seconds),
+            "step_seconds": sum(self.step_seconds),
         }
         if reference is not None:
             out["final_gap_pct"] = gap(self.final, reference.final)
@@ -478,7 +500,8 @@ def run_task(
             if log:
                 print(
                     f"  {task.name:>7} seed {seed} {variant.name:<19} final "
-                    f"{tail_mean(run.losses):.4f} held-out {run.heldout:.4f} ({run.seconds:.1f} s)",
+                    f"{tail_mean(run.losses):.4f} held-out {run.heldout:.4f} ({run.seconds:.1f} s,"
+                    f" steps {run.step_seconds:.2f} s)",
                     flush=True,
                 )
     return {
@@ -487,6 +510,7 @@ def run_task(
             [r.heldout for r in runs],
             [r.seconds for r in runs],
             [statistics.fmean(step) for step in zip(*(r.losses for r in runs), strict=True)],
+            [r.step_seconds for r in runs],
         )
         for name, runs in results.items()
     }
