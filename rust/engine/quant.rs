@@ -34,31 +34,49 @@ pub const fn scales_offset(n: usize) -> usize {
 /// A quantisation map with its lookup table.
 pub struct QMap {
     values: [f32; 256],
-    /// `(values[j] + values[j + 1]) / 2` in float32.
-    midpoints: [f32; 255],
-    /// For each value of a float32's top 16 bits: how many midpoints lie below
-    /// the smallest float32 with those bits (0 for NaN), the first guess of
-    /// the code that `encode` then corrects by a step or two (the buckets are
-    /// narrower than the map's gaps nearly everywhere).
-    below: Box<[u8]>,
+    /// `(values[j] + values[j + 1]) / 2` in float32, then +inf (a step past
+    /// the last midpoint stays there).
+    midpoints: [f32; 256],
+    /// For each value of a float32's top 16 bits (a bucket): how many
+    /// midpoints lie below the smallest float32 of the bucket (0 for NaN), the
+    /// first guess of the code that `encode` then corrects.
+    below: Box<[u8; 1 << 16]>,
+    /// The most midpoints inside any bucket: how many corrections `encode`
+    /// makes (the same number for every value, so the loop costs no
+    /// mispredicted branch; the buckets are narrower than the map's gaps
+    /// nearly everywhere, so this is 1 or 2).
+    steps: usize,
 }
 
 impl QMap {
     fn new(bits: &[u32; 256]) -> QMap {
         let values = bits.map(f32::from_bits);
-        let midpoints: [f32; 255] = std::array::from_fn(|j| (values[j] + values[j + 1]) / 2.0);
-        let below = (0..=u16::MAX)
+        let midpoints: [f32; 256] = std::array::from_fn(|j| {
+            if j < 255 {
+                (values[j] + values[j + 1]) / 2.0
+            } else {
+                f32::INFINITY
+            }
+        });
+        // (NaN compares false: a NaN bound counts no midpoint)
+        let count_below = |x: f32| midpoints[..255].partition_point(|&m| m < x);
+        let mut steps = 0;
+        let below: Vec<u8> = (0..=u16::MAX)
             .map(|key| {
                 let key = u32::from(key) << 16;
                 let negative = key & 0x8000_0000 != 0;
                 let smallest = f32::from_bits(if negative { key | 0xffff } else { key });
-                midpoints.iter().filter(|&&m| m < smallest).count() as u8
+                let largest = f32::from_bits(if negative { key } else { key | 0xffff });
+                let first = count_below(smallest);
+                steps = steps.max(count_below(largest).saturating_sub(first));
+                first as u8
             })
             .collect();
         QMap {
             values,
             midpoints,
-            below,
+            below: below.into_boxed_slice().try_into().expect("2^16 buckets"),
+            steps,
         }
     }
 
@@ -69,10 +87,10 @@ impl QMap {
     /// The code of a normalised value (see the module docs).
     #[inline(always)]
     pub fn encode(&self, v: f32) -> u8 {
-        let mid = &self.midpoints;
         let mut count = usize::from(self.below[(v.to_bits() >> 16) as usize]);
-        while count < 255 && mid[count] < v {
-            count += 1;
+        for _ in 0..self.steps {
+            // (`count` stays <= 255: midpoint 255 is +inf, never below `v`)
+            count += usize::from(self.midpoints[count & 255] < v);
         }
         count as u8
     }
@@ -80,9 +98,13 @@ impl QMap {
     /// Quantises one block: writes the codes of `values` and returns its scale.
     #[inline(always)]
     pub fn quantize_block(&self, values: &[f32], codes: &mut [u8]) -> f32 {
-        let absmax = values
+        // The largest magnitude by bit pattern: ordered as the values are, and a
+        // NaN's pattern exceeds infinity's, so a NaN wins as in `torch.amax`
+        // (and the loop vectorises).
+        let bits = values
             .iter()
-            .fold(0.0f32, |a, &x| max_propagate_nan(a, x.abs()));
+            .fold(0u32, |a, &x| a.max(x.to_bits() & 0x7fff_ffff));
+        let absmax = f32::from_bits(bits);
         // (`!(absmax >= MIN_POSITIVE)` would code a NaN block as zeros; NaN
         // must give NaN: it fails this comparison and keeps `1 / NaN`)
         let inv = if absmax < f32::MIN_POSITIVE {
@@ -125,16 +147,6 @@ impl QMap {
         {
             self.dequantize_block(block, scale, out);
         }
-    }
-}
-
-/// `torch.maximum` of two magnitudes (NaN wins).
-#[inline(always)]
-fn max_propagate_nan(a: f32, b: f32) -> f32 {
-    if a.is_nan() || a > b {
-        a
-    } else {
-        b
     }
 }
 
@@ -248,6 +260,7 @@ mod tests {
             assert!(m.contains(&0.0));
         }
         assert_eq!(signed().values()[0], -0.992_968_75);
+        assert!((1..=3).contains(&signed().steps) && (1..=3).contains(&unsigned().steps));
         assert_eq!(unsigned().values()[0], 0.0);
     }
 
