@@ -991,9 +991,7 @@ SUITES: dict[str, Suite] = {
         ),
         bytes_per_element=10,
         ours=on_bfloat16(
-            optimizer(
-                ferroptim.AdamW, state_dtype="8bit", stochastic_rounding=True, **ADAMW_HYPER
-            )
+            optimizer(ferroptim.AdamW, state_dtype="8bit", stochastic_rounding=True, **ADAMW_HYPER)
         ),
         references={
             "torch fused": optimizer(torch.optim.AdamW, fused=True, **ADAMW_HYPER),
