@@ -23,6 +23,7 @@ import pytest
 import torch
 from ferroptim import _lowp, _q8
 from optim_db import FAMILIES, OPTIMIZERS
+from test_lowp import _assert_same, _set_grads  # the same steps' gradients and checks
 from torch import nn
 
 #: Every optimizer that keeps its states in ``state_dtype`` (the element-wise kernels).
@@ -70,12 +71,6 @@ def _make(name: str, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
     return opt
 
 
-def _set_grads(model: nn.Module, step: int, *, skip: str | None = None) -> None:
-    g = torch.Generator().manual_seed(1000 + step)
-    for name, p in model.named_parameters():
-        p.grad = None if name == skip else torch.randn(p.shape, generator=g)
-
-
 def _train(name: str, steps: int, **extra: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = Params()
     opt = _make(name, model, **extra)
@@ -83,18 +78,6 @@ def _train(name: str, steps: int, **extra: Any) -> tuple[nn.Module, torch.optim.
         _set_grads(model, step, skip="small" if step % 4 == 3 else None)
         opt.step()
     return model, opt
-
-
-def _assert_same(a: tuple[nn.Module, Any], b: tuple[nn.Module, Any]) -> None:
-    (model_a, opt_a), (model_b, opt_b) = a, b
-    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
-        assert torch.equal(p, q), f"{name}: max diff {(p - q).abs().max()}"
-        state_a, state_b = opt_a.state[p], opt_b.state[q]
-        assert state_a.keys() == state_b.keys()
-        for key, value in state_a.items():
-            if isinstance(value, torch.Tensor):
-                assert value.dtype == state_b[key].dtype, f"{name}.{key}"
-                assert torch.equal(value, state_b[key]), f"{name}.{key}"
 
 
 def _quantized(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, bool]:
