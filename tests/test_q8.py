@@ -305,27 +305,28 @@ def test_a_resumed_run_repeats_the_unbroken_one() -> None:
                 torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
 
 
-def test_master_weights_with_8bit_states() -> None:
-    """bfloat16 params with float32 masters: the masters step exactly as float32 params
-    with 8-bit states fed the same (upcast) gradients."""
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_master_weights_with_8bit_states(low: torch.dtype) -> None:
+    """bfloat16/float16 params with float32 masters: the masters step exactly as float32
+    params with 8-bit states fed the same (upcast) gradients."""
     wide_model = Params()
-    low_model = copy.deepcopy(wide_model).to(torch.bfloat16)
+    low_model = copy.deepcopy(wide_model).to(low)
     with torch.no_grad():
         for p, q in zip(wide_model.parameters(), low_model.parameters(), strict=True):
             p.copy_(q.float())
     wide = ferroptim.AdamW(_groups(wide_model), state_dtype="8bit")
-    low = ferroptim.AdamW(_groups(low_model), state_dtype="8bit", master_weights=True)
+    opt = ferroptim.AdamW(_groups(low_model), state_dtype="8bit", master_weights=True)
     for step in range(15):
         g = torch.Generator().manual_seed(step)
         for p, q in zip(wide_model.parameters(), low_model.parameters(), strict=True):
-            q.grad = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+            q.grad = torch.randn(q.shape, generator=g).to(low)
             p.grad = q.grad.float()
         wide.step()
-        low.step()
+        opt.step()
     for p, q in zip(wide_model.parameters(), low_model.parameters(), strict=True):
-        assert torch.equal(low.state[q]["master_param"], p.detach())
-        assert torch.equal(q, p.detach().to(torch.bfloat16))
-        assert torch.equal(low.state[q]["exp_avg"], wide.state[p]["exp_avg"])
+        assert torch.equal(opt.state[q]["master_param"], p.detach())
+        assert torch.equal(q, p.detach().to(low))
+        assert torch.equal(opt.state[q]["exp_avg"], wide.state[p]["exp_avg"])
 
 
 def test_stochastic_rounding_of_bf16_params_with_8bit_states(simd_levels: list[str]) -> None:
