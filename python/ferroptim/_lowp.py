@@ -448,11 +448,7 @@ def narrow_states(
         with torch.no_grad():
             bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
             narrow = stochastic_round(wide, dtype, bits)
-            original = saved.get((id(p), name))
-            if original is not None and original.shape == narrow.shape:
-                original.copy_(narrow)
-                narrow = original
-        state[name] = narrow
+        state[name] = _into_original(saved.get((id(p), name)), narrow, wide)
 
 
 def _requantize_states(
@@ -473,15 +469,22 @@ def _requantize_states(
                 narrow = pack(wide, p.detach(), signed)
             else:
                 narrow = wide.to(state_dtype_for(group, p))
-            original = saved.get((id(p), name))
-            if (
-                original is not None
-                and (original.shape, original.dtype) == (narrow.shape, narrow.dtype)
-                and original is not wide
-            ):
-                original.copy_(narrow)
-                narrow = original
-        state[name] = narrow
+        state[name] = _into_original(saved.get((id(p), name)), narrow, wide)
+
+
+def _into_original(original: Tensor | None, narrow: Tensor, wide: Tensor) -> Tensor:
+    """The state buffer to keep after torch's step: ``narrow`` written into the buffer
+    the state was widened from where it fits (so references to it stay valid), else
+    ``narrow`` itself."""
+    if (
+        original is None
+        or original is wide
+        or (original.shape, original.dtype) != (narrow.shape, narrow.dtype)
+    ):
+        return narrow
+    with torch.no_grad():
+        original.copy_(narrow)
+    return original
 
 
 class LowPrecisionMixin:
