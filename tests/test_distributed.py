@@ -250,8 +250,36 @@ def _ddp_resume(rank: int, outdir: Path, family: str) -> dict[str, Any]:
     return {"uninterrupted": uninterrupted, "resumed": resumed}
 
 
+#: 8-bit states for the MLP's small tensors too (bitsandbytes' default leaves them float32).
+EIGHT_BIT = {"lr": 1e-2, "state_dtype": "8bit"}
+
+
+def _eight_bit_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    return [{"params": list(model.parameters()), "min_8bit_size": 0}]
+
+
+def compact_state(opt: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    return {
+        i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for i, s in opt.state_dict(compact=True)["state"].items()
+    }
+
+
+def _ddp_8bit(rank: int) -> dict[str, Any]:
+    """DDP with 8-bit states: every rank steps the same all-reduced gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_mlp(0, torch.float32))
+    opt = ferroptim.AdamW(_eight_bit_groups(model), **EIGHT_BIT)
+    for step in range(DDP_STEPS):
+        opt.zero_grad()
+        loss_of(model, *batch(step, torch.float32, rank)).backward()
+        opt.step()
+    return {"params": [local(p) for p in model.parameters()], "state": compact_state(opt)}
+
+
 def worker_ddp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
-    scenarios: list[tuple[str, Callable[[], Any]]] = []
+    scenarios: list[tuple[str, Callable[[], Any]]] = [("8bit", lambda: _ddp_8bit(rank))]
     for family in NAMES:
         for bucket_view in (False, True):
             scenarios.append(
@@ -285,6 +313,31 @@ def test_ddp_matches_single_process(ddp_results, family, bucket_view):
         for step, (a, b) in enumerate(zip(r0["trajectory"], ref, strict=True)):
             assert_close_lists(a, b, f"step {step}: DDP vs {name}", **CROSS64)
         assert_close_states(r0["state"], plain_state(ref_opt), f"DDP vs {name}", **CROSS64)
+
+
+def _eight_bit_single_process(steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make_mlp(0, torch.float32)
+    opt = ferroptim.AdamW(_eight_bit_groups(model), **EIGHT_BIT)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(model, *batch(step, torch.float32)).backward()
+        opt.step()
+    return model, opt
+
+
+#: DDP's gradients are averaged in another order than one process's: a state value on a
+#: midpoint may take the neighbouring code, which moves an update by a code's gap.
+EIGHT_BIT_CROSS = {"rtol": 0.0, "atol": 2e-3}
+
+
+def test_ddp_with_8bit_states(ddp_results):
+    r0, r1 = _scenario(ddp_results, "8bit")
+    assert_close_lists(r0["params"], r1["params"], "rank 0 vs rank 1")
+    assert_close_states(r0["state"], r1["state"], "rank 0 vs rank 1 (packed)")
+    assert all(s["exp_avg"].dtype == torch.uint8 for s in r0["state"].values())
+    model, _ = _eight_bit_single_process(DDP_STEPS)
+    want = [p.detach() for p in model.parameters()]
+    assert_close_lists(r0["params"], want, "DDP vs one process", **EIGHT_BIT_CROSS)
 
 
 @pytest.mark.parametrize("family", NAMES)
@@ -368,8 +421,31 @@ def _zero_skip(rank: int) -> dict[str, Any]:
     }
 
 
+def _zero_8bit(rank: int) -> dict[str, Any]:
+    """ZeRO with 8-bit states: each rank quantizes the states of its own params."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_mlp(0, torch.float32))
+    opt = ZeroRedundancyOptimizer(
+        _eight_bit_groups(model), optimizer_class=ferroptim.AdamW, **EIGHT_BIT
+    )
+    for step in range(ZERO_STEPS):
+        opt.zero_grad()
+        loss_of(model, *batch(step, torch.float32, rank)).backward()
+        opt.step()
+    dtypes = {k: v.dtype for s in opt.optim.state.values() for k, v in s.items() if k != "step"}
+    opt.consolidate_state_dict(to=0)
+    return {
+        "params": [local(p) for p in model.parameters()],
+        "state_dtypes": dtypes,
+        "state_dict": opt.state_dict() if rank == 0 else None,
+    }
+
+
 def worker_zero(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     scenarios = [(f, lambda f=f: _zero(rank, f)) for f in ZERO_FAMILIES]
+    scenarios.append(("8bit", lambda: _zero_8bit(rank)))
     scenarios.append(("skip", lambda: _zero_skip(rank)))
     return _run_scenarios(scenarios)
 
@@ -425,6 +501,32 @@ def test_zero_redundancy_optimizer_matches_unsharded(zero_results, family):
             f"step {step} after resuming from the consolidated state",
             **CROSS64,
         )
+
+
+def test_zero_redundancy_optimizer_with_8bit_states(zero_results):
+    """Each rank keeps its own params' states packed; the consolidated state_dict holds
+    them dequantized (float32, shaped like the params) and loads into one process."""
+    r0, r1 = _scenario(zero_results, "8bit")
+    assert_close_lists(r0["params"], r1["params"], "rank 0 vs rank 1")
+    for out in (r0, r1):
+        assert out["state_dtypes"] and set(out["state_dtypes"].values()) == {torch.uint8}
+    model, opt = _eight_bit_single_process(ZERO_STEPS)
+    assert_close_lists(
+        r0["params"],
+        [p.detach() for p in model.parameters()],
+        "ZeRO vs one process",
+        **EIGHT_BIT_CROSS,
+    )
+    sd = r0["state_dict"]
+    for i, p in enumerate(model.parameters()):
+        assert sd["state"][i]["exp_avg"].dtype == torch.float32
+        assert sd["state"][i]["exp_avg"].shape == p.shape
+    resumed = ferroptim.AdamW(_eight_bit_groups(model), **EIGHT_BIT)
+    resumed.load_state_dict(sd)
+    assert resumed.state[next(iter(model.parameters()))]["exp_avg"].dtype == torch.uint8
+    assert_close_states(
+        plain_state(resumed), plain_state(opt), "resumed vs one process", **EIGHT_BIT_CROSS
+    )
 
 
 def test_zero_redundancy_optimizer_skip_nonfinite_skips_on_every_rank(zero_results):
@@ -661,6 +763,105 @@ def _fsdp_checkpoint_reference(rank: int, outdir: Path, family: str) -> dict[str
     return ([local(p) for p in model.parameters()], plain_state(opt))
 
 
+def _wide_sharded_mlp(seed: int) -> torch.nn.Module:
+    """An MLP whose shards span several 8-bit blocks, with ragged last ones (its hidden
+    layer's 600 x 6 weight: 300 rows a rank; the output layer's 5 x 600: 3 rows, 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(IN, 600), torch.nn.Tanh(), torch.nn.Linear(600, OUT)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_8bit(rank: int, outdir: Path) -> dict[str, Any]:
+    """FSDP2 with 8-bit states, quantized per shard: each rank's step equals one process
+    stepping the rank's local shards as plain params (fed the same reduced gradients),
+    bit for bit; torch.distributed.checkpoint round-trips the states as DTensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
+    model = _wide_sharded_mlp(0)
+    opt = ferroptim.AdamW(_eight_bit_groups(model), **EIGHT_BIT)
+    shards = [torch.nn.Parameter(local(p).detach().clone()) for p in model.parameters()]
+    shard_opt = ferroptim.AdamW([{"params": shards, "min_8bit_size": 0}], **EIGHT_BIT)
+
+    def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+        for step in steps:
+            opt.zero_grad()
+            loss_of(model, *batch(step, torch.float32, rank)).backward()
+            opt.step()
+
+    exact = []
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, *batch(step, torch.float32, rank)).backward()
+        for p, shard in zip(model.parameters(), shards, strict=True):
+            shard.grad = local(p.grad).clone()
+        opt.step()
+        shard_opt.step()
+        exact.append(
+            all(torch.equal(local(p), s) for p, s in zip(model.parameters(), shards, strict=True))
+            and all(
+                torch.equal(opt.state[p][key], shard_opt.state[s][key])
+                for p, s in zip(model.parameters(), shards, strict=True)
+                for key in ("exp_avg", "exp_avg_sq")
+            )
+        )
+    packed = [opt.state[p]["exp_avg"].dtype == torch.uint8 for p in model.parameters()]
+    osd = get_optimizer_state_dict(model, opt)
+    saved = {
+        key: (type(value).__name__, value.dtype, tuple(value.shape))
+        for state in osd["state"].values()
+        for key, value in state.items()
+        if key != "step"
+    }
+    dtensor_states = all(
+        isinstance(v, DTensor) for s in osd["state"].values() for k, v in s.items() if k != "step"
+    )
+    ckpt = outdir / "dcp_8bit"
+    dcp.save({"optim": osd}, checkpoint_id=str(ckpt))
+    params_at_save = [local(p).clone() for p in model.parameters()]
+    train(model, opt, range(3, 6))
+    uninterrupted = [local(p) for p in model.parameters()]
+
+    fresh = _wide_sharded_mlp(0)
+    with torch.no_grad():
+        for p, q in zip(fresh.parameters(), params_at_save, strict=True):
+            p.to_local().copy_(q)  # (the shard itself: ``local`` copies it)
+    fresh_opt = ferroptim.AdamW(_eight_bit_groups(fresh), **EIGHT_BIT)
+    sd = {"optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(sd, checkpoint_id=str(ckpt))
+    set_optimizer_state_dict(fresh, fresh_opt, sd["optim"])
+    restored_packed = [
+        fresh_opt.state[p]["exp_avg"].dtype == torch.uint8 for p in fresh.parameters()
+    ]
+    train(fresh, fresh_opt, range(3, 6))
+    return {
+        "exact": exact,
+        "packed": packed,
+        "saved": saved,
+        "dtensor_states": dtensor_states,
+        "restored_packed": restored_packed,
+        "uninterrupted": uninterrupted,
+        "resumed": [local(p) for p in fresh.parameters()],
+    }
+
+
 def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     scenarios: list[tuple[str, Callable[[], Any]]] = [
         (f"parity-{f}", lambda f=f: _fsdp_parity(rank, f)) for f in FSDP_NAMES
@@ -670,6 +871,7 @@ def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
         for f in ("AdamW", "SGD")
     ]
     scenarios.append(("clip", lambda: _fsdp_clip(rank)))
+    scenarios.append(("8bit", lambda: _fsdp_8bit(rank, outdir)))
     scenarios += [
         (f"max_grad_norm-{f}", lambda f=f: _fsdp_max_grad_norm(rank, f)) for f in ("AdamW", "SGD")
     ]
@@ -774,3 +976,17 @@ def test_fsdp2_distributed_checkpoint_round_trip(fsdp_results, family):
         # ... and training continues to the uninterrupted run's numbers.
         assert_close_lists(out["resumed"][0], out["uninterrupted"][0], f"rank {rank}: params")
         assert_close_states(out["resumed"][1], out["uninterrupted"][1], f"rank {rank}: state")
+
+
+def test_fsdp2_with_8bit_states_quantizes_per_shard(fsdp_results):
+    for rank, out in enumerate(_scenario(fsdp_results, "8bit")):
+        assert all(out["packed"]), f"rank {rank}: states not 8-bit"
+        assert out["exact"] == [True] * 3, f"rank {rank}: not the per-shard step, bitwise"
+        # The checkpoint holds float32 DTensors shaped like the params.
+        assert out["dtensor_states"], out["saved"]
+        assert {dtype for _, dtype, _ in out["saved"].values()} == {torch.float32}
+        assert all(out["restored_packed"]), f"rank {rank}: loaded states not 8-bit again"
+        # Dequantized and quantized again on load: within the format's error.
+        assert_close_lists(
+            out["resumed"], out["uninterrupted"], f"rank {rank}: resumed", **EIGHT_BIT_CROSS
+        )

@@ -423,3 +423,45 @@ def test_clipping_in_the_step_and_skipped_steps() -> None:
             assert torch.equal(after["state"][index][key], value), key
     for p, q in zip(inside_model.parameters(), params, strict=True):
         assert torch.equal(p, q)
+
+
+def test_grad_scaler_and_scheduler_step_as_unscaled_gradients() -> None:
+    """``GradScaler.step`` with 8-bit states (the unscale fused into the step) and an lr
+    scheduler: the bits of the same optimizer fed the unscaled gradients (a power-of-two
+    scale divides exactly); an inf in the scaled gradients skips the step and halves the
+    scale, leaving params and packed states as they were."""
+    scale = 2.0**12
+    scaled_model, plain_model = Params(), Params()
+    scaled, plain = _make("AdamW", scaled_model), _make("AdamW", plain_model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    schedulers = [
+        torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (scaled, plain)
+    ]
+    for step in range(8):
+        _set_grads(plain_model, step)
+        _set_grads(scaled_model, step)
+        scaler.scale(torch.ones(()))  # (the scaler's scale, as a scaled loss would make it)
+        with torch.no_grad():
+            for p in scaled_model.parameters():
+                p.grad.mul_(scale)
+        scaler.step(scaled)
+        scaler.update()
+        plain.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    _assert_same((scaled_model, scaled), (plain_model, plain))
+    assert scaled.state[scaled_model.matrix]["exp_avg"].dtype == torch.uint8
+
+    before = copy.deepcopy(scaled.state_dict(compact=True))
+    params = [p.detach().clone() for p in scaled_model.parameters()]
+    _set_grads(scaled_model, 99)
+    with torch.no_grad():
+        scaled_model.matrix.grad[0, 0] = float("inf")
+    scaler.step(scaled)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            assert torch.equal(scaled.state_dict(compact=True)["state"][index][key], value), key
+    for p, q in zip(scaled_model.parameters(), params, strict=True):
+        assert torch.equal(p, q)

@@ -33,7 +33,11 @@ scale per 256 elements), each a packed uint8 tensor in the state; the other stat
 smaller params' states stay full precision (float32 for bfloat16/float16 params). The
 Rust step dequantizes, updates and requantizes each block in its one pass.
 ``state_dict()`` holds the dequantized states (loadable by torch.optim and any
-ferroptim optimizer); ``state_dict(compact=True)`` the packed ones.
+ferroptim optimizer); ``state_dict(compact=True)`` the packed ones. A sharded (FSDP2,
+DTensor) param's states quantize per shard: each rank packs its local shard, and
+``state_dict()`` gives them back as DTensors sharded like the param (what
+``torch.distributed.checkpoint`` saves); a compact state_dict holds each rank's own
+packed shards (save it per rank).
 
 Param-group keys, each present only when set (so default groups keep torch's keys):
 ``state_dtype`` (with ``min_8bit_size`` for 8-bit states), ``master_weights``,
@@ -55,7 +59,7 @@ from torch import Tensor
 
 from ferroptim import _q8
 from ferroptim._layout import is_dense, is_lazy, laid_out_like
-from ferroptim._torch_compat import is_dtensor
+from ferroptim._torch_compat import is_dtensor, local
 
 if TYPE_CHECKING:
     from ferroptim._spec import OptimizerSpec
@@ -266,12 +270,12 @@ def low_params(group: dict[str, Any]) -> bool:
 def quantizes(group: dict[str, Any], param: Tensor) -> bool:
     """Whether the group keeps ``param``'s moment states 8-bit (``state_dtype="8bit"``,
     a param of at least ``min_8bit_size`` elements: float32, bfloat16, or float16 with a
-    master copy; not a DTensor: a sharded param's states stay full precision)."""
+    master copy). A DTensor param (FSDP2) counts its global elements, so every rank
+    decides alike, and quantizes its local shard: see :func:`pack`."""
     return (
         group.get(STATE_DTYPE_KEY) == EIGHT_BIT
         and (param.dtype in (torch.float32, torch.bfloat16) or has_master(group, param))
         and param.numel() >= int(group.get(MIN_8BIT_KEY, DEFAULT_MIN_8BIT_SIZE))
-        and not is_dtensor(param)
     )
 
 
@@ -304,23 +308,47 @@ def from_memory_order(flat: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def pack(values: Tensor, like: Tensor, signed: bool) -> Tensor:
-    """A state shaped like ``like`` quantized to a packed 8-bit state."""
-    return _q8.quantize(memory_order(values, like), signed)
+    """A state shaped like ``like`` quantized to a packed 8-bit state. A DTensor's
+    (FSDP2's sharded param's) state packs its local shard, blocks counted from the
+    shard's first element, into a plain tensor of the rank's own."""
+    shard, values = local(like), local(values)
+    if values.shape != shard.shape:
+        raise ValueError(
+            f"a state of shape {tuple(values.shape)} for the shard of shape "
+            f"{tuple(shard.shape)} of a sharded parameter: give it as a DTensor sharded "
+            "like the parameter"
+        )
+    return _q8.quantize(memory_order(values, shard), signed)
 
 
 def unpack(packed: Tensor, like: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
     """A packed 8-bit state of ``like``'s elements dequantized (to ``dtype``, laid out like
-    ``like``)."""
-    return from_memory_order(_q8.dequantize(packed, like.numel(), signed), like, dtype)
+    ``like``; a DTensor sharded like ``like`` where it is one)."""
+    shard = local(like)
+    values = from_memory_order(_q8.dequantize(packed, shard.numel(), signed), shard, dtype)
+    if not is_dtensor(like):
+        return values
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        values,
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def is_packed(value: Any, param: Tensor) -> bool:
-    """Whether ``value`` is a packed 8-bit state of ``param``'s elements."""
+    """Whether ``value`` is a packed 8-bit state of ``param``'s elements (of its local
+    shard, for a DTensor)."""
     return (
         isinstance(value, Tensor)
+        and not is_dtensor(value)
         and value.dtype == torch.uint8
         and value.dim() == 1
-        and value.numel() == _q8.packed_len(param.numel())
+        and value.numel() == _q8.packed_len(local(param).numel())
     )
 
 

@@ -698,8 +698,9 @@ def _lay_out_packed(
             return buffer, False
         packed = torch.empty(_q8.packed_len(n), dtype=torch.uint8, device=work.device)
         packed.copy_(buffer)
-    elif buffer.is_floating_point() and buffer.shape == work.shape:
-        packed = pack(buffer.detach().to(work.device), work, signed)
+    elif buffer.is_floating_point() and local(buffer).shape == work.shape:
+        # (a DTensor param's state, from torch's _init_group or a checkpoint: its shard)
+        packed = pack(local(buffer).detach().to(work.device), work, signed)
     else:
         raise RuntimeError(
             f"{type(optimizer).__name__}: state {key!r} of a parameter of shape "

@@ -750,6 +750,7 @@ fn run_quantized<K, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool>(
     dispatch(
         level,
         QuantizedTask::<K, P, G, FLAGS, SR, MASTER> {
+            level,
             consts,
             prep,
             slices,
@@ -762,6 +763,8 @@ fn run_quantized<K, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool>(
 /// One segment's update with 8-bit states (see [`run_quantized`]).
 struct QuantizedTask<'s, K: Elementwise, P, G, const FLAGS: u32, const SR: bool, const MASTER: bool>
 {
+    /// The level the task runs at, for the encoder's intrinsics.
+    level: SimdLevel,
     consts: &'s K::Consts<f32>,
     prep: &'s PrepConsts<f32>,
     slices: QuantizedSlices<'s, P, G>,
@@ -837,8 +840,11 @@ where
             .run();
             for (state, buffer) in states.iter_mut().zip(&scratch).take(used) {
                 if let BlockState::Quantized { codes, scales, map } = state {
-                    scales[block] =
-                        map.quantize_block(&buffer[..end - start], &mut codes[start..end]);
+                    scales[block] = map.quantize_block(
+                        self.level,
+                        &buffer[..end - start],
+                        &mut codes[start..end],
+                    );
                 }
             }
         }

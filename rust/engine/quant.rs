@@ -20,6 +20,7 @@
 use std::sync::OnceLock;
 
 use super::format::Q8_BLOCK;
+use crate::simd::SimdLevel;
 
 /// Bytes of a packed quantised buffer of `n` elements.
 pub const fn packed_len(n: usize) -> usize {
@@ -34,50 +35,49 @@ pub const fn scales_offset(n: usize) -> usize {
 /// A quantisation map with its lookup table.
 pub struct QMap {
     values: [f32; 256],
-    /// `(values[j] + values[j + 1]) / 2` in float32, then +inf (a step past
-    /// the last midpoint stays there).
-    midpoints: [f32; 256],
-    /// For each value of a float32's top 16 bits (a bucket): how many
-    /// midpoints lie below the smallest float32 of the bucket (0 for NaN), the
-    /// first guess of the code that `encode` then corrects.
-    below: Box<[u8; 1 << 16]>,
-    /// The most midpoints inside any bucket: how many corrections `encode`
-    /// makes (the same number for every value, so the loop costs no
-    /// mispredicted branch; the buckets are narrower than the map's gaps
-    /// nearly everywhere, so this is 1 or 2).
-    steps: usize,
+    /// For each value of a float32's top 16 bits (a bucket), packed in a `u32`:
+    /// bits 0..8, how many midpoints `(values[j] + values[j + 1]) / 2` lie
+    /// below the bucket's smallest float32 (0 for NaN); bits 8..24, the low 16
+    /// bits of the one midpoint inside the bucket, in the bucket's order
+    /// (complemented for a negative bucket, where a larger pattern is a
+    /// smaller value), or 0xffff when none is: the code of `v` is the first
+    /// count plus one when `v`'s ordered low bits exceed the threshold. One
+    /// load (a gather in SIMD) per value, exact for every float32 (the maps'
+    /// midpoints are more than a bucket apart, checked in [`QMap::new`]).
+    buckets: Box<[u32]>,
+}
+
+/// `x`'s low 16 bits in its bucket's order (see [`QMap::buckets`]).
+#[inline(always)]
+fn ordered_low_bits(bits: u32) -> u32 {
+    (bits & 0xffff) ^ ((bits >> 31).wrapping_neg() & 0xffff)
 }
 
 impl QMap {
     fn new(bits: &[u32; 256]) -> QMap {
         let values = bits.map(f32::from_bits);
-        let midpoints: [f32; 256] = std::array::from_fn(|j| {
-            if j < 255 {
-                (values[j] + values[j + 1]) / 2.0
-            } else {
-                f32::INFINITY
-            }
-        });
+        let midpoints: Vec<f32> = values.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
         // (NaN compares false: a NaN bound counts no midpoint)
-        let count_below = |x: f32| midpoints[..255].partition_point(|&m| m < x);
-        let mut steps = 0;
-        let below: Vec<u8> = (0..=u16::MAX)
+        let count_below = |x: f32| midpoints.partition_point(|&m| m < x);
+        let buckets = (0..=u16::MAX)
             .map(|key| {
                 let key = u32::from(key) << 16;
                 let negative = key & 0x8000_0000 != 0;
                 let smallest = f32::from_bits(if negative { key | 0xffff } else { key });
                 let largest = f32::from_bits(if negative { key } else { key | 0xffff });
                 let first = count_below(smallest);
-                steps = steps.max(count_below(largest).saturating_sub(first));
-                first as u8
+                // (NaN patterns follow +inf in its bucket: count none there)
+                let inside = count_below(largest).saturating_sub(first);
+                assert!(inside <= 1, "two midpoints in the bucket of {smallest:e}");
+                let threshold = if inside == 1 {
+                    ordered_low_bits(midpoints[first].to_bits())
+                } else {
+                    0xffff
+                };
+                first as u32 | threshold << 8
             })
             .collect();
-        QMap {
-            values,
-            midpoints,
-            below: below.into_boxed_slice().try_into().expect("2^16 buckets"),
-            steps,
-        }
+        QMap { values, buckets }
     }
 
     pub fn values(&self) -> &[f32; 256] {
@@ -87,17 +87,16 @@ impl QMap {
     /// The code of a normalised value (see the module docs).
     #[inline(always)]
     pub fn encode(&self, v: f32) -> u8 {
-        let mut count = usize::from(self.below[(v.to_bits() >> 16) as usize]);
-        for _ in 0..self.steps {
-            // (`count` stays <= 255: midpoint 255 is +inf, never below `v`)
-            count += usize::from(self.midpoints[count & 255] < v);
-        }
-        count as u8
+        let bits = v.to_bits();
+        let bucket = self.buckets[(bits >> 16) as usize];
+        (bucket as u8) + u8::from(ordered_low_bits(bits) > bucket >> 8)
     }
 
     /// Quantises one block: writes the codes of `values` and returns its scale.
+    /// `level` picks the encoder (all give the same codes); it must be one
+    /// this CPU supports, else the portable encoder runs.
     #[inline(always)]
-    pub fn quantize_block(&self, values: &[f32], codes: &mut [u8]) -> f32 {
+    pub fn quantize_block(&self, level: SimdLevel, values: &[f32], codes: &mut [u8]) -> f32 {
         // The largest magnitude by bit pattern: ordered as the values are, and a
         // NaN's pattern exceeds infinity's, so a NaN wins as in `torch.amax`
         // (and the loop vectorises).
@@ -112,10 +111,87 @@ impl QMap {
         } else {
             1.0 / absmax
         };
-        for (code, &x) in codes[..values.len()].iter_mut().zip(values) {
+        let codes = &mut codes[..values.len()];
+        let done = match level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 if level.is_supported() => {
+                // SAFETY: the CPU has the features (checked just above).
+                unsafe { self.encode_avx512(values, inv, codes) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 if level.is_supported() => {
+                // SAFETY: the CPU has the features (checked just above).
+                unsafe { self.encode_avx2(values, inv, codes) }
+            }
+            _ => 0,
+        };
+        for (code, &x) in codes[done..].iter_mut().zip(&values[done..]) {
             *code = self.encode(x * inv);
         }
         absmax
+    }
+
+    /// Codes the leading multiple of 16 of `values` (scaled by `inv`) 16 at a
+    /// time, one gather each; returns how many it coded.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+    fn encode_avx512(&self, values: &[f32], inv: f32, codes: &mut [u8]) -> usize {
+        use std::arch::x86_64::*;
+        let inv = _mm512_set1_ps(inv);
+        let low16 = _mm512_set1_epi32(0xffff);
+        let low8 = _mm512_set1_epi32(0xff);
+        let one = _mm512_set1_epi32(1);
+        let mut done = 0;
+        for (chunk, out) in values.chunks_exact(16).zip(codes.chunks_exact_mut(16)) {
+            // SAFETY: `chunk` holds 16 floats and `out` 16 bytes (unaligned
+            // accesses); the gather reads `buckets[key]` for keys below 2^16,
+            // all inside the 2^16-entry table.
+            unsafe {
+                let v = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(chunk.as_ptr()), inv));
+                let key = _mm512_srli_epi32::<16>(v);
+                let bucket = _mm512_i32gather_epi32::<4>(key, self.buckets.as_ptr().cast());
+                let flip = _mm512_srli_epi32::<16>(_mm512_srai_epi32::<31>(v));
+                let low = _mm512_xor_si512(_mm512_and_si512(v, low16), flip);
+                let above = _mm512_cmpgt_epu32_mask(low, _mm512_srli_epi32::<8>(bucket));
+                let first = _mm512_and_si512(bucket, low8);
+                let code = _mm512_mask_add_epi32(first, above, first, one);
+                _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
+            }
+            done += 16;
+        }
+        done
+    }
+
+    /// [`QMap::encode_avx512`] 8 at a time with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn encode_avx2(&self, values: &[f32], inv: f32, codes: &mut [u8]) -> usize {
+        use std::arch::x86_64::*;
+        let inv = _mm256_set1_ps(inv);
+        let low16 = _mm256_set1_epi32(0xffff);
+        let low8 = _mm256_set1_epi32(0xff);
+        let mut done = 0;
+        for (chunk, out) in values.chunks_exact(8).zip(codes.chunks_exact_mut(8)) {
+            // SAFETY: as in `encode_avx512`, with 8 floats and 8 bytes.
+            let packed = unsafe {
+                let v = _mm256_castps_si256(_mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), inv));
+                let key = _mm256_srli_epi32::<16>(v);
+                let bucket = _mm256_i32gather_epi32::<4>(self.buckets.as_ptr().cast(), key);
+                let flip = _mm256_srli_epi32::<16>(_mm256_srai_epi32::<31>(v));
+                let low = _mm256_xor_si256(_mm256_and_si256(v, low16), flip);
+                // (both sides below 2^16: the signed comparison is the unsigned one)
+                let above = _mm256_cmpgt_epi32(low, _mm256_srli_epi32::<8>(bucket));
+                let code = _mm256_sub_epi32(_mm256_and_si256(bucket, low8), above);
+                let words = _mm256_packus_epi32(code, code);
+                let bytes = _mm256_packus_epi16(words, words);
+                let low_half = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)) as u32;
+                let high_half = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)) as u32;
+                u64::from(low_half) | u64::from(high_half) << 32
+            };
+            out.copy_from_slice(&packed.to_le_bytes());
+            done += 8;
+        }
+        done
     }
 
     /// Dequantises one block of codes with its scale into `out`.
@@ -128,13 +204,13 @@ impl QMap {
 
     /// Quantises `values` (whole blocks and a ragged last one) into `codes`
     /// and `scales`.
-    pub fn quantize(&self, values: &[f32], codes: &mut [u8], scales: &mut [f32]) {
+    pub fn quantize(&self, level: SimdLevel, values: &[f32], codes: &mut [u8], scales: &mut [f32]) {
         for ((block, out), scale) in values
             .chunks(Q8_BLOCK)
             .zip(codes.chunks_mut(Q8_BLOCK))
             .zip(scales.iter_mut())
         {
-            *scale = self.quantize_block(block, out);
+            *scale = self.quantize_block(level, block, out);
         }
     }
 
@@ -260,7 +336,6 @@ mod tests {
             assert!(m.contains(&0.0));
         }
         assert_eq!(signed().values()[0], -0.992_968_75);
-        assert!((1..=3).contains(&signed().steps) && (1..=3).contains(&unsigned().steps));
         assert_eq!(unsigned().values()[0], 0.0);
     }
 
@@ -296,6 +371,36 @@ mod tests {
         }
     }
 
+    /// Every level's block encoder against the scan, on blocks whose scale is
+    /// exactly 1 (so the codes are those of the values themselves): a sweep
+    /// over float32 patterns in [-1, 1], ragged lengths included.
+    #[test]
+    fn every_level_encodes_blocks_as_the_scan_does() {
+        for map in [signed(), unsigned()] {
+            let mut probes: Vec<f32> = (0..1u32 << 22)
+                .map(|i| f32::from_bits(i.wrapping_mul(1021)))
+                .filter(|v| v.abs() <= 1.0)
+                .collect();
+            for w in map.values().windows(2) {
+                let mid = (w[0] + w[1]) * 0.5;
+                probes.extend([mid, f32::from_bits(mid.to_bits() + 1), -mid, w[0]]);
+            }
+            for level in SimdLevel::supported() {
+                let mut codes = [0u8; Q8_BLOCK];
+                for (i, block) in probes.chunks(Q8_BLOCK - 1).enumerate() {
+                    // a ragged length, then 1.0 so the block's scale is 1
+                    let block = &block[..block.len().saturating_sub(i % 23)];
+                    let values: Vec<f32> = block.iter().copied().chain([1.0]).collect();
+                    let scale = map.quantize_block(level, &values, &mut codes);
+                    assert_eq!(scale, 1.0);
+                    for (&v, &code) in values.iter().zip(&codes) {
+                        assert_eq!(code, encode_by_scan(map, v), "{level}: v = {v:e}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn blocks_round_trip_within_half_a_gap() {
         let values: Vec<f32> = (0..700)
@@ -304,7 +409,7 @@ mod tests {
         let mut codes = vec![0u8; 700];
         let mut scales = vec![0f32; 3];
         let map = signed();
-        map.quantize(&values, &mut codes, &mut scales);
+        map.quantize(SimdLevel::detect(), &values, &mut codes, &mut scales);
         let mut back = vec![0f32; 700];
         map.dequantize(&codes, &scales, &mut back);
         for (i, (&x, &y)) in values.iter().zip(&back).enumerate() {
@@ -318,17 +423,20 @@ mod tests {
         );
         // An all-zero (or subnormal) block keeps zeros; a NaN gives a NaN scale.
         let mut zero_codes = [7u8; 4];
-        assert_eq!(map.quantize_block(&[0.0; 4], &mut zero_codes), 0.0);
+        assert_eq!(
+            map.quantize_block(SimdLevel::Scalar, &[0.0; 4], &mut zero_codes),
+            0.0
+        );
         assert!(zero_codes
             .iter()
             .all(|&c| map.values()[usize::from(c)] == 0.0));
         let tiny = [1e-40f32, -1e-40, 0.0, 0.0];
-        map.quantize_block(&tiny, &mut zero_codes);
+        map.quantize_block(SimdLevel::Scalar, &tiny, &mut zero_codes);
         assert!(zero_codes
             .iter()
             .all(|&c| map.values()[usize::from(c)] == 0.0));
         assert!(map
-            .quantize_block(&[1.0, f32::NAN], &mut zero_codes)
+            .quantize_block(SimdLevel::Scalar, &[1.0, f32::NAN], &mut zero_codes)
             .is_nan());
         assert_eq!(packed_len(0), 0);
         assert_eq!(packed_len(1), 8);
