@@ -862,6 +862,33 @@ def _fsdp_8bit(rank: int, outdir: Path) -> dict[str, Any]:
     }
 
 
+def _fsdp_8bit_backends(rank: int) -> dict[str, Any]:
+    """FSDP2 with 8-bit states stepped in Rust and on torch's path (dequantize, torch's
+    for-loop on the DTensors, quantize the shards)."""
+    runs = {}
+    before = ferroptim.get_backend()
+    for backend in ("auto", "torch"):
+        ferroptim.set_backend(backend)
+        try:
+            model = _wide_sharded_mlp(0)
+            opt = ferroptim.AdamW(_eight_bit_groups(model), **EIGHT_BIT)
+            for step in range(4):
+                opt.zero_grad()
+                loss_of(model, *batch(step, torch.float32, rank)).backward()
+                opt.step()
+        finally:
+            ferroptim.set_backend(before)
+        runs[backend] = {
+            "params": [local(p) for p in model.parameters()],
+            "packed": all(
+                opt.state[p][k].dtype == torch.uint8
+                for p in model.parameters()
+                for k in ("exp_avg", "exp_avg_sq")
+            ),
+        }
+    return runs
+
+
 def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     scenarios: list[tuple[str, Callable[[], Any]]] = [
         (f"parity-{f}", lambda f=f: _fsdp_parity(rank, f)) for f in FSDP_NAMES
@@ -872,6 +899,7 @@ def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     ]
     scenarios.append(("clip", lambda: _fsdp_clip(rank)))
     scenarios.append(("8bit", lambda: _fsdp_8bit(rank, outdir)))
+    scenarios.append(("8bit-backends", lambda: _fsdp_8bit_backends(rank)))
     scenarios += [
         (f"max_grad_norm-{f}", lambda f=f: _fsdp_max_grad_norm(rank, f)) for f in ("AdamW", "SGD")
     ]
@@ -989,4 +1017,14 @@ def test_fsdp2_with_8bit_states_quantizes_per_shard(fsdp_results):
         # Dequantized and quantized again on load: within the format's error.
         assert_close_lists(
             out["resumed"], out["uninterrupted"], f"rank {rank}: resumed", **EIGHT_BIT_CROSS
+        )
+
+
+def test_fsdp2_with_8bit_states_on_torchs_path(fsdp_results):
+    for rank, runs in enumerate(_scenario(fsdp_results, "8bit-backends")):
+        assert runs["auto"]["packed"] and runs["torch"]["packed"]
+        # torch's for-loop rounds its ops one by one: a few ulps, and at most a code's
+        # gap where a state lands on the other side of a midpoint
+        assert_close_lists(
+            runs["torch"]["params"], runs["auto"]["params"], f"rank {rank}", **EIGHT_BIT_CROSS
         )
