@@ -465,3 +465,36 @@ def test_grad_scaler_and_scheduler_step_as_unscaled_gradients() -> None:
             assert torch.equal(scaled.state_dict(compact=True)["state"][index][key], value), key
     for p, q in zip(scaled_model.parameters(), params, strict=True):
         assert torch.equal(p, q)
+
+
+def test_min_8bit_size_as_a_keyword_is_every_groups_default() -> None:
+    """``min_8bit_size=`` (as bitsandbytes' optimizers take it) sets the groups' key; a
+    group's own key wins; it is refused without 8-bit states or when not a size."""
+    model = Params()
+    opt = ferroptim.AdamW(
+        [
+            {"params": [model.matrix, model.small]},
+            {"params": [model.vector], "min_8bit_size": 5000},
+        ],
+        state_dtype="8bit",
+        min_8bit_size=0,
+    )
+    assert [g["min_8bit_size"] for g in opt.param_groups] == [0, 5000]
+    _set_grads(model, 0, skip="transposed")
+    opt.step()
+    assert opt.state[model.small]["exp_avg"].dtype == torch.uint8  # 3 elements, quantized
+    assert opt.state[model.vector]["exp_avg"].dtype == torch.float32  # 4099 < 5000
+    assert (
+        ferroptim.SGD([model.small], momentum=0.9, state_dtype="8bit").param_groups[0][
+            "min_8bit_size"
+        ]
+        == _lowp.DEFAULT_MIN_8BIT_SIZE
+    )
+    with pytest.raises(ValueError, match="8-bit"):
+        ferroptim.AdamW([model.small], min_8bit_size=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        ferroptim.AdamW([model.small], state_dtype="8bit", min_8bit_size=-1)
+    with pytest.raises(TypeError, match="int"):
+        ferroptim.AdamW([model.small], state_dtype="8bit", min_8bit_size=1.5)
+    with pytest.raises(ValueError, match="does not support"):
+        ferroptim.LAMB([model.small], state_dtype="8bit", min_8bit_size=0)

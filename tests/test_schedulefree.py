@@ -150,6 +150,7 @@ def test_signature_is_the_references_plus_keywords(kind):
         "seed",
         "stochastic_rounding",
         "master_weights",
+        "min_8bit_size",
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
 

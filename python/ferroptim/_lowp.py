@@ -27,7 +27,8 @@ torch's generator) or is given as ``seed=``.
 
 ``state_dtype="8bit"`` keeps the moment states (``exp_avg``, ``exp_avg_sq``,
 ``momentum_buffer``, ``square_avg``, ``sum``, … : :data:`QUANTIZED_STATES`) of params of
-at least ``min_8bit_size`` elements (a param-group key, default 4096, as bitsandbytes)
+at least ``min_8bit_size`` elements (a constructor keyword and param-group key, default
+4096, as bitsandbytes)
 8-bit blockwise quantized (:mod:`ferroptim._q8`: bitsandbytes' dynamic maps, one float32
 scale per 256 elements), each a packed uint8 tensor in the state; the other states and
 smaller params' states stay full precision (float32 for bfloat16/float16 params). The
@@ -127,6 +128,15 @@ def check_state_dtype(value: Any) -> torch.dtype | str | None:
             "states are not supported)"
         )
     return torch.bfloat16
+
+
+def _check_min_8bit_size(value: Any, dtype: torch.dtype | str | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"min_8bit_size must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"min_8bit_size must be >= 0, got {value}")
+    if dtype != EIGHT_BIT and value != DEFAULT_MIN_8BIT_SIZE:
+        raise ValueError("min_8bit_size applies to 8-bit states: give state_dtype='8bit' too")
 
 
 def _check_seed(value: Any) -> int:
@@ -529,10 +539,12 @@ class LowPrecisionMixin:
         seed: Any,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
     ) -> None:
         """Call at the end of ``__init__``: the settings become param-group defaults
         (each left out when off, so default groups keep torch's keys)."""
         dtype = check_state_dtype(state_dtype)
+        _check_min_8bit_size(min_8bit_size, dtype)
         if stochastic_rounding not in (False, True) or master_weights not in (False, True):
             raise TypeError("stochastic_rounding and master_weights must be True or False")
         if stochastic_rounding and master_weights:
@@ -556,7 +568,7 @@ class LowPrecisionMixin:
         if dtype is not None:
             settings[STATE_DTYPE_KEY] = dtype
         if dtype == EIGHT_BIT:
-            settings[MIN_8BIT_KEY] = DEFAULT_MIN_8BIT_SIZE
+            settings[MIN_8BIT_KEY] = min_8bit_size
         if stochastic_rounding:
             settings[ROUNDING_KEY] = True
         if master_weights:

@@ -80,10 +80,11 @@ class RustStepMixin(EmaMixin, LowPrecisionMixin):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         """Call at the end of ``__init__``."""
         self._ema_init(ema_decay)
-        self._lowp_init(state_dtype, seed, stochastic_rounding, master_weights)
+        self._lowp_init(state_dtype, seed, stochastic_rounding, master_weights, min_8bit_size)
         if max_grad_norm is not None:
             max_grad_norm = float(max_grad_norm)
             if not max_grad_norm > 0.0:

@@ -119,6 +119,7 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -140,4 +141,5 @@ class Adadelta(RustStepMixin, torch.optim.Adadelta):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

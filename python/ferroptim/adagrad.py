@@ -141,6 +141,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -163,6 +164,7 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
         if master_weights:
             # torch made each accumulator in its param's dtype; a param with a float32

@@ -210,6 +210,7 @@ class Adam(RustStepMixin, torch.optim.Adam):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -234,6 +235,7 @@ class Adam(RustStepMixin, torch.optim.Adam):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
 
 
@@ -268,6 +270,7 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -291,4 +294,5 @@ class AdamW(RustStepMixin, torch.optim.AdamW):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

@@ -164,6 +164,7 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -185,4 +186,5 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

@@ -237,6 +237,7 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
         **kwargs: Any,
     ) -> None:
         # The reference's checks, with its messages.
@@ -266,6 +267,7 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -170,6 +170,7 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -192,4 +193,5 @@ class ASGD(RustStepMixin, torch.optim.ASGD):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

@@ -491,6 +491,7 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
         state_dtype, seed = kwargs.pop("state_dtype", None), kwargs.pop("seed", None)
         rounding = kwargs.pop("stochastic_rounding", False)
         master = kwargs.pop("master_weights", False)
+        min_8bit_size = kwargs.pop("min_8bit_size", 4096)
         self.degenerated_to_sgd = degenerated_to_sgd
         self.n_sma_threshold = n_sma_threshold
         self.pre_norm = pre_norm
@@ -514,7 +515,15 @@ class Lamb(RustStepMixin, torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self._ferro_init(
-            None, skip_nonfinite, nonfinite_group, ema_decay, state_dtype, seed, rounding, master
+            None,
+            skip_nonfinite,
+            nonfinite_group,
+            ema_decay,
+            state_dtype,
+            seed,
+            rounding,
+            master,
+            min_8bit_size,
         )
 
     def __str__(self) -> str:

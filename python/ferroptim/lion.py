@@ -251,6 +251,7 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         # The reference's checks, with its exception type (AssertionError).
         if not lr > 0.0:
@@ -284,6 +285,7 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

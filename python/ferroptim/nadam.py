@@ -188,6 +188,7 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -211,4 +212,5 @@ class NAdam(RustStepMixin, torch.optim.NAdam):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

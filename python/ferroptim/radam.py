@@ -182,6 +182,7 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -204,4 +205,5 @@ class RAdam(RustStepMixin, torch.optim.RAdam):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

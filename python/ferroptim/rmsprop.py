@@ -133,6 +133,7 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -156,4 +157,5 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

@@ -182,6 +182,7 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -202,4 +203,5 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )

@@ -386,6 +386,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         # The reference's defaults, in its order (it checks no argument).
         defaults = {
@@ -414,6 +415,7 @@ class ScheduleFreeAdamW(_ScheduleFree):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:
@@ -454,6 +456,7 @@ class ScheduleFreeSGD(_ScheduleFree):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         # The reference's checks, with its messages.
         if lr < 0.0:
@@ -487,6 +490,7 @@ class ScheduleFreeSGD(_ScheduleFree):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
 
     def _swap_weight(self, group: dict[str, Any], to_train: bool) -> float:

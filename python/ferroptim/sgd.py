@@ -174,6 +174,7 @@ class SGD(RustStepMixin, torch.optim.SGD):
         seed: int | None = None,
         stochastic_rounding: bool = False,
         master_weights: bool = False,
+        min_8bit_size: int = 4096,
     ) -> None:
         super().__init__(
             params,
@@ -196,4 +197,5 @@ class SGD(RustStepMixin, torch.optim.SGD):
             seed,
             stochastic_rounding,
             master_weights,
+            min_8bit_size,
         )
