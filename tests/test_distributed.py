@@ -889,6 +889,46 @@ def _fsdp_8bit_backends(rank: int) -> dict[str, Any]:
     return runs
 
 
+def _fsdp_8bit_empty_shard(rank: int, outdir: Path) -> dict[str, Any]:
+    """A param of one row on two ranks: rank 1's shard is empty, and so is its packed
+    state; steps and a DCP round trip work on both ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, 600), torch.nn.Tanh(), torch.nn.Linear(600, 1))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = ferroptim.AdamW(model.parameters(), lr=1e-2, state_dtype="8bit", min_8bit_size=0)
+
+    def train(steps: range) -> None:
+        for step in steps:
+            opt.zero_grad()
+            model(batch(step, torch.float32, rank)[0]).sum().backward()
+            opt.step()
+
+    train(range(3))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(outdir / "e8"))
+    sd = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=str(outdir / "e8"))
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    train(range(3, 5))
+    return {
+        "shard_sizes": [local(p).numel() for p in model.parameters()],
+        "packed_sizes": [opt.state[p]["exp_avg"].numel() for p in model.parameters()],
+        "packed": all(opt.state[p]["exp_avg"].dtype == torch.uint8 for p in model.parameters()),
+        "finite": all(bool(torch.isfinite(local(p)).all()) for p in model.parameters()),
+    }
+
+
 def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     scenarios: list[tuple[str, Callable[[], Any]]] = [
         (f"parity-{f}", lambda f=f: _fsdp_parity(rank, f)) for f in FSDP_NAMES
@@ -900,6 +940,7 @@ def worker_fsdp(rank: int, world_size: int, outdir: Path) -> dict[str, Any]:
     scenarios.append(("clip", lambda: _fsdp_clip(rank)))
     scenarios.append(("8bit", lambda: _fsdp_8bit(rank, outdir)))
     scenarios.append(("8bit-backends", lambda: _fsdp_8bit_backends(rank)))
+    scenarios.append(("8bit-empty", lambda: _fsdp_8bit_empty_shard(rank, outdir)))
     scenarios += [
         (f"max_grad_norm-{f}", lambda f=f: _fsdp_max_grad_norm(rank, f)) for f in ("AdamW", "SGD")
     ]
@@ -1028,3 +1069,12 @@ def test_fsdp2_with_8bit_states_on_torchs_path(fsdp_results):
         assert_close_lists(
             runs["torch"]["params"], runs["auto"]["params"], f"rank {rank}", **EIGHT_BIT_CROSS
         )
+
+
+def test_fsdp2_with_8bit_states_and_an_empty_shard(fsdp_results):
+    r0, r1 = _scenario(fsdp_results, "8bit-empty")
+    assert r0["shard_sizes"] == [1800, 300, 600, 1] and r1["shard_sizes"] == [1800, 300, 0, 0]
+    for out in (r0, r1):
+        assert out["packed"] and out["finite"]
+        # codes padded to 4 bytes, then one scale per 256 (none for an empty shard)
+        assert out["packed_sizes"] == [n + (-n % 4) + 4 * -(-n // 256) for n in out["shard_sizes"]]
