@@ -305,10 +305,18 @@ def test_a_resumed_run_repeats_the_unbroken_one() -> None:
                 torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-3)
 
 
+@pytest.fixture(params=["rust", "torch"])
+def backend(request: pytest.FixtureRequest) -> Any:
+    ferroptim.set_backend("auto" if request.param == "rust" else "torch")
+    yield request.param
+    ferroptim.set_backend("auto")
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_master_weights_with_8bit_states(low: torch.dtype) -> None:
+def test_master_weights_with_8bit_states(low: torch.dtype, backend: str) -> None:
     """bfloat16/float16 params with float32 masters: the masters step exactly as float32
-    params with 8-bit states fed the same (upcast) gradients."""
+    params with 8-bit states fed the same (upcast) gradients, on either path (torch's
+    steps the masters with its float32 step between dequantizing and quantizing)."""
     wide_model = Params()
     low_model = copy.deepcopy(wide_model).to(low)
     with torch.no_grad():
@@ -346,6 +354,40 @@ def test_stochastic_rounding_of_bf16_params_with_8bit_states(simd_levels: list[s
         runs.append((model, opt))
     _assert_same(runs[0], runs[1])
     assert runs[0][1].state[runs[0][0].matrix]["exp_avg"].dtype == torch.uint8
+
+
+def test_stochastic_rounding_with_8bit_states_on_torch_path() -> None:
+    """torch's path (other devices; forced here) for bfloat16 params rounded
+    stochastically beside 8-bit states: float32 stand-ins, dequantized states, torch's
+    float32 step, then the same rounding bits and quantization as the Rust kernel: it
+    stays with the Rust step (an ulp of difference in torch's float32 arithmetic can flip
+    a rounding or move a code)."""
+    runs = []
+    for backend in ("auto", "torch"):
+        ferroptim.set_backend(backend)
+        try:
+            model = Params().to(torch.bfloat16)
+            opt = ferroptim.AdamW(
+                _groups(model), state_dtype="8bit", stochastic_rounding=True, seed=3
+            )
+            for step in range(10):
+                g = torch.Generator().manual_seed(step)
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+                opt.step()
+        finally:
+            ferroptim.set_backend("auto")
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for (pname, p), q in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
+        assert p.dtype == q.dtype == torch.bfloat16
+        same = (p == q).float().mean().item()
+        assert same > 0.97, f"{pname}: {same:.3f} of the params agree"
+        torch.testing.assert_close(p.float(), q.float(), rtol=2e-2, atol=1e-3, msg=pname)
+        for key, value in opt_a.state[p].items():
+            assert value.dtype == opt_b.state[q][key].dtype, f"{pname}.{key}"
+    assert opt_b.state[model_b.matrix]["exp_avg"].dtype == torch.uint8
+    assert list(opt_b.state) == list(model_b.parameters())  # no stand-in left behind
 
 
 @pytest.mark.parametrize("what", ["wrong size", "float", "offset view", "resized"])

@@ -15,8 +15,10 @@ bfloat16 and float16 params: with ``master_weights=True`` each keeps a float32 c
 ``state["master_param"]`` that steps exactly as the float32 optimizer's param (its states
 float32, or ``state_dtype``), and the param is written as the master rounded to nearest;
 with ``stochastic_rounding=True`` the param and its states (in the param's dtype) are
-stored stochastically rounded. Both run in Rust only (CPU, plain tensors); a param of
-such a group that would take torch's path raises.
+stored stochastically rounded. On torch's path (other devices, ``set_backend("torch")``)
+torch's float32 step runs on a stand-in (the master copy, or a float32 copy of the param:
+:func:`stand_ins`) and the param is stored back from it (:func:`store_params`); with
+``differentiable=True`` or on tensor subclasses (DTensor) a param of such a group raises.
 
 The random bits are a pure function of (seed, the group's index and its step counter,
 the param's index in its group, the buffer, the element's index in memory order): the
@@ -53,6 +55,7 @@ low-precision params are kept float32).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -398,18 +401,29 @@ def advance_rounding(groups: list[dict[str, Any]]) -> None:
             group[COUNTER_KEY] = int(group[COUNTER_KEY]) + 1
 
 
+def compute_dtype(group: dict[str, Any], param: Tensor) -> torch.dtype:
+    """The dtype ``param``'s update computes in: float32 for a bfloat16/float16 param
+    with a master copy or stochastic rounding, the param's own otherwise."""
+    if param.dtype in LOW_PARAM_DTYPES and low_params(group):
+        return torch.float32
+    return param.dtype
+
+
 def _narrower_states(
     optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
 ) -> Iterator[tuple[Tensor, dict[str, Any], int, str, Tensor]]:
     """(param, its state, buffer number, key, tensor) for each state tensor of the params
-    whose group keeps their states otherwise than in the param's dtype (torch's path):
-    narrower (``state_dtype``), 8-bit, or float32 beside 8-bit ones."""
-    if group.get(STATE_DTYPE_KEY) is None:
+    whose group keeps their states otherwise than in the dtype their update computes in
+    (torch's path): narrower (``state_dtype``, or a bfloat16 param's own dtype under
+    ``stochastic_rounding``), 8-bit, or float32 beside 8-bit ones."""
+    if group.get(STATE_DTYPE_KEY) is None and not low_params(group):
         return
     keys = spec.state_keys(group)
     for p in params:
         state = optimizer.state.get(p)
-        if not state or (state_dtype_for(group, p) == p.dtype and not quantizes(group, p)):
+        if not state or (
+            state_dtype_for(group, p) == compute_dtype(group, p) and not quantizes(group, p)
+        ):
             continue
         for k, name in enumerate(keys):
             value = state.get(name)
@@ -421,17 +435,19 @@ def widen_states(
     optimizer: Any, spec: OptimizerSpec, group: dict[str, Any], params: list[Tensor]
 ) -> dict[tuple[int, str], Tensor]:
     """Before torch's step: the group's narrow (or 8-bit) state buffers replaced in the
-    state by copies in the param's dtype (torch's kernels step them as the param's
-    dtype); returns the originals, which :func:`narrow_states` writes back into."""
+    state by copies in the dtype the update computes in (:func:`compute_dtype`: the
+    param's, or float32 for a bfloat16 param's master copy or stand-in); returns the
+    originals, which :func:`narrow_states` writes back into."""
     saved: dict[tuple[int, str], Tensor] = {}
-    dtype = group.get(STATE_DTYPE_KEY)
+    eight_bit = group.get(STATE_DTYPE_KEY) == EIGHT_BIT
     for p, state, _, name, narrow in _narrower_states(optimizer, spec, group, params):
+        wide = compute_dtype(group, p)
         if is_packed(narrow, p) and name in QUANTIZED_STATES:
             saved[(id(p), name)] = narrow
-            state[name] = unpack(narrow, p.detach(), QUANTIZED_STATES[name], p.dtype)
-        elif narrow.dtype == dtype or (dtype == EIGHT_BIT and narrow.dtype != p.dtype):
+            state[name] = unpack(narrow, p.detach(), QUANTIZED_STATES[name], wide)
+        elif narrow.dtype != wide and (narrow.dtype == state_dtype_for(group, p) or eight_bit):
             saved[(id(p), name)] = narrow
-            state[name] = narrow.to(p.dtype)
+            state[name] = narrow.to(wide)
     return saved
 
 
@@ -449,11 +465,11 @@ def round_new_states(
     before its first update."""
     dtype = group.get(STATE_DTYPE_KEY)
     for p, _, _, name, value in _narrower_states(optimizer, spec, group, params):
-        if value.dtype != p.dtype or (id(p), name) in widened:
+        if value.dtype != compute_dtype(group, p) or (id(p), name) in widened:
             continue
         with torch.no_grad():
             if dtype != EIGHT_BIT:
-                value.copy_(value.to(dtype))
+                value.copy_(value.to(state_dtype_for(group, p)))
                 continue
             signed = quantized_keys((name,), group, p).get(name)
             if signed is not None:
@@ -470,44 +486,117 @@ def narrow_states(
     params: list[Tensor],
     saved: dict[tuple[int, str], Tensor],
 ) -> None:
-    """After torch's step (which ran on states widened to the params' dtype, see
-    :func:`widen_states`): each state buffer of the group stored back as the group keeps
-    it (stochastically rounded to ``state_dtype``, or quantized to 8 bits), into the
-    buffer it was widened from where there is one."""
-    if group.get(STATE_DTYPE_KEY) == EIGHT_BIT:
-        _requantize_states(optimizer, spec, group, params, saved)
-        return
-    dtype = group.get(STATE_DTYPE_KEY)
+    """After torch's step (which ran on states widened to the dtype the update computes
+    in, see :func:`widen_states`): each state buffer of the group stored back as the
+    group keeps it (quantized to 8 bits, or stochastically rounded to bfloat16/float16),
+    into the buffer it was widened from where there is one."""
+    eight_bit = group.get(STATE_DTYPE_KEY) == EIGHT_BIT
     key = rounding_key(optimizer.param_groups, group)
     position = {id(p): i for i, p in enumerate(group["params"])}
     for p, state, k, name, wide in list(_narrower_states(optimizer, spec, group, params)):
-        if wide.dtype != torch.float32 or key is None or dtype is None:
+        if not wide.is_floating_point() or wide.dtype != compute_dtype(group, p):
             continue
-        with torch.no_grad():
-            bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
-            narrow = stochastic_round(wide, dtype, bits)
-        state[name] = _into_original(saved.get((id(p), name)), narrow, wide)
-
-
-def _requantize_states(
-    optimizer: Any,
-    spec: OptimizerSpec,
-    group: dict[str, Any],
-    params: list[Tensor],
-    saved: dict[tuple[int, str], Tensor],
-) -> None:
-    """:func:`narrow_states` for 8-bit states: the moments quantized (to nearest), the
-    other states stored in the dtype the group keeps them in."""
-    for p, state, _, name, wide in list(_narrower_states(optimizer, spec, group, params)):
-        if not wide.is_floating_point():
-            continue
-        signed = quantized_keys((name,), group, p).get(name)
+        signed = quantized_keys((name,), group, p).get(name) if eight_bit else None
+        kept = state_dtype_for(group, p)
         with torch.no_grad():
             if signed is not None:
                 narrow = pack(wide, p.detach(), signed)
+            elif kept in LOW_PARAM_DTYPES and key is not None and wide.dtype == torch.float32:
+                bits = random_bits(stream_index(p.detach()), key, position[id(p)], k)
+                narrow = stochastic_round(wide, kept, bits)
             else:
-                narrow = wide.to(state_dtype_for(group, p))
+                narrow = wide.to(kept)
         state[name] = _into_original(saved.get((id(p), name)), narrow, wide)
+
+
+def check_low_grads(group: dict[str, Any], params: list[Tensor]) -> None:
+    """Before anything of a step is made or written on torch's path: a bfloat16/float16
+    param that steps as a float32 stand-in (:func:`stand_ins`) has a grad like itself, as
+    torch's in-place step would insist (``p.grad.data = ...`` skips torch's checks)."""
+    for p in params:
+        grad = p.grad
+        if grad is None or compute_dtype(group, p) == p.dtype:
+            continue
+        if grad.shape != p.shape or grad.dtype != p.dtype or grad.device != p.device:
+            raise RuntimeError(
+                f"a gradient of shape {tuple(grad.shape)}, dtype {grad.dtype} on "
+                f"{grad.device} does not match its parameter (shape {tuple(p.shape)}, "
+                f"dtype {p.dtype} on {p.device})"
+            )
+
+
+def stand_ins(
+    optimizer: Any, group: dict[str, Any], params: list[Tensor]
+) -> list[tuple[Tensor, Tensor]]:
+    """torch's path for the bfloat16/float16 params of a group with master copies or
+    stochastic rounding (grads checked by :func:`check_low_grads`, masters made): (param,
+    float32 stand-in) for each such param with a grad. The stand-in is what torch's
+    float32 step updates in the param's place: the master copy itself, or a float32 copy
+    of the param (rounded back by :func:`store_params`); its grad is the param's, upcast."""
+    pairs = []
+    for p in params:
+        grad = p.grad
+        if grad is None or compute_dtype(group, p) == p.dtype:
+            continue
+        if has_master(group, p):
+            stand_in = _master_of(optimizer.state[p], p)
+        else:
+            stand_in = torch.empty_like(p, dtype=torch.float32, requires_grad=False)
+            with torch.no_grad():
+                stand_in.copy_(p)
+        stand_in.grad = grad.float()
+        pairs.append((p, stand_in))
+    return pairs
+
+
+def _master_of(state: dict[str, Any], p: Tensor) -> Tensor:
+    """The param's float32 master copy in ``state``: made from the param where there is
+    none (an optimizer whose state predates the first step: Adagrad's; a checkpoint
+    without one) or it is odd (another dtype, shape or device, a lazily negated or
+    conjugated view), as the Rust path makes it."""
+    master = state.get(MASTER_STATE)
+    if not (
+        isinstance(master, Tensor)
+        and master.dtype == torch.float32
+        and master.shape == p.shape
+        and master.device == p.device
+        and not is_lazy(master)
+    ):
+        master = torch.empty_like(p, dtype=torch.float32, requires_grad=False)
+        with torch.no_grad():
+            master.copy_(p)
+        state[MASTER_STATE] = master
+    return master
+
+
+@contextmanager
+def states_of_stand_ins(optimizer: Any, pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """While torch's step runs on the stand-ins: each stand-in keyed in the optimizer's
+    state to its param's state dict (the same dict, so what the step makes or replaces
+    lands in the param's state); the keys are gone afterwards, whatever happens."""
+    for p, stand_in in pairs:
+        optimizer.state[stand_in] = optimizer.state[p]
+    try:
+        yield
+    finally:
+        for _, stand_in in pairs:
+            optimizer.state.pop(stand_in, None)
+
+
+def store_params(optimizer: Any, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """After torch's step on the stand-ins: each param stored from its stand-in, rounded
+    to nearest from a master copy, else stochastically with the param's random stream
+    (the Rust kernel's bits); the stand-ins' upcast grads dropped."""
+    key = rounding_key(optimizer.param_groups, group)
+    position = {id(p): i for i, p in enumerate(group["params"])}
+    with torch.no_grad():
+        for p, stand_in in pairs:
+            stand_in.grad = None
+            if has_master(group, p) or key is None:
+                p.copy_(stand_in)
+                continue
+            bits = random_bits(stream_index(p.detach()), key, position[id(p)], PARAM_STREAM)
+            p.copy_(stochastic_round(stand_in, p.dtype, bits))
 
 
 def _into_original(original: Tensor | None, narrow: Tensor, wide: Tensor) -> Tensor:

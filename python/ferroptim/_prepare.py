@@ -48,6 +48,7 @@ from ferroptim._lowp import (
     QUANTIZED_STATES,
     ROUNDING_KEY,
     STATE_DTYPE_KEY,
+    check_low_grads,
     has_master,
     is_packed,
     low_params,
@@ -56,7 +57,10 @@ from ferroptim._lowp import (
     quantized_keys,
     round_new_states,
     rounding_key,
+    stand_ins,
     state_dtype_for,
+    states_of_stand_ins,
+    store_params,
     widen_states,
 )
 from ferroptim._spec import Gathered, KernelCall, OptimizerSpec, always, never
@@ -175,7 +179,7 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
     ):
         low = low_params(group)
         for p in group["params"]:
-            _check_low_param_off_rust(optimizer, p, low)
+            _check_low_param_off_rust(optimizer, group, p, low)
         return [], list(group["params"])
     rust: list[Tensor] = []
     other: list[Tensor] = []
@@ -189,19 +193,28 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
                 f"{type(optimizer).__name__}: a parameter of dtype {p.dtype} has a gradient; "
                 "only floating-point and complex parameters can be optimized"
             )
-        _check_low_param_off_rust(optimizer, p, low)
+        _check_low_param_off_rust(optimizer, group, p, low)
         other.append(p)
     return rust, other
 
 
-def _check_low_param_off_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> None:
-    # master_weights / stochastic_rounding are the Rust kernels' (CPU, plain tensors):
-    # elsewhere a bfloat16 param would silently step as torch's for-loop does.
-    if low and p.grad is not None and p.dtype in LOW_PARAM_DTYPES:
+def _check_low_param_off_rust(
+    optimizer: RustStepMixin, group: dict[str, Any], p: Tensor, low: bool
+) -> None:
+    # master_weights / stochastic_rounding step float32 stand-ins on torch's path (any
+    # device); not through autograd (differentiable=True) nor for tensor subclasses
+    # (DTensor shards), where a bfloat16 param would silently step as torch's for-loop does.
+    if (
+        low
+        and p.grad is not None
+        and p.dtype in LOW_PARAM_DTYPES
+        and (group.get("differentiable", False) or not is_plain(p))
+    ):
         raise ValueError(
             f"{type(optimizer).__name__}: master_weights and stochastic_rounding step "
-            f"plain CPU bfloat16/float16 params in Rust; this one ({p.device}, "
-            f"{type(p).__name__}) would take torch's path, which does not have them yet"
+            f"plain bfloat16/float16 params without differentiable=True; this one "
+            f"({type(p).__name__}, differentiable={group.get('differentiable', False)}) "
+            "cannot have them"
         )
 
 
@@ -421,14 +434,36 @@ def prepare_torch(
     optimizer: RustStepMixin, group: dict[str, Any], params: list[Tensor]
 ) -> tuple[Callable[[GradFactors], None], list[Tensor]]:
     """Gathers ``params`` for torch's implementation (or the spec's own torch-op code)
-    and returns the run function and the grads it reads."""
+    and returns the run function and the grads it reads. bfloat16/float16 params with
+    master copies or stochastic rounding step as float32 stand-ins (see
+    :func:`ferroptim._lowp.stand_ins`)."""
+    check_low_grads(group, params)
+    _init_master_states(optimizer, group, params)
+    pairs = stand_ins(optimizer, group, params)
+    stand_in_of = {id(p): stand_in for p, stand_in in pairs}
+    stepped = [stand_in_of.get(id(p), p) for p in params]
+    with states_of_stand_ins(optimizer, pairs):
+        run_torch, grads = _prepare_torch_step(optimizer, group, params, stepped)
+
+    def run(factors: GradFactors) -> None:
+        with states_of_stand_ins(optimizer, pairs):
+            run_torch(factors)
+        store_params(optimizer, group, pairs)
+
+    return (run if pairs else run_torch), grads
+
+
+def _prepare_torch_step(
+    optimizer: RustStepMixin, group: dict[str, Any], params: list[Tensor], stepped: list[Tensor]
+) -> tuple[Callable[[GradFactors], None], list[Tensor]]:
+    """:func:`prepare_torch` for ``stepped``: ``params`` or their float32 stand-ins."""
     spec = optimizer._ferro_spec
-    has_sparse = any(p.grad is not None and p.grad.is_sparse for p in params)
-    foreach, fused = torch_implementation(spec, group, params, has_sparse, _torch_class(optimizer))
+    has_sparse = any(p.grad is not None and p.grad.is_sparse for p in stepped)
+    foreach, fused = torch_implementation(spec, group, stepped, has_sparse, _torch_class(optimizer))
     implied_fused = fused and not group.get("fused")
     # torch creates state for fused kernels on the param's device; ask for
     # that when we choose fused for the user.
-    init_group = {**group, "params": params}
+    init_group = {**group, "params": stepped}
     if implied_fused:
         init_group["fused"] = True
     # narrow states (state_dtype) step as float32 copies, rounded back after the step
