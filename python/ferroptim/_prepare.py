@@ -110,6 +110,8 @@ def plan_key(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[Any, ...]
         group.get(MIN_8BIT_KEY),
         bool(group.get(ROUNDING_KEY)),
         bool(group.get(MASTER_KEY)),
+        # (bfloat16 params: fused=True hands them to torch's fused kernel)
+        group.get("fused"),
     )
 
 
@@ -184,8 +186,9 @@ def route(optimizer: RustStepMixin, group: dict[str, Any]) -> tuple[list[Tensor]
     rust: list[Tensor] = []
     other: list[Tensor] = []
     low = low_params(group)
+    narrow_in_rust = low or _rounds_like_torch_in_rust(optimizer._ferro_spec, group)
     for p in group["params"]:
-        if _steps_in_rust(optimizer, p, low):
+        if _steps_in_rust(optimizer, p, narrow_in_rust):
             rust.append(p)
             continue
         if p.grad is not None and not (p.is_floating_point() or p.is_complex()):
@@ -245,7 +248,24 @@ def _init_master_states(
         optimizer.state[p] = state
 
 
-def _steps_in_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> bool:
+def _rounds_like_torch_in_rust(spec: OptimizerSpec, group: dict[str, Any]) -> bool:
+    """Whether the group's bfloat16/float16 params (without master copies or stochastic
+    rounding) step in Rust as torch's for-loop steps them (its foreach implementation
+    rounds alike): a kernel that has that loop, states in the param's dtype, plain-number
+    hyperparameters, and not ``fused=True`` (torch's fused kernels compute in float32
+    and round once: they stay torch's)."""
+    return (
+        spec.rounds_like_torch
+        and group.get(STATE_DTYPE_KEY) is None
+        and not group.get("fused")
+        and not isinstance(group.get("lr"), Tensor)
+        and not any(isinstance(b, Tensor) for b in group.get("betas", ()))
+    )
+
+
+def _steps_in_rust(optimizer: RustStepMixin, p: Tensor, narrow_in_rust: bool) -> bool:
+    """Whether ``p`` steps in Rust; ``narrow_in_rust``: its group steps bfloat16/float16
+    params there (master copies, stochastic rounding, or torch's for-loop rounding)."""
     grad = p.grad
     spec = optimizer._ferro_spec
     return (
@@ -253,7 +273,7 @@ def _steps_in_rust(optimizer: RustStepMixin, p: Tensor, low: bool) -> bool:
         and (
             p.dtype in RUST_DTYPES
             or (spec.complex_as_real and p.dtype in _COMPLEX_DTYPES)
-            or (low and p.dtype in LOW_PARAM_DTYPES and is_plain(p))
+            or (narrow_in_rust and p.dtype in LOW_PARAM_DTYPES and is_plain(p))
         )
         and not (spec.sparse_to_torch and grad is not None and grad.is_sparse)
         and (is_plain(p) or (spec.dtensor_in_rust and is_dtensor(p)))
@@ -924,10 +944,10 @@ def cache_plan(
     if group.get("differentiable", False) or _config.get_backend() == "torch":
         return
     params = group["params"]
-    low = low_params(group)
+    narrow = low_params(group) or _rounds_like_torch_in_rust(optimizer._ferro_spec, group)
     if not all(
         p.device.type == "cpu"
-        and (p.dtype in RUST_DTYPES or (low and p.dtype in LOW_PARAM_DTYPES))
+        and (p.dtype in RUST_DTYPES or (narrow and p.dtype in LOW_PARAM_DTYPES))
         and is_plain(p)
         and step_plannable(optimizer, p)
         and (p.is_contiguous() or not optimizer._ferro_spec.contiguous_only)

@@ -228,6 +228,10 @@ class OptimizerSpec:
     #: params, stochastically rounded, see :mod:`ferroptim._lowp`): the element-wise
     #: kernels, whose loops load and store each buffer in its own format.
     keeps_state_dtype: bool = True
+    #: Whether the kernel steps bfloat16/float16 params (states in their dtype) in Rust
+    #: as torch's for-loop does, rounding after every op (``Elementwise::ROUNDED`` in
+    #: Rust); False: they take torch's path.
+    rounds_like_torch: bool = False
     #: The message of torch's RuntimeError for a step counter that is not a tensor.
     step_type_message: str = (
         "API has changed, `state_steps` argument must contain a list of singleton tensors"

@@ -103,6 +103,7 @@ ADAGRAD_SPEC = OptimizerSpec(
     usual=_usual,
     check_step_scalars=_check_step_scalars,
     check_torch_path=_check_torch_path,
+    rounds_like_torch=True,
 )
 
 

@@ -125,6 +125,7 @@ ADAMAX_SPEC = OptimizerSpec(
     rust_unsupported=tensor_betas,
     usual=_usual,
     check_step_scalars=_check_step_scalars,
+    rounds_like_torch=True,
 )
 
 

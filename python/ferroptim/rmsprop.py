@@ -94,6 +94,7 @@ RMSPROP_SPEC = OptimizerSpec(
     # torch has no fused RMSprop: other devices use its foreach implementation.
     has_fused=False,
     numbers=("lr", "alpha", "eps", "weight_decay", "momentum"),
+    rounds_like_torch=True,
 )
 
 

@@ -134,6 +134,7 @@ SGD_SPEC = OptimizerSpec(
     numbers=("lr", "weight_decay"),
     rust_unsupported=_rust_unsupported,
     check_torch_path=_check_torch_path,
+    rounds_like_torch=True,
 )
 
 

@@ -168,6 +168,30 @@ pub trait Elementwise: Sized + Send + Sync + 'static {
     /// in float64 as torch's Python does and rounded to `C` where torch rounds.
     fn consts<C: Real>(h: &Self::Hyper, scalars: &[f64]) -> Self::Consts<C>;
 
+    /// Whether the kernel has [`Elementwise::update_rounded`]: torch's for-loop on
+    /// bfloat16/float16 params in Rust.
+    const ROUNDED: bool = false;
+
+    /// One element of torch's for-loop on a bfloat16 or float16 param (and states
+    /// in its dtype): each tensor op computed in float32 as torch's CPU kernel
+    /// computes it and its result rounded to the param's dtype (`round`), where
+    /// the float32 [`Elementwise::update`] rounds once at the end. Scalars enter
+    /// each op as torch converts them: a multiplier (`mul_`, `lerp_`'s weight,
+    /// `addcmul_`'s and `addcdiv_`'s `value`) in float32, an `add`'s `alpha` in
+    /// the param's dtype (`round`ed). `grad` arrives prepared the same way
+    /// ([`PrepConsts::apply_rounded`]). Only called where [`Elementwise::ROUNDED`].
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &Self::Consts<C>,
+        param: &mut C,
+        grad: C,
+        states: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let _ = (k, param, grad, states, round);
+        unreachable!("{} has no rounded update", Self::NAME)
+    }
+
     /// One element: `grad` prepared, `param` and `states` updated in place.
     fn update<C: Real, const FLAGS: u32>(
         k: &Self::Consts<C>,
@@ -214,6 +238,26 @@ impl<C: Real> PrepConsts<C> {
             unscale: C::from_f64(ctx.unscale),
             clip: C::from_f64(ctx.clip),
             l2: C::from_f64(prep.l2),
+        }
+    }
+
+    /// The gradient as torch's for-loop on a bfloat16/float16 param sees it: GradScaler's
+    /// unscale and the clip coefficient each multiplied in and rounded (as their
+    /// in-place `mul_` on the grads rounds), maximize, then L2 decay
+    /// (`grad.add(param, alpha=weight_decay)`: `alpha` in the param's dtype).
+    #[inline(always)]
+    pub fn apply_rounded<const FLAGS: u32>(
+        &self,
+        grad: C,
+        param: C,
+        round: impl Fn(C) -> C + Copy,
+    ) -> C {
+        let grad = round(round(grad * self.unscale) * self.clip);
+        let g = if has(FLAGS, MAXIMIZE) { -grad } else { grad };
+        if has(FLAGS, L2) {
+            round(param.mul_add(round(self.l2), g))
+        } else {
+            g
         }
     }
 
@@ -373,6 +417,15 @@ fn check_tensor<K: Elementwise>(
             ),
         });
     }
+    if ctx.stochastic.is_none() && rounded_formats(param.format, state_format) && !K::ROUNDED {
+        return Err(EngineError::Unsupported {
+            what: format!(
+                "{}: parameter {index}: torch's for-loop on {} parameters",
+                K::NAME,
+                param.format.name()
+            ),
+        });
+    }
     if ctx.stochastic.is_some() && !stochastic_formats(param.format, state_format) {
         return Err(EngineError::Unsupported {
             what: format!(
@@ -472,6 +525,14 @@ pub fn stochastic_formats(param: Format, state: Format) -> bool {
         (param, state),
         (F32, F32) | (F64, F64) | (F32, BF16) | (BF16, BF16) | (F16, F16)
     )
+}
+
+/// The (parameter, state) format pairs that step as torch's for-loop does on them,
+/// rounding after every op ([`Elementwise::update_rounded`]) unless rounded
+/// stochastically.
+pub fn rounded_formats(param: Format, state: Format) -> bool {
+    use Format::*;
+    matches!((param, state), (BF16, BF16) | (F16, F16))
 }
 
 /// The (parameter, state) format pairs the loops are compiled for.
@@ -603,15 +664,15 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                 match (param, state) {
                     (Format::F64, _) => {
                         let k = (&self.consts64[i], &self.prep64);
-                        run_segment::<K, f64, f64, FLAGS, false>(level, k, segment, ema, 0)
+                        run_segment::<K, f64, f64, FLAGS, false, false>(level, k, segment, ema, 0)
                     }
                     (Format::F32, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
                         match stochastic {
-                            Some(key) => run_segment::<K, f32, half::bf16, FLAGS, true>(
+                            Some(key) => run_segment::<K, f32, half::bf16, FLAGS, true, false>(
                                 level, k, segment, ema, key,
                             ),
-                            None => run_segment::<K, f32, half::bf16, FLAGS, false>(
+                            None => run_segment::<K, f32, half::bf16, FLAGS, false, false>(
                                 level, k, segment, ema, 0,
                             ),
                         }
@@ -619,36 +680,44 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
                     (Format::BF16, Format::BF16) => {
                         let k = (&self.consts32[i], &self.prep32);
                         match stochastic {
-                            Some(key) => run_segment::<K, half::bf16, half::bf16, FLAGS, true>(
-                                level, k, segment, ema, key,
-                            ),
-                            None => run_segment::<K, half::bf16, half::bf16, FLAGS, false>(
+                            Some(key) => {
+                                run_segment::<K, half::bf16, half::bf16, FLAGS, true, false>(
+                                    level, k, segment, ema, key,
+                                )
+                            }
+                            None => run_segment::<K, half::bf16, half::bf16, FLAGS, false, true>(
                                 level, k, segment, ema, 0,
                             ),
                         }
                     }
                     (Format::BF16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::bf16, f32, FLAGS, false>(level, k, segment, ema, 0)
+                        run_segment::<K, half::bf16, f32, FLAGS, false, false>(
+                            level, k, segment, ema, 0,
+                        )
                     }
                     (Format::F16, Format::F16) => {
                         let k = (&self.consts32[i], &self.prep32);
                         match stochastic {
-                            Some(key) => run_segment::<K, half::f16, half::f16, FLAGS, true>(
-                                level, k, segment, ema, key,
-                            ),
-                            None => run_segment::<K, half::f16, half::f16, FLAGS, false>(
+                            Some(key) => {
+                                run_segment::<K, half::f16, half::f16, FLAGS, true, false>(
+                                    level, k, segment, ema, key,
+                                )
+                            }
+                            None => run_segment::<K, half::f16, half::f16, FLAGS, false, true>(
                                 level, k, segment, ema, 0,
                             ),
                         }
                     }
                     (Format::F16, _) => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, half::f16, f32, FLAGS, false>(level, k, segment, ema, 0)
+                        run_segment::<K, half::f16, f32, FLAGS, false, false>(
+                            level, k, segment, ema, 0,
+                        )
                     }
                     _ => {
                         let k = (&self.consts32[i], &self.prep32);
-                        run_segment::<K, f32, f32, FLAGS, false>(level, k, segment, ema, 0)
+                        run_segment::<K, f32, f32, FLAGS, false, false>(level, k, segment, ema, 0)
                     }
                 }
             }
@@ -657,9 +726,10 @@ impl<K: Elementwise> FlagRunner for Runner<'_, '_, K> {
 }
 
 /// Runs one segment's update; with `SR`, narrow stores round stochastically
-/// under the group's per-step key `step_key`.
+/// under the group's per-step key `step_key`; with `ROUNDED`, torch's for-loop on a
+/// bfloat16/float16 param ([`Elementwise::update_rounded`]).
 #[inline(always)]
-fn run_segment<K, P, S, const FLAGS: u32, const SR: bool>(
+fn run_segment<K, P, S, const FLAGS: u32, const SR: bool, const ROUNDED: bool>(
     level: SimdLevel,
     (consts, prep): (&K::Consts<P::Compute>, &PrepConsts<P::Compute>),
     segment: ChunkSlices<'_>,
@@ -678,7 +748,7 @@ fn run_segment<K, P, S, const FLAGS: u32, const SR: bool>(
     let (slices, average) = segment.slices_and_ema(ema.is_some());
     dispatch(
         level,
-        UpdateTask::<K, P, P, S, FLAGS, SR, false> {
+        UpdateTask::<K, P, P, S, FLAGS, SR, false, ROUNDED> {
             consts,
             prep,
             slices,
@@ -712,7 +782,7 @@ fn run_master<K, N, S, const FLAGS: u32, const SR: bool>(
     let (slices, low) = segment.master_slices::<f32, N, S>();
     dispatch(
         level,
-        UpdateTask::<K, f32, N, S, FLAGS, SR, true> {
+        UpdateTask::<K, f32, N, S, FLAGS, SR, true, false> {
             consts,
             prep,
             slices,
@@ -830,7 +900,7 @@ where
                     }
                 };
             }
-            UpdateTask::<K, P, G, f32, FLAGS, SR, MASTER> {
+            UpdateTask::<K, P, G, f32, FLAGS, SR, MASTER, false> {
                 consts: self.consts,
                 prep: self.prep,
                 slices: Slices {
@@ -949,6 +1019,7 @@ struct UpdateTask<
     const FLAGS: u32,
     const SR: bool,
     const MASTER: bool,
+    const ROUNDED: bool,
 > {
     consts: &'s K::Consts<P::Compute>,
     prep: &'s PrepConsts<P::Compute>,
@@ -960,8 +1031,8 @@ struct UpdateTask<
     rounding: Rounding,
 }
 
-impl<K, P, G, S, const FLAGS: u32, const SR: bool, const MASTER: bool> SimdTask
-    for UpdateTask<'_, K, P, G, S, FLAGS, SR, MASTER>
+impl<K, P, G, S, const FLAGS: u32, const SR: bool, const MASTER: bool, const ROUNDED: bool> SimdTask
+    for UpdateTask<'_, K, P, G, S, FLAGS, SR, MASTER, ROUNDED>
 where
     K: Elementwise,
     P: Storage,
@@ -1013,7 +1084,12 @@ where
             for i in start..end {
                 let index = (offset + i) as u32;
                 let mut p = param[i].load();
-                let g = self.prep.apply::<FLAGS>(grad[i].load(), p);
+                let round = |x: P::Compute| P::store(x).load();
+                let g = if ROUNDED {
+                    self.prep.apply_rounded::<FLAGS>(grad[i].load(), p, round)
+                } else {
+                    self.prep.apply::<FLAGS>(grad[i].load(), p)
+                };
                 let mut s = [zero; MAX_STATES];
                 if reads(0) {
                     s[0] = s0[i].load();
@@ -1027,7 +1103,11 @@ where
                 if reads(3) {
                     s[3] = s3[i].load();
                 }
-                K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
+                if ROUNDED {
+                    K::update_rounded::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s, round);
+                } else {
+                    K::update::<P::Compute, FLAGS>(self.consts, &mut p, g, &mut s);
+                }
                 param[i] = put::<P, SR>(p, word::<SR>(index, keys[WORDS - 1]));
                 if MASTER {
                     low[i] = G::store(p);

@@ -92,6 +92,23 @@ impl Elementwise for Adagrad {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_adagrad` on a bfloat16/float16 param, op by op.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdagradConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let total = round(g.mul_add(g, s[0])); // state_sum.addcmul_(grad, grad, value=1)
+        s[0] = total;
+        let std = round(round(total.sqrt()) + k.eps); // state_sum.sqrt().add_(eps)
+        *param = round(*param + k.neg_clr * g / std); // param.addcdiv_(grad, std, value=-clr)
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdagradConsts<C>,

@@ -164,6 +164,39 @@ impl Elementwise for Adam {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_adam` on a bfloat16/float16 param, op by op (each
+    /// result rounded; `addcmul_` a fused multiply-add of `(value * t1)` and `t2`,
+    /// `addcdiv_` `self + (value * t1) / t2`, as torch's CPU kernels compute them).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdamConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = round(p * k.decay); // param.mul_(1 - lr * weight_decay)
+        }
+        let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+                                              // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let second = if has(FLAGS, AMSGRAD) {
+            s[2] = s[2].max_propagate_nan(v); // torch.maximum(max_exp_avg_sq, exp_avg_sq)
+            s[2]
+        } else {
+            v
+        };
+        // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        let denom = round(round(round(second.sqrt()) / k.bias_correction2_sqrt) + k.eps);
+        *param = round(p + k.neg_step_size * m / denom); // param.addcdiv_(exp_avg, denom, value=-step_size)
+        s[0] = m;
+        s[1] = v;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdamConsts<C>,

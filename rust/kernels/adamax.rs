@@ -119,6 +119,25 @@ impl Elementwise for Adamax {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_adamax` on a bfloat16/float16 param, op by op.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdamaxConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+                                              // torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+        let u = round(s[1] * k.beta2).max_propagate_nan(round(g.abs() + k.eps));
+        *param = round(*param + k.neg_clr * m / u); // param.addcdiv_(exp_avg, exp_inf, value=-clr)
+        s[0] = m;
+        s[1] = u;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdamaxConsts<C>,

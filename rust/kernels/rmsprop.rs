@@ -136,6 +136,48 @@ impl Elementwise for Rmsprop {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_rmsprop` on a bfloat16/float16 param, op by op.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &RmspropConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        const fn grad_avg_slot(flags: u32) -> usize {
+            if has(flags, MOMENTUM) {
+                2
+            } else {
+                1
+            }
+        }
+        let p = *param;
+        // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        let sq = round((k.one_minus_alpha * g).mul_add(g, round(s[0] * k.alpha)));
+        s[0] = sq;
+        let avg = if has(FLAGS, CENTERED) {
+            let slot = grad_avg_slot(FLAGS);
+            let ga = round(k.lerp.apply(s[slot], g)); // grad_avg.lerp_(grad, 1 - alpha)
+            s[slot] = ga;
+            // square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+            round(round((-ga).mul_add(ga, sq)).sqrt())
+        } else {
+            round(sq.sqrt())
+        };
+        let avg = round(avg + k.eps); // avg.add_(eps)
+        *param = if has(FLAGS, MOMENTUM) {
+            // buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
+            let buf = round(round(s[1] * k.momentum) + g / avg);
+            s[1] = buf;
+            round(buf.mul_add(round(k.neg_lr), p))
+        } else {
+            round(p + k.neg_lr * g / avg) // param.addcdiv_(grad, avg, value=-lr)
+        };
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &RmspropConsts<C>,

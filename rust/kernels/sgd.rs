@@ -138,6 +138,37 @@ impl Elementwise for Sgd {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_sgd` on a bfloat16/float16 param, op by op: each
+    /// result rounded, `add_`'s `alpha` (`1 - dampening`, `momentum` for Nesterov,
+    /// `-lr`) in the param's dtype, `mul_`'s momentum in float32.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &SgdConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut g = g;
+        if has(FLAGS, MOMENTUM) {
+            let buf = if has(FLAGS, FIRST) {
+                g // torch.clone(grad)
+            } else {
+                // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                round(g.mul_add(round(k.one_minus_dampening), round(s[0] * k.momentum)))
+            };
+            s[0] = buf;
+            g = if has(FLAGS, NESTEROV) {
+                round(buf.mul_add(round(k.momentum), g)) // grad.add(buf, alpha=momentum)
+            } else {
+                buf
+            };
+        }
+        *param = round(g.mul_add(round(k.neg_lr), *param)); // param.add_(grad, alpha=-lr)
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &SgdConsts<C>,
