@@ -1062,7 +1062,7 @@ SUITES: dict[str, Suite] = {
             "float32 step. With `master_weights=True` 30 bytes/element (bfloat16 param read "
             "and written and grad read: 6; the float32 master read and written: 8; float32 "
             "moments: 16).",
-            "Without either keyword (\"ferroptim torch semantics\") ferroptim steps a "
+            'Without either keyword ("ferroptim torch semantics") ferroptim steps a '
             "bfloat16 model as torch's for-loop does, every op rounded, in Rust: 14 "
             "bytes/element.",
             "torch's own bfloat16 AdamW rounds every intermediate to bfloat16 (the for-loop) "
