@@ -259,8 +259,13 @@ def _rounds_like_torch_in_rust(spec: OptimizerSpec, group: dict[str, Any]) -> bo
         and group.get(STATE_DTYPE_KEY) is None
         and not group.get("fused")
         and not isinstance(group.get("lr"), Tensor)
-        and not any(isinstance(b, Tensor) for b in group.get("betas", ()))
+        and not _tensor_betas(group.get("betas"))
     )
+
+
+def _tensor_betas(betas: Any) -> bool:
+    # (malformed betas are torch's to refuse, with its own error, wherever they step)
+    return isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)
 
 
 def _steps_in_rust(optimizer: RustStepMixin, p: Tensor, narrow_in_rust: bool) -> bool:

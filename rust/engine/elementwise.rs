@@ -1084,7 +1084,7 @@ where
             for i in start..end {
                 let index = (offset + i) as u32;
                 let mut p = param[i].load();
-                let round = |x: P::Compute| P::store(x).load();
+                let round = P::round;
                 let g = if ROUNDED {
                     self.prep.apply_rounded::<FLAGS>(grad[i].load(), p, round)
                 } else {

@@ -187,6 +187,12 @@ pub trait Storage: Copy + Send + Sync + 'static {
         let _ = bits;
         Self::store(value)
     }
+    /// `value` rounded to nearest in this format and widened back: what a tensor op
+    /// on this format stores (torch's for-loop on 16-bit params rounds every op).
+    #[inline(always)]
+    fn round(value: Self::Compute) -> Self::Compute {
+        Self::store(value).load()
+    }
 }
 
 macro_rules! impl_identity_storage {
@@ -221,6 +227,16 @@ impl Storage for bf16 {
     #[inline(always)]
     fn store(value: f32) -> bf16 {
         bf16::from_f32(value)
+    }
+    /// Round to nearest even on the bit pattern, branch-free so the loops vectorise:
+    /// the dropped 16 bits plus 0x7fff and the kept lowest bit carry into the kept
+    /// ones (a carry out of the largest finite value gives infinity); NaN becomes
+    /// torch's quiet NaN (0x7FC0).
+    #[inline(always)]
+    fn round(value: f32) -> f32 {
+        let bits = value.to_bits();
+        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+        f32::from_bits(if value.is_nan() { 0x7fc0_0000 } else { rounded })
     }
     /// The magnitude's dropped 16 bits plus 16 random bits carry into the kept
     /// ones with probability (dropped bits) / 2^16: exactly stochastic rounding
@@ -281,6 +297,36 @@ impl Storage for f16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free bfloat16 `round` is round to nearest even, as `half`'s
+    /// conversion (and torch's) is: on every 251st float32 pattern, every tie and
+    /// its neighbours, the extremes, infinities and NaN.
+    #[test]
+    fn bfloat16_round_is_round_to_nearest_even() {
+        let mut patterns: Vec<u32> = (0..=u32::MAX / 251).map(|i| i * 251).collect();
+        for high in (0..=0xffffu32).step_by(7) {
+            let tie = (high << 16) | 0x8000;
+            patterns.extend([tie - 1, tie, tie + 1, (high << 16) | 0xffff]);
+        }
+        patterns.extend([
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            1,
+        ]);
+        for bits in patterns {
+            let x = f32::from_bits(bits);
+            let want = bf16::from_f32(x).to_f32();
+            let got = <bf16 as Storage>::round(x);
+            if x.is_nan() {
+                assert!(got.is_nan(), "{bits:#x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#x}");
+            }
+        }
+    }
 
     #[test]
     fn narrow_formats_round_to_nearest_even() {
