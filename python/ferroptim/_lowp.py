@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import torch
 from torch import Tensor
@@ -549,19 +549,24 @@ def stand_ins(
     return pairs
 
 
+def fits_as_master(master: Any, p: Tensor) -> TypeGuard[Tensor]:
+    """Whether ``master`` can be ``p``'s float32 master copy (else one is made from the
+    param: the master is only ever more exact than its param)."""
+    return (
+        isinstance(master, Tensor)
+        and master.dtype == torch.float32
+        and master.shape == p.shape
+        and master.device == p.device
+    )
+
+
 def _master_of(state: dict[str, Any], p: Tensor) -> Tensor:
     """The param's float32 master copy in ``state``: made from the param where there is
     none (an optimizer whose state predates the first step: Adagrad's; a checkpoint
     without one) or it is odd (another dtype, shape or device, a lazily negated or
     conjugated view), as the Rust path makes it."""
     master = state.get(MASTER_STATE)
-    if not (
-        isinstance(master, Tensor)
-        and master.dtype == torch.float32
-        and master.shape == p.shape
-        and master.device == p.device
-        and not is_lazy(master)
-    ):
+    if not (fits_as_master(master, p) and not is_lazy(master)):
         master = torch.empty_like(p, dtype=torch.float32, requires_grad=False)
         with torch.no_grad():
             master.copy_(p)

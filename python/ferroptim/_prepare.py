@@ -49,6 +49,7 @@ from ferroptim._lowp import (
     ROUNDING_KEY,
     STATE_DTYPE_KEY,
     check_low_grads,
+    fits_as_master,
     has_master,
     is_packed,
     low_params,
@@ -778,12 +779,7 @@ def _lay_out_master(p: Tensor, work: Tensor, state: dict[str, Any]) -> Tensor:
     once if it is not (an odd one is replaced by the param's values, as a missing one
     is: the master is only ever more exact than its param)."""
     master = state.get(MASTER_STATE)
-    if not (
-        isinstance(master, Tensor)
-        and master.dtype == torch.float32
-        and master.shape == p.shape
-        and master.device == p.device
-    ):
+    if not fits_as_master(master, p):
         master = torch.empty_like(work, dtype=torch.float32).copy_(work)
     elif not same_layout(master, work) or is_lazy(master):
         master = torch.empty_like(work, dtype=torch.float32).copy_(master)
