@@ -1,8 +1,10 @@
 """pytest-benchmark setup for ferroptim's benchmarks.
 
-Run ``pytest benches`` for timings (``--benchmark-disable`` runs each benchmark once,
-as a smoke test). pytest-benchmark runs contenders one after another; for ratios
-measured interleaved in one run, use ``python benches/report.py``.
+Run ``pytest benches -n0`` for timings (``-n0``: in one process; the project's pytest
+options spread tests over xdist workers, under which pytest-benchmark does not time;
+``--benchmark-disable`` runs each benchmark once, as a smoke test). pytest-benchmark runs
+contenders one after another; for ratios measured interleaved in one run, use
+``python benches/report.py``.
 
 torch runs on as many threads as ferroptim, so neither side gets more cores.
 """

@@ -27,6 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: xdist workers there do not keep `alone` tests apart
+    fcntl = None  # type: ignore[assignment]
+
 import pytest
 import torch
 
@@ -274,6 +279,13 @@ def build(specs: list[GroupSpec], dtype: torch.dtype, seed: int = 0) -> ParamSet
 # ----------------------------------------------------------------------------------------
 
 
+def randn64(shape: Sequence[int] | torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal draws in float64, sampled in float32: torch's float64 normal sampler
+    is ~8× slower on the CPU, and per-step gradients are most of a parity test's time. (A
+    draw times a scale is a full-precision float64 number; only the draw has 24 bits.)"""
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).double()
+
+
 class GradStream:
     """Identical gradients for every copy of a ParamSet, step after step.
 
@@ -306,9 +318,9 @@ class GradStream:
                 grads.append(None)
                 continue
             scale = 10.0 ** (4.0 * float(u[1]) - 3.0)  # 1e-3 .. 10
-            raw = torch.randn(spec.shape, generator=self.gen, dtype=torch.float64) * scale
+            raw = randn64(spec.shape, self.gen) * scale
             if self.dtype.is_complex:
-                imag = torch.randn(spec.shape, generator=self.gen, dtype=torch.float64)
+                imag = randn64(spec.shape, self.gen)
                 raw = torch.complex(raw, imag * scale)
             grads.append(raw.to(self.dtype))
         return grads
@@ -774,6 +786,35 @@ def torch_single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def alone_under_xdist(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``alone`` (one that measures how the machine
+    schedules threads) runs while no other worker runs a test: every test holds a shared
+    lock on a file all workers see, an ``alone`` test an exclusive one. A turnstile lock
+    taken before either keeps the exclusive request from starving behind a stream of
+    shared ones."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or fcntl is None:
+        yield
+        return
+    alone = request.node.get_closest_marker("alone") is not None
+    shared_dir = tmp_path_factory.getbasetemp().parent  # the same for every worker
+    with (
+        open(shared_dir / "ferroptim-turnstile.lock", "a") as turnstile,
+        open(shared_dir / "ferroptim-alone.lock", "a") as gate,
+    ):
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

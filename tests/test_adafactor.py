@@ -18,6 +18,7 @@ from conftest import (
     assert_tensors_as_exact_as_torch,
     assert_unchanged,
     ferroptim,
+    randn64,
     snapshot,
     tol,
 )
@@ -66,7 +67,7 @@ def grad_stream(
     for step in range(steps):
         grads: list[torch.Tensor | None] = []
         for i, s in enumerate(shapes):
-            g = torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** ((i % 4) - 2)
+            g = randn64(s, gen) * 10.0 ** ((i % 4) - 2)
             grads.append(None if none_every and (step + i) % none_every == 0 else g.to(dtype))
         out.append(grads)
     return out

@@ -16,7 +16,7 @@ import pytest
 import pytorch_optimizer
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from pytorch_optimizer.base.exception import NoSparseGradientError
 from test_ademamix import _assert_bitwise, _params, _run, correctly_rounded_sqrt
 
@@ -173,7 +173,7 @@ def test_state_made_by_the_step_for_a_staged_param():
         p.data = torch._neg_view(p.data.clone()).t()
         p.grad = p.detach()
         for q in ps[:2]:
-            q.grad = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+            q.grad = randn64(q.shape, gen)
         opt.step()
         return ps, opt
 

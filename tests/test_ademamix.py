@@ -22,7 +22,7 @@ import pytorch_optimizer
 import torch
 from _kernels import kernel_calls
 from _pytorch_optimizer_reference import ADEMAMIX_EXTRA_GROUP_KEYS
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from pytorch_optimizer.base.exception import NoComplexParameterError, NoSparseGradientError
 
 #: Ragged sizes: SIMD tails, one parallel-chunked tensor, a scalar-like one.
@@ -92,7 +92,7 @@ def _run(
     for k in range(steps):
         for i, p in enumerate(params):
             scale = 10.0 ** ((k % 7) - 4)  # gradients of many magnitudes
-            g = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            g = (randn64(p.shape, gen) * scale).to(dtype)
             # Some params miss their gradient on some steps (no update, no decay).
             p.grad = None if (i + k) % 5 == 0 else g
         opt.step()

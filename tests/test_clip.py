@@ -29,6 +29,7 @@ from conftest import (
     build,
     ferroptim,
     one_per_kernel,
+    randn64,
     some_flag_params,
     standard_layout,
     tol,
@@ -79,7 +80,7 @@ def make_params(
         p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
         if spec is not None:
             scale = 10.0 ** (4.0 * float(torch.rand((), generator=gen, dtype=torch.float64)) - 3)
-            g = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+            g = randn64(shape, gen) * scale
             g[torch.rand(shape, generator=gen) < 0.05] = 0.0
             g = g.to(dtype)
             if edit is not None:
@@ -614,7 +615,7 @@ def test_max_grad_norm_with_mixed_dtypes_and_no_grads(family):
     gen = torch.Generator().manual_seed(0)
     for step in range(40):
         for p, q in zip(fset.params, tset.params, strict=True):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (step % 3)
+            g = randn64(p.shape, gen) * (step % 3)
             p.grad, q.grad = g.to(p.dtype), g.to(q.dtype)
         fopt.step()
         norm = torch.nn.utils.clip_grad_norm_(tset.params, 0.5)

@@ -24,7 +24,7 @@ import pytorch_optimizer
 import torch
 from _kernels import kernel_calls
 from _pytorch_optimizer_reference import exact_norms_and_sqrt as exact_ops
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from pytorch_optimizer.base.exception import NoSparseGradientError
 
 #: Ragged sizes wider than any SIMD width (tails of 1..15), a parallel-chunked tensor
@@ -98,7 +98,7 @@ def _run(
     for k in range(steps):
         for i, p in enumerate(params):
             scale = 10.0 ** ((k % 7) - 4)  # gradients of many magnitudes
-            g = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(p.dtype)
+            g = (randn64(p.shape, gen) * scale).to(p.dtype)
             # Some params miss their gradient on some steps (no update, no decay).
             p.grad = None if (i + k) % 5 == 0 else g
         opt.step()

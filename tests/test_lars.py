@@ -23,7 +23,7 @@ import pytest
 import pytorch_optimizer
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 
 #: 1-D params (plain SGD in LARS), matrices, a conv kernel, ragged SIMD tails, one
 #: parallel-chunked tensor, an all-zero param (trust ratio 1).
@@ -72,7 +72,7 @@ def _run(
     gen = torch.Generator().manual_seed(seed)
     for k in range(steps):
         for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            g = randn64(p.shape, gen).to(dtype)
             # Some params miss their gradient on some steps (no update).
             p.grad = None if (i + k) % 5 == 0 else g
         opt.step()

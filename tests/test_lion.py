@@ -18,7 +18,7 @@ import pytest
 import torch
 from _kernels import kernel_calls
 from _lion_reference import LION_EXTRA_GROUP_KEYS
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from optim_db import LION_BAD
 
 #: Ragged sizes: SIMD tails, one parallel-chunked tensor, a scalar-like one.
@@ -46,7 +46,7 @@ def _run(
     gen = torch.Generator().manual_seed(seed)
     for k in range(steps):
         for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype)
+            g = randn64(p.shape, gen).to(dtype)
             # Some params miss their gradient on some steps (no update, no decay).
             p.grad = None if (i + k) % 5 == 0 else g
         opt.step()
@@ -145,7 +145,7 @@ def test_maximize_is_descent_on_the_negated_gradient():
     opt = lion_pytorch.Lion(params, **kwargs)
     for k in range(40):
         for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).float()
+            g = randn64(p.shape, gen).float()
             p.grad = None if (i + k) % 5 == 0 else -g
         opt.step()
     _assert_bitwise(ours, (params, opt))

@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from optim_db import MATRIX_FAMILIES
 
 #: Square, wide and tall (transposed inside Newton–Schulz), ragged SIMD tails, a
 #: parallel-chunked one, single rows and columns.
-SHAPES = ((64, 64), (33, 65), (65, 33), (96, 300), (300, 96), (1, 17), (17, 1), (257, 259))
+#: Square, wide and tall (Newton–Schulz transposes tall matrices), vectors as matrices, and
+#: one of more than the engine's 64K-element chunk (thin: its matrix products stay cheap).
+SHAPES = ((64, 64), (33, 65), (65, 33), (96, 300), (300, 96), (1, 17), (17, 1), (19, 3851))
 
 Make = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -49,9 +51,9 @@ def _grads(
             out.append(None)  # some params miss their gradient on some steps
             continue
         if layout == "transposed":  # a column-major gradient (the buffer copies its strides)
-            g = torch.randn(p.shape[::-1], generator=gen, dtype=torch.float64).to(p.dtype).t()
+            g = randn64(p.shape[::-1], gen).to(p.dtype).t()
         else:
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            g = randn64(p.shape, gen).to(p.dtype)
         out.append(g)
     return out
 

@@ -14,9 +14,13 @@ import pytest
 import torch
 from conftest import ferroptim
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the OpenMP path is Linux-only"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="the OpenMP path is Linux-only"
+    ),
+    # (which threads wake, and whether a team member comes late, depend on the machine's load)
+    pytest.mark.alone,
+]
 
 #: Several of the engine's 64K-element chunks, plus small tensors sharing one.
 SHAPES = [(300_001,), (512, 700), (1000,), (3,), (200_000,)]

@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-MAX_EXAMPLES = 50
+MAX_EXAMPLES = 25
 STEPS_PER_EXAMPLE = 30
 
 #: Two groups, as in test_safety.py: the first (ragged real params) is cached as a plan;

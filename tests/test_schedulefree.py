@@ -19,7 +19,7 @@ import pytest
 import schedulefree
 import torch
 from _kernels import kernel_calls
-from conftest import ferroptim
+from conftest import ferroptim, randn64
 from test_ademamix import correctly_rounded_sqrt
 
 #: Ragged sizes: SIMD tails (wider than any SIMD width), one parallel-chunked tensor, a
@@ -90,7 +90,7 @@ def _run(
     for k in range(steps):
         for i, p in enumerate(params):
             scale = 10.0 ** ((k % 7) - 4)
-            g = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            g = (randn64(p.shape, gen) * scale).to(dtype)
             p.grad = None if (i + k) % 5 == 0 else g
         opt.step()
         if k % 13 == 12:

@@ -13,6 +13,9 @@
 //!   clip coefficient (`grad * inv_scale * clip_coef`, each rounded), then
 //!   `maximize` (negation), then L2 decay (`grad + weight_decay * param`,
 //!   one fused multiply-add, as torch's `grad.add(param, alpha=wd)`);
+//!   `maximize` is folded into the unscale factor (`grad * -inv_scale`: negation
+//!   commutes exactly with round-to-nearest products), so it costs no flag bit and
+//!   no second copy of each loop;
 //! * flags as compile-time specialisations: a kernel maps its hyperparameters
 //!   to a bit set ([`Elementwise::flags`]) and lists the bit sets it compiles
 //!   with [`flag_match!`]; the update is monomorphised per bit set;
@@ -27,8 +30,6 @@ use super::hyper::HyperRecord;
 use super::random;
 use crate::simd::{dispatch, SimdLevel, SimdTask};
 
-/// Flag bit owned by the engine: negate the gradient (`maximize=True`).
-pub const MAXIMIZE: u32 = 1;
 /// Flag bit owned by the engine: L2 weight decay added to the gradient.
 pub const L2: u32 = 1 << 1;
 /// The first bit a kernel may use for its own flags.
@@ -51,7 +52,11 @@ pub struct GradPrep {
 
 impl GradPrep {
     pub fn flags(self) -> u32 {
-        (if self.maximize { MAXIMIZE } else { 0 }) | (if self.l2 != 0.0 { L2 } else { 0 })
+        if self.l2 != 0.0 {
+            L2
+        } else {
+            0
+        }
     }
 
     /// torch's `weight_decay` with a `decoupled_weight_decay` switch (Adam, NAdam,
@@ -235,7 +240,12 @@ pub struct PrepConsts<C> {
 impl<C: Real> PrepConsts<C> {
     pub fn new(prep: &GradPrep, ctx: &StepContext) -> Self {
         PrepConsts {
-            unscale: C::from_f64(ctx.unscale),
+            // maximize: -(g * u) == g * (-u) exactly (round-to-nearest is symmetric)
+            unscale: C::from_f64(if prep.maximize {
+                -ctx.unscale
+            } else {
+                ctx.unscale
+            }),
             clip: C::from_f64(ctx.clip),
             l2: C::from_f64(prep.l2),
         }
@@ -252,8 +262,7 @@ impl<C: Real> PrepConsts<C> {
         param: C,
         round: impl Fn(C) -> C + Copy,
     ) -> C {
-        let grad = round(round(grad * self.unscale) * self.clip);
-        let g = if has(FLAGS, MAXIMIZE) { -grad } else { grad };
+        let g = round(round(grad * self.unscale) * self.clip);
         if has(FLAGS, L2) {
             round(param.mul_add(round(self.l2), g))
         } else {
@@ -264,8 +273,7 @@ impl<C: Real> PrepConsts<C> {
     /// The gradient as the kernel sees it.
     #[inline(always)]
     pub fn apply<const FLAGS: u32>(&self, grad: C, param: C) -> C {
-        let grad = grad * self.unscale * self.clip;
-        let g = if has(FLAGS, MAXIMIZE) { -grad } else { grad };
+        let g = grad * self.unscale * self.clip;
         if has(FLAGS, L2) {
             param.mul_add(self.l2, g)
         } else {

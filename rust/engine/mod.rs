@@ -23,7 +23,7 @@ pub use buffers::{
     check_buffers, is_dense, Buffer, EngineError, GradAccess, ScalarSlot, TensorBuffers,
     WrittenSet, MAX_SCALARS, MAX_STATES, STATE_SLOTS,
 };
-pub use elementwise::{has, Advance, Elementwise, FlagRunner, GradPrep, StepContext, L2, MAXIMIZE};
+pub use elementwise::{has, Advance, Elementwise, FlagRunner, GradPrep, StepContext, L2};
 pub use format::{Compute, Format, Real, Storage};
 pub use group::{ChunkSlices, Group, Slices};
 pub use hyper::{HyperError, HyperMap, HyperRecord, HyperSource, TensorScalar};

@@ -13,7 +13,7 @@
 //! Sparse gradients take torch's own path (see the Python layer).
 
 use crate::engine::elementwise::{Elementwise, FlagRunner, GradPrep, StepContext, L2};
-use crate::engine::{Real, TensorScalar, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, TensorScalar, MAX_STATES};
 
 crate::hyper_record! {
     /// Adagrad's hyperparameters, under torch's param-group names.
@@ -70,7 +70,7 @@ impl Elementwise for Adagrad {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        crate::flag_match!(flags, runner, [0, M, L2, M | L2])
+        crate::flag_match!(flags, runner, [0, L2])
     }
 
     #[inline(always)]

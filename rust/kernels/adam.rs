@@ -102,24 +102,10 @@ impl Elementwise for Adam {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        use crate::engine::MAXIMIZE as M;
         crate::flag_match!(
             flags,
             runner,
-            [
-                0,
-                M,
-                L2,
-                M | L2,
-                DECOUPLED,
-                M | DECOUPLED,
-                AMSGRAD,
-                M | AMSGRAD,
-                L2 | AMSGRAD,
-                M | L2 | AMSGRAD,
-                DECOUPLED | AMSGRAD,
-                M | DECOUPLED | AMSGRAD,
-            ]
+            [0, L2, DECOUPLED, AMSGRAD, L2 | AMSGRAD, DECOUPLED | AMSGRAD]
         )
     }
 

@@ -88,6 +88,10 @@ pub struct AdanConsts<C> {
     divisor: C,
     neg_step_size: C,
     neg_diff_step_size: C,
+    /// The first step's `previous_grad` per unit of the prepared gradient: the
+    /// reference takes it from the gradient before `maximize` negates it, so
+    /// -1 (its negation) normally and +1 under `maximize` (exact either way).
+    first_previous: C,
 }
 
 /// Adan.
@@ -122,23 +126,16 @@ impl Elementwise for Adan {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        use crate::engine::MAXIMIZE as M;
         crate::flag_match!(
             flags,
             runner,
             [
                 0,
-                M,
                 DECOUPLED,
-                M | DECOUPLED,
                 DIVIDED,
-                M | DIVIDED,
                 FIRST,
-                M | FIRST,
                 DECOUPLED | FIRST,
-                M | DECOUPLED | FIRST,
                 DIVIDED | FIRST,
-                M | DIVIDED | FIRST,
             ]
         )
     }
@@ -185,6 +182,7 @@ impl Elementwise for Adan {
             divisor: C::from_f64(divisor),
             neg_step_size: C::from_f64(neg_step_size),
             neg_diff_step_size: C::from_f64(neg_diff_step_size),
+            first_previous: C::from_f64(if h.maximize { 1.0 } else { -1.0 }),
         }
     }
 
@@ -195,14 +193,8 @@ impl Elementwise for Adan {
         g: C,
         s: &mut [C; MAX_STATES],
     ) {
-        // The reference makes `previous_grad` from the gradient before `maximize`
-        // negates it: `-g` of that one.
         let previous = if has(FLAGS, FIRST) {
-            if has(FLAGS, crate::engine::MAXIMIZE) {
-                g
-            } else {
-                -g
-            }
+            k.first_previous * g
         } else {
             s[3]
         };

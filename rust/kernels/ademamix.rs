@@ -137,8 +137,7 @@ impl Elementwise for Ademamix {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        use crate::engine::MAXIMIZE as M;
-        crate::flag_match!(flags, runner, [0, M, L2, M | L2, DECOUPLED, M | DECOUPLED])
+        crate::flag_match!(flags, runner, [0, L2, DECOUPLED])
     }
 
     #[inline(always)]

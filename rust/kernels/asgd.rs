@@ -149,8 +149,8 @@ impl Elementwise for Asgd {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        use crate::engine::{L2, MAXIMIZE as M};
-        crate::flag_match!(flags, runner, [0, M, L2, M | L2])
+        use crate::engine::L2;
+        crate::flag_match!(flags, runner, [0, L2])
     }
 
     #[inline(always)]

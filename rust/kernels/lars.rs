@@ -33,7 +33,7 @@
 use crate::engine::elementwise::{
     has, Elementwise, FlagRunner, GradPrep, StepContext, FIRST_KERNEL_FLAG,
 };
-use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, MAX_STATES};
 
 crate::hyper_record! {
     /// LARS's hyperparameters, under the reference's param-group names (plus
@@ -116,18 +116,7 @@ impl Elementwise for Lars {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        crate::flag_match!(
-            flags,
-            runner,
-            [
-                0,
-                M,
-                MOMENTUM,
-                M | MOMENTUM,
-                MOMENTUM | NESTEROV,
-                M | MOMENTUM | NESTEROV
-            ]
-        )
+        crate::flag_match!(flags, runner, [0, MOMENTUM, MOMENTUM | NESTEROV])
     }
 
     #[inline(always)]

@@ -27,7 +27,7 @@
 //! One pass over memory: read p, g, m; write p, m (20 bytes/element in float32).
 
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext};
-use crate::engine::{Real, TensorScalar, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, TensorScalar, MAX_STATES};
 
 crate::hyper_record! {
     /// Lion's hyperparameters, under the param-group names of ferroptim's Lion:
@@ -113,7 +113,7 @@ impl Elementwise for Lion {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        crate::flag_match!(flags, runner, [0, M, DECAY, M | DECAY])
+        crate::flag_match!(flags, runner, [0, DECAY])
     }
 
     #[inline(always)]

@@ -19,7 +19,7 @@
 
 use super::Lerp;
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
-use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, MAX_STATES};
 
 crate::hyper_record! {
     /// RMSprop's hyperparameters, under torch's param-group names.
@@ -101,21 +101,13 @@ impl Elementwise for Rmsprop {
             runner,
             [
                 0,
-                M,
                 L2,
-                M | L2,
                 MOMENTUM,
-                M | MOMENTUM,
                 L2 | MOMENTUM,
-                M | L2 | MOMENTUM,
                 CENTERED,
-                M | CENTERED,
                 L2 | CENTERED,
-                M | L2 | CENTERED,
                 MC,
-                M | MC,
                 L2 | MC,
-                M | L2 | MC,
             ]
         )
     }

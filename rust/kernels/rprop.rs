@@ -107,8 +107,7 @@ impl Elementwise for Rprop {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        use crate::engine::MAXIMIZE as M;
-        crate::flag_match!(flags, runner, [0, M])
+        crate::flag_match!(flags, runner, [0])
     }
 
     #[inline(always)]

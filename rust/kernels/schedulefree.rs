@@ -42,7 +42,7 @@
 
 use super::Lerp;
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
-use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, MAX_STATES};
 
 crate::hyper_record! {
     /// Schedule-Free AdamW's hyperparameters, under the reference's param-group
@@ -121,7 +121,7 @@ impl Elementwise for ScheduleFreeAdamw {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        crate::flag_match!(flags, runner, [0, M, DECAY, M | DECAY])
+        crate::flag_match!(flags, runner, [0, DECAY])
     }
 
     #[inline(always)]
@@ -227,7 +227,7 @@ impl Elementwise for ScheduleFreeSgd {
     }
 
     fn dispatch_flags<R: FlagRunner>(flags: u32, runner: R) -> R::Output {
-        crate::flag_match!(flags, runner, [0, M, L2, M | L2])
+        crate::flag_match!(flags, runner, [0, L2])
     }
 
     #[inline(always)]

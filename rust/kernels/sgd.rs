@@ -16,7 +16,7 @@
 //! writes the buffer instead of reading it.
 
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
-use crate::engine::{Real, MAXIMIZE as M, MAX_STATES};
+use crate::engine::{Real, MAX_STATES};
 
 crate::hyper_record! {
     /// SGD's hyperparameters, under torch's param-group names.
@@ -97,25 +97,15 @@ impl Elementwise for Sgd {
             runner,
             [
                 0,
-                M,
                 L2,
-                M | L2,
                 MOMENTUM,
-                M | MOMENTUM,
                 L2 | MOMENTUM,
-                M | L2 | MOMENTUM,
                 MN,
-                M | MN,
                 L2 | MN,
-                M | L2 | MN,
                 MOMENTUM | FIRST,
-                M | MOMENTUM | FIRST,
                 L2 | MOMENTUM | FIRST,
-                M | L2 | MOMENTUM | FIRST,
                 MN | FIRST,
-                M | MN | FIRST,
                 L2 | MN | FIRST,
-                M | L2 | MN | FIRST,
             ]
         )
     }
