@@ -723,3 +723,88 @@ def test_functional_works_without_torch():
         assert "install" in line and "torch" in line, (
             f"the error should say to install torch: {line}"
         )
+
+
+#: The functional calls whose kernels step 16-bit arrays with torch's for-loop rounding
+#: (Lion has no such loop: it refuses them, see below).
+ROUNDED_CASES = [name for name, case in CASES.items() if case.fn != "lion_"]
+LOW_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="f16")]
+
+
+def _as_array(t: torch.Tensor) -> np.ndarray:
+    """A 16-bit tensor's memory as the array the functional API takes: float16 as is,
+    bfloat16 as its uint16 bits (the buffer protocol has no bfloat16 code)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (so NaN equals NaN, and -0 differs from +0)."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+@pytest.mark.parametrize("name", ROUNDED_CASES)
+def test_16bit_arrays_step_as_the_classes_do(name: str, dtype: torch.dtype) -> None:
+    """float16 arrays, and bfloat16 as uint16 views, step in place exactly as the
+    ferroptim class steps the same bfloat16/float16 tensors (torch's for-loop rounding,
+    checked against torch in test_low_params_torch_semantics): bit for bit, states too."""
+    case = CASES[name]
+    shapes = ((4099,), (7,), (33, 65))
+    g = torch.Generator().manual_seed(5)
+    start = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    tparams = [p.clone().requires_grad_() for p in start]
+    ferro_cls = getattr(ferroptim, case.torch_cls.__name__)
+    opt = ferro_cls(tparams, **case.hyper, **case.torch_only)
+    params = [p.clone() for p in start]
+    states = {
+        arg: [torch.full(s, case.init.get(arg, 0.0), dtype=dtype) for s in shapes]
+        for arg in case.states
+    }
+    scalars = {
+        arg: [np.full(1, case.init.get(arg, 1.0), np.float32) for _ in shapes]
+        for arg in case.scalars
+    }
+    for t in range(1, 8):
+        grads = [(torch.randn(s, generator=g) * 0.1).to(dtype) for s in shapes]
+        kwargs = dict(case.hyper)
+        if case.has_step:
+            kwargs["step"] = t
+        if case.first_step:
+            kwargs["first_step"] = t == 1
+        getattr(F, case.fn)(
+            [_as_array(p) for p in params],
+            [_as_array(x) for x in grads],
+            **{arg: [_as_array(x) for x in xs] for arg, xs in states.items()},
+            **scalars,
+            **kwargs,
+        )
+        for p, x in zip(tparams, grads, strict=True):
+            p.grad = x.clone()
+        opt.step()
+        for i, (ours, theirs) in enumerate(zip(params, tparams, strict=True)):
+            # (float16 Adam's eps rounds to 0: a gradient that underflows gives NaN)
+            assert _same_bits(ours, theirs.detach()), f"step {t}: params[{i}]"
+            for arg, key in case.states.items():
+                want = opt.state[theirs][key]
+                assert _same_bits(states[arg][i], want), f"{arg}[{i}]"
+    assert not all(torch.equal(p, q) for p, q in zip(params, start, strict=True))
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+def test_16bit_arrays_without_a_rounded_loop_are_refused_untouched(dtype: torch.dtype) -> None:
+    """Lion has no torch-semantics 16-bit loop: its call raises before writing."""
+    w = torch.randn(100).to(dtype)
+    m = torch.zeros(100, dtype=dtype)
+    before = (w.clone(), m.clone())
+    with pytest.raises((TypeError, ValueError), match="lion"):
+        F.lion_(_as_array(w), _as_array(torch.ones(100, dtype=dtype)), _as_array(m), lr=0.1)
+    assert torch.equal(w, before[0]) and torch.equal(m, before[1])
+
+
+def test_16bit_arrays_must_agree_in_dtype() -> None:
+    """A float16 param with bfloat16 (uint16) states is refused, naming both."""
+    w = np.zeros(10, np.float16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        F.sgd_(w, np.zeros(10, np.float16), np.zeros(10, np.uint16), momentum=0.9)

@@ -1,7 +1,7 @@
 """bfloat16/float16 params without master copies or stochastic rounding: Adam, AdamW,
-SGD, RMSprop, Adagrad and Adamax step them in Rust with torch's for-loop semantics (every op's
-result rounded to the param's dtype, scalars converted as torch converts them), not on
-torch's path.
+SGD, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD step them in Rust
+with torch's for-loop semantics (every op's result rounded to the param's dtype, scalars
+converted as torch converts them), not on torch's path.
 
 * Every step, from the same values, ferroptim's Rust step equals
   ``torch.optim.X(foreach=False)`` on the same params bit for bit, except for the few
@@ -52,7 +52,35 @@ ADAGRAD_FLAGS = [
 ADAMAX_FLAGS = [
     {"weight_decay": wd, "maximize": mx} for wd, mx in itertools.product([0.0, 0.1], [False, True])
 ]
+#: NAdam and RAdam: L2 or decoupled decay; RAdam's first steps are unrectified
+#: (``rho_t <= 5`` until step 6), so 12 steps cover both branches.
+DECAY_FLAGS = [
+    {"weight_decay": wd, "decoupled_weight_decay": d, "maximize": mx}
+    for wd, d, mx in itertools.product([0.0, 0.1], [False, True], [False, True])
+    if not (d and wd == 0.0)
+]
+ADADELTA_FLAGS = [
+    {"weight_decay": wd, "maximize": mx} for wd, mx in itertools.product([0.0, 0.1], [False, True])
+]
+#: Rprop: etas that bfloat16/float16 do not hold exactly (0.3, 1.7), and bounds that
+#: clamp within the 12 steps.
+RPROP_FLAGS = [
+    {"etas": etas, "step_sizes": sizes, "maximize": mx}
+    for etas, sizes, mx in itertools.product(
+        [(0.5, 1.2), (0.3, 1.7)], [(1e-6, 50.0), (3e-3, 3e-2)], [False, True]
+    )
+]
+#: ASGD: averaging from step 3 (t0) or never within the run; decay toward zero.
+ASGD_FLAGS = [
+    {"t0": t0, "lambd": 1e-2, "weight_decay": wd, "maximize": mx}
+    for t0, wd, mx in itertools.product([3.0, 1e6], [0.0, 0.1], [False, True])
+]
 CASES = [
+    *[("NAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
+    *[("RAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
+    *[("Adadelta", {"lr": 0.5, **f}) for f in ADADELTA_FLAGS],
+    *[("Rprop", {"lr": 1e-2, **f}) for f in RPROP_FLAGS],
+    *[("ASGD", {"lr": 1e-2, **f}) for f in ASGD_FLAGS],
     *[("Adamax", {"lr": 1e-2, **f}) for f in ADAMAX_FLAGS],
     *[("RMSprop", {"lr": 1e-2, **f}) for f in RMSPROP_FLAGS],
     *[("Adagrad", {"lr": 1e-1, **f}) for f in ADAGRAD_FLAGS],
@@ -183,17 +211,33 @@ def test_each_step_is_torch_for_loop_step(
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Adam",
+        "AdamW",
+        "SGD",
+        "RMSprop",
+        "Adagrad",
+        "Adamax",
+        "NAdam",
+        "RAdam",
+        "Adadelta",
+        "Rprop",
+        "ASGD",
+    ],
+)
 def test_hundreds_of_steps_stay_with_torch_for_loop(name: str, dtype: torch.dtype) -> None:
     """A trajectory: ferroptim keeps to torch's for-loop, far closer than torch's fused
-    kernel (float32 math, one rounding; RMSprop and Adamax have none: their foreach,
-    which rounds as the for-loop does) does."""
-    kwargs = {"lr": 1e-2, "weight_decay": 0.01}
+    kernel (float32 math, one rounding; the optimizers without one are compared with
+    their foreach, which rounds as the for-loop does) does."""
+    kwargs: dict[str, Any] = {"lr": 1e-2} if name == "Rprop" else {"lr": 1e-2, "weight_decay": 0.01}
     if name == "SGD":
         kwargs["momentum"] = 0.9
     ours_model, ours, torch_model, theirs = _pair(name, kwargs, dtype)
     other_model = Params(dtype)
-    flavour = {"foreach": True} if name in ("RMSprop", "Adamax") else {"fused": True}
+    has_fused = name in ("Adam", "AdamW", "SGD", "Adagrad")
+    flavour = {"fused": True} if has_fused else {"foreach": True}
     other = getattr(torch.optim, name)(other_model.parameters(), **flavour, **kwargs)
     for step in range(300):
         _set_grads_like_params([ours_model, torch_model, other_model], step, dtype)

@@ -80,6 +80,7 @@ ADADELTA_SPEC = OptimizerSpec(
     capturable_xla=False,
     has_fused=False,
     numbers=("lr", "rho", "eps", "weight_decay"),
+    rounds_like_torch=True,
 )
 
 

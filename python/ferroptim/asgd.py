@@ -130,6 +130,7 @@ ASGD_SPEC = OptimizerSpec(
     usual=_usual,
     check_step_scalars=_check_step_scalars,
     capturable_names="params, mus, etas, and state_steps",
+    rounds_like_torch=True,
 )
 
 

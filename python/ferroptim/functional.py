@@ -6,6 +6,15 @@ Each function updates ``params`` and the state arrays in place and returns
 ``None``; pass one array or a list of arrays (all tensors of a list are stepped
 in one parallel call). Results equal the torch classes' for the same inputs.
 
+16-bit arrays: float16 arrays, and bfloat16 passed as **uint16 arrays of its bits**
+(the buffer protocol has no bfloat16 code: ``a.view(np.uint16)`` of an ``ml_dtypes``
+bfloat16 array, or ``t.view(torch.int16).numpy().view(np.uint16)`` of a torch tensor,
+which shares its memory), step with torch's for-loop semantics, every op rounded to
+the 16-bit dtype, exactly as the classes step a bfloat16/float16 model. A param's
+gradient and states are in its dtype (a uint16 array is always read as bfloat16);
+per-tensor scalar arrays (``mu_products``, ``etas``, ``mus``) stay float32/float64.
+Every call except ``lion_`` takes them (Lion refuses them before writing).
+
 Every argument is checked before anything is written: a read-only, non-contiguous
 or wrongly typed array, mismatched lengths, or the same array passed twice raise
 ``TypeError``/``ValueError`` and leave every array as it was.

@@ -146,6 +146,7 @@ NADAM_SPEC = OptimizerSpec(
     usual=_usual,
     check_step_scalars=_check_step_scalars,
     aliased_grad=decay_first_aliased_grad,
+    rounds_like_torch=True,
 )
 
 

@@ -141,6 +141,7 @@ RADAM_SPEC = OptimizerSpec(
     check_step_scalars=_check_step_scalars,
     check_torch_path=_check_torch_path,
     aliased_grad=decay_first_aliased_grad,
+    rounds_like_torch=True,
 )
 
 

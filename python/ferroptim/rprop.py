@@ -142,6 +142,7 @@ RPROP_SPEC = OptimizerSpec(
     more_numbers=_more_numbers,
     rust_unsupported=_rust_unsupported,
     grad_error=_grad_error,
+    rounds_like_torch=True,
 )
 
 

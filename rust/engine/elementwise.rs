@@ -182,8 +182,10 @@ pub trait Elementwise: Sized + Send + Sync + 'static {
     /// computes it and its result rounded to the param's dtype (`round`), where
     /// the float32 [`Elementwise::update`] rounds once at the end. Scalars enter
     /// each op as torch converts them: a multiplier (`mul_`, `lerp_`'s weight,
-    /// `addcmul_`'s and `addcdiv_`'s `value`) in float32, an `add`'s `alpha` in
-    /// the param's dtype (`round`ed). `grad` arrives prepared the same way
+    /// `addcmul_`'s and `addcdiv_`'s `value`, a divisor) in float32, an `add`'s
+    /// `alpha` and an added scalar (`add_(eps)`) in the param's dtype (`round`ed:
+    /// a bfloat16 `x.add(1e-6)` adds bfloat16's nearest value to 1e-6, measured
+    /// against torch). `grad` arrives prepared the same way
     /// ([`PrepConsts::apply_rounded`]). Only called where [`Elementwise::ROUNDED`].
     #[inline(always)]
     fn update_rounded<C: Real, const FLAGS: u32>(

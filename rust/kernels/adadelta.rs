@@ -109,6 +109,31 @@ impl Elementwise for Adadelta {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_adadelta` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]; `add(eps)` adds eps in the param's dtype).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdadeltaConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let eps = round(k.eps);
+        // square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+        let v = round((k.one_minus_rho * g).mul_add(g, round(s[0] * k.rho)));
+        let std = round(round(v + eps).sqrt()); // square_avg.add(eps).sqrt_()
+        let delta = round(round(s[1] + eps).sqrt()); // acc_delta.add(eps).sqrt_()
+        let delta = round(round(delta / std) * g); // delta.div_(std).mul_(grad)
+                                                   // acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+        let u = round((k.one_minus_rho * delta).mul_add(delta, round(s[1] * k.rho)));
+        *param = round(delta.mul_add(round(k.neg_lr), *param)); // param.add_(delta, alpha=-lr)
+        s[0] = v;
+        s[1] = u;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdadeltaConsts<C>,

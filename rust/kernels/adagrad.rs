@@ -105,7 +105,7 @@ impl Elementwise for Adagrad {
     ) {
         let total = round(g.mul_add(g, s[0])); // state_sum.addcmul_(grad, grad, value=1)
         s[0] = total;
-        let std = round(round(total.sqrt()) + k.eps); // state_sum.sqrt().add_(eps)
+        let std = round(round(total.sqrt()) + round(k.eps)); // state_sum.sqrt().add_(eps)
         *param = round(*param + k.neg_clr * g / std); // param.addcdiv_(grad, std, value=-clr)
     }
 

@@ -177,7 +177,7 @@ impl Elementwise for Adam {
             v
         };
         // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        let denom = round(round(round(second.sqrt()) / k.bias_correction2_sqrt) + k.eps);
+        let denom = round(round(round(second.sqrt()) / k.bias_correction2_sqrt) + round(k.eps));
         *param = round(p + k.neg_step_size * m / denom); // param.addcdiv_(exp_avg, denom, value=-step_size)
         s[0] = m;
         s[1] = v;

@@ -131,7 +131,7 @@ impl Elementwise for Adamax {
     ) {
         let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
                                               // torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
-        let u = round(s[1] * k.beta2).max_propagate_nan(round(g.abs() + k.eps));
+        let u = round(s[1] * k.beta2).max_propagate_nan(round(g.abs() + round(k.eps)));
         *param = round(*param + k.neg_clr * m / u); // param.addcdiv_(exp_avg, exp_inf, value=-clr)
         s[0] = m;
         s[1] = u;

@@ -184,6 +184,29 @@ impl Elementwise for Asgd {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_asgd` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]; `mu` multiplies as the float32 0-d tensor it is).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AsgdConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let p = round(*param * k.decay); // param.mul_(1 - lambd * eta)
+        let p = round(g.mul_add(round(k.neg_eta), p)); // param.add_(grad, alpha=-eta)
+        let ax = s[0];
+        s[0] = if k.copy {
+            p // ax.copy_(param)
+        } else {
+            round(ax + round(round(p - ax) * k.mu)) // ax.add_(param.sub(ax).mul_(mu))
+        };
+        *param = p;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AsgdConsts<C>,

@@ -191,6 +191,33 @@ impl Elementwise for Nadam {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_nadam` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]; `add_(eps)` adds eps in the param's dtype).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &NadamConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = round(p * k.decay); // param.mul_(1 - lr * weight_decay)
+        }
+        let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+                                              // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        // exp_avg_sq.div(bias_correction2).sqrt(); denom.add_(eps)
+        let denom = round(round(round(v / k.bias_correction2).sqrt()) + round(k.eps));
+        p = round(p + k.grad_coefficient * g / denom); // param.addcdiv_(grad, denom, value=…)
+        *param = round(p + k.exp_avg_coefficient * m / denom); // param.addcdiv_(exp_avg, …)
+        s[0] = m;
+        s[1] = v;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &NadamConsts<C>,

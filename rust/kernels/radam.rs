@@ -178,6 +178,42 @@ impl Elementwise for Radam {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_radam` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]): `bias_correction2 ** 0.5 / t` is Python's
+    /// `t.__rtruediv__`, a reciprocal then a product, and `add_(eps)` adds eps in the
+    /// param's dtype.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &RadamConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = round(p * k.decay); // param.mul_(1 - lr * weight_decay)
+        }
+        let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+                                              // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let corrected = round(m / k.bias_correction1); // exp_avg / bias_correction1
+        let scaled = round(corrected * k.lr); // bias_corrected_exp_avg * lr
+        let u = if k.rectified {
+            // exp_avg_sq.sqrt().add_(eps); (bias_correction2 ** 0.5) / that
+            let root = round(round(v.sqrt()) + round(k.eps));
+            let adaptive_lr = round(round(C::ONE / root) * k.sqrt_bias_correction2);
+            round(round(scaled * adaptive_lr) * k.rect) // … * _compute_adaptive_lr() * _compute_rect()
+        } else {
+            scaled
+        };
+        *param = round(p - u); // param.add_(…, alpha=-1.0)
+        s[0] = m;
+        s[1] = v;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &RadamConsts<C>,

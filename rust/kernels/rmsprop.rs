@@ -159,7 +159,7 @@ impl Elementwise for Rmsprop {
         } else {
             round(sq.sqrt())
         };
-        let avg = round(avg + k.eps); // avg.add_(eps)
+        let avg = round(avg + round(k.eps)); // avg.add_(eps)
         *param = if has(FLAGS, MOMENTUM) {
             // buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
             let buf = round(round(s[1] * k.momentum) + g / avg);

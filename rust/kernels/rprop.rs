@@ -126,6 +126,44 @@ impl Elementwise for Rprop {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// torch's `_single_tensor_rprop` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]): the product's sign is taken after its
+    /// rounding (a float16 product can underflow to zero), and `sign[…] = etaplus`
+    /// stores the etas in the param's dtype (as `clamp_` does its bounds, which
+    /// clamps a 16-bit value alike either way).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &RpropConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let etaminus = round(k.etaminus);
+        let mut factor = sign(round(g * s[0])); // grad.mul(prev).sign()
+        if factor > C::ZERO {
+            factor = round(k.etaplus);
+        }
+        if factor < C::ZERO {
+            factor = etaminus;
+        }
+        if factor == C::ZERO {
+            factor = C::ONE;
+        }
+        // step_size.mul_(sign).clamp_(step_size_min, step_size_max)
+        let scaled = round(s[1] * factor);
+        let min = round(k.step_size_min);
+        let max = round(k.step_size_max);
+        let low = if scaled < min { min } else { scaled };
+        let step_size = if max < low { max } else { low };
+        let g = if factor == etaminus { C::ZERO } else { g }; // grad[sign.eq(etaminus)] = 0
+        *param = round((-sign(g)).mul_add(step_size, *param)); // param.addcmul_(grad.sign(), step_size, value=-1)
+        s[0] = g;
+        s[1] = step_size;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &RpropConsts<C>,

@@ -1,6 +1,7 @@
 //! Plans over arrays, for the functional API: any object exporting a
-//! float32/float64 buffer (NumPy arrays, `array.array`, memoryviews), no torch
-//! required. The plan then runs through the optimizers' own entry points.
+//! float32/float64 buffer (NumPy arrays, `array.array`, memoryviews), or a
+//! float16 one, or bfloat16 bits as a uint16 buffer (the buffer protocol has no
+//! bfloat16 code), no torch required. The plan then runs through the optimizers' own entry points.
 //! Every argument is checked before anything is written: dtype, C-contiguity,
 //! writability, lengths, and that no written buffer overlaps another buffer
 //! (the same array passed twice, say).
@@ -25,7 +26,7 @@ impl Array {
     fn get(object: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<Array> {
         let buffer = PyUntypedBuffer::get(object).map_err(|_| {
             PyTypeError::new_err(format!(
-                "{what} must be an array of float32 or float64 (an object with the buffer protocol), got {}",
+                "{what} must be an array of float32, float64, float16 or bfloat16 (as uint16) (an object with the buffer protocol), got {}",
                 object.get_type().name().map(|n| n.to_string()).unwrap_or_default()
             ))
         })?;
@@ -34,9 +35,13 @@ impl Array {
         let dtype = match (code, buffer.item_size()) {
             ("f", 4) => Format::F32,
             ("d", 8) => Format::F64,
+            ("e", 2) => Format::F16,
+            // bfloat16 has no buffer-protocol code: its bits come as a uint16 view
+            ("H", 2) => Format::BF16,
             _ => {
                 return Err(PyTypeError::new_err(format!(
-                    "{what} has element format {format:?}; expected float32 or float64 (native byte order)"
+                    "{what} has element format {format:?}; expected float32, float64, float16, \
+                     or bfloat16 bits as uint16 (native byte order)"
                 )))
             }
         };
@@ -147,6 +152,12 @@ pub fn plan_arrays(
         for (name, list) in scalars {
             let what = format!("{name}[{i}]");
             let scalar = Array::get(&list[i], &what, true)?;
+            if !matches!(scalar.dtype, Format::F32 | Format::F64) {
+                return Err(PyTypeError::new_err(format!(
+                    "{what} is {}; a scalar state is float32 or float64, whatever the params' dtype",
+                    scalar.dtype.name()
+                )));
+            }
             if scalar.len != 1 {
                 return Err(PyValueError::new_err(format!(
                     "{what} has {} elements; it holds one number (a 1-element array)",
