@@ -129,10 +129,15 @@ def test_torch_path_bitwise_equal_to_the_reference(kwargs, foreach):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_params_step_like_the_reference(dtype):
-    """Routed to the torch-op code: the reference's arithmetic in the param's dtype."""
+def test_half_params_on_the_torch_path_step_like_the_reference(dtype):
+    """The torch-op code (other devices, ``set_backend("torch")``): the reference's
+    arithmetic in the param's dtype, bit for bit. (On the CPU they step in Rust with the
+    same rounding: tests/test_low_params_torch_semantics.py.)"""
     kwargs = {"lr": 1e-2, "weight_decay": 0.1}
-    ours = _run(lambda ps: ferroptim.Lion(ps, **kwargs), 30, dtype)
+    ferroptim.set_backend("torch")
+    with kernel_calls() as calls:
+        ours = _run(lambda ps: ferroptim.Lion(ps, **kwargs), 30, dtype)
+    assert not calls
     theirs = _run(lambda ps: lion_pytorch.Lion(ps, **kwargs), 30, dtype)
     _assert_bitwise(ours, theirs)
 

@@ -1,7 +1,7 @@
 """bfloat16/float16 params without master copies or stochastic rounding: Adam, AdamW,
 SGD, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD step them in Rust
 with torch's for-loop semantics (every op's result rounded to the param's dtype, scalars
-converted as torch converts them), not on torch's path.
+converted as torch converts them), not on torch's path; Lion with ``lion_pytorch``'s.
 
 * Every step, from the same values, ferroptim's Rust step equals
   ``torch.optim.X(foreach=False)`` on the same params bit for bit, except for the few
@@ -21,6 +21,7 @@ import itertools
 from typing import Any
 
 import ferroptim
+import lion_pytorch
 import pytest
 import torch
 from _kernels import kernel_calls
@@ -75,7 +76,14 @@ ASGD_FLAGS = [
     {"t0": t0, "lambd": 1e-2, "weight_decay": wd, "maximize": mx}
     for t0, wd, mx in itertools.product([3.0, 1e6], [0.0, 0.1], [False, True])
 ]
+#: Lion (``lion_pytorch`` has no ``maximize``: ferroptim's negates the gradient, exact).
+LION_FLAGS = [
+    {"weight_decay": 0.0},
+    {"weight_decay": 0.1, "betas": (0.8, 0.95)},
+    {"weight_decay": 0.5, "decoupled_weight_decay": True},
+]
 CASES = [
+    *[("Lion", {"lr": 1e-2, **f}) for f in LION_FLAGS],
     *[("NAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
     *[("RAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
     *[("Adadelta", {"lr": 0.5, **f}) for f in ADADELTA_FLAGS],
@@ -106,9 +114,14 @@ class Params(nn.Module):
 
 
 def _pair(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...]:
+    """ferroptim's optimizer and its reference on two copies of the same params: torch's
+    for-loop, or for Lion ``lion_pytorch.Lion`` (its only implementation)."""
     ours_model, torch_model = Params(dtype), Params(dtype)
     ours = getattr(ferroptim, name)(ours_model.parameters(), **kwargs)
-    theirs = getattr(torch.optim, name)(torch_model.parameters(), foreach=False, **kwargs)
+    if name == "Lion":
+        theirs = lion_pytorch.Lion(torch_model.parameters(), **kwargs)
+    else:
+        theirs = getattr(torch.optim, name)(torch_model.parameters(), foreach=False, **kwargs)
     return ours_model, ours, torch_model, theirs
 
 

@@ -13,7 +13,7 @@ which shares its memory), step with torch's for-loop semantics, every op rounded
 the 16-bit dtype, exactly as the classes step a bfloat16/float16 model. A param's
 gradient and states are in its dtype (a uint16 array is always read as bfloat16);
 per-tensor scalar arrays (``mu_products``, ``etas``, ``mus``) stay float32/float64.
-Every call except ``lion_`` takes them (Lion refuses them before writing).
+Every call takes them (``lion_`` rounds as ``lion_pytorch`` does on 16-bit tensors).
 
 Every argument is checked before anything is written: a read-only, non-contiguous
 or wrongly typed array, mismatched lengths, or the same array passed twice raise

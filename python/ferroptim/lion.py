@@ -206,6 +206,7 @@ LION_SPEC = OptimizerSpec(
     more_numbers=_betas_as_numbers,
     rust_unsupported=_rust_unsupported,
     check_torch_path=_check_torch_path,
+    rounds_like_torch=True,
 )
 
 

@@ -143,6 +143,33 @@ impl Elementwise for Lion {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// `lion_pytorch`'s `update_fn` on a bfloat16/float16 param, op by op (see
+    /// [`Elementwise::update_rounded`]): each `add(grad, alpha=…)` a fused
+    /// multiply-add with `alpha` in the param's dtype.
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &LionConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECAY) {
+            p = round(p * k.decay); // p.data.mul_(1. - lr * wd)
+        }
+        let m = s[0];
+        // exp_avg.clone().mul_(beta1).add(grad, alpha=1. - beta1).sgn_()
+        let c = round(g.mul_add(round(k.one_minus_beta1), round(m * k.beta1)));
+        let positive = if c > C::ZERO { C::ONE } else { C::ZERO };
+        let negative = if c < C::ZERO { C::ONE } else { C::ZERO };
+        *param = round((positive - negative).mul_add(round(k.neg_lr), p)); // p.add_(update, alpha=-lr)
+                                                                           // exp_avg.mul_(beta2).add_(grad, alpha=1. - beta2)
+        s[0] = round(g.mul_add(round(k.one_minus_beta2), round(m * k.beta2)));
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &LionConsts<C>,
