@@ -1070,6 +1070,39 @@ SUITES: dict[str, Suite] = {
             "float32 master or rounds stochastically.",
         ),
     ),
+    "bf16_nadam": Suite(
+        name="bf16_nadam",
+        title=(
+            "ferroptim.NAdam on a bfloat16 model (no keyword: torch's for-loop semantics, "
+            "every op rounded, in Rust) vs torch.optim.NAdam on the same bfloat16 params: "
+            "one `step()`"
+        ),
+        bytes_per_element=14,
+        ours=on_bfloat16(optimizer(ferroptim.NAdam, **NADAM_HYPER)),
+        references={
+            "torch for-loop bf16 params": on_bfloat16(
+                optimizer(torch.optim.NAdam, foreach=False, **NADAM_HYPER)
+            ),
+            "torch foreach bf16 params": on_bfloat16(
+                optimizer(torch.optim.NAdam, foreach=True, **NADAM_HYPER)
+            ),
+            "ferroptim float32 model": optimizer(ferroptim.NAdam, **NADAM_HYPER),
+        },
+        floor=adam_floor,
+        columns=(
+            Column("vs torch for-loop (default) on bf16", "torch for-loop bf16 params"),
+            Column("vs torch foreach on bf16", "torch foreach bf16 params"),
+            Column("vs ferroptim on the float32 model", "ferroptim float32 model"),
+        ),
+        budget_share=0.5,
+        notes=(
+            "**Traffic:** 14 bytes/element (bfloat16 param read and written, grad read: 6; "
+            "two bfloat16 moments read and written: 8). The same bits as torch's for-loop "
+            "in the bulk of each tensor (tests/test_low_params_torch_semantics.py); RAdam, "
+            "Adadelta, Rprop, ASGD and Lion step bfloat16 params the same way.",
+            "torch has no fused NAdam; its foreach rounds as the for-loop does.",
+        ),
+    ),
     "radam": Suite(
         name="radam",
         title=(

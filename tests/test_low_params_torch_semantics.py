@@ -224,22 +224,8 @@ def test_each_step_is_torch_for_loop_step(
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize(
-    "name",
-    [
-        "Adam",
-        "AdamW",
-        "SGD",
-        "RMSprop",
-        "Adagrad",
-        "Adamax",
-        "NAdam",
-        "RAdam",
-        "Adadelta",
-        "Rprop",
-        "ASGD",
-    ],
-)
+# (every optimizer of CASES with a torch.optim counterpart)
+@pytest.mark.parametrize("name", sorted({name for name, _ in CASES} - {"Lion"}))
 def test_hundreds_of_steps_stay_with_torch_for_loop(name: str, dtype: torch.dtype) -> None:
     """A trajectory: ferroptim keeps to torch's for-loop, far closer than torch's fused
     kernel (float32 math, one rounding; the optimizers without one are compared with
