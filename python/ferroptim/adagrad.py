@@ -113,7 +113,8 @@ class Adagrad(RustStepMixin, torch.optim.Adagrad):
     Same signature, defaults, param_group keys and ``state_dict`` format (``step``
     and ``sum``, created at construction as torch does); results match torch's
     for-loop implementation. Sparse gradients step through torch's own
-    implementation, as do parameters on other devices or dtypes.
+    implementation, as do parameters on other devices or dtypes (but bfloat16 and
+    float16, which Rust steps rounding every op as torch's for-loop does).
 
     Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients
     inside the step (see :mod:`ferroptim.clip`).

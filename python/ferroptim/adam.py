@@ -176,11 +176,12 @@ class Adam(RustStepMixin, torch.optim.Adam):
     """Drop-in :class:`torch.optim.Adam` whose CPU step runs in Rust.
 
     Same signature, defaults, param_group keys and ``state_dict`` format as
-    ``torch.optim.Adam``; results match its for-loop implementation. CPU
-    float32/float64 (and complex) parameters step in Rust; parameters on other
-    devices, in other dtypes, or with ``differentiable=True`` step through
-    torch's own implementation (fused where torch has it). ``foreach``,
-    ``fused`` and ``capturable`` are accepted and honoured on that path.
+    ``torch.optim.Adam``; results match its for-loop implementation. CPU float32/float64
+    (and complex) parameters step in Rust; parameters on other devices, in other dtypes (but
+    bfloat16 and float16, which Rust steps rounding every op as torch's for-loop does), or
+    with ``differentiable=True`` step through torch's own implementation (fused where torch
+    has it). ``foreach``, ``fused`` and ``capturable`` are accepted and honoured on that
+    path.
 
     Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients
     inside the step (see :mod:`ferroptim.clip`).

@@ -134,9 +134,10 @@ class Adamax(RustStepMixin, torch.optim.Adamax):
 
     Same signature, defaults, param_group keys and ``state_dict`` format (``step``,
     ``exp_avg``, ``exp_inf``); results match torch's for-loop implementation. CPU
-    float32/float64 (and complex) parameters step in Rust; parameters on other devices,
-    in other dtypes, or with ``differentiable=True`` step through torch's own
-    implementation (foreach where it can: torch has no fused Adamax).
+    float32/float64 (and complex) parameters step in Rust; parameters on other devices, in
+    other dtypes (but bfloat16 and float16, which Rust steps rounding every op as torch's
+    for-loop does), or with ``differentiable=True`` step through torch's own implementation
+    (foreach where it can: torch has no fused Adamax).
 
     Extra keywords: ``max_grad_norm`` clips the global L2 norm of all gradients inside
     the step (see :mod:`ferroptim.clip`); ``skip_nonfinite`` skips steps whose gradients

@@ -217,7 +217,8 @@ class Lion(RustStepMixin, torch.optim.Optimizer):
     ``weight_decay=0.0``, ``decoupled_weight_decay=False``: the decay divided by the
     constructor's ``lr``), its ``state_dict`` format (state ``exp_avg``) and its numbers:
     float32 results are bitwise the reference's (default, non-Triton flavour). CPU
-    float32/float64 (and complex) parameters step in Rust; other devices and dtypes, and
+    float32/float64 (and complex) parameters step in Rust, and bfloat16/float16 ones too,
+    rounding every op as the reference's ops do on them; other devices and dtypes, and
     ``differentiable=True``, step through torch-op code computing exactly what the
     reference computes (``foreach`` ops where they apply).
 

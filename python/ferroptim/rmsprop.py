@@ -103,7 +103,8 @@ class RMSprop(RustStepMixin, torch.optim.RMSprop):
 
     Same signature, defaults, param_group keys and ``state_dict`` format
     (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``); results match
-    torch's for-loop implementation, centered and momentum variants included.
+    torch's for-loop implementation, centered and momentum variants included
+    (bfloat16 and float16 parameters too: Rust rounds every op as the for-loop does).
     torch has no fused RMSprop: other devices use its foreach implementation.
 
     Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients

@@ -150,11 +150,12 @@ class Rprop(RustStepMixin, torch.optim.Rprop):
     """Drop-in :class:`torch.optim.Rprop` whose CPU step runs in Rust.
 
     Same signature, defaults, param_group keys and ``state_dict`` format (``step``,
-    ``prev``, ``step_size``); results are bitwise those of torch's for-loop
-    implementation (every operation of Rprop is exactly rounded). CPU float32/float64
-    (and complex) parameters step in Rust; parameters on other devices, in other dtypes,
-    or with ``differentiable=True`` step through torch's own implementation (foreach
-    where it can: torch has no fused Rprop).
+    ``prev``, ``step_size``); results are bitwise those of torch's for-loop implementation
+    (every operation of Rprop is exactly rounded). CPU float32/float64 (and complex)
+    parameters step in Rust; parameters on other devices, in other dtypes (but bfloat16 and
+    float16, which Rust steps rounding every op as torch's for-loop does), or with
+    ``differentiable=True`` step through torch's own implementation (foreach where it can:
+    torch has no fused Rprop).
 
     Extra keywords: ``max_grad_norm`` clips the global L2 norm of all gradients inside
     the step (see :mod:`ferroptim.clip`; Rprop reads only the gradient's sign, but the

@@ -146,7 +146,8 @@ class SGD(RustStepMixin, torch.optim.SGD):
     results match torch's for-loop implementation, momentum, dampening,
     Nesterov, weight decay and maximize included. Sparse gradients (from
     ``nn.Embedding(sparse=True)``) step through torch's own implementation, as
-    do parameters on other devices or dtypes.
+    do parameters on other devices or dtypes (but bfloat16 and float16, which Rust
+    steps rounding every op as torch's for-loop does).
 
     Extra keyword: ``max_grad_norm`` clips the global L2 norm of all gradients
     inside the step (see :mod:`ferroptim.clip`).
