@@ -1099,7 +1099,8 @@ SUITES: dict[str, Suite] = {
             "**Traffic:** 14 bytes/element (bfloat16 param read and written, grad read: 6; "
             "two bfloat16 moments read and written: 8). The same bits as torch's for-loop "
             "in the bulk of each tensor (tests/test_low_params_torch_semantics.py); RAdam, "
-            "Adadelta, Rprop, ASGD and Lion step bfloat16 params the same way.",
+            "Adadelta, Rprop, ASGD, Lion, Adan, AdEMAMix and Schedule-Free step bfloat16 params "
+            "the same way (the last four as their reference implementations do).",
             "torch has no fused NAdam; its foreach rounds as the for-loop does.",
         ),
     ),

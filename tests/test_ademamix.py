@@ -181,11 +181,16 @@ def test_torch_path_bitwise_equal_to_the_reference(kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_params_step_like_the_reference(dtype):
-    """Routed to the torch-op code: the reference's half-precision branch (it divides,
-    then adds, instead of ``addcdiv``)."""
+def test_half_params_on_the_torch_path_step_like_the_reference(dtype):
+    """The torch-op code (other devices, ``set_backend("torch")``): the reference's
+    half-precision branch (it divides, then adds, instead of ``addcdiv``), bit for bit.
+    (On the CPU they step in Rust with the same rounding:
+    tests/test_low_params_torch_semantics.py.)"""
     kwargs = {"lr": 1e-2, "weight_decay": 0.1, "t_alpha_beta3": 10.0}
-    ours = _run(lambda ps: ferroptim.AdEMAMix(ps, **kwargs), 30, dtype)
+    ferroptim.set_backend("torch")
+    with kernel_calls() as calls:
+        ours = _run(lambda ps: ferroptim.AdEMAMix(ps, **kwargs), 30, dtype)
+    assert not calls
     theirs = _run(lambda ps: pytorch_optimizer.AdEMAMix(ps, foreach=False, **kwargs), 30, dtype)
     _assert_bitwise(ours, theirs)
 

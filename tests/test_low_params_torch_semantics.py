@@ -1,7 +1,9 @@
 """bfloat16/float16 params without master copies or stochastic rounding: Adam, AdamW,
 SGD, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD step them in Rust
 with torch's for-loop semantics (every op's result rounded to the param's dtype, scalars
-converted as torch converts them), not on torch's path; Lion with ``lion_pytorch``'s.
+converted as torch converts them), not on torch's path; Lion with ``lion_pytorch``'s,
+Adan and AdEMAMix with ``pytorch_optimizer``'s (its per-parameter loop), the
+Schedule-Free pair with ``schedulefree``'s.
 
 * Every step, from the same values, ferroptim's Rust step equals
   ``torch.optim.X(foreach=False)`` on the same params bit for bit, except for the few
@@ -23,6 +25,8 @@ from typing import Any
 import ferroptim
 import lion_pytorch
 import pytest
+import pytorch_optimizer
+import schedulefree
 import torch
 from _kernels import kernel_calls
 from torch import nn
@@ -82,8 +86,41 @@ LION_FLAGS = [
     {"weight_decay": 0.1, "betas": (0.8, 0.95)},
     {"weight_decay": 0.5, "decoupled_weight_decay": True},
 ]
+#: Adan: no decay, the reference's divided decay (``p /= 1 + lr*wd``) or decoupled.
+ADAN_FLAGS = [
+    {"weight_decay": wd, "weight_decouple": d, "maximize": mx}
+    for wd, d, mx in itertools.product([0.0, 0.02], [False, True], [False, True])
+    if not (d and wd == 0.0)
+]
+#: AdEMAMix: L2, decoupled or fixed decay, and the alpha/beta3 warmup within the run.
+ADEMAMIX_FLAGS = [
+    {"weight_decay": 0.0},
+    {"weight_decay": 0.1, "maximize": True},
+    {"weight_decay": 0.1, "weight_decouple": True},
+    {"weight_decay": 0.1, "weight_decouple": True, "fixed_decay": True, "maximize": True},
+    {"t_alpha_beta3": 8.0, "alpha": 3.0},
+]
+#: Schedule-Free (no ``maximize`` in the reference): decay, and a warmup within the run.
+SCHEDULEFREE_FLAGS = [
+    {"weight_decay": wd, "warmup_steps": w} for wd, w in itertools.product([0.0, 0.1], [0, 5])
+]
+#: The optimizers torch.optim does not have, and the implementation each follows (the
+#: pytorch-optimizer ones in their per-parameter loop; their foreach flavour rounds alike).
+REFERENCES: dict[str, Any] = {
+    "Lion": lion_pytorch.Lion,
+    "Adan": pytorch_optimizer.Adan,
+    "AdEMAMix": pytorch_optimizer.AdEMAMix,
+    "ScheduleFreeAdamW": schedulefree.AdamWScheduleFree,
+    "ScheduleFreeSGD": schedulefree.SGDScheduleFree,
+}
+#: Keywords that choose a reference's per-parameter loop.
+PER_PARAM = {name: {"foreach": False} for name in REFERENCES if name != "Lion"}
 CASES = [
     *[("Lion", {"lr": 1e-2, **f}) for f in LION_FLAGS],
+    *[("Adan", {"lr": 1e-2, **f}) for f in ADAN_FLAGS],
+    *[("AdEMAMix", {"lr": 1e-2, **f}) for f in ADEMAMIX_FLAGS],
+    *[("ScheduleFreeAdamW", {"lr": 1e-2, **f}) for f in SCHEDULEFREE_FLAGS],
+    *[("ScheduleFreeSGD", {"lr": 1e-2, **f}) for f in SCHEDULEFREE_FLAGS],
     *[("NAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
     *[("RAdam", {"lr": 1e-2, **f}) for f in DECAY_FLAGS],
     *[("Adadelta", {"lr": 0.5, **f}) for f in ADADELTA_FLAGS],
@@ -115,14 +152,22 @@ class Params(nn.Module):
 
 def _pair(name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[Any, ...]:
     """ferroptim's optimizer and its reference on two copies of the same params: torch's
-    for-loop, or for Lion ``lion_pytorch.Lion`` (its only implementation)."""
+    for-loop, or the implementation ferroptim's class follows (:data:`REFERENCES`)."""
     ours_model, torch_model = Params(dtype), Params(dtype)
     ours = getattr(ferroptim, name)(ours_model.parameters(), **kwargs)
-    if name == "Lion":
-        theirs = lion_pytorch.Lion(torch_model.parameters(), **kwargs)
+    if name in REFERENCES:
+        reference = REFERENCES[name]
+        theirs = reference(torch_model.parameters(), **PER_PARAM.get(name, {}), **kwargs)
     else:
         theirs = getattr(torch.optim, name)(torch_model.parameters(), foreach=False, **kwargs)
-    return ours_model, ours, torch_model, theirs
+    return ours_model, _training(ours), torch_model, _training(theirs)
+
+
+def _training(optimizer: Any) -> Any:
+    """The optimizer in train mode (Schedule-Free's ``train()``; the others have none)."""
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    return optimizer
 
 
 def _set_grads(models: list[nn.Module], step: int, dtype: torch.dtype) -> None:
@@ -224,12 +269,13 @@ def test_each_step_is_torch_for_loop_step(
 
 
 @pytest.mark.parametrize("dtype", LOW)
-# (every optimizer of CASES with a torch.optim counterpart)
+# (every optimizer of CASES with a foreach or fused flavour: all but Lion)
 @pytest.mark.parametrize("name", sorted({name for name, _ in CASES} - {"Lion"}))
 def test_hundreds_of_steps_stay_with_torch_for_loop(name: str, dtype: torch.dtype) -> None:
-    """A trajectory: ferroptim keeps to torch's for-loop, far closer than torch's fused
-    kernel (float32 math, one rounding; the optimizers without one are compared with
-    their foreach, which rounds as the for-loop does) does."""
+    """A trajectory: ferroptim keeps to torch's for-loop (Adan, AdEMAMix: the reference's
+    per-parameter loop), far closer than torch's fused kernel (float32 math, one
+    rounding; the optimizers without one are compared with their foreach, which rounds
+    as the for-loop does) does."""
     kwargs: dict[str, Any] = {"lr": 1e-2} if name == "Rprop" else {"lr": 1e-2, "weight_decay": 0.01}
     if name == "SGD":
         kwargs["momentum"] = 0.9
@@ -237,7 +283,8 @@ def test_hundreds_of_steps_stay_with_torch_for_loop(name: str, dtype: torch.dtyp
     other_model = Params(dtype)
     has_fused = name in ("Adam", "AdamW", "SGD", "Adagrad")
     flavour = {"fused": True} if has_fused else {"foreach": True}
-    other = getattr(torch.optim, name)(other_model.parameters(), **flavour, **kwargs)
+    other_class = REFERENCES.get(name) or getattr(torch.optim, name)
+    other = _training(other_class(other_model.parameters(), **flavour, **kwargs))
     for step in range(300):
         _set_grads_like_params([ours_model, torch_model, other_model], step, dtype)
         ours.step()

@@ -239,8 +239,11 @@ def test_torch_path_bitwise_equal_to_the_reference(kind, foreach):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", PAIRS)
-def test_half_params_step_like_the_reference(kind, dtype):
-    """Routed to the torch-op code: the reference's ops on half tensors, bitwise."""
+def test_half_params_on_the_torch_path_step_like_the_reference(kind, dtype):
+    """The torch-op code (other devices, ``set_backend("torch")``): the reference's ops on
+    half tensors, bitwise. (On the CPU they step in Rust with the same rounding in the
+    bulk of each tensor: tests/test_low_params_torch_semantics.py.)"""
+    ferroptim.set_backend("torch")
     for foreach in (False, True):
         kwargs = {"weight_decay": 0.05, "warmup_steps": 5, "foreach": foreach}
         ours = _ours_run(kind, kwargs, 30, dtype=dtype)

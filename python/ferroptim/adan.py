@@ -10,7 +10,8 @@ counter (``group['step']``), so checkpoints interchange with ``pytorch_optimizer
 ``min(max_grad_norm / (sqrt(sum of squared gradient norms) + eps), 1)`` first, computed
 over all groups as the reference computes it (float32 tensor arithmetic). Such steps run
 through torch ops of ours (the reference's arithmetic, op for op); without it (the
-default) CPU float32/float64 params step in Rust.
+default) CPU float32/float64 params step in Rust (bfloat16/float16 ones too, every op
+rounded as the reference rounds it).
 
 Differences from the reference, none in the numbers: it negates (``maximize``), clips and
 finally negates ``p.grad`` in place and leaves it so; ferroptim leaves gradients as backward
@@ -170,6 +171,7 @@ ADAN_SPEC = OptimizerSpec(
     more_numbers=_betas,
     rust_unsupported=_rust_unsupported,
     check_torch_path=_check_torch_path,
+    rounds_like_torch=True,
 )
 
 
@@ -180,8 +182,10 @@ class Adan(RustStepMixin, torch.optim.Optimizer):
     ``weight_decay=0.0``, ``weight_decouple=False``, ``max_grad_norm=0.0``,
     ``foreach=None``, ``eps=1e-8``, ``maximize=False``), its ``state_dict`` format and its
     numbers: float32 results are bitwise the reference's except where torch's vectorised
-    ``sqrt`` is one ulp off (ours is correctly rounded). ``max_grad_norm`` is the
-    reference's own global clipping (see the module docs), not ferroptim's.
+    ``sqrt`` is one ulp off (ours is correctly rounded). CPU bfloat16/float16 params step
+    in Rust too, rounding every op as the reference's per-parameter loop does on them.
+    ``max_grad_norm`` is the reference's own global clipping (see the module docs), not
+    ferroptim's.
 
     Extra keywords (torch's conventions): ``differentiable`` as in torch.optim;
     ``skip_nonfinite`` skips steps whose gradients hold an inf or nan;

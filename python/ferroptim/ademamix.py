@@ -187,6 +187,7 @@ ADEMAMIX_SPEC = OptimizerSpec(
     more_numbers=_betas_and_warmup,
     rust_unsupported=_rust_unsupported,
     check_torch_path=_check_torch_path,
+    rounds_like_torch=True,
 )
 
 
@@ -200,7 +201,9 @@ class AdEMAMix(RustStepMixin, torch.optim.Optimizer):
     counter in each param group) and its numbers: float32 results are bitwise the
     reference's, except where torch's vectorised ``sqrt`` is one ulp off (about 0.7% of
     values on some CPUs; ours is correctly rounded). CPU float32/float64 parameters step
-    in Rust; other devices and dtypes, complex params and ``differentiable=True`` step
+    in Rust, and bfloat16/float16 ones too, rounding every op as the reference's
+    per-parameter loop does on them (its 16-bit branch: divide, then add); other devices
+    and dtypes, complex params and ``differentiable=True`` step
     through torch ops computing what the reference computes, as do groups with the
     reference's ``cautious`` or ``stable_adamw`` options (like the reference, any other
     keyword is kept in the param groups as it is). Complex params step as real views, as

@@ -263,6 +263,8 @@ _COMMON_SPEC: dict[str, Any] = {
     "advance_group": advance_group,
     "has_fused": False,
     "init_key": "z",
+    # bfloat16/float16 params step in Rust with the reference's per-op rounding.
+    "rounds_like_torch": True,
 }
 
 SCHEDULEFREE_ADAMW_SPEC = OptimizerSpec(
@@ -350,11 +352,13 @@ class ScheduleFreeAdamW(_ScheduleFree):
     ``train()``/``eval()`` and its numbers: float32 results are bitwise the reference's,
     except where torch's vectorised ``sqrt`` is one ulp off (ours is correctly rounded).
     Call ``optimizer.train()`` before training and ``optimizer.eval()`` before evaluating
-    or saving, as with the reference. CPU float32/float64 params step in Rust; other
-    devices and dtypes, complex params and tensor hyperparameters step through the
-    reference's torch ops (tensor ``betas``/``eps``/``weight_decay``). Complex params step
-    as real views, as torch.optim's algorithms step them (the reference's complex
-    arithmetic squares ``grad`` as a complex number).
+    or saving, as with the reference. CPU float32/float64 params step in Rust, and
+    bfloat16/float16 ones too, every op rounded as the reference's ops round it on them
+    (its foreach and per-parameter flavours alike); other devices and dtypes, complex
+    params and tensor hyperparameters step through the reference's torch ops (tensor
+    ``betas``/``eps``/``weight_decay``). Complex params step as real views, as
+    torch.optim's algorithms step them (the reference's complex arithmetic squares
+    ``grad`` as a complex number).
 
     Extra keywords (torch's conventions): ``maximize``; ``max_grad_norm`` clips the global
     L2 norm of all gradients inside the step (see :mod:`ferroptim.clip`);

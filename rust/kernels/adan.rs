@@ -186,6 +186,48 @@ impl Elementwise for Adan {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// The reference's per-parameter loop on a bfloat16/float16 param, each op's
+    /// result rounded to the param's dtype (its foreach flavour rounds alike).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdanConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        // (a negation is exact: the first step's `previous_grad` needs no rounding)
+        let previous = if has(FLAGS, FIRST) {
+            k.first_previous * g
+        } else {
+            s[3]
+        };
+        let grad_diff = round(previous + g); // grad_diff.add_(grad)
+        let m = round(k.fast.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+        let n = round(k.diff.apply(s[2], grad_diff)); // exp_avg_diff.lerp_(grad_diff, 1 - beta2)
+        let grad_diff = round(round(grad_diff * k.beta2) + g); // grad_diff.mul_(beta2).add_(grad)
+                                                               // exp_avg_sq.mul_(beta3).addcmul_(grad_diff, grad_diff, value=1 - beta3)
+        let v = round((k.one_minus_beta3 * grad_diff).mul_add(grad_diff, round(s[1] * k.beta3)));
+        // exp_avg_sq.sqrt().div_(bias_correction3_sq).add_(eps)
+        let denom = round(round(round(v.sqrt()) / k.bias_correction3_sqrt) + round(k.eps));
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = round(p * k.decay); // p.mul_(1 - lr * wd)
+        }
+        p = round(p + k.neg_step_size * m / denom); // p.addcdiv_(exp_avg, de_nom, value=…)
+        p = round(p + k.neg_diff_step_size * n / denom); // p.addcdiv_(exp_avg_diff, de_nom, …)
+        if has(FLAGS, DIVIDED) {
+            p = round(p / k.divisor); // p.div_(1 + lr * wd)
+        }
+        *param = p;
+        s[0] = m;
+        s[1] = v;
+        s[2] = n;
+        s[3] = -g;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdanConsts<C>,

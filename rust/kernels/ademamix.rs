@@ -173,6 +173,38 @@ impl Elementwise for Ademamix {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// The reference's per-parameter loop on a bfloat16/float16 param, each op's
+    /// result rounded to the param's dtype; its half-precision branch divides the
+    /// update by the denominator, then adds it (`alpha` rounded to the dtype).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &AdemamixConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let mut p = *param;
+        if has(FLAGS, DECOUPLED) {
+            p = round(p * k.decay); // p.mul_(1 - weight_decay * lr)
+        }
+        let m = round(k.fast.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
+                                              // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let slow = round(k.slow.apply(s[2], g)); // exp_avg_slow.lerp_(grad, 1 - beta3_t)
+                                                 // exp_avg_sq.sqrt().div_(bias_correction2_sq).add_(eps)
+        let denom = round(round(round(v.sqrt()) / k.bias_correction2_sqrt) + round(k.eps));
+        let corrected = round(m / k.bias_correction1); // exp_avg.div(bias_correction1)
+        let update = round(slow.mul_add(round(k.alpha), corrected)); // update.add_(exp_avg_slow, alpha=alpha_t)
+        let update = round(update / denom); // update.div_(de_nom)
+        *param = round(update.mul_add(round(k.neg_lr), p)); // p.add_(update, alpha=-lr)
+        s[0] = m;
+        s[1] = v;
+        s[2] = slow;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &AdemamixConsts<C>,

@@ -143,6 +143,34 @@ impl Elementwise for ScheduleFreeAdamw {
         }
     }
 
+    const ROUNDED: bool = true;
+
+    /// The reference's per-parameter loop on a bfloat16/float16 param, each op's
+    /// result rounded to the param's dtype (its foreach flavour rounds alike).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &ScheduleFreeAdamwConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let y = *param;
+        let z = s[0];
+        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        // exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+        let denom = round(round(round(v / k.bias_correction2).sqrt()) + round(k.eps));
+        let mut u = round(g / denom); // grad.div_(denom)
+        if has(FLAGS, DECAY) {
+            u = round(y.mul_add(round(k.decay), u)); // grad_normalized.add_(y, alpha=decay)
+        }
+        let average = round(k.average.apply(y, z)); // y.lerp_(end=z, weight=ckp1)
+        *param = round(u.mul_add(round(k.y_lr), average)); // y.add_(grad_normalized, alpha=…)
+        s[0] = round(u.mul_add(round(k.neg_lr), z)); // z.sub_(grad_normalized, alpha=lr)
+        s[1] = v;
+    }
+
     #[inline(always)]
     fn update<C: Real, const FLAGS: u32>(
         k: &ScheduleFreeAdamwConsts<C>,
@@ -241,6 +269,25 @@ impl Elementwise for ScheduleFreeSgd {
             y_lr: C::from_f64(h.y_lr),
             neg_lr: C::from_f64(-h.scheduled_lr),
         }
+    }
+
+    const ROUNDED: bool = true;
+
+    /// The reference's per-parameter loop on a bfloat16/float16 param, each op's
+    /// result rounded to the param's dtype (the decay, `grad.add_(y, alpha=…)`,
+    /// rounded by the engine's gradient preparation).
+    #[inline(always)]
+    fn update_rounded<C: Real, const FLAGS: u32>(
+        k: &ScheduleFreeSgdConsts<C>,
+        param: &mut C,
+        g: C,
+        s: &mut [C; MAX_STATES],
+        round: impl Fn(C) -> C + Copy,
+    ) {
+        let z = s[0];
+        let average = round(k.average.apply(*param, z)); // y.lerp_(end=z, weight=ckp1)
+        *param = round(g.mul_add(round(k.y_lr), average)); // y.add_(grad, alpha=…)
+        s[0] = round(g.mul_add(round(k.neg_lr), z)); // z.sub_(grad, alpha=lr)
     }
 
     #[inline(always)]
