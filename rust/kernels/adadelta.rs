@@ -31,6 +31,7 @@
 //!
 //! One pass over memory: read p, g, v, u; write p, v, u.
 
+use super::rounded_square_average;
 use crate::engine::elementwise::{Elementwise, FlagRunner, GradPrep, StepContext, L2};
 use crate::engine::{Real, MAX_STATES};
 
@@ -123,12 +124,12 @@ impl Elementwise for Adadelta {
     ) {
         let eps = round(k.eps);
         // square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-        let v = round((k.one_minus_rho * g).mul_add(g, round(s[0] * k.rho)));
+        let v = rounded_square_average(s[0], k.rho, k.one_minus_rho, g, round);
         let std = round(round(v + eps).sqrt()); // square_avg.add(eps).sqrt_()
         let delta = round(round(s[1] + eps).sqrt()); // acc_delta.add(eps).sqrt_()
         let delta = round(round(delta / std) * g); // delta.div_(std).mul_(grad)
                                                    // acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-        let u = round((k.one_minus_rho * delta).mul_add(delta, round(s[1] * k.rho)));
+        let u = rounded_square_average(s[1], k.rho, k.one_minus_rho, delta, round);
         *param = round(delta.mul_add(round(k.neg_lr), *param)); // param.add_(delta, alpha=-lr)
         s[0] = v;
         s[1] = u;

@@ -19,7 +19,7 @@
 //!
 //! One pass over memory: read p, g, m, v (vmax); write p, m, v (vmax).
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{
     decays_param, has, Elementwise, FlagRunner, GradPrep, StepContext, L2,
 };
@@ -169,7 +169,7 @@ impl Elementwise for Adam {
         }
         let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
                                               // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let v = rounded_square_average(s[1], k.beta2, k.one_minus_beta2, g, round);
         let second = if has(FLAGS, AMSGRAD) {
             s[2] = s[2].max_propagate_nan(v); // torch.maximum(max_exp_avg_sq, exp_avg_sq)
             s[2]

@@ -29,7 +29,7 @@
 //! One pass over memory: read p, g, m, v, n, prev; write p, m, v, n, prev (44
 //! bytes/element in float32).
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext};
 use crate::engine::hyper::GroupStep;
 use crate::engine::{Real, TensorScalar, MAX_STATES};
@@ -209,7 +209,7 @@ impl Elementwise for Adan {
         let n = round(k.diff.apply(s[2], grad_diff)); // exp_avg_diff.lerp_(grad_diff, 1 - beta2)
         let grad_diff = round(round(grad_diff * k.beta2) + g); // grad_diff.mul_(beta2).add_(grad)
                                                                // exp_avg_sq.mul_(beta3).addcmul_(grad_diff, grad_diff, value=1 - beta3)
-        let v = round((k.one_minus_beta3 * grad_diff).mul_add(grad_diff, round(s[1] * k.beta3)));
+        let v = rounded_square_average(s[1], k.beta3, k.one_minus_beta3, grad_diff, round);
         // exp_avg_sq.sqrt().div_(bias_correction3_sq).add_(eps)
         let denom = round(round(round(v.sqrt()) / k.bias_correction3_sqrt) + round(k.eps));
         let mut p = *param;

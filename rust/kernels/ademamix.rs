@@ -30,7 +30,7 @@
 //! One pass over memory: read p, g, m, v, s; write p, m, v, s (36 bytes/element in
 //! float32).
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
 use crate::engine::hyper::GroupStep;
 use crate::engine::{Real, TensorScalar, MAX_STATES};
@@ -192,7 +192,7 @@ impl Elementwise for Ademamix {
         }
         let m = round(k.fast.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
                                               // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let v = rounded_square_average(s[1], k.beta2, k.one_minus_beta2, g, round);
         let slow = round(k.slow.apply(s[2], g)); // exp_avg_slow.lerp_(grad, 1 - beta3_t)
                                                  // exp_avg_sq.sqrt().div_(bias_correction2_sq).add_(eps)
         let denom = round(round(round(v.sqrt()) / k.bias_correction2_sqrt) + round(k.eps));

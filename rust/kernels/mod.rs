@@ -71,6 +71,22 @@ impl<C: Real> Lerp<C> {
     }
 }
 
+/// `average.mul_(decay).addcmul_(x, x, value=1 - decay)` on a bfloat16/float16
+/// tensor, as torch's CPU kernels compute it: the product rounded to the
+/// tensor's dtype, then `(value * x) * x + product` fused and rounded. The
+/// square averages of Adam, RMSprop, Adadelta and their kin in their
+/// `update_rounded`.
+#[inline(always)]
+pub fn rounded_square_average<C: Real>(
+    average: C,
+    decay: C,
+    one_minus_decay: C,
+    x: C,
+    round: impl Fn(C) -> C,
+) -> C {
+    round((one_minus_decay * x).mul_add(x, round(average * decay)))
+}
+
 /// How far ahead of the current block the streaming passes (norms, the
 /// finiteness scan, in-place scaling) prefetch. A core reading one stream
 /// with nothing but the hardware prefetchers keeps too few cache-line fills in

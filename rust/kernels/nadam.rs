@@ -43,7 +43,7 @@
 //!
 //! One pass over memory: read p, g, m, v; write p, m, v.
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{
     decays_param, has, Elementwise, FlagRunner, GradPrep, StepContext, L2,
 };
@@ -209,7 +209,7 @@ impl Elementwise for Nadam {
         }
         let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
                                               // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let v = rounded_square_average(s[1], k.beta2, k.one_minus_beta2, g, round);
         // exp_avg_sq.div(bias_correction2).sqrt(); denom.add_(eps)
         let denom = round(round(round(v / k.bias_correction2).sqrt()) + round(k.eps));
         p = round(p + k.grad_coefficient * g / denom); // param.addcdiv_(grad, denom, value=…)

@@ -48,7 +48,7 @@
 //!
 //! One pass over memory: read p, g, m, v; write p, m, v.
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{
     decays_param, has, Elementwise, FlagRunner, GradPrep, StepContext, L2,
 };
@@ -198,7 +198,7 @@ impl Elementwise for Radam {
         }
         let m = round(k.lerp.apply(s[0], g)); // exp_avg.lerp_(grad, 1 - beta1)
                                               // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let v = rounded_square_average(s[1], k.beta2, k.one_minus_beta2, g, round);
         let corrected = round(m / k.bias_correction1); // exp_avg / bias_correction1
         let scaled = round(corrected * k.lr); // bias_corrected_exp_avg * lr
         let u = if k.rectified {

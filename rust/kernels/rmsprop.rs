@@ -17,7 +17,7 @@
 //! State buffers, in order: square_avg, momentum_buffer (momentum > 0),
 //! grad_avg (centered).
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
 use crate::engine::{Real, MAX_STATES};
 
@@ -148,7 +148,7 @@ impl Elementwise for Rmsprop {
         }
         let p = *param;
         // square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-        let sq = round((k.one_minus_alpha * g).mul_add(g, round(s[0] * k.alpha)));
+        let sq = rounded_square_average(s[0], k.alpha, k.one_minus_alpha, g, round);
         s[0] = sq;
         let avg = if has(FLAGS, CENTERED) {
             let slot = grad_avg_slot(FLAGS);

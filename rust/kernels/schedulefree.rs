@@ -40,7 +40,7 @@
 //! One pass over memory: AdamW reads y, g, z, v and writes y, z, v (28
 //! bytes/element in float32); SGD reads y, g, z and writes y, z (20).
 
-use super::Lerp;
+use super::{rounded_square_average, Lerp};
 use crate::engine::elementwise::{has, Elementwise, FlagRunner, GradPrep, StepContext, L2};
 use crate::engine::{Real, MAX_STATES};
 
@@ -158,7 +158,7 @@ impl Elementwise for ScheduleFreeAdamw {
         let y = *param;
         let z = s[0];
         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = round((k.one_minus_beta2 * g).mul_add(g, round(s[1] * k.beta2)));
+        let v = rounded_square_average(s[1], k.beta2, k.one_minus_beta2, g, round);
         // exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
         let denom = round(round(round(v / k.bias_correction2).sqrt()) + round(k.eps));
         let mut u = round(g / denom); // grad.div_(denom)
